@@ -1,0 +1,52 @@
+"""`compress`: apply a recipe to a copy of a model, step by step, and report what was done."""
+
+from __future__ import annotations
+
+import keras
+
+from kshrink.core.graph import copy_model
+from kshrink.core.recipe import Recipe
+from kshrink.core.report import CompressionReport
+from kshrink.core.technique import StepContext, handler_for
+from kshrink.measure.weights import weight_stats
+
+
+def compress(model: keras.Model, recipe, *, data=None, validation_data=None):
+    """Compresses a copy of `model` with `recipe`; `model` itself is never modified.
+
+    Args:
+        model: a built Sequential or functional Keras model (nested models are fine).
+        recipe: a `Recipe`, a technique config (e.g. `kshrink.Quantize()`), a list of them, the
+            recipe's data form (`[{"quantize": {"mode": "int8"}}]`) or a JSON/YAML file path.
+        data: `(x, y)` for techniques that train or calibrate.
+        validation_data: held-out `(x, y)`.
+
+    Returns:
+        `(compressed_model, CompressionReport)`.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(model, [kshrink.Quantize(mode="int8")])
+    print(report)
+    ```
+    """
+    recipe = Recipe.coerce(recipe)
+    work = copy_model(model)
+    before = weight_stats(work)
+    steps = []
+    for technique in recipe:
+        handler = handler_for(technique)
+        ctx = StepContext(original=model, data=data, validation_data=validation_data)
+        work = handler.prepare(work, technique, ctx)
+        work = handler.finalize(work, technique, ctx)
+        steps.append(handler.report(work, technique, ctx))
+    after = weight_stats(work)
+    report = CompressionReport(
+        steps=tuple(steps),
+        parameters_before=before.parameters,
+        parameters_after=after.parameters,
+        weight_bytes_before=before.bytes,
+        weight_bytes_after=after.bytes,
+    )
+    return work, report

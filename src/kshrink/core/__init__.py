@@ -1,0 +1,1 @@
+"""The machinery every technique shares: configs and handlers, recipes, selection, reports."""

@@ -1,0 +1,145 @@
+"""Recipes: an ordered list of techniques, stored as JSON or YAML data (never code)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import yaml
+
+from kshrink.core.technique import Technique, technique_class
+from kshrink.errors import RecipeError
+
+
+class Recipe:
+    """An ordered list of technique configs, applied one after the other by `compress`.
+
+    The order is validated: a step may not come after a step of a later stage (e.g. `prune`
+    after `quantize`), since a later stage would undo or block the earlier one.
+
+    Example:
+
+    ```python
+    recipe = Recipe([kshrink.Quantize(mode="int8")])
+    recipe = Recipe.from_yaml("- quantize: {mode: int8}")
+    ```
+    """
+
+    def __init__(self, steps: Iterable[Technique]):
+        steps = tuple(steps)
+        if not steps:
+            raise RecipeError("a recipe needs at least one step. Received: an empty list")
+        for i, step in enumerate(steps, 1):
+            if not isinstance(step, Technique):
+                raise RecipeError(
+                    f"recipe step {i} is not a technique config. Received: {step!r}"
+                )
+        for earlier, later in zip(steps, steps[1:]):
+            if later.stage < earlier.stage:
+                raise RecipeError(
+                    f"recipe order: {later.name!r} cannot come after {earlier.name!r}; "
+                    f"order steps as {_stage_order()}"
+                )
+        self.steps = steps
+
+    def __iter__(self) -> Iterator[Technique]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Recipe) and self.steps == other.steps
+
+    def __repr__(self) -> str:
+        return f"Recipe({list(self.steps)!r})"
+
+    def to_list(self) -> list[dict]:
+        return [{step.name: step.get_config()} for step in self.steps]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_list(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_list(), sort_keys=False)
+
+    @classmethod
+    def from_list(cls, data) -> Recipe:
+        """From the data form: a list of `{technique: options}` or `{"steps": [...]}`."""
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - {"steps"})
+            if unknown:
+                raise RecipeError(f"unknown recipe key {unknown[0]!r}. Allowed: steps")
+            data = data.get("steps")
+        if not isinstance(data, list):
+            raise RecipeError(
+                "a recipe is a list of steps, each {technique: {options}}. "
+                f"Received: {type(data).__name__}"
+            )
+        steps = []
+        for i, entry in enumerate(data, 1):
+            if isinstance(entry, str):
+                entry = {entry: {}}
+            if not isinstance(entry, Mapping) or len(entry) != 1:
+                raise RecipeError(
+                    f"recipe step {i} must be a one-key mapping {{technique: {{options}}}}. "
+                    f"Received: {entry!r}"
+                )
+            (name, options), = entry.items()
+            if options is not None and not isinstance(options, Mapping):
+                raise RecipeError(
+                    f"recipe step {i} ({name}): options must be a mapping. Received: {options!r}"
+                )
+            steps.append(technique_class(str(name)).from_config(options))
+        return cls(steps)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            return cls.from_list(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe is not valid JSON: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            return cls.from_list(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            detail = " ".join(str(e).split())
+            raise RecipeError(f"recipe is not valid YAML: {detail}") from None
+
+    @classmethod
+    def from_file(cls, path) -> Recipe:
+        """Reads a `.json`, `.yaml` or `.yml` recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            return cls.from_json(text)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return cls.from_yaml(text)
+        raise RecipeError(
+            f"recipe file must end in .json, .yaml or .yml. Received: {path.name}"
+        )
+
+    @classmethod
+    def coerce(cls, recipe) -> Recipe:
+        """Accepts a Recipe, a technique, a list of techniques or data, or a file path."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Technique):
+            return cls([recipe])
+        if isinstance(recipe, (str, Path)):
+            return cls.from_file(recipe)
+        if isinstance(recipe, list) and all(isinstance(s, Technique) for s in recipe):
+            return cls(recipe)
+        return cls.from_list(recipe)
+
+
+def _stage_order() -> str:
+    from kshrink.core.technique import registered_techniques
+
+    ordered = sorted(registered_techniques(), key=lambda cls: (cls.stage, cls.name))
+    return " -> ".join(cls.name for cls in ordered)

@@ -1,0 +1,133 @@
+"""Choosing layers: by name, by regex pattern or by layer type."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+
+import keras
+
+from kshrink.errors import SelectionError
+
+
+@dataclasses.dataclass(frozen=True)
+class Select:
+    """A set of layers, chosen by name, regex pattern or layer class name.
+
+    A layer is selected when it matches any of the given criteria. Names must exist in the
+    model, and a selection that matches no layer at all raises `SelectionError`: a typo never
+    silently turns a technique into a no-op.
+
+    Args:
+        names: exact layer names.
+        pattern: a regular expression that must match the whole layer name.
+        types: layer class names, e.g. `("Dense", "Conv2D")`.
+
+    Example:
+
+    ```python
+    Select(pattern="dense_.*")
+    Select(types=("Conv2D", "DepthwiseConv2D"), names=("head",))
+    ```
+    """
+
+    names: tuple[str, ...] = ()
+    pattern: str | None = None
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for field in ("names", "types"):
+            value = getattr(self, field)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, field, tuple(value))
+        if not (self.names or self.pattern or self.types):
+            raise SelectionError(
+                "a selection needs at least one of names, pattern or types. Received: nothing"
+            )
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise SelectionError(
+                    f"selection pattern is not a valid regular expression ({e}). "
+                    f"Received: pattern={self.pattern!r}"
+                ) from None
+
+    def matches(self, layer: keras.layers.Layer) -> bool:
+        """Whether `layer` is in this selection."""
+        if layer.name in self.names:
+            return True
+        if self.pattern is not None and re.fullmatch(self.pattern, layer.name):
+            return True
+        return any(cls.__name__ in self.types for cls in type(layer).__mro__)
+
+    def resolve(self, layers: Iterable[keras.layers.Layer]) -> list[keras.layers.Layer]:
+        """The layers in `layers` this selection matches, in order.
+
+        Raises:
+            SelectionError: a name that is not among `layers`, or no match at all.
+        """
+        layers = list(layers)
+        known = {layer.name for layer in layers}
+        missing = [name for name in self.names if name not in known]
+        if missing:
+            raise SelectionError(
+                f"selection names layers that do not exist: {', '.join(missing)}. "
+                f"Layers are: {_short_list(sorted(known))}"
+            )
+        chosen = [layer for layer in layers if self.matches(layer)]
+        if not chosen:
+            raise SelectionError(
+                f"selection {self.describe()} matches no layer. "
+                f"Layers are: {_short_list(layer.name for layer in layers)}"
+            )
+        return chosen
+
+    def describe(self) -> str:
+        parts = []
+        if self.names:
+            parts.append(f"names={list(self.names)}")
+        if self.pattern is not None:
+            parts.append(f"pattern={self.pattern!r}")
+        if self.types:
+            parts.append(f"types={list(self.types)}")
+        return "(" + ", ".join(parts) + ")"
+
+    def get_config(self) -> dict:
+        config = {}
+        if self.names:
+            config["names"] = list(self.names)
+        if self.pattern is not None:
+            config["pattern"] = self.pattern
+        if self.types:
+            config["types"] = list(self.types)
+        return config
+
+    @classmethod
+    def from_config(cls, config) -> Select:
+        """Builds a selection from a mapping, a pattern string or a list of names."""
+        if isinstance(config, Select):
+            return config
+        if isinstance(config, str):
+            return cls(pattern=config)
+        if isinstance(config, (list, tuple)):
+            return cls(names=tuple(str(name) for name in config))
+        if isinstance(config, Mapping):
+            unknown = sorted(set(config) - {"names", "pattern", "types"})
+            if unknown:
+                raise SelectionError(
+                    f"unknown selection key {unknown[0]!r}. Allowed: names, pattern, types"
+                )
+            return cls(**config)
+        raise SelectionError(
+            "a selection is a pattern string, a list of layer names, or a mapping with "
+            f"names/pattern/types. Received: {config!r}"
+        )
+
+
+def _short_list(names: Iterable[str], limit: int = 12) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

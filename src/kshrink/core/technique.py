@@ -1,0 +1,194 @@
+"""Techniques: a frozen config (what to do) plus a registered handler (how to do it).
+
+A technique's config is a frozen dataclass deriving from `Technique`; its options are the
+dataclass fields, validated in `__post_init__`. Its handler derives from `Handler` and is
+registered for the config type with `register_technique`. `kshrink.compress` looks the
+handler up by config type; recipes look the config class up by registered name, so a recipe
+file can only ever name registered techniques.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import keras
+
+from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
+from kshrink.core.select import Select
+from kshrink.errors import RecipeError
+
+
+@dataclasses.dataclass(frozen=True)
+class Technique:
+    """Base class of technique configs.
+
+    Subclasses are frozen dataclasses. `name` is set by `register_technique`; `stage` orders
+    techniques inside a recipe (a step may not follow a step of a later stage: quantization
+    comes last, clustering before it, and so on).
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[int] = 0
+
+    def get_config(self) -> dict:
+        """The options as plain JSON/YAML-friendly values."""
+        config = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Select):
+                value = value.get_config()
+            elif isinstance(value, tuple):
+                value = list(value)
+            config[field.name] = value
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None):
+        """Builds the config from options; unknown options raise `RecipeError`."""
+        config = dict(config or {})
+        allowed = [field.name for field in dataclasses.fields(cls)]
+        for key in config:
+            if key not in allowed:
+                raise RecipeError(
+                    f"{cls.name}: unknown option {key!r}. Allowed: {', '.join(allowed)}"
+                )
+        hints = typing.get_type_hints(cls)
+        for key, value in config.items():
+            if value is not None and Select in typing.get_args(hints[key]) + (hints[key],):
+                config[key] = Select.from_config(value)
+        try:
+            return cls(**config)
+        except TypeError as e:
+            raise RecipeError(f"{cls.name}: {e}") from None
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) for each option, for `kshrink techniques`."""
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for field in dataclasses.fields(cls):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            if isinstance(default, Select):
+                default = default.get_config()
+            rows.append((field.name, _type_name(hints[field.name]), default,
+                         field.metadata.get("help", "")))
+        return rows
+
+
+def option(default, help: str):
+    """A dataclass field with a help text, shown by `kshrink techniques`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def check_choice(technique: str, key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(
+            f"{technique}: {key} must be one of {', '.join(map(str, allowed))}. "
+            f"Received: {key}={value!r}"
+        )
+
+
+def check_int(technique: str, key: str, value, low: int | None = None,
+              allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        bound = f"an integer >= {low}" if low is not None else "an integer"
+        raise RecipeError(
+            f"{technique}: {key} must be {bound}{' or null' if allow_none else ''}. "
+            f"Received: {key}={value!r}"
+        )
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a handler may read and write during one recipe step.
+
+    Attributes:
+        original: the model as the user passed it (read only).
+        data: training/calibration data as `(x, y)` or None.
+        validation_data: held-out `(x, y)` or None.
+        results: per-layer outcomes the handler records with `applied`/`skipped`.
+    """
+
+    original: keras.Model
+    data: tuple | None = None
+    validation_data: tuple | None = None
+    results: list[LayerResult] = dataclasses.field(default_factory=list)
+
+    def applied(self, layer: keras.layers.Layer, detail: str) -> None:
+        self.results.append(LayerResult(layer.name, type(layer).__name__, APPLIED, detail))
+
+    def skipped(self, layer: keras.layers.Layer, reason: str) -> None:
+        self.results.append(LayerResult(layer.name, type(layer).__name__, SKIPPED, reason))
+
+
+class Handler:
+    """How a technique is applied. Override `prepare` and/or `finalize`.
+
+    `prepare` may wrap layers for training (masks, fake quantization); the shared fine-tune loop
+    runs between the two; `finalize` must leave stock Keras layers or registered kshrink layers.
+    Both get the working copy of the model and may modify it in place or return a new one.
+    """
+
+    def prepare(self, model: keras.Model, config: Technique, ctx: StepContext) -> keras.Model:
+        return model
+
+    def finalize(self, model: keras.Model, config: Technique, ctx: StepContext) -> keras.Model:
+        return model
+
+    def report(self, model: keras.Model, config: Technique, ctx: StepContext) -> StepReport:
+        return StepReport(config.name, config.get_config(), tuple(ctx.results))
+
+
+_BY_NAME: dict[str, type[Technique]] = {}
+_HANDLERS: dict[type[Technique], Handler] = {}
+
+
+def register_technique(name: str, handler: Handler, stage: int):
+    """Class decorator: registers a `Technique` subclass under `name` with its handler."""
+
+    def decorate(cls: type[Technique]) -> type[Technique]:
+        if name in _BY_NAME and _BY_NAME[name] is not cls:
+            raise ValueError(f"technique name {name!r} is already registered")
+        cls.name = name
+        cls.stage = stage
+        _BY_NAME[name] = cls
+        _HANDLERS[cls] = handler
+        return cls
+
+    return decorate
+
+
+def technique_class(name: str) -> type[Technique]:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown technique {name!r}. Registered: {', '.join(sorted(_BY_NAME))}"
+        ) from None
+
+
+def handler_for(config: Technique) -> Handler:
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise RecipeError(
+            f"{type(config).__name__} is not a registered technique config"
+        ) from None
+
+
+def registered_techniques() -> list[type[Technique]]:
+    """Every registered technique config class, sorted by name."""
+    return [_BY_NAME[name] for name in sorted(_BY_NAME)]
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " | ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
+                          for a in args)
+    return getattr(hint, "__name__", str(hint))

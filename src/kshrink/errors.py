@@ -1,0 +1,29 @@
+"""Exceptions kshrink raises for input it cannot accept.
+
+Every message is one line that names what is wrong and what is allowed, so the CLI can print it
+as it is and exit with code 2.
+"""
+
+
+class KshrinkError(ValueError):
+    """Bad input to kshrink: a model, recipe, option, dataset or file it cannot accept."""
+
+
+class RecipeError(KshrinkError):
+    """A recipe or technique option that is unknown or out of range."""
+
+
+class SelectionError(KshrinkError):
+    """A layer selection that matches nothing, or names a layer that does not exist."""
+
+
+class UnsupportedModelError(KshrinkError):
+    """A model kshrink cannot rebuild (e.g. a subclassed model)."""
+
+
+class DatasetUnavailableError(KshrinkError):
+    """A named dataset whose files are not installed."""
+
+
+class ModelFileError(KshrinkError):
+    """A path that is not a readable Keras model file, or an output path that is not allowed."""

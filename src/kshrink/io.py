@@ -1,0 +1,58 @@
+"""Reading and writing model files safely: clear errors in, atomic writes out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import keras
+
+from kshrink.errors import ModelFileError
+
+
+def load_model_file(path) -> keras.Model:
+    """Loads a `.keras` file, turning every way it can be wrong into one `ModelFileError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelFileError(f"not a file: {path}")
+    if path.suffix != ".keras":
+        raise ModelFileError(f"expected a .keras model file. Received: {path.name}")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a Keras model file (not a zip archive)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "config.json" not in names:
+                raise ModelFileError(f"{path} is not a Keras model file (no config.json inside)")
+            bad = archive.testzip()
+        if bad is not None:
+            raise ModelFileError(f"{path} is corrupt: member {bad} fails its checksum")
+        return keras.saving.load_model(path)
+    except ModelFileError:
+        raise
+    except Exception as e:
+        message = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelFileError(f"cannot load {path}: {message}") from None
+
+
+def save_model_atomic(model: keras.Model, path) -> Path:
+    """Saves `model` as `.keras` at `path` via a temporary file and a rename.
+
+    An interrupted or failed save never leaves a half-written file at `path`.
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ModelFileError(f"output must end in .keras. Received: {path.name}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,52 @@
+"""Runs in a fresh process: loads one model file and prints the time and memory it took.
+
+Started as a script by `kshrink.measure.load`, so it never imports kshrink unless the file
+needs kshrink's loader. Memory is the increase over the process after `import keras` (which
+alone costs hundreds of MB): peak from VmHWM after resetting it, resident from VmRSS.
+"""
+
+import json
+import sys
+import time
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main(path, loader):
+    import keras
+
+    keras.ops.convert_to_numpy(keras.ops.ones((2, 2)) + 1)  # bring the backend runtime up
+    if loader == "kshrink":
+        import kshrink
+
+        load = kshrink.load
+    else:
+        load = keras.saving.load_model
+    rss_before = _status_kib("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    model = load(path)
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "peak_bytes": (_status_kib("VmHWM") - rss_before) * 1024,
+        "resident_bytes": (_status_kib("VmRSS") - rss_before) * 1024,
+        "kshrink_imported": "kshrink" in sys.modules,
+        "parameters": int(model.count_params()),
+    }
+    print("KSHRINK_PROBE " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

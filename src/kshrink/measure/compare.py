@@ -1,0 +1,193 @@
+"""Everything measured for one model, or for an original and its compressed version side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
+from kshrink.measure.files import FileSize, file_size
+from kshrink.measure.latency import Latency, latency
+from kshrink.measure.load import LoadCost, load_cost
+from kshrink.measure.weights import WeightStats, weight_stats
+from kshrink.render import Table
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """What one model costs: weights, file, load, latency and (with data) accuracy."""
+
+    weights: WeightStats
+    file: FileSize
+    load: LoadCost
+    latency: tuple[Latency, ...]
+    metrics: dict | None
+
+    def table(self) -> Table:
+        return _table(self, None, None)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weights"] = self.weights.to_dict()
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """An original and a compressed model measured in the same run."""
+
+    original: Measurement
+    compressed: Measurement
+    fidelity: Fidelity | None
+
+    def table(self) -> Table:
+        return _table(self.original, self.compressed, self.fidelity)
+
+    def to_dict(self) -> dict:
+        return {
+            "original": self.original.to_dict(),
+            "compressed": self.compressed.to_dict(),
+            "fidelity": dataclasses.asdict(self.fidelity) if self.fidelity else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        return self.table().to_text()
+
+    def to_markdown(self) -> str:
+        return self.table().to_markdown()
+
+    __str__ = to_text
+
+
+def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
+            latency_runs: int = 50, progress: Progress | None = None) -> Measurement:
+    """Measures one model.
+
+    Args:
+        model: the model in memory.
+        data: `(x, y)` to evaluate on, or None (latency then uses random inputs).
+        path: its saved `.keras` file; if None it is saved to a temporary file first.
+        load_runs: fresh processes for load time and memory (median reported).
+        latency_runs: timed calls per batch size.
+        progress: called with a short message before each phase.
+    """
+    say = progress or (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="kshrink-") as tmp:
+        if path is None:
+            path = Path(tmp) / f"{model.name}.keras"
+            model.save(path)
+        say(f"load time and memory of {Path(path).name} ({load_runs} fresh processes)")
+        load = load_cost(path, runs=load_runs)
+        size = file_size(path)
+    x = data[0] if data is not None else example_inputs(model, 32)
+    say("latency")
+    timings = tuple(latency(model, x, runs=latency_runs))
+    metrics = None
+    if data is not None:
+        say("accuracy")
+        metrics = evaluate(model, *data)
+    return Measurement(weight_stats(model), size, load, timings, metrics)
+
+
+def compare(original: keras.Model, compressed: keras.Model, data=None, *, original_path=None,
+            compressed_path=None, load_runs: int = 3, latency_runs: int = 50,
+            progress: Progress | None = None) -> Comparison:
+    """Measures both models in the same run and puts them side by side, with ratios.
+
+    Args:
+        original: the model before compression.
+        compressed: the model after.
+        data: `(x, y)` evaluation data, or None (then no accuracy or fidelity).
+        original_path, compressed_path: their saved files, if already saved.
+        load_runs, latency_runs, progress: as in `measure`.
+
+    Example:
+
+    ```python
+    print(kshrink.measure.compare(model, small, (x_test, y_test)))
+    ```
+    """
+    a = measure(original, data, path=original_path, load_runs=load_runs,
+                latency_runs=latency_runs, progress=progress)
+    b = measure(compressed, data, path=compressed_path, load_runs=load_runs,
+                latency_runs=latency_runs, progress=progress)
+    fid = None
+    if data is not None:
+        fid = fidelity(predict(original, data[0]), predict(compressed, data[0]))
+    return Comparison(a, b, fid)
+
+
+def example_inputs(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
+    """Random inputs shaped and typed like the model's (single) input."""
+    if len(model.inputs) != 1:
+        raise ValueError("example inputs need a single-input model; pass data instead")
+    spec = model.inputs[0]
+    shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
+    rng = np.random.default_rng(seed)
+    if "int" in str(spec.dtype):
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return rng.random(shape, dtype=np.float32)
+
+
+def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table:
+    rows = []
+
+    def row(label, va, vb, fmt, change=None):
+        cells = [label, fmt(va)]
+        if b is not None:
+            cells += [fmt(vb), change(va, vb) if change and vb is not None else ""]
+        rows.append(cells)
+
+    mb = lambda v: f"{v / 1e6:.3f} MB"
+    row("parameters", a.weights.parameters, b and b.weights.parameters, "{:,}".format)
+    row("non-zero parameters", a.weights.nonzeros, b and b.weights.nonzeros, "{:,}".format)
+    row("weight bytes", a.weights.bytes, b and b.weights.bytes, mb, _smaller)
+    row("file size", a.file.bytes, b and b.file.bytes, mb, _smaller)
+    row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, _smaller)
+    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms", _faster)
+    row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, _smaller)
+    row("load memory, resident", a.load.resident_bytes, b and b.load.resident_bytes, mb,
+        _smaller)
+    for i, t in enumerate(a.latency):
+        tb = b.latency[i] if b is not None else None
+        row(f"latency, batch {t.batch_size} (median)", t.median_ms, tb and tb.median_ms,
+            lambda v: f"{v:.2f} ms", _faster)
+        row(f"latency, batch {t.batch_size} (p95)", t.p95_ms, tb and tb.p95_ms,
+            lambda v: f"{v:.2f} ms", _faster)
+    last = a.latency[-1]
+    row(f"throughput, batch {last.batch_size}", last.throughput,
+        b and b.latency[-1].throughput, lambda v: f"{v:,.0f}/s",
+        lambda x, y: f"{y / x:.2f}x")
+    if a.metrics is not None:
+        for key, va in a.metrics.items():
+            row(key, va, b and b.metrics.get(key), lambda v: f"{v:.4f}",
+                lambda x, y: f"{(y - x) * 100:+.2f} pp" if "acc" in key else f"{y - x:+.4f}")
+    if fid is not None:
+        rows.append(["top-1 agreement with original", "", f"{fid.top1_agreement:.4f}", ""])
+        rows.append(["max |output difference|", "", f"{fid.max_abs_diff:.2e}", ""])
+        rows.append(["cosine similarity of outputs", "", f"{fid.cosine:.6f}", ""])
+    columns = ("", "original", "compressed", "change") if b is not None else ("", "model")
+    return Table("measurements", columns, rows)
+
+
+def _smaller(x, y) -> str:
+    if y <= 0:
+        return "-"
+    return f"{x / y:.2f}x smaller" if x >= y else f"{y / x:.2f}x larger"
+
+
+def _faster(x, y) -> str:
+    if y <= 0:
+        return "-"
+    return f"{x / y:.2f}x faster" if x >= y else f"{y / x:.2f}x slower"

@@ -1,0 +1,65 @@
+"""Load time and memory of a saved model, each run in a fresh process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+
+_PROBE = Path(__file__).with_name("_load_probe.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadCost:
+    """Medians over `runs` fresh processes.
+
+    Attributes:
+        seconds: time for the load call alone.
+        peak_bytes: peak memory during the load, over a process that only imported Keras.
+        resident_bytes: memory still held after the load, over the same baseline.
+        runs: how many processes were measured.
+    """
+
+    seconds: float
+    peak_bytes: int
+    resident_bytes: int
+    runs: int
+
+
+def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None = None,
+              timeout: float = 600) -> LoadCost:
+    """Measures loading `path` in `runs` fresh processes and returns the medians.
+
+    Args:
+        path: a `.keras` file (or a compact file with `loader="kshrink"`).
+        runs: number of fresh processes; the median of each figure is reported.
+        loader: `"keras"` (`keras.saving.load_model`, kshrink never imported) or `"kshrink"`.
+        backend: Keras backend of the probe process (default: the current one).
+    """
+    if loader not in ("keras", "kshrink"):
+        raise ValueError(f"loader must be 'keras' or 'kshrink'. Received: loader={loader!r}")
+    env = dict(os.environ, KERAS_BACKEND=backend or keras.backend.backend(),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    samples = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, str(_PROBE), str(path), loader],
+            capture_output=True, text=True, env=env, timeout=timeout,
+        )
+        lines = [l for l in done.stdout.splitlines() if l.startswith("KSHRINK_PROBE ")]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"loading {path} in a fresh process failed: {tail}")
+        samples.append(json.loads(lines[-1].split(" ", 1)[1]))
+    return LoadCost(
+        seconds=statistics.median(s["seconds"] for s in samples),
+        peak_bytes=int(statistics.median(s["peak_bytes"] for s in samples)),
+        resident_bytes=int(statistics.median(s["resident_bytes"] for s in samples)),
+        runs=runs,
+    )

@@ -1,0 +1,124 @@
+"""Parameters, non-zeros and bytes by storage type, per layer and in total."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import leaf_layers
+from kshrink.render import Table
+
+# Keras' int4 layers keep two 4-bit values in each int8 of these variables.
+_KERAS_PACKED_INT4 = {"kernel", "embeddings"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """Weight statistics of one layer.
+
+    Attributes:
+        name: layer name.
+        layer_type: class name.
+        parameters: number of stored values (a packed int4 byte holds two).
+        nonzeros: how many of them are not zero.
+        bytes_by_dtype: bytes held, by storage type ("float32", "int8", "int4", ...).
+    """
+
+    name: str
+    layer_type: str
+    parameters: int
+    nonzeros: int
+    bytes_by_dtype: dict[str, int]
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStats:
+    """Weight statistics of a model: per layer and totals."""
+
+    layers: tuple[LayerWeights, ...]
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(layer.nonzeros for layer in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(layer.bytes for layer in self.layers)
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        total = Counter()
+        for layer in self.layers:
+            total.update(layer.bytes_by_dtype)
+        return dict(sorted(total.items()))
+
+    def table(self) -> Table:
+        rows = [
+            (l.name, l.layer_type, f"{l.parameters:,}", f"{l.nonzeros:,}", _dtypes(l.bytes_by_dtype),
+             f"{l.bytes:,}")
+            for l in self.layers
+        ]
+        rows.append(("total", "", f"{self.parameters:,}", f"{self.nonzeros:,}",
+                     _dtypes(self.bytes_by_dtype), f"{self.bytes:,}"))
+        return Table("weights by layer",
+                     ("layer", "type", "parameters", "non-zeros", "storage", "bytes"), rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "parameters": self.parameters,
+            "nonzeros": self.nonzeros,
+            "bytes": self.bytes,
+            "bytes_by_dtype": self.bytes_by_dtype,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
+
+
+def weight_stats(model: keras.Model) -> WeightStats:
+    """Counts every variable of every layer of `model` (nested models included).
+
+    Packed int4 storage counts half a byte per value, as it is held.
+    """
+    layers = []
+    for layer in leaf_layers(model):
+        if not layer.weights:
+            continue
+        parameters = nonzeros = 0
+        by_dtype = Counter()
+        for variable in layer.weights:
+            values = keras.ops.convert_to_numpy(variable.value)
+            if _is_packed_int4(layer, variable):
+                count, nz, kind = 2 * values.size, _nonzero_nibbles(values), "int4"
+            else:
+                count, nz, kind = values.size, int(np.count_nonzero(values)), str(values.dtype)
+            parameters += count
+            nonzeros += nz
+            by_dtype[kind] += values.nbytes
+        layers.append(LayerWeights(layer.name, type(layer).__name__, parameters, nonzeros,
+                                   dict(sorted(by_dtype.items()))))
+    return WeightStats(tuple(layers))
+
+
+def _is_packed_int4(layer, variable) -> bool:
+    mode = getattr(layer, "quantization_mode", None) or ""
+    return (mode.startswith("int4") and variable.name in _KERAS_PACKED_INT4
+            and variable.dtype == "int8")
+
+
+def _nonzero_nibbles(packed: np.ndarray) -> int:
+    as_bytes = packed.view(np.uint8)
+    return int(np.count_nonzero(as_bytes & 0x0F) + np.count_nonzero(as_bytes >> 4))
+
+
+def _dtypes(by_dtype: dict[str, int]) -> str:
+    return ", ".join(sorted(by_dtype)) or "-"

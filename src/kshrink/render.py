@@ -1,0 +1,60 @@
+"""One small table type that every report and measurement renders through."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A titled table of strings, rendered as aligned text, Markdown, JSON or a rich table."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[str]]
+
+    def to_text(self) -> str:
+        cells = [list(self.columns)] + [[str(c) for c in row] for row in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+
+        def line(row):
+            first, *rest = row
+            return "  ".join(
+                [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:])]
+            ).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([self.title, line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+    def to_markdown(self) -> str:
+        def line(row):
+            return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+
+        align = "|" + "|".join([" --- "] + [" ---: "] * (len(self.columns) - 1)) + "|"
+        return "\n".join([f"**{self.title}**", "", line(self.columns), align]
+                         + [line(r) for r in self.rows])
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "columns": list(self.columns),
+                "rows": [list(map(str, r)) for r in self.rows]}
+
+    def to_rich(self):
+        import rich.table
+
+        table = rich.table.Table(title=self.title, title_justify="left")
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in self.rows:
+            table.add_row(*map(str, row))
+        return table
+
+
+def render(tables: Sequence[Table], fmt: str) -> str:
+    """Renders tables as `"text"`, `"md"` or `"json"`."""
+    if fmt == "json":
+        return json.dumps([t.to_dict() for t in tables], indent=2)
+    if fmt == "md":
+        return "\n\n".join(t.to_markdown() for t in tables)
+    return "\n\n".join(t.to_text() for t in tables)

@@ -147,3 +147,19 @@ def _digits() -> Dataset:
     order = np.random.default_rng(0).permutation(len(x))
     train, test = order[:1400], order[1400:]
     return Dataset("digits", x[train], y[train], x[test], y[test])
+
+
+def check_fits(data: Dataset, model) -> None:
+    """Raises `KshrinkError` if `data`'s inputs do not have the shape `model` expects."""
+    if len(model.inputs) != 1:
+        raise KshrinkError(f"data files feed single-input models; {model.name} has "
+                           f"{len(model.inputs)} inputs")
+    expected = tuple(model.inputs[0].shape[1:])
+    for part, x in (("x", data.x_train), ("x_val", data.x_test)):
+        got = tuple(x.shape[1:])
+        if len(got) != len(expected) or any(e is not None and e != g
+                                            for e, g in zip(expected, got)):
+            raise KshrinkError(
+                f"data {data.name!r} does not fit model {model.name!r}: {part} rows have shape "
+                f"{got}, the model expects {tuple(expected)}"
+            )

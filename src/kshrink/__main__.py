@@ -1,0 +1,5 @@
+import sys
+
+from kshrink.cli import main
+
+sys.exit(main())

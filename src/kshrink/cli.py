@@ -1,0 +1,222 @@
+"""The `kshrink` command: compress, measure, techniques, demo.
+
+Bad input exits with code 2 and one line on stderr; existing files are never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        from kshrink.errors import KshrinkError
+
+        try:
+            return args.run(args) or 0
+        except KshrinkError as e:
+            print(f"kshrink: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("kshrink: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kshrink", description="Compress and measure Keras 3 models.")
+    parser.set_defaults(command=None)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("compress", help="apply a recipe to a .keras model")
+    p.add_argument("model", help="input .keras file")
+    p.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
+    p.add_argument("-o", "--output", required=True, help="output .keras file")
+    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val])")
+    p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.set_defaults(run=_compress)
+
+    p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
+    p.add_argument("model", help=".keras file")
+    p.add_argument("--baseline", help="the original .keras file to compare against")
+    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz")
+    p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.add_argument("--load-runs", type=int, default=3, help="fresh processes for load figures")
+    p.add_argument("--latency-runs", type=int, default=50, help="timed calls per batch size")
+    p.set_defaults(run=_measure)
+
+    p = sub.add_parser("techniques", help="list the registered techniques and their options")
+    p.set_defaults(run=_techniques)
+
+    p = sub.add_parser("demo", help="compress LeNet-300-100 on MNIST and show before/after")
+    p.add_argument("--output-dir", default="kshrink-demo", help="where the models are written")
+    p.add_argument("--recipe", help="recipe file (default: int8 weights)")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _compress(args) -> int:
+    from kshrink import Recipe, compress
+    from kshrink.errors import ModelFileError
+    from kshrink.io import load_model_file, save_model_atomic
+    from kshrink.measure import evaluate
+
+    source, target = Path(args.model), Path(args.output)
+    _check_output(target, source)
+    recipe = Recipe.from_file(args.recipe)
+    model = load_model_file(source)
+    data = _data(args.data, model) if args.data else None
+    with _status("compressing"):
+        small, report = compress(model, recipe, data=data and data.train,
+                                 validation_data=data and data.test)
+    if not target.parent.is_dir():
+        raise ModelFileError(f"output directory does not exist: {target.parent}")
+    save_model_atomic(small, target)
+    if args.format == "json":
+        print(report.to_json())
+    else:
+        print(report.to_markdown() if args.format == "md" else report.to_text())
+    if data is not None and args.format != "json":
+        with _status("evaluating"):
+            before = evaluate(model, *data.test)["accuracy"]
+            after = evaluate(small, *data.test)["accuracy"]
+        print(f"\naccuracy on {data.name} test: {before:.4f} -> {after:.4f} "
+              f"({(after - before) * 100:+.2f} pp)")
+    print(f"\nwrote {target}", file=sys.stderr)
+    return 0
+
+
+def _measure(args) -> int:
+    from kshrink.io import load_model_file
+    from kshrink.measure import compare, measure
+
+    model = load_model_file(args.model)
+    baseline = load_model_file(args.baseline) if args.baseline else None
+    data = _data(args.data, model).test if args.data else None
+    runs = dict(load_runs=args.load_runs, latency_runs=args.latency_runs)
+    with _status("measuring") as status:
+        progress = lambda message: status.update(f"measuring: {message}")
+        if baseline is not None:
+            result = compare(baseline, model, data, original_path=args.baseline,
+                             compressed_path=args.model, progress=progress, **runs)
+        else:
+            result = measure(model, data, path=args.model, progress=progress, **runs)
+    if args.format == "json":
+        import json
+
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        table = result.table()
+        print(table.to_markdown() if args.format == "md" else table.to_text())
+    return 0
+
+
+def _techniques(args) -> int:
+    from kshrink import registered_techniques
+
+    for cls in registered_techniques():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{cls.name}  (stage {cls.stage})  {summary}")
+        for name, kind, default, help_text in cls.options():
+            print(f"  {name}: {kind} = {default!r}  {help_text}")
+    return 0
+
+
+def _demo(args) -> int:
+    from kshrink import Quantize, Recipe, compress, datasets, zoo
+    from kshrink.io import save_model_atomic
+    from kshrink.measure import compare
+
+    recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe([Quantize(mode="int8")])
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print("kshrink demo: LeNet-300-100 on MNIST\n")
+    model = zoo.pretrained("lenet_300_100")
+    data = datasets.load("mnist")
+    with _status("compressing"):
+        small, report = compress(model, recipe, data=data.train, validation_data=data.test)
+    print("recipe:\n" + recipe.to_yaml())
+    print(report.to_text() + "\n")
+    original_path = save_model_atomic(model, out / "original.keras")
+    compressed_path = save_model_atomic(small, out / "compressed.keras")
+    with _status("measuring") as status:
+        result = compare(model, small, data.test, original_path=original_path,
+                         compressed_path=compressed_path,
+                         progress=lambda message: status.update(f"measuring: {message}"))
+    print(result.to_text())
+    print(f"\nmodels written to {out}/ (original.keras, compressed.keras)")
+    return 0
+
+
+def _check_output(target: Path, source: Path) -> None:
+    from kshrink.errors import ModelFileError
+
+    if target.suffix != ".keras":
+        raise ModelFileError(f"output must end in .keras. Received: {target.name}")
+    if target.resolve() == source.resolve() or (
+            target.exists() and source.exists() and target.samefile(source)):
+        raise ModelFileError(f"output {target} would overwrite the input; choose another path")
+
+
+def _data(spec: str, model):
+    from kshrink import datasets
+
+    if spec.endswith(".npz"):
+        data = datasets.from_npz(spec)
+    else:
+        data = datasets.load(spec)
+    datasets.check_fits(data, model)
+    return data
+
+
+class _status:
+    """A spinner on stderr while work runs (only on a terminal)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self._status = None
+
+    def __enter__(self):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self._status = console.status(self.message)
+            self._status.__enter__()
+        return self
+
+    def update(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(message)
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The contract every registered technique passes, on every backend (KERAS_BACKEND).
+
+A new technique is picked up here automatically; it only has to state its tolerance below.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.core.graph import leaf_layers
+
+from conftest import small_cnn, weights_of
+
+# Largest output change allowed with default options, relative to the largest output magnitude.
+TOLERANCE = {
+    "quantize": 0.05,
+}
+
+TECHNIQUES = kshrink.registered_techniques()
+
+
+@pytest.fixture(params=TECHNIQUES, ids=lambda cls: cls.name)
+def technique(request):
+    return request.param()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return np.random.default_rng(1).integers(0, 256, size=(32, 8, 8)).astype("float32")
+
+
+def outputs(model, x):
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def test_every_technique_states_a_tolerance():
+    assert {cls.name for cls in TECHNIQUES} <= set(TOLERANCE)
+
+
+def test_outputs_stay_within_tolerance(technique, inputs):
+    model = small_cnn()
+    small, _ = kshrink.compress(model, technique)
+    reference = outputs(model, inputs)
+    diff = np.abs(outputs(small, inputs) - reference).max()
+    assert diff <= TOLERANCE[technique.name] * np.abs(reference).max()
+
+
+def test_report_accounts_for_every_layer_with_weights_once(technique):
+    model = small_cnn()
+    small, report = kshrink.compress(model, technique)
+    (step,) = report.steps
+    reported = [r.layer for r in step.layers]
+    weighted = [layer.name for layer in leaf_layers(model) if layer.weights]
+    assert sorted(reported) == sorted(weighted)
+    assert step.applied, "the default options should apply to something in the test model"
+    assert all(r.detail for r in step.layers)
+    assert report.parameters_before == kshrink.measure.weight_stats(model).parameters
+    assert report.weight_bytes_after == kshrink.measure.weight_stats(small).bytes
+
+
+def test_keras_round_trip_gives_identical_outputs(technique, inputs, tmp_path):
+    small, _ = kshrink.compress(small_cnn(), technique)
+    path = tmp_path / "small.keras"
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(outputs(loaded, inputs), outputs(small, inputs))
+
+
+def test_input_model_is_untouched(technique, inputs):
+    model = small_cnn()
+    weights, reference = weights_of(model), outputs(model, inputs)
+    kshrink.compress(model, technique)
+    for a, b in zip(weights, weights_of(model)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(outputs(model, inputs), reference)

@@ -1,0 +1,66 @@
+import dataclasses
+import json
+
+import pytest
+
+import kshrink
+from kshrink import Quantize, Recipe, Select, Technique
+from kshrink.errors import RecipeError
+
+
+def test_yaml_and_json_round_trip():
+    recipe = Recipe([Quantize(mode="int4", group_size=None, exclude=Select(names=("fc2",)))])
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    assert json.loads(recipe.to_json()) == [
+        {"quantize": {"mode": "int4", "group_size": None, "layers": None,
+                      "exclude": {"names": ["fc2"]}}}]
+
+
+def test_steps_mapping_and_bare_names():
+    assert Recipe.from_yaml("steps:\n  - quantize\n") == Recipe([Quantize()])
+    assert Recipe.from_yaml("- quantize: {mode: int4}") == Recipe([Quantize(mode="int4")])
+
+
+def test_recipe_file(tmp_path):
+    path = tmp_path / "r.yml"
+    path.write_text("- quantize: {mode: int8, layers: {pattern: 'fc.*'}}\n")
+    assert Recipe.from_file(path) == Recipe([Quantize(layers=Select(pattern="fc.*"))])
+    bad = tmp_path / "r.txt"
+    bad.write_text("[]")
+    with pytest.raises(RecipeError, match="must end in .json, .yaml or .yml"):
+        Recipe.from_file(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- quantise: {}", "unknown technique 'quantise'. Registered: .*quantize"),
+    ("- quantize: {bits: 8}", "quantize: unknown option 'bits'. Allowed: mode, group_size"),
+    ("- quantize: {mode: int3}", r"quantize: mode must be one of int8, int4. Received: mode='int3'"),
+    ("- quantize: {group_size: 0}", "group_size must be an integer >= 1"),
+    ("- quantize: {mode: int8}\n  extra: 1", "one-key mapping"),
+    ("[]", "at least one step"),
+    ("{steps: [], fine: 1}", "unknown recipe key 'fine'"),
+    ("- quantize: [1]", "options must be a mapping"),
+    ("- quantize: {mode: [", "not valid YAML"),
+])
+def test_bad_recipes_are_refused_with_the_reason(text, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_yaml(text)
+
+
+def test_order_is_validated():
+    @dataclasses.dataclass(frozen=True)
+    class Early(Technique):
+        name = "early"
+        stage = 10
+
+    Recipe([Early(), Quantize()])  # fine
+    with pytest.raises(RecipeError, match="'early' cannot come after 'quantize'"):
+        Recipe([Quantize(), Early()])
+
+
+def test_registry_lists_quantize_with_its_options():
+    names = [cls.name for cls in kshrink.registered_techniques()]
+    assert "quantize" in names
+    options = {name: default for name, _, default, _ in Quantize.options()}
+    assert options == {"mode": "int8", "group_size": 128, "layers": None, "exclude": None}

@@ -1,0 +1,100 @@
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink import Quantize, Select
+from kshrink.errors import SelectionError, UnsupportedModelError
+
+from conftest import small_mlp, weights_of
+
+
+def test_input_model_is_never_modified(cnn, images):
+    before = weights_of(cnn)
+    out_before = keras.ops.convert_to_numpy(cnn(images))
+    small, _ = kshrink.compress(cnn, Quantize())
+    assert small is not cnn
+    assert all(getattr(l, "quantization_mode", None) is None for l in cnn.layers)
+    for a, b in zip(before, weights_of(cnn)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out_before, keras.ops.convert_to_numpy(cnn(images)))
+
+
+def test_report_lists_applied_and_skipped_layers_with_reasons(cnn):
+    small, report = kshrink.compress(cnn, [Quantize(mode="int8")])
+    (step,) = report.steps
+    assert [r.layer for r in step.applied] == ["fc1", "fc2"]
+    reasons = {r.layer: r.detail for r in step.skipped}
+    assert reasons == {
+        "conv1": "Conv2D: no int8/int4 kernel yet",
+        "bn1": "BatchNormalization: normalization layers stay in float",
+        "conv2": "Conv2D: no int8/int4 kernel yet",
+    }
+    assert small.get_layer("fc1").kernel.dtype == "int8"
+    assert small.get_layer("conv1").kernel.dtype == "float32"
+    assert report.weight_bytes_after < report.weight_bytes_before
+    assert "fc1" in report.to_text() and "| conv1 |" in report.to_markdown()
+
+
+def test_int4_holds_half_the_bytes_of_int8(mlp):
+    _, r8 = kshrink.compress(mlp, Quantize(mode="int8"))
+    _, r4 = kshrink.compress(mlp, Quantize(mode="int4", group_size=None))
+    kernel_params = 64 * 64 + 64 * 10
+    # int4 saves half a byte per kernel weight; scales and biases stay the same
+    assert r8.weight_bytes_after - r4.weight_bytes_after == kernel_params // 2
+
+
+def test_layer_selection_and_exclusion(mlp):
+    _, report = kshrink.compress(mlp, Quantize(layers=Select(names=("fc2",))))
+    assert [r.layer for r in report.steps[0].applied] == ["fc2"]
+    _, report = kshrink.compress(mlp, Quantize(exclude=Select(pattern="fc1")))
+    assert [r.layer for r in report.steps[0].applied] == ["fc2"]
+    with pytest.raises(SelectionError, match="matches no layer"):
+        kshrink.compress(mlp, Quantize(layers=Select(types=("Conv2D",))))
+
+
+def test_nested_and_sequential_models(images):
+    inner = small_mlp()
+    inputs = keras.Input((8, 8))
+    outputs = keras.layers.Dense(3, name="head")(inner(inputs))
+    outer = keras.Model(inputs, outputs)
+    small, report = kshrink.compress(outer, Quantize())
+    assert [r.layer for r in report.steps[0].applied] == ["fc1", "fc2", "head"]
+    diff = np.abs(keras.ops.convert_to_numpy(small(images) - outer(images)))
+    assert diff.max() < 0.05 * np.abs(keras.ops.convert_to_numpy(outer(images))).max()
+
+
+def test_already_quantized_layers_are_skipped(mlp):
+    once, _ = kshrink.compress(mlp, Quantize())
+    _, report = kshrink.compress(once, Quantize(mode="int4"))
+    assert {r.detail for r in report.steps[0].skipped} == {"already quantized (int8)"}
+    assert not report.steps[0].applied
+
+
+def test_embedding_is_quantized():
+    model = keras.Sequential([keras.Input((5,), dtype="int32"),
+                              keras.layers.Embedding(100, 16, name="emb")])
+    small, report = kshrink.compress(model, Quantize())
+    assert [r.layer for r in report.steps[0].applied] == ["emb"]
+    ids = np.arange(10).reshape(2, 5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(small(ids)),
+                               keras.ops.convert_to_numpy(model(ids)), atol=1e-3)
+
+
+def test_subclassed_and_unbuilt_models_are_refused():
+    class Custom(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Custom()
+    model(np.zeros((1, 3)))
+    with pytest.raises(UnsupportedModelError, match="subclassed model of class Custom"):
+        kshrink.compress(model, Quantize())
+    with pytest.raises(UnsupportedModelError, match="not built"):
+        kshrink.compress(keras.Sequential([keras.layers.Dense(2)]), Quantize())
+    with pytest.raises(UnsupportedModelError, match="expected a keras.Model"):
+        kshrink.compress("model.keras", Quantize())

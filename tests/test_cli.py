@@ -1,0 +1,139 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from kshrink import datasets, zoo
+from kshrink.cli import main
+from kshrink.measure import evaluate
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    """A briefly trained LeNet-300-100 saved as .keras."""
+    path = tmp_path_factory.mktemp("models") / "lenet.keras"
+    zoo.pretrained("lenet_300_100", epochs=2, verbose=False).save(path)
+    return path
+
+
+@pytest.fixture
+def int8_recipe(tmp_path):
+    path = tmp_path / "int8.yaml"
+    path.write_text("- quantize: {mode: int8}\n")
+    return path
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_int8_lenet_end_to_end(lenet, int8_recipe, tmp_path):
+    """The acceptance path, as a user runs it: a separate process, then plain Keras loads it."""
+    out = tmp_path / "lenet-int8.keras"
+    done = subprocess.run(
+        [sys.executable, "-m", "kshrink", "compress", lenet, "--recipe", int8_recipe, "-o", out,
+         "--data", "mnist"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fc1" in done.stdout and "accuracy on mnist test" in done.stdout
+    assert os.path.getsize(lenet) / os.path.getsize(out) >= 3.5
+
+    test = datasets.load("mnist").test
+    before = evaluate(keras.saving.load_model(lenet), *test)["accuracy"]
+    after = evaluate(keras.saving.load_model(out), *test)["accuracy"]
+    assert abs(after - before) <= 0.001
+
+    probe = ("import sys, keras; m = keras.saving.load_model(sys.argv[1]); "
+             "print(m.get_layer('fc1').kernel.dtype, 'kshrink' in sys.modules)")
+    plain = subprocess.run([sys.executable, "-c", probe, out], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split() == ["int8", "False"]
+
+
+def bad_inputs(tmp_path, lenet, int8_recipe):
+    text = tmp_path / "notes.keras"
+    text.write_text("just text")
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(lenet.read_bytes()[: os.path.getsize(lenet) // 2])
+    no_config = tmp_path / "empty.keras"
+    with zipfile.ZipFile(no_config, "w") as z:
+        z.writestr("hello.txt", "hi")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("- quantise: {mode: int8}\n")
+    bad_option = tmp_path / "bad.yaml"
+    bad_option.write_text("- quantize: {mode: int3}\n")
+    out = tmp_path / "out.keras"
+    return {
+        "missing file": (["compress", tmp_path / "nope.keras", "--recipe", int8_recipe, "-o", out],
+                         "model file not found"),
+        "not a keras file": (["compress", text, "--recipe", int8_recipe, "-o", out],
+                             "not a zip archive"),
+        "corrupt zip": (["compress", corrupt, "--recipe", int8_recipe, "-o", out],
+                        "not a Keras model file"),
+        "zip without config": (["compress", no_config, "--recipe", int8_recipe, "-o", out],
+                               "no config.json"),
+        "unknown technique": (["compress", lenet, "--recipe", unknown, "-o", out],
+                              "unknown technique 'quantise'"),
+        "bad option": (["compress", lenet, "--recipe", bad_option, "-o", out],
+                       "mode must be one of int8, int4. Received: mode='int3'"),
+        "data shape": (["compress", lenet, "--recipe", int8_recipe, "-o", out, "--data", "digits"],
+                       "does not fit model"),
+        "overwrite input": (["compress", lenet, "--recipe", int8_recipe, "-o", lenet],
+                            "would overwrite the input"),
+        "bad output suffix": (["compress", lenet, "--recipe", int8_recipe, "-o", tmp_path / "o.h5"],
+                              "output must end in .keras"),
+        "missing recipe": (["compress", lenet, "--recipe", tmp_path / "none.yaml", "-o", out],
+                           "recipe file not found"),
+        "unknown dataset": (["measure", lenet, "--data", "cifar"], "unknown dataset 'cifar'"),
+        "bad flag": (["compress", lenet], "required"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing file", "not a keras file", "corrupt zip", "zip without config", "unknown technique",
+    "bad option", "data shape", "overwrite input", "bad output suffix", "missing recipe",
+    "unknown dataset", "bad flag",
+])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, lenet, int8_recipe,
+                                                             capsys):
+    argv, message = bad_inputs(tmp_path, lenet, int8_recipe)[case]
+    files = [p for p in list(tmp_path.iterdir()) + [lenet] if p.is_file()]
+    before = {p: digest(p) for p in files}
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+    assert {p: digest(p) for p in files} == before
+    assert not (tmp_path / "out.keras").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_measure_against_baseline_as_json(lenet, int8_recipe, tmp_path, capsys):
+    out = tmp_path / "small.keras"
+    assert run_cli(capsys, "compress", lenet, "--recipe", int8_recipe, "-o", out)[0] == 0
+    code, stdout, _ = run_cli(capsys, "measure", out, "--baseline", lenet, "--data", "mnist",
+                              "--format", "json", "--load-runs", "1", "--latency-runs", "5")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["compressed"]["file"]["bytes"] < result["original"]["file"]["bytes"]
+    assert result["fidelity"]["top1_agreement"] > 0.99
+    code, stdout, _ = run_cli(capsys, "measure", out, "--format", "md", "--load-runs", "1",
+                              "--latency-runs", "5")
+    assert code == 0 and "| load time |" in stdout
+
+
+def test_techniques_lists_options(capsys):
+    code, out, _ = run_cli(capsys, "techniques")
+    assert code == 0
+    assert "quantize" in out and "mode: str = 'int8'" in out

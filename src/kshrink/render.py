@@ -58,3 +58,17 @@ def render(tables: Sequence[Table], fmt: str) -> str:
     if fmt == "md":
         return "\n\n".join(t.to_markdown() for t in tables)
     return "\n\n".join(t.to_text() for t in tables)
+
+
+def smaller(before: float, after: float) -> str:
+    """"3.96x smaller" / "1.02x larger" for a before/after pair of sizes."""
+    if before <= 0 or after <= 0:
+        return "-"
+    return f"{before / after:.2f}x smaller" if before >= after else f"{after / before:.2f}x larger"
+
+
+def faster(before: float, after: float) -> str:
+    """"2.10x faster" / "1.05x slower" for a before/after pair of durations."""
+    if before <= 0 or after <= 0:
+        return "-"
+    return f"{before / after:.2f}x faster" if before >= after else f"{after / before:.2f}x slower"

@@ -56,7 +56,8 @@ class Recipe:
         return f"Recipe({list(self.steps)!r})"
 
     def to_list(self) -> list[dict]:
-        return [{step.name: step.get_config()} for step in self.steps]
+        """The data form; each step lists only the options that differ from their defaults."""
+        return [{step.name: _changed_options(step)} for step in self.steps]
 
     def to_json(self) -> str:
         return json.dumps(self.to_list(), indent=2)
@@ -143,3 +144,8 @@ def _stage_order() -> str:
 
     ordered = sorted(registered_techniques(), key=lambda cls: (cls.stage, cls.name))
     return " -> ".join(cls.name for cls in ordered)
+
+
+def _changed_options(step: Technique) -> dict:
+    defaults = type(step)().get_config()
+    return {k: v for k, v in step.get_config().items() if v != defaults[k]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from kshrink.render import Table
+from kshrink.render import Table, smaller
 
 APPLIED = "applied"
 SKIPPED = "skipped"
@@ -78,9 +78,9 @@ class CompressionReport:
             columns=("", "before", "after", "ratio"),
             rows=[
                 ("parameters", f"{self.parameters_before:,}", f"{self.parameters_after:,}",
-                 _ratio(self.parameters_before, self.parameters_after)),
+                 smaller(self.parameters_before, self.parameters_after)),
                 ("weight bytes", f"{self.weight_bytes_before:,}", f"{self.weight_bytes_after:,}",
-                 _ratio(self.weight_bytes_before, self.weight_bytes_after)),
+                 smaller(self.weight_bytes_before, self.weight_bytes_after)),
             ],
         )
         return [step.table() for step in self.steps] + [summary]
@@ -94,6 +94,3 @@ class CompressionReport:
     def __str__(self) -> str:
         return self.to_text()
 
-
-def _ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x smaller" if after else "-"

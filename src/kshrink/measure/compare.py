@@ -16,7 +16,7 @@ from kshrink.measure.files import FileSize, file_size
 from kshrink.measure.latency import Latency, latency
 from kshrink.measure.load import LoadCost, load_cost
 from kshrink.measure.weights import WeightStats, weight_stats
-from kshrink.render import Table
+from kshrink.render import Table, faster, smaller
 
 Progress = Callable[[str], None]
 
@@ -144,27 +144,28 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     rows = []
 
     def row(label, va, vb, fmt, change=None):
-        cells = [label, fmt(va)]
+        show = lambda v: "-" if v is None else fmt(v)
+        cells = [label, show(va)]
         if b is not None:
-            cells += [fmt(vb), change(va, vb) if change and vb is not None else ""]
+            cells += [show(vb), change(va, vb) if change and vb is not None else ""]
         rows.append(cells)
 
     mb = lambda v: f"{v / 1e6:.3f} MB"
     row("parameters", a.weights.parameters, b and b.weights.parameters, "{:,}".format)
     row("non-zero parameters", a.weights.nonzeros, b and b.weights.nonzeros, "{:,}".format)
-    row("weight bytes", a.weights.bytes, b and b.weights.bytes, mb, _smaller)
-    row("file size", a.file.bytes, b and b.file.bytes, mb, _smaller)
-    row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, _smaller)
-    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms", _faster)
-    row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, _smaller)
+    row("weight bytes", a.weights.bytes, b and b.weights.bytes, mb, smaller)
+    row("file size", a.file.bytes, b and b.file.bytes, mb, smaller)
+    row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, smaller)
+    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms", faster)
+    row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, smaller)
     row("load memory, resident", a.load.resident_bytes, b and b.load.resident_bytes, mb,
-        _smaller)
+        smaller)
     for i, t in enumerate(a.latency):
         tb = b.latency[i] if b is not None else None
         row(f"latency, batch {t.batch_size} (median)", t.median_ms, tb and tb.median_ms,
-            lambda v: f"{v:.2f} ms", _faster)
+            lambda v: f"{v:.2f} ms", faster)
         row(f"latency, batch {t.batch_size} (p95)", t.p95_ms, tb and tb.p95_ms,
-            lambda v: f"{v:.2f} ms", _faster)
+            lambda v: f"{v:.2f} ms", faster)
     last = a.latency[-1]
     row(f"throughput, batch {last.batch_size}", last.throughput,
         b and b.latency[-1].throughput, lambda v: f"{v:,.0f}/s",
@@ -180,14 +181,3 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     columns = ("", "original", "compressed", "change") if b is not None else ("", "model")
     return Table("measurements", columns, rows)
 
-
-def _smaller(x, y) -> str:
-    if y <= 0:
-        return "-"
-    return f"{x / y:.2f}x smaller" if x >= y else f"{y / x:.2f}x larger"
-
-
-def _faster(x, y) -> str:
-    if y <= 0:
-        return "-"
-    return f"{x / y:.2f}x faster" if x >= y else f"{y / x:.2f}x slower"

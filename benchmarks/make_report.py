@@ -1,0 +1,89 @@
+"""Writes BENCHMARKS.md from the JSON rows in benchmarks/results/.
+
+Run: .venv/bin/python benchmarks/make_report.py
+"""
+
+import json
+from pathlib import Path
+
+from common import RESULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def environment_line(env):
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return (f"_Measured on {env['cpu']} ({env['cores']} cores), Python {env['python']}, "
+            f"Keras backend {env['backend']}; {versions}._")
+
+
+def table(columns, rows):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def zoo_section(data):
+    rows = [(r["model"], r["dataset"], r["epochs"], f"{r['parameters']:,}",
+             f"{r['test_accuracy']:.4f}", f"{r['test_error_pct']:.2f}%",
+             f"{r['deep_compression_error_pct']:.2f}%" if r["deep_compression_error_pct"] else "-")
+            for r in data["rows"]]
+    return "\n\n".join([
+        "## Reference models",
+        "Trained here from seed 0 (`benchmarks/zoo_baselines.py`); Deep Compression's published "
+        "baselines beside them.",
+        table(("model", "dataset", "epochs", "parameters", "test accuracy", "test error",
+               "Deep Compression baseline error"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
+def quantize_section(data):
+    by_model = {}
+    for r in data["rows"]:
+        by_model.setdefault(r["model"], {})[r["variant"]] = r
+    rows = []
+    for model, variants in by_model.items():
+        base = variants["float32"]
+        for variant, r in variants.items():
+            rows.append((
+                model, variant, f"{r['weight_bytes']:,}", f"{r['file_bytes']:,}",
+                f"{base['file_bytes'] / r['file_bytes']:.2f}x",
+                f"{r['test_accuracy']:.4f}",
+                f"{(r['test_accuracy'] - base['test_accuracy']) * 100:+.2f} pp",
+                f"{r['load_seconds_median'] * 1e3:.0f} ms",
+                f"{r['load_peak_bytes_median'] / 1e6:.2f} MB",
+            ))
+    runs = data["rows"][0]["load_runs"]
+    return "\n\n".join([
+        "## Weight-only quantization through Keras (Dense layers)",
+        "`benchmarks/quantize_keras_native.py`: `kshrink.Quantize` delegates Dense/EinsumDense/"
+        "Embedding to `model.quantize`; Conv layers stay float32 (LeNet-5's convs hold 26k of "
+        f"its 431k weights). Load figures are medians of {runs} fresh processes, memory as "
+        "the increase over a process that only imported Keras.",
+        table(("model", "weights", "weight bytes", ".keras bytes", "smaller by",
+               "test accuracy", "change", "load time", "load peak memory"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
+def main():
+    sections = ["# Benchmarks",
+                "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
+                "`benchmarks/results/`; rerun a script, then `benchmarks/make_report.py`."]
+    for name, render in (("zoo_baselines", zoo_section),
+                         ("quantize_keras_native", quantize_section)):
+        data = load(name)
+        if data is not None:
+            sections.append(render(data))
+    (ROOT / "BENCHMARKS.md").write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,11 +13,12 @@ print(kshrink.measure.compare(model, small, data.test))
 ```
 """
 
-from kshrink import datasets, measure, zoo
+from kshrink import datasets, measure, prune, zoo
 from kshrink.api import compress
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, LayerResult, StepReport
 from kshrink.core.select import Select
+from kshrink.core.training import FineTune
 from kshrink.core.technique import (
     Handler,
     StepContext,
@@ -26,12 +27,13 @@ from kshrink.core.technique import (
     registered_techniques,
 )
 from kshrink.errors import KshrinkError
+from kshrink.prune import Prune
 from kshrink.quantize import Quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionReport", "Handler", "KshrinkError", "LayerResult", "Quantize", "Recipe",
-    "Select", "StepContext", "StepReport", "Technique", "compress", "datasets", "measure",
-    "register_technique", "registered_techniques", "zoo",
+    "CompressionReport", "FineTune", "Handler", "KshrinkError", "LayerResult", "Prune",
+    "Quantize", "Recipe", "Select", "StepContext", "StepReport", "Technique", "compress",
+    "datasets", "measure", "prune", "register_technique", "registered_techniques", "zoo",
 ]

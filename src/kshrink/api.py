@@ -8,10 +8,13 @@ from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport
 from kshrink.core.technique import StepContext, handler_for
+from kshrink.core.training import FineTune, fine_tune as run_fine_tune
+from kshrink.errors import KshrinkError
 from kshrink.measure.weights import weight_stats
 
 
-def compress(model: keras.Model, recipe, *, data=None, validation_data=None):
+def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
+             fine_tune: FineTune | None = None):
     """Compresses a copy of `model` with `recipe`; `model` itself is never modified.
 
     Args:
@@ -19,7 +22,9 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None):
         recipe: a `Recipe`, a technique config (e.g. `kshrink.Quantize()`), a list of them, the
             recipe's data form (`[{"quantize": {"mode": "int8"}}]`) or a JSON/YAML file path.
         data: `(x, y)` for techniques that train or calibrate.
-        validation_data: held-out `(x, y)`.
+        validation_data: held-out `(x, y)`, for early stopping and progress.
+        fine_tune: how to train between each technique's prepare and finalize (default: the
+            recipe's `fine_tune`, else no training). Needs `data`.
 
     Returns:
         `(compressed_model, CompressionReport)`.
@@ -32,13 +37,21 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None):
     ```
     """
     recipe = Recipe.coerce(recipe)
+    fine_tune = fine_tune or recipe.fine_tune
+    if fine_tune is not None and data is None:
+        raise KshrinkError("fine-tuning needs training data: pass data=(x, y)")
     work = copy_model(model)
     before = weight_stats(work)
     steps = []
     for technique in recipe:
         handler = handler_for(technique)
-        ctx = StepContext(original=model, data=data, validation_data=validation_data)
+        trains = fine_tune is not None and handler.trains
+        ctx = StepContext(original=model, data=data, validation_data=validation_data,
+                          train_steps=fine_tune.total_steps(len(data[0])) if trains else None)
         work = handler.prepare(work, technique, ctx)
+        if trains:
+            run_fine_tune(work, fine_tune, data, validation_data, teacher=model,
+                          callbacks=handler.callbacks(work, technique, ctx))
         work = handler.finalize(work, technique, ctx)
         steps.append(handler.report(work, technique, ctx))
     after = weight_stats(work)

@@ -26,7 +26,7 @@ class Recipe:
     ```
     """
 
-    def __init__(self, steps: Iterable[Technique]):
+    def __init__(self, steps: Iterable[Technique], fine_tune=None):
         steps = tuple(steps)
         if not steps:
             raise RecipeError("a recipe needs at least one step. Received: an empty list")
@@ -42,6 +42,7 @@ class Recipe:
                     f"order steps as {_stage_order()}"
                 )
         self.steps = steps
+        self.fine_tune = fine_tune
 
     def __iter__(self) -> Iterator[Technique]:
         return iter(self.steps)
@@ -50,28 +51,42 @@ class Recipe:
         return len(self.steps)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Recipe) and self.steps == other.steps
+        return (isinstance(other, Recipe) and self.steps == other.steps
+                and self.fine_tune == other.fine_tune)
 
     def __repr__(self) -> str:
-        return f"Recipe({list(self.steps)!r})"
+        return f"Recipe({list(self.steps)!r}, fine_tune={self.fine_tune!r})"
 
-    def to_list(self) -> list[dict]:
+    def to_data(self) -> list | dict:
         """The data form; each step lists only the options that differ from their defaults."""
-        return [{step.name: _changed_options(step)} for step in self.steps]
+        steps = [{step.name: _changed_options(step)} for step in self.steps]
+        if self.fine_tune is None:
+            return steps
+        return {"steps": steps, "fine_tune": _changed_options(self.fine_tune)}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_list(), indent=2)
+        return json.dumps(self.to_data(), indent=2)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_list(), sort_keys=False)
+        return yaml.safe_dump(self.to_data(), sort_keys=False)
 
     @classmethod
-    def from_list(cls, data) -> Recipe:
-        """From the data form: a list of `{technique: options}` or `{"steps": [...]}`."""
+    def from_data(cls, data) -> Recipe:
+        """From the data form: a list of `{technique: options}`, or a mapping
+        `{"steps": [...], "fine_tune": {...}}`."""
+        from kshrink.core.training import FineTune
+
+        fine_tune = None
         if isinstance(data, Mapping):
-            unknown = sorted(set(data) - {"steps"})
+            unknown = sorted(set(data) - {"steps", "fine_tune"})
             if unknown:
-                raise RecipeError(f"unknown recipe key {unknown[0]!r}. Allowed: steps")
+                raise RecipeError(
+                    f"unknown recipe key {unknown[0]!r}. Allowed: steps, fine_tune")
+            if "fine_tune" in data:
+                options = data["fine_tune"]
+                if options is not None and not isinstance(options, Mapping):
+                    raise RecipeError(f"fine_tune must be a mapping. Received: {options!r}")
+                fine_tune = FineTune.from_config(options)
             data = data.get("steps")
         if not isinstance(data, list):
             raise RecipeError(
@@ -93,19 +108,19 @@ class Recipe:
                     f"recipe step {i} ({name}): options must be a mapping. Received: {options!r}"
                 )
             steps.append(technique_class(str(name)).from_config(options))
-        return cls(steps)
+        return cls(steps, fine_tune)
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         try:
-            return cls.from_list(json.loads(text))
+            return cls.from_data(json.loads(text))
         except json.JSONDecodeError as e:
             raise RecipeError(f"recipe is not valid JSON: {e}") from None
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            return cls.from_list(yaml.safe_load(text))
+            return cls.from_data(yaml.safe_load(text))
         except yaml.YAMLError as e:
             detail = " ".join(str(e).split())
             raise RecipeError(f"recipe is not valid YAML: {detail}") from None
@@ -136,7 +151,7 @@ class Recipe:
             return cls.from_file(recipe)
         if isinstance(recipe, list) and all(isinstance(s, Technique) for s in recipe):
             return cls(recipe)
-        return cls.from_list(recipe)
+        return cls.from_data(recipe)
 
 
 def _stage_order() -> str:
@@ -146,6 +161,6 @@ def _stage_order() -> str:
     return " -> ".join(cls.name for cls in ordered)
 
 
-def _changed_options(step: Technique) -> dict:
-    defaults = type(step)().get_config()
-    return {k: v for k, v in step.get_config().items() if v != defaults[k]}
+def _changed_options(options) -> dict:
+    defaults = type(options)().get_config()
+    return {k: v for k, v in options.get_config().items() if v != defaults[k]}

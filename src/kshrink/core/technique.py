@@ -22,16 +22,13 @@ from kshrink.errors import RecipeError
 
 
 @dataclasses.dataclass(frozen=True)
-class Technique:
-    """Base class of technique configs.
+class Options:
+    """A frozen dataclass of options that round-trips through plain JSON/YAML data.
 
-    Subclasses are frozen dataclasses. `name` is set by `register_technique`; `stage` orders
-    techniques inside a recipe (a step may not follow a step of a later stage: quantization
-    comes last, clustering before it, and so on).
+    `name` prefixes every error message, so a user knows which part of a recipe is wrong.
     """
 
     name: ClassVar[str] = ""
-    stage: ClassVar[int] = 0
 
     def get_config(self) -> dict:
         """The options as plain JSON/YAML-friendly values."""
@@ -78,6 +75,18 @@ class Technique:
         return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class Technique(Options):
+    """Base class of technique configs.
+
+    Subclasses are frozen dataclasses. `name` is set by `register_technique`; `stage` orders
+    techniques inside a recipe (a step may not follow a step of a later stage: quantization
+    comes last, clustering before it, and so on).
+    """
+
+    stage: ClassVar[int] = 0
+
+
 def option(default, help: str):
     """A dataclass field with a help text, shown by `kshrink techniques`."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -89,6 +98,25 @@ def check_choice(technique: str, key: str, value, allowed) -> None:
             f"{technique}: {key} must be one of {', '.join(map(str, allowed))}. "
             f"Received: {key}={value!r}"
         )
+
+
+def check_range(technique: str, key: str, value, low: float, high: float,
+                high_open: bool = False, allow_none: bool = False) -> None:
+    """`low <= value <= high` (or `< high` if `high_open`); the message names the range."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
+        value < high if high_open else value <= high)
+    if not ok:
+        interval = f"[{low}, {high}{')' if high_open else ']'}"
+        raise RecipeError(
+            f"{technique}: {key} must be a number in {interval}. Received: {key}={value!r}"
+        )
+
+
+def check_bool(technique: str, key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{technique}: {key} must be true or false. Received: {key}={value!r}")
 
 
 def check_int(technique: str, key: str, value, low: int | None = None,
@@ -111,13 +139,18 @@ class StepContext:
         original: the model as the user passed it (read only).
         data: training/calibration data as `(x, y)` or None.
         validation_data: held-out `(x, y)` or None.
+        train_steps: optimizer steps the fine-tune phase of this step will run (None: no
+            fine-tuning), for techniques whose schedules span the training.
         results: per-layer outcomes the handler records with `applied`/`skipped`.
+        state: anything the handler carries from `prepare` to `finalize`.
     """
 
     original: keras.Model
     data: tuple | None = None
     validation_data: tuple | None = None
+    train_steps: int | None = None
     results: list[LayerResult] = dataclasses.field(default_factory=list)
+    state: dict = dataclasses.field(default_factory=dict)
 
     def applied(self, layer: keras.layers.Layer, detail: str) -> None:
         self.results.append(LayerResult(layer.name, type(layer).__name__, APPLIED, detail))
@@ -132,7 +165,14 @@ class Handler:
     `prepare` may wrap layers for training (masks, fake quantization); the shared fine-tune loop
     runs between the two; `finalize` must leave stock Keras layers or registered kshrink layers.
     Both get the working copy of the model and may modify it in place or return a new one.
+    `trains` says whether fine-tuning between them helps this technique.
     """
+
+    trains: bool = False
+
+    def callbacks(self, model: keras.Model, config: Technique, ctx: StepContext) -> list:
+        """Keras callbacks the fine-tune loop runs while this technique trains."""
+        return []
 
     def prepare(self, model: keras.Model, config: Technique, ctx: StepContext) -> keras.Model:
         return model

@@ -1,0 +1,156 @@
+"""The one fine-tune loop every technique shares: `model.fit` with the technique's callbacks,
+an optional teacher (the original model) through `keras.distillation.Distiller`, and early
+stopping on validation data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import copy_model
+from kshrink.core.technique import Options, check_bool, check_choice, check_int, check_range, option
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTune(Options):
+    """How `compress` trains between a technique's `prepare` and `finalize`.
+
+    Args:
+        epochs: passes over the training data for each technique that trains.
+        batch_size: examples per optimizer step.
+        learning_rate: initial learning rate.
+        optimizer: `"adam"`, `"adamw"` or `"sgd"` (with momentum 0.9).
+        lr_schedule: `"cosine"` (decay to 0 over the run) or `"constant"`.
+        loss: a Keras loss name, or `"auto"`: (sparse) categorical cross-entropy, from
+            logits unless the original model ends in a softmax.
+        distill: also learn from the original model's outputs (knowledge distillation).
+        temperature: softening temperature for distillation.
+        distill_weight: weight of the distillation loss; the label loss gets the rest.
+        early_stopping: stop after this many epochs without a better validation loss
+            (restoring the best weights); null for no early stopping.
+        verbose: show Keras' progress while training.
+
+    Example:
+
+    ```python
+    kshrink.compress(model, kshrink.Prune(sparsity=0.9), data=(x, y),
+                     fine_tune=kshrink.FineTune(epochs=3, distill=True))
+    ```
+    """
+
+    name = "fine_tune"
+
+    epochs: int = option(1, "passes over the training data per technique")
+    batch_size: int = option(128, "examples per step")
+    learning_rate: float = option(1e-3, "initial learning rate")
+    optimizer: str = option("adam", "adam, adamw or sgd")
+    lr_schedule: str = option("cosine", "cosine or constant")
+    loss: str = option("auto", "a Keras loss name, or auto")
+    distill: bool = option(False, "learn from the original model too")
+    temperature: float = option(4.0, "distillation temperature")
+    distill_weight: float = option(0.5, "weight of the distillation loss")
+    early_stopping: int | None = option(None, "patience in epochs on validation loss")
+    verbose: bool = option(True, "show training progress")
+
+    def __post_init__(self):
+        check_int(self.name, "epochs", self.epochs, low=1)
+        check_int(self.name, "batch_size", self.batch_size, low=1)
+        check_range(self.name, "learning_rate", self.learning_rate, 1e-9, 10.0)
+        check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(self.name, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_bool(self.name, "distill", self.distill)
+        check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
+        check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
+        check_int(self.name, "early_stopping", self.early_stopping, low=1, allow_none=True)
+        check_bool(self.name, "verbose", self.verbose)
+
+    def total_steps(self, examples: int) -> int:
+        return self.epochs * math.ceil(examples / self.batch_size)
+
+
+def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, *,
+              teacher: keras.Model | None = None, callbacks=()) -> keras.Model:
+    """Trains `model` in place with `config` and returns it.
+
+    Args:
+        model: the model to train (kshrink's working copy, possibly with wrapped layers).
+        config: the fine-tune options.
+        data: `(x, y)` training data.
+        validation_data: `(x, y)` for early stopping and progress, or None.
+        teacher: the original model; needed for `config.distill` and for `loss="auto"`.
+            It is copied, never trained.
+        callbacks: the technique's callbacks (e.g. the pruning schedule).
+    """
+    x, y = data
+    reference = teacher if teacher is not None else model
+    probabilities = _ends_in_softmax(reference)
+    steps = config.total_steps(len(x))
+    rate = (keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
+            if config.lr_schedule == "cosine" else config.learning_rate)
+    optimizer = {
+        "adam": lambda: keras.optimizers.Adam(rate),
+        "adamw": lambda: keras.optimizers.AdamW(rate),
+        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9),
+    }[config.optimizer]()
+    loss = _loss(config.loss, y, probabilities)
+    trainer = model
+    if config.distill:
+        if teacher is None:
+            raise ValueError("fine_tune: distill needs the original model as teacher")
+        frozen = copy_model(teacher)
+        trainer = keras.distillation.Distiller(
+            teacher=frozen, student=model,
+            distillation_losses=_OutputDistillation(config.temperature, probabilities),
+            student_loss_weight=1 - config.distill_weight,
+        )
+    trainer.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    all_callbacks = list(callbacks)
+    if config.early_stopping and validation_data is not None:
+        all_callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
+    verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
+    trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+                validation_data=validation_data, callbacks=all_callbacks, verbose=verbose)
+    return model
+
+
+def _ends_in_softmax(model: keras.Model) -> bool:
+    last = model.layers[-1]
+    while isinstance(last, keras.Model):
+        last = last.layers[-1]
+    last = getattr(last, "layer", last)  # look through wrappers
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    return getattr(last, "activation", None) is keras.activations.softmax
+
+
+def _loss(name: str, y, probabilities: bool):
+    if name != "auto":
+        return keras.losses.get(name)
+    y = np.asarray(y)
+    if y.ndim <= 1 or (y.ndim == 2 and y.shape[1] == 1):
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+    return keras.losses.CategoricalCrossentropy(from_logits=not probabilities)
+
+
+class _OutputDistillation(keras.distillation.LogitsDistillation):
+    """Logits distillation that also accepts softmax outputs (taking their logarithm, which
+    equals the logits up to a constant that softmax ignores)."""
+
+    def __init__(self, temperature: float, probabilities: bool):
+        super().__init__(temperature=temperature)
+        self._probabilities = probabilities
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        if self._probabilities:
+            teacher_outputs = keras.ops.log(keras.ops.clip(teacher_outputs, 1e-7, 1.0))
+            student_outputs = keras.ops.log(keras.ops.clip(student_outputs, 1e-7, 1.0))
+        return super().compute_loss(teacher_outputs, student_outputs, **kwargs)

@@ -1,0 +1,284 @@
+"""Magnitude pruning: the `prune` technique, its training callback, and wrap/strip helpers.
+
+Use it through `kshrink.compress` (the shared fine-tune loop runs the schedule), or in your own
+training loop:
+
+```python
+pruned = kshrink.prune.wrap(model, kshrink.Prune(sparsity=0.9, end_step=2000))
+pruned.compile(...)
+pruned.fit(x, y, callbacks=[kshrink.prune.PruningCallback(pruned)])
+model = kshrink.prune.strip(pruned)  # stock layers, zeros baked in, same layer names
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import copy_model, leaf_layers
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    StepContext,
+    Technique,
+    check_bool,
+    check_choice,
+    check_int,
+    check_range,
+    option,
+    register_technique,
+)
+from kshrink.errors import KshrinkError, RecipeError
+from kshrink.prune import masks as masklib
+from kshrink.prune.schedule import SCHEDULES, Schedule
+from kshrink.prune.wrapper import PruneWrapper, output_axis, prunable_weights
+
+SCOPES = ("layer", "global")
+DEFAULT_SPARSITY = 0.5
+
+
+class PruneHandler(Handler):
+    trains = True
+
+    def prepare(self, model, config: Prune, ctx: StepContext):
+        chosen = _choose_layers(model, config, ctx)
+        wrapped = wrap(model, config, layers=chosen, copy=False)
+        ctx.state["schedule"] = config.schedule_for(ctx.train_steps)
+        return wrapped
+
+    def callbacks(self, model, config: Prune, ctx: StepContext):
+        return [PruningCallback(model, config, schedule=ctx.state["schedule"])]
+
+    def finalize(self, model, config: Prune, ctx: StepContext):
+        stripped = strip(model, config)
+        for layer in leaf_layers(stripped):
+            if layer.name in ctx.state["pruned"]:
+                weights = [np.asarray(keras.ops.convert_to_numpy(w.value))
+                           for w in prunable_weights(layer)]
+                size = sum(w.size for w in weights)
+                zeros = sum(int(np.sum(w == 0)) for w in weights)
+                target = "global target" if config.scope == "global" else "target"
+                ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target} "
+                                   f"{config.target_sparsity:.3f}, {config.pattern})")
+        order = {name: i for i, name in enumerate(l.name for l in leaf_layers(stripped))}
+        ctx.results.sort(key=lambda r: order.get(r.layer, len(order)))
+        return stripped
+
+
+def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
+    candidates = list(leaf_layers(model))
+    if config.layers is not None:
+        candidates = config.layers.resolve(candidates)
+    excluded = set()
+    if config.exclude is not None:
+        excluded = {id(l) for l in config.exclude.resolve(leaf_layers(model))}
+    # The model's first and last prunable layers, kept dense unless the user chose layers.
+    ends = {}
+    everything = [l for l in leaf_layers(model) if prunable_weights(l)]
+    if config.skip_first_last and config.layers is None and len(everything) > 2:
+        ends = {id(everything[0]): "first", id(everything[-1]): "last"}
+    chosen = []
+    for layer in candidates:
+        if not layer.weights:
+            continue
+        if id(layer) in excluded:
+            ctx.skipped(layer, "excluded by the recipe")
+        elif not prunable_weights(layer):
+            reason = ("quantized layers are not pruned; prune before quantize"
+                      if getattr(layer, "quantization_mode", None)
+                      else f"{type(layer).__name__}: no prunable weights")
+            ctx.skipped(layer, reason)
+        elif id(layer) in ends:
+            ctx.skipped(layer, f"{ends[id(layer)]} prunable layer kept dense (skip_first_last)")
+        else:
+            for w in prunable_weights(layer):
+                masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axis(layer),
+                                   f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
+            chosen.append(layer)
+    if not chosen:
+        raise KshrinkError("prune: no layer left to prune after selection and exclusions")
+    ctx.state["pruned"] = {l.name for l in chosen}
+    return chosen
+
+
+def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -> keras.Model:
+    """A model whose chosen layers are `PruneWrapper`s (masks all ones, or at the target for
+    a one-shot schedule). The input model is copied first unless `copy=False`.
+
+    Args:
+        model: a Sequential or functional model.
+        config: the pruning options.
+        layers: the layers to wrap (default: every layer with prunable weights that
+            `config.layers`/`exclude`/`skip_first_last` allow).
+    """
+    if copy:
+        model = copy_model(model)
+    if layers is None:
+        layers = _choose_layers(model, config, StepContext(original=model))
+    ids = {id(l) for l in layers}
+    wrapped = keras.models.clone_model(
+        model, clone_function=lambda l: PruneWrapper(l) if id(l) in ids else l, recursive=True)
+    if config.schedule == "one_shot" or config.pattern_spec.is_n_of_m:
+        update_masks(_wrappers(wrapped), config.target_sparsity, config)
+    return wrapped
+
+
+def strip(model: keras.Model, config: Prune | None = None) -> keras.Model:
+    """Stock layers again: masks baked into the weights, wrappers removed, names unchanged.
+
+    With `config`, masks are first brought to its final sparsity, so the target is met even if
+    training stopped before the schedule ended.
+    """
+    wrappers = _wrappers(model)
+    if config is not None:
+        update_masks(wrappers, config.target_sparsity, config)
+    for wrapper in wrappers:
+        for weight, mask in zip(wrapper.pruned, wrapper.masks):
+            weight.assign(keras.ops.multiply(weight.value, mask.value))
+    return keras.models.clone_model(
+        model, clone_function=lambda l: l.layer if isinstance(l, PruneWrapper) else l,
+        recursive=True)
+
+
+def update_masks(wrappers, sparsity: float, config: Prune) -> None:
+    """Recomputes every mask at `sparsity` from current magnitudes and zeroes pruned weights."""
+    entries = [(w, mask, output_axis(wrapper.layer))
+               for wrapper in wrappers for w, mask in zip(wrapper.pruned, wrapper.masks)]
+    if not entries:
+        return
+    matrices = [masklib.as_matrix(keras.ops.convert_to_numpy(w.value), axis)
+                for w, _, axis in entries]
+    previous = [masklib.as_matrix(keras.ops.convert_to_numpy(m.value), axis)
+                for _, m, axis in entries]
+    new = masklib.magnitude_masks(matrices, previous, sparsity, config.pattern_spec,
+                                  config.scope, config.max_layer_sparsity)
+    for (w, mask, axis), matrix in zip(entries, new):
+        values = masklib.from_matrix(matrix, tuple(w.shape), axis)
+        mask.assign(values)
+        w.assign(keras.ops.convert_to_numpy(w.value) * values)
+
+
+def _wrappers(model) -> list[PruneWrapper]:
+    return [l for l in leaf_layers(model) if isinstance(l, PruneWrapper)]
+
+
+class PruningCallback(keras.callbacks.Callback):
+    """Updates the masks of a wrapped model on its schedule while `fit` runs.
+
+    Args:
+        model: the model returned by `wrap` (the one being trained, or a Distiller's student).
+        config: the pruning options (default: the ones `wrap` was given).
+        schedule: an explicit `Schedule` (default: `config.schedule_for(None)`).
+    """
+
+    def __init__(self, model: keras.Model, config: Prune | None = None,
+                 schedule: Schedule | None = None):
+        super().__init__()
+        self._wrappers = _wrappers(model)
+        if not self._wrappers:
+            raise KshrinkError("PruningCallback: the model has no pruned layers; "
+                               "wrap it with kshrink.prune.wrap first")
+        self._config = config or Prune()
+        self._schedule = schedule or self._config.schedule_for(None)
+        self.step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._schedule.updates_at(self.step):
+            # Touching self.model makes the JAX trainer write its training state back into
+            # the variables, and read them (with the new masks) before the next step.
+            _ = self.model
+            update_masks(self._wrappers, self._schedule.sparsity_at(self.step), self._config)
+        self.step += 1
+
+
+@register_technique("prune", handler=PruneHandler(), stage=30)
+@dataclasses.dataclass(frozen=True)
+class Prune(Technique):
+    """Magnitude pruning: zero the smallest weights, gradually while fine-tuning or at once.
+
+    Masks live in layer state during training and are baked into stock layers at the end;
+    the pruned `.keras` file loads with plain Keras and keeps every layer name.
+
+    By default the first and the last prunable layers are kept dense (`skip_first_last`):
+    they hold few of the weights (LeNet-5: 2%) but see the raw input and produce the
+    classes, so pruning them costs the most accuracy for the least saving.
+
+    Args:
+        sparsity: target fraction of zeros in [0, 1) (default 0.5); implied by an N:M pattern.
+        pattern: `"unstructured"`, a block `"RxC"` over (inputs x outputs), e.g. `"1x4"`, or
+            `"N:M"`, e.g. `"2:4"`: keep N of every M consecutive weights along the input axis.
+        scope: `"layer"` (every layer reaches the target) or `"global"` (one magnitude
+            threshold across the chosen layers; no layer above `max_layer_sparsity`).
+        schedule: `"polynomial"` (Zhu & Gupta: from `initial_sparsity` at `begin_step` to the
+            target at `end_step`), `"constant"` or `"one_shot"` (prune at once, then fine-tune).
+        initial_sparsity, begin_step, end_step, frequency: schedule settings; `end_step`
+            defaults to two thirds of the fine-tune steps.
+        max_layer_sparsity: the per-layer ceiling for global scope.
+        skip_first_last: keep the first and last prunable layers dense.
+        layers, exclude: selections of layers to consider / to leave alone.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(model, kshrink.Prune(sparsity=0.9, scope="global"),
+                                     data=(x, y), fine_tune=kshrink.FineTune(epochs=3))
+    ```
+    """
+
+    sparsity: float | None = option(None, "fraction of zeros in [0, 1); default 0.5")
+    pattern: str = option("unstructured", "unstructured, block RxC (e.g. 1x4) or N:M (e.g. 2:4)")
+    scope: str = option("layer", "layer or global")
+    schedule: str = option("polynomial", "polynomial, constant or one_shot")
+    initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step")
+    begin_step: int = option(0, "first step that prunes")
+    end_step: int | None = option(None, "step the target is reached (default: 2/3 of training)")
+    frequency: int = option(100, "steps between mask updates")
+    max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
+    skip_first_last: bool = option(True, "keep the first and last prunable layers dense")
+    layers: Select | None = option(None, "layers to consider (default: all prunable)")
+    exclude: Select | None = option(None, "layers to leave dense")
+
+    def __post_init__(self):
+        n = self.name
+        check_range(n, "sparsity", self.sparsity, 0.0, 1.0, high_open=True, allow_none=True)
+        pattern = masklib.Pattern.parse(self.pattern)
+        if pattern.is_n_of_m and self.sparsity is not None and not np.isclose(
+                self.sparsity, 1 - pattern.n / pattern.m):
+            raise RecipeError(
+                f"{n}: pattern {pattern} fixes sparsity at {1 - pattern.n / pattern.m:g}; leave "
+                f"sparsity out. Received: sparsity={self.sparsity!r}")
+        check_choice(n, "scope", self.scope, SCOPES)
+        check_choice(n, "schedule", self.schedule, SCHEDULES)
+        check_range(n, "initial_sparsity", self.initial_sparsity, 0.0, 1.0, high_open=True)
+        check_int(n, "begin_step", self.begin_step, low=0)
+        check_int(n, "end_step", self.end_step, low=0, allow_none=True)
+        if self.end_step is not None and self.end_step < self.begin_step:
+            raise RecipeError(
+                f"{n}: end_step must not come before begin_step ({self.begin_step}). "
+                f"Received: end_step={self.end_step}")
+        check_int(n, "frequency", self.frequency, low=1)
+        check_range(n, "max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0, high_open=True)
+        check_bool(n, "skip_first_last", self.skip_first_last)
+
+    @property
+    def pattern_spec(self) -> masklib.Pattern:
+        return masklib.Pattern.parse(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        spec = self.pattern_spec
+        if spec.is_n_of_m:
+            return 1 - spec.n / spec.m
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+
+    def schedule_for(self, train_steps: int | None) -> Schedule:
+        """The schedule over a fine-tune run of `train_steps` steps (None: unknown)."""
+        end = self.end_step
+        if end is None:
+            end = max(self.begin_step, (2 * train_steps) // 3) if train_steps else self.begin_step
+        kind = "one_shot" if self.pattern_spec.is_n_of_m else self.schedule
+        return Schedule(kind, self.target_sparsity, self.initial_sparsity, self.begin_step,
+                        end, self.frequency)

@@ -41,7 +41,8 @@ def ensure_supported(model) -> None:
 def copy_model(model: keras.Model) -> keras.Model:
     """An independent copy of `model`: same config, same weights, no shared variables."""
     ensure_supported(model)
-    copy = type(model).from_config(model.get_config())
+    # clone_model rebuilds each layer from its own class, so custom layers need no registration.
+    copy = keras.models.clone_model(model, recursive=True)
     copy.set_weights(model.get_weights())
     return copy
 

@@ -34,6 +34,7 @@ class FineTune(Options):
         distill: also learn from the original model's outputs (knowledge distillation).
         temperature: softening temperature for distillation.
         distill_weight: weight of the distillation loss; the label loss gets the rest.
+        shuffle: shuffle the training data every epoch.
         early_stopping: stop after this many epochs without a better validation loss
             (restoring the best weights); null for no early stopping.
         verbose: show Keras' progress while training.
@@ -57,6 +58,7 @@ class FineTune(Options):
     distill: bool = option(False, "learn from the original model too")
     temperature: float = option(4.0, "distillation temperature")
     distill_weight: float = option(0.5, "weight of the distillation loss")
+    shuffle: bool = option(True, "shuffle the training data every epoch")
     early_stopping: int | None = option(None, "patience in epochs on validation loss")
     verbose: bool = option(True, "show training progress")
 
@@ -69,6 +71,7 @@ class FineTune(Options):
         check_bool(self.name, "distill", self.distill)
         check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
         check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
+        check_bool(self.name, "shuffle", self.shuffle)
         check_int(self.name, "early_stopping", self.early_stopping, low=1, allow_none=True)
         check_bool(self.name, "verbose", self.verbose)
 
@@ -117,7 +120,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         all_callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
     verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
-    trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+    trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=config.shuffle,
                 validation_data=validation_data, callbacks=all_callbacks, verbose=verbose)
     return model
 

@@ -14,8 +14,8 @@ import keras
 PRUNABLE_ATTRIBUTES = {
     "SeparableConv1D": ("depthwise_kernel", "pointwise_kernel"),
     "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel"),
-    "DepthwiseConv1D": ("depthwise_kernel",),
-    "DepthwiseConv2D": ("depthwise_kernel",),
+    "DepthwiseConv1D": ("kernel",),
+    "DepthwiseConv2D": ("kernel",),
     "Embedding": ("embeddings",),
     "Dense": ("kernel",),
     "EinsumDense": ("kernel",),
@@ -83,6 +83,3 @@ class PruneWrapper(keras.layers.Wrapper):
             inputs, *args, **kwargs,
         )
         return outputs
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)

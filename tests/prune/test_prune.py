@@ -1,0 +1,192 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink import FineTune, Prune, Select
+from kshrink.errors import KshrinkError, RecipeError
+from kshrink.measure import evaluate, file_size
+from kshrink.prune import PruneWrapper, PruningCallback, prunable_weights, strip, wrap
+
+from conftest import small_cnn, weights_of
+
+
+def kernel_sparsity(layer):
+    values = np.concatenate([np.ravel(keras.ops.convert_to_numpy(w)) for w in prunable_weights(layer)])
+    return float(np.mean(values == 0))
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+def test_gradual_pruning_with_fine_tuning_keeps_accuracy(trained, digits, tmp_path):
+    base = evaluate(trained, *digits.test)["accuracy"]
+    small, report = kshrink.compress(trained, Prune(sparsity=0.8), data=digits.train,
+                                     fine_tune=FineTune(epochs=4, batch_size=32, verbose=False))
+    assert [r.layer for r in report.steps[0].applied] == ["conv2", "fc1"]
+    for name in ("conv2", "fc1"):
+        assert kernel_sparsity(small.get_layer(name)) == pytest.approx(0.8, abs=0.002)
+    assert kernel_sparsity(small.get_layer("conv1")) == 0  # first layer kept dense
+    assert evaluate(small, *digits.test)["accuracy"] >= base - 0.03
+    # stock layers, same names
+    assert [l.name for l in small.layers] == [l.name for l in trained.layers]
+    assert not any(isinstance(l, PruneWrapper) for l in small.layers)
+
+
+def test_pruned_file_loads_without_kshrink_and_deflates(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, name="a"),
+                              keras.layers.Dense(256, name="b"), keras.layers.Dense(256, name="c"),
+                              keras.layers.Dense(10, name="d")])
+    sparsity = 0.9
+    small, _ = kshrink.compress(model, Prune(sparsity=sparsity, skip_first_last=False))
+    dense_path, sparse_path = tmp_path / "dense.keras", tmp_path / "sparse.keras"
+    model.save(dense_path)
+    small.save(sparse_path)
+    assert file_size(sparse_path).deflated <= (1 - sparsity + 0.05) * file_size(dense_path).deflated
+    probe = ("import sys, keras, numpy as np; m = keras.saving.load_model(sys.argv[1]); "
+             "print(round(float(np.mean(np.asarray(m.get_layer('b').kernel) == 0)), 3), "
+             "'kshrink' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, sparse_path], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0.9", "False"]
+
+
+def test_global_scope_reaches_the_overall_target(trained):
+    small, report = kshrink.compress(trained, Prune(sparsity=0.7, scope="global"))
+    layers = [small.get_layer(n) for n in ("conv2", "fc1")]
+    sizes = [sum(int(np.prod(w.shape)) for w in prunable_weights(l)) for l in layers]
+    zeros = [kernel_sparsity(l) * s for l, s in zip(layers, sizes)]
+    assert sum(zeros) / sum(sizes) == pytest.approx(0.7, abs=0.002)
+    assert "global target 0.700" in report.steps[0].applied[0].detail
+
+
+def test_own_fit_loop_with_callback_updates_masks_during_training(digits):
+    model = small_cnn()
+    config = Prune(sparsity=0.6, begin_step=0, end_step=20, frequency=5)
+    pruned = wrap(model, config)
+    assert sum(isinstance(l, PruneWrapper) for l in pruned.layers) == 2
+    pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = PruningCallback(pruned, config)
+    pruned.fit(*digits.train, epochs=1, batch_size=32, callbacks=[callback], verbose=0)
+    assert callback.step == 44
+    # the masks reached the target during fit, before any strip
+    masks = [keras.ops.convert_to_numpy(m) for l in pruned.layers if isinstance(l, PruneWrapper)
+             for m in l.masks]
+    assert all(np.mean(m == 0) == pytest.approx(0.6, abs=0.01) for m in masks)
+    final = strip(pruned)
+    assert kernel_sparsity(final.get_layer("fc1")) == pytest.approx(0.6, abs=0.01)
+    x = digits.x_test[:16].astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(final(x)),
+                               keras.ops.convert_to_numpy(pruned(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (keras.layers.Dense(8), (6,)),
+    (keras.layers.EinsumDense("ab,bc->ac", output_shape=8, bias_axes="c"), (6,)),
+    (keras.layers.Conv1D(8, 3), (10, 4)),
+    (keras.layers.Conv2D(8, 3), (10, 10, 4)),
+    (keras.layers.Conv3D(8, 3), (6, 6, 6, 4)),
+    (keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (10, 10, 4)),
+    (keras.layers.SeparableConv2D(8, 3), (10, 10, 4)),
+    (keras.layers.Conv2DTranspose(8, 3), (10, 10, 4)),
+    (keras.layers.Embedding(50, 8), None),
+])
+def test_every_supported_layer_is_pruned(layer, shape):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), dtype="int32") if shape is None else keras.Input(shape)
+    model = keras.Model(inputs, layer(inputs))
+    small, report = kshrink.compress(model, Prune(sparsity=0.5, skip_first_last=False))
+    assert [r.layer for r in report.steps[0].applied] == [layer.name]
+    pruned = small.get_layer(layer.name)
+    for w in prunable_weights(pruned):
+        assert np.mean(keras.ops.convert_to_numpy(w) == 0) == pytest.approx(0.5, abs=0.05)
+    # biases are left alone
+    for w in pruned.weights:
+        if "bias" in w.name:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w),
+                                          keras.ops.convert_to_numpy(layer.bias))
+
+
+def test_custom_layer_opts_in(tmp_path):
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1],), initializer="random_normal")
+
+        def call(self, x):
+            return x * self.w
+
+        def get_prunable_weights(self):
+            return [self.w]
+
+    inputs = keras.Input((100,))
+    model = keras.Model(inputs, Scale(name="scale")(inputs))
+    small, report = kshrink.compress(model, Prune(sparsity=0.3, skip_first_last=False))
+    assert [r.layer for r in report.steps[0].applied] == ["scale"]
+    assert np.mean(keras.ops.convert_to_numpy(small.get_layer("scale").w) == 0) == 0.3
+
+
+def test_unprunable_layers_are_reported_not_failed(trained):
+    _, report = kshrink.compress(trained, Prune())
+    reasons = {r.layer: r.detail for r in report.steps[0].skipped}
+    assert reasons["bn1"] == "BatchNormalization: no prunable weights"
+    assert "first prunable layer" in reasons["conv1"] and "last" in reasons["fc2"]
+
+
+def test_block_pattern_that_does_not_divide_names_the_layer(trained):
+    with pytest.raises(RecipeError, match=r"block 1x3 does not divide layer 'conv2' .*72x8"):
+        kshrink.compress(trained, Prune(sparsity=0.5, pattern="1x3"))
+
+
+def test_distillation_uses_the_original_as_teacher(trained, digits):
+    base = evaluate(trained, *digits.test)["accuracy"]
+    before = weights_of(trained)
+    small, _ = kshrink.compress(
+        trained, Prune(sparsity=0.7), data=digits.train,
+        fine_tune=FineTune(epochs=3, batch_size=32, distill=True, temperature=2.0,
+                           verbose=False))
+    assert evaluate(small, *digits.test)["accuracy"] >= base - 0.05
+    for a, b in zip(before, weights_of(trained)):
+        np.testing.assert_array_equal(a, b)  # the teacher was copied, never trained
+
+
+def test_fine_tune_needs_data(trained):
+    with pytest.raises(KshrinkError, match="fine-tuning needs training data"):
+        kshrink.compress(trained, Prune(), fine_tune=FineTune())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sparsity": 1.0}, r"sparsity must be a number in \[0.0, 1.0\). Received: sparsity=1.0"),
+    ({"sparsity": -0.1}, r"sparsity must be a number in \[0.0, 1.0\)"),
+    ({"pattern": "4:4"}, "pattern N:M needs 0 < N < M"),
+    ({"pattern": "2:4", "sparsity": 0.9}, "fixes sparsity at 0.5"),
+    ({"begin_step": 100, "end_step": 50}, "end_step must not come before begin_step"),
+    ({"scope": "model"}, "scope must be one of layer, global"),
+    ({"frequency": 0}, "frequency must be an integer >= 1"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(RecipeError, match=message):
+        Prune.from_config(options)
+
+
+def test_recipe_with_fine_tune_round_trips():
+    text = ("steps:\n  - prune: {sparsity: 0.9, scope: global}\n  - quantize: {mode: int8}\n"
+            "fine_tune: {epochs: 2, distill: true}\n")
+    recipe = kshrink.Recipe.from_yaml(text)
+    assert recipe.fine_tune == FineTune(epochs=2, distill=True)
+    assert recipe.steps[0] == Prune(sparsity=0.9, scope="global")
+    assert kshrink.Recipe.from_yaml(recipe.to_yaml()) == recipe
+    with pytest.raises(RecipeError, match="'prune' cannot come after 'quantize'"):
+        kshrink.Recipe.from_yaml("- quantize: {}\n- prune: {}\n")
+    with pytest.raises(RecipeError, match="fine_tune: unknown option 'epoch'"):
+        kshrink.Recipe.from_yaml("steps: [prune]\nfine_tune: {epoch: 2}\n")

@@ -72,12 +72,47 @@ def quantize_section(data):
     ])
 
 
+def prune_section(data):
+    variants = []
+    cells = {}
+    meta = {}
+    for r in data["rows"]:
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+        key = (r["model"], r["target_sparsity"])
+        cells[key, r["variant"]] = r
+        meta.setdefault(r["model"], r)
+    rows = []
+    for (model, sparsity) in dict.fromkeys(k for k, _ in cells):
+        line = [model, f"{sparsity:.0%}"]
+        for variant in variants:
+            r = cells.get(((model, sparsity), variant))
+            line.append(f"{r['test_error_pct']:.2f}%" if r else "-")
+        ratio = cells.get(((model, sparsity), "kshrink global"), {}).get("deflated_size_vs_float")
+        line.append(f"{ratio:.3f}" if ratio else "-")
+        rows.append(line)
+    baselines = ", ".join(f"{m} {r['baseline_error_pct']:.2f}% ({r['fine_tune_epochs']} "
+                          "fine-tune epochs)" for m, r in meta.items())
+    return "\n\n".join([
+        "## Magnitude pruning: sparsity vs test error, kshrink and tfmot side by side",
+        "`benchmarks/prune_lenet.py`: every run starts from the same baseline weights and "
+        "fine-tunes for the same epochs (batch 128, Adam 1e-3 with cosine decay, polynomial "
+        "schedule reaching the target at two thirds of training, every layer pruned). Sparsity "
+        "is the fraction of zero weights over all Dense/Conv kernels. tfmot runs with tf_keras "
+        "in its own virtual environment. Baseline error: " + baselines + ".",
+        table(["model", "sparsity"] + [f"error: {v}" for v in variants]
+              + ["deflated .keras vs float (kshrink global)"], rows),
+        environment_line(data["environment"]),
+    ])
+
+
 def main():
     sections = ["# Benchmarks",
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
                 "`benchmarks/results/`; rerun a script, then `benchmarks/make_report.py`."]
     for name, render in (("zoo_baselines", zoo_section),
-                         ("quantize_keras_native", quantize_section)):
+                         ("quantize_keras_native", quantize_section),
+                         ("prune_lenet", prune_section)):
         data = load(name)
         if data is not None:
             sections.append(render(data))

@@ -73,6 +73,8 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
     unknown.write_text("- quantise: {mode: int8}\n")
     bad_option = tmp_path / "bad.yaml"
     bad_option.write_text("- quantize: {mode: int3}\n")
+    fine_tunes = tmp_path / "ft.yaml"
+    fine_tunes.write_text("steps: [prune]\nfine_tune: {epochs: 1}\n")
     out = tmp_path / "out.keras"
     return {
         "missing file": (["compress", tmp_path / "nope.keras", "--recipe", int8_recipe, "-o", out],
@@ -96,6 +98,8 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
         "missing recipe": (["compress", lenet, "--recipe", tmp_path / "none.yaml", "-o", out],
                            "recipe file not found"),
         "unknown dataset": (["measure", lenet, "--data", "cifar"], "unknown dataset 'cifar'"),
+        "fine-tune without data": (["compress", lenet, "--recipe", fine_tunes, "-o", out],
+                                   "needs --data"),
         "bad flag": (["compress", lenet], "required"),
     }
 
@@ -103,7 +107,7 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
 @pytest.mark.parametrize("case", [
     "missing file", "not a keras file", "corrupt zip", "zip without config", "unknown technique",
     "bad option", "data shape", "overwrite input", "bad output suffix", "missing recipe",
-    "unknown dataset", "bad flag",
+    "unknown dataset", "fine-tune without data", "bad flag",
 ])
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, lenet, int8_recipe,
                                                              capsys):

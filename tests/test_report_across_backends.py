@@ -5,9 +5,15 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
+import pytest
 
 from conftest import small_cnn
+
+# It starts every backend itself, so one run (from the TensorFlow suite) is enough.
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="spawns all three backends itself")
 
 SCRIPT = """
 import json, sys

@@ -107,13 +107,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _compress(args) -> int:
     from kshrink import Recipe, compress
-    from kshrink.errors import ModelFileError
+    from kshrink.errors import KshrinkError, ModelFileError
     from kshrink.io import load_model_file, save_model_atomic
     from kshrink.measure import evaluate
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
     recipe = Recipe.from_file(args.recipe)
+    if recipe.fine_tune is not None and not args.data:
+        raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
     model = load_model_file(source)
     data = _data(args.data, model) if args.data else None
     with _status("compressing"):

@@ -6,6 +6,13 @@ import os
 import subprocess
 import sys
 
+import keras
+import pytest
+
+# It starts every backend itself, so one run (from the TensorFlow suite) is enough.
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="spawns all three backends itself")
+
 SCRIPT = """
 import json
 import keras, numpy as np, kshrink

@@ -21,6 +21,7 @@ def test_resnet_has_residual_adds_batchnorm_and_global_pooling():
 def test_pretrained_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KSHRINK_CACHE_DIR", str(tmp_path))
     model = zoo.pretrained("lenet_300_100", epochs=1, verbose=False)
+    assert not model.compiled  # an inference model: no optimizer state in the cached file
     cached = list((tmp_path / "zoo").glob("lenet_300_100-*.keras"))
     assert len(cached) == 1
     again = zoo.pretrained("lenet_300_100", epochs=1, verbose=False)

@@ -39,12 +39,25 @@ def ensure_supported(model) -> None:
 
 
 def copy_model(model: keras.Model) -> keras.Model:
-    """An independent copy of `model`: same config, same weights, no shared variables."""
+    """An independent, uncompiled copy of `model`: same config and weights, no shared variables.
+
+    Uncompiled on purpose: a compressed model is for inference and saving, and a compiled one
+    would carry the original's optimizer into its file.
+    """
     ensure_supported(model)
-    # clone_model rebuilds each layer from its own class, so custom layers need no registration.
-    copy = keras.models.clone_model(model, recursive=True)
+    # The classes in use resolve by name, so custom layers need no registration.
+    classes = {type(layer).__name__: type(layer) for layer in _all_layers(model)}
+    with keras.saving.CustomObjectScope(classes):
+        copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:

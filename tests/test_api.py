@@ -100,14 +100,15 @@ def test_subclassed_and_unbuilt_models_are_refused():
         kshrink.compress("model.keras", Quantize())
 
 
-def test_compressed_model_is_uncompiled_and_carries_no_optimizer(mlp, digits, tmp_path):
-    mlp.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    mlp.fit(*digits.train, epochs=1, verbose=0)  # builds Adam's slots: 2 more copies of weights
-    small, _ = kshrink.compress(mlp, Quantize(layers=Select(names=("fc2",))))
+def test_compressed_model_is_uncompiled_and_carries_no_optimizer(digits, tmp_path):
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
+                              keras.layers.Dense(256, name="fc1"), keras.layers.Dense(10, name="fc2")])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=1, verbose=0)  # builds Adam's slots: 2 more weight copies
+    small, _ = kshrink.compress(model, Quantize(layers=Select(names=("fc2",))))
     assert not small.compiled
     trained_path, small_path = tmp_path / "trained.keras", tmp_path / "small.keras"
-    mlp.save(trained_path)
+    model.save(trained_path)
     small.save(small_path)
-    weight_bytes = 4 * mlp.count_params()
-    assert trained_path.stat().st_size > 2.5 * weight_bytes
-    assert small_path.stat().st_size < 1.1 * weight_bytes
+    weights, overhead = 4 * model.count_params(), 20_000  # config, HDF5 structure
+    assert small_path.stat().st_size < weights + overhead < trained_path.stat().st_size

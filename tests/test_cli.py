@@ -141,3 +141,5 @@ def test_techniques_lists_options(capsys):
     code, out, _ = run_cli(capsys, "techniques")
     assert code == 0
     assert "quantize" in out and "mode: str = 'int8'" in out
+    assert "prune" in out and "pattern: str = 'unstructured'" in out
+    assert "fine_tune  (recipe key)" in out and "distill: bool = False" in out

@@ -11,29 +11,47 @@ print(report)
 data = kshrink.datasets.load("mnist")
 print(kshrink.measure.compare(model, small, data.test))
 ```
+
+Names are imported on first use, so `import kshrink` stays cheap until Keras is needed (the
+command line starts Keras itself, quietly).
 """
 
-from kshrink import datasets, measure, prune, zoo
-from kshrink.api import compress
-from kshrink.core.recipe import Recipe
-from kshrink.core.report import CompressionReport, LayerResult, StepReport
-from kshrink.core.select import Select
-from kshrink.core.training import FineTune
-from kshrink.core.technique import (
-    Handler,
-    StepContext,
-    Technique,
-    register_technique,
-    registered_techniques,
-)
-from kshrink.errors import KshrinkError
-from kshrink.prune import Prune
-from kshrink.quantize import Quantize
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompressionReport", "FineTune", "Handler", "KshrinkError", "LayerResult", "Prune",
-    "Quantize", "Recipe", "Select", "StepContext", "StepReport", "Technique", "compress",
-    "datasets", "measure", "prune", "register_technique", "registered_techniques", "zoo",
-]
+_EXPORTS = {
+    "compress": "kshrink.api",
+    "Recipe": "kshrink.core.recipe",
+    "CompressionReport": "kshrink.core.report",
+    "LayerResult": "kshrink.core.report",
+    "StepReport": "kshrink.core.report",
+    "Select": "kshrink.core.select",
+    "Handler": "kshrink.core.technique",
+    "StepContext": "kshrink.core.technique",
+    "Technique": "kshrink.core.technique",
+    "register_technique": "kshrink.core.technique",
+    "registered_techniques": "kshrink.core.technique",
+    "FineTune": "kshrink.core.training",
+    "KshrinkError": "kshrink.errors",
+    "Prune": "kshrink.prune",
+    "Quantize": "kshrink.quantize",
+}
+_SUBMODULES = ("datasets", "measure", "prune", "quantize", "zoo")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"kshrink.{name}")
+    else:
+        raise AttributeError(f"module 'kshrink' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -10,6 +10,7 @@ file can only ever name registered techniques.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -186,6 +187,13 @@ class Handler:
 
 _BY_NAME: dict[str, type[Technique]] = {}
 _HANDLERS: dict[type[Technique], Handler] = {}
+# kshrink's own techniques register when their modules are imported; lookups import them first.
+_BUILTIN_MODULES = ("kshrink.prune", "kshrink.quantize")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register_technique(name: str, handler: Handler, stage: int):
@@ -204,6 +212,7 @@ def register_technique(name: str, handler: Handler, stage: int):
 
 
 def technique_class(name: str) -> type[Technique]:
+    _load_builtins()
     try:
         return _BY_NAME[name]
     except KeyError:
@@ -213,6 +222,7 @@ def technique_class(name: str) -> type[Technique]:
 
 
 def handler_for(config: Technique) -> Handler:
+    _load_builtins()
     try:
         return _HANDLERS[type(config)]
     except KeyError:
@@ -223,6 +233,7 @@ def handler_for(config: Technique) -> Handler:
 
 def registered_techniques() -> list[type[Technique]]:
     """Every registered technique config class, sorted by name."""
+    _load_builtins()
     return [_BY_NAME[name] for name in sorted(_BY_NAME)]
 
 

@@ -97,6 +97,8 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
                               "output must end in .keras"),
         "missing recipe": (["compress", lenet, "--recipe", tmp_path / "none.yaml", "-o", out],
                            "recipe file not found"),
+        "missing output dir": (["compress", lenet, "--recipe", int8_recipe, "-o",
+                                tmp_path / "no" / "out.keras"], "output directory does not exist"),
         "unknown dataset": (["measure", lenet, "--data", "cifar"], "unknown dataset 'cifar'"),
         "fine-tune without data": (["compress", lenet, "--recipe", fine_tunes, "-o", out],
                                    "needs --data"),
@@ -107,6 +109,7 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
 @pytest.mark.parametrize("case", [
     "missing file", "not a keras file", "corrupt zip", "zip without config", "unknown technique",
     "bad option", "data shape", "overwrite input", "bad output suffix", "missing recipe",
+    "missing output dir",
     "unknown dataset", "fine-tune without data", "bad flag",
 ])
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, lenet, int8_recipe,

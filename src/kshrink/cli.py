@@ -45,19 +45,19 @@ def main(argv=None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return EXIT_BAD_INPUT
-        _start_backend_quietly()
-        from kshrink.errors import KshrinkError
-
-        try:
-            return args.run(args) or 0
-        except KshrinkError as e:
-            print(f"kshrink: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    _start_backend_quietly()
+    from kshrink.errors import KshrinkError
+
+    try:
+        return args.run(args) or 0
+    except KshrinkError as e:
+        print(f"kshrink: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kshrink: interrupted", file=sys.stderr)
@@ -116,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _compress(args) -> int:
     from kshrink import Recipe, compress
-    from kshrink.errors import KshrinkError, ModelFileError
+    from kshrink.errors import KshrinkError
     from kshrink.io import load_model_file, save_model_atomic
     from kshrink.measure import evaluate
 
@@ -130,8 +130,6 @@ def _compress(args) -> int:
     # No spinner here: fine-tuning shows Keras' own progress.
     small, report = compress(model, recipe, data=data and data.train,
                              validation_data=data and data.test)
-    if not target.parent.is_dir():
-        raise ModelFileError(f"output directory does not exist: {target.parent}")
     save_model_atomic(small, target)
     if args.format == "json":
         print(report.to_json())
@@ -193,12 +191,12 @@ def _demo(args) -> int:
     recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.from_yaml(DEMO_RECIPE)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print("kshrink demo: LeNet-300-100 on MNIST\n")
+    print("kshrink demo: LeNet-300-100 on MNIST, compressed with this recipe:\n")
+    print(recipe.to_yaml())
     model = zoo.pretrained("lenet_300_100")
     data = datasets.load("mnist")
     small, report = compress(model, recipe, data=data.train, validation_data=data.test)
-    print("recipe:\n" + recipe.to_yaml())
-    print(report.to_text() + "\n")
+    print("\n" + report.to_text() + "\n")
     original_path = save_model_atomic(model, out / "original.keras")
     compressed_path = save_model_atomic(small, out / "compressed.keras")
     with _status("measuring") as status:
@@ -218,6 +216,8 @@ def _check_output(target: Path, source: Path) -> None:
     if target.resolve() == source.resolve() or (
             target.exists() and source.exists() and target.samefile(source)):
         raise ModelFileError(f"output {target} would overwrite the input; choose another path")
+    if not target.parent.is_dir():
+        raise ModelFileError(f"output directory does not exist: {target.parent}")
 
 
 def _data(spec: str, model):

@@ -190,3 +190,18 @@ def test_recipe_with_fine_tune_round_trips():
         kshrink.Recipe.from_yaml("- quantize: {}\n- prune: {}\n")
     with pytest.raises(RecipeError, match="fine_tune: unknown option 'epoch'"):
         kshrink.Recipe.from_yaml("steps: [prune]\nfine_tune: {epoch: 2}\n")
+
+
+def test_nested_models_are_pruned_and_rebuilt_with_their_names():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, name="inner_a"),
+                              keras.layers.Dense(64, name="inner_b")], name="block")
+    inputs = keras.Input((32,))
+    outputs = keras.layers.Dense(4, name="head")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    small, report = kshrink.compress(model, Prune(sparsity=0.5, skip_first_last=False))
+    assert [r.layer for r in report.steps[0].applied] == ["inner_a", "inner_b", "head"]
+    nested = small.get_layer("block")
+    assert isinstance(nested, keras.Sequential)
+    assert kernel_sparsity(nested.get_layer("inner_b")) == 0.5
+    assert not any(isinstance(l, PruneWrapper) for l in nested.layers)

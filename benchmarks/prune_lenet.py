@@ -18,7 +18,7 @@ from peers import run as run_peer
 
 import kshrink
 from kshrink.measure import evaluate, file_size
-from kshrink.prune import prunable_weights
+from kshrink.core.kernels import kernel_weights
 
 PLAN = {  # model: (sparsities, fine-tune epochs)
     "lenet_300_100": ((0.8, 0.9, 0.92, 0.95, 0.97), 10),
@@ -28,7 +28,7 @@ BATCH, LR, SEED = 128, 1e-3, 0
 
 
 def weight_sparsity(model) -> float:
-    kernels = [np.asarray(w) for layer in model.layers for w in prunable_weights(layer)]
+    kernels = [np.asarray(w) for layer in model.layers for w in kernel_weights(layer)]
     return sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
 
 

@@ -10,13 +10,14 @@ import kshrink
 from kshrink import FineTune, Prune, Select
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.measure import evaluate, file_size
-from kshrink.prune import PruneWrapper, PruningCallback, prunable_weights, strip, wrap
+from kshrink.core.kernels import kernel_weights
+from kshrink.prune import PruneWrapper, PruningCallback, strip, wrap
 
 from conftest import small_cnn, weights_of
 
 
 def kernel_sparsity(layer):
-    values = np.concatenate([np.ravel(keras.ops.convert_to_numpy(w)) for w in prunable_weights(layer)])
+    values = np.concatenate([np.ravel(keras.ops.convert_to_numpy(w)) for w in kernel_weights(layer)])
     return float(np.mean(values == 0))
 
 
@@ -65,7 +66,7 @@ def test_pruned_file_loads_without_kshrink_and_deflates(tmp_path):
 def test_global_scope_reaches_the_overall_target(trained):
     small, report = kshrink.compress(trained, Prune(sparsity=0.7, scope="global"))
     layers = [small.get_layer(n) for n in ("conv2", "fc1")]
-    sizes = [sum(int(np.prod(w.shape)) for w in prunable_weights(l)) for l in layers]
+    sizes = [sum(int(np.prod(w.shape)) for w in kernel_weights(l)) for l in layers]
     zeros = [kernel_sparsity(l) * s for l, s in zip(layers, sizes)]
     assert sum(zeros) / sum(sizes) == pytest.approx(0.7, abs=0.002)
     assert "global target 0.700" in report.steps[0].applied[0].detail
@@ -109,7 +110,7 @@ def test_every_supported_layer_is_pruned(layer, shape):
     small, report = kshrink.compress(model, Prune(sparsity=0.5, skip_first_last=False))
     assert [r.layer for r in report.steps[0].applied] == [layer.name]
     pruned = small.get_layer(layer.name)
-    for w in prunable_weights(pruned):
+    for w in kernel_weights(pruned):
         assert np.mean(keras.ops.convert_to_numpy(w) == 0) == pytest.approx(0.5, abs=0.05)
     # biases are left alone
     for w in pruned.weights:

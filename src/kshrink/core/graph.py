@@ -70,3 +70,11 @@ def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
             yield from leaf_layers(layer)
         elif not isinstance(layer, keras.layers.InputLayer):
             yield layer
+
+
+def replace_layers(model: keras.Model, replace) -> keras.Model:
+    """The same graph with each layer `l` (nested models included) replaced by `replace(l)`.
+
+    `replace` may return the layer itself, which is then shared, weights and all.
+    """
+    return keras.models.clone_model(model, clone_function=replace, recursive=True)

@@ -3,7 +3,7 @@
 from kshrink.prune.magnitude import Prune, PruningCallback, strip, update_masks, wrap
 from kshrink.prune.masks import Pattern
 from kshrink.prune.schedule import Schedule
-from kshrink.prune.wrapper import PruneWrapper, prunable_weights
+from kshrink.prune.wrapper import PruneWrapper
 
 __all__ = ["Pattern", "Prune", "PruneWrapper", "PruningCallback", "Schedule",
-           "prunable_weights", "strip", "update_masks", "wrap"]
+           "strip", "update_masks", "wrap"]

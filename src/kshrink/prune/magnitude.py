@@ -18,7 +18,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from kshrink.core.graph import copy_model, leaf_layers
+from kshrink.core.graph import copy_model, leaf_layers, replace_layers
+from kshrink.core.kernels import kernel_weights, output_axis
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -34,7 +35,7 @@ from kshrink.core.technique import (
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.prune import masks as masklib
 from kshrink.prune.schedule import SCHEDULES, Schedule
-from kshrink.prune.wrapper import PruneWrapper, output_axis, prunable_weights
+from kshrink.prune.wrapper import PruneWrapper
 
 SCOPES = ("layer", "global")
 DEFAULT_SPARSITY = 0.5
@@ -57,7 +58,7 @@ class PruneHandler(Handler):
         for layer in leaf_layers(stripped):
             if layer.name in ctx.state["pruned"]:
                 weights = [np.asarray(keras.ops.convert_to_numpy(w.value))
-                           for w in prunable_weights(layer)]
+                           for w in kernel_weights(layer)]
                 size = sum(w.size for w in weights)
                 zeros = sum(int(np.sum(w == 0)) for w in weights)
                 target = "global target" if config.scope == "global" else "target"
@@ -77,7 +78,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
         excluded = {id(l) for l in config.exclude.resolve(leaf_layers(model))}
     # The model's first and last prunable layers, kept dense unless the user chose layers.
     ends = {}
-    everything = [l for l in leaf_layers(model) if prunable_weights(l)]
+    everything = [l for l in leaf_layers(model) if kernel_weights(l)]
     if config.skip_first_last and config.layers is None and len(everything) > 2:
         ends = {id(everything[0]): "first", id(everything[-1]): "last"}
     chosen = []
@@ -86,7 +87,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
             continue
         if id(layer) in excluded:
             ctx.skipped(layer, "excluded by the recipe")
-        elif not prunable_weights(layer):
+        elif not kernel_weights(layer):
             reason = ("quantized layers are not pruned; prune before quantize"
                       if getattr(layer, "quantization_mode", None)
                       else f"{type(layer).__name__}: no prunable weights")
@@ -94,7 +95,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
         elif id(layer) in ends:
             ctx.skipped(layer, f"{ends[id(layer)]} prunable layer kept dense (skip_first_last)")
         else:
-            for w in prunable_weights(layer):
+            for w in kernel_weights(layer):
                 masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axis(layer),
                                    f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
             chosen.append(layer)
@@ -119,8 +120,7 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
     if layers is None:
         layers = _choose_layers(model, config, StepContext(original=model))
     ids = {id(l) for l in layers}
-    wrapped = keras.models.clone_model(
-        model, clone_function=lambda l: PruneWrapper(l) if id(l) in ids else l, recursive=True)
+    wrapped = replace_layers(model, lambda l: PruneWrapper(l) if id(l) in ids else l)
     if config.schedule == "one_shot" or config.pattern_spec.is_n_of_m:
         update_masks(_wrappers(wrapped), config.target_sparsity, config)
     return wrapped
@@ -139,9 +139,7 @@ def strip(model: keras.Model, config: Prune | None = None) -> keras.Model:
         for weight, mask in zip(wrapper.pruned, wrapper.masks):
             weight.assign(_apply(keras.ops.convert_to_numpy(weight.value),
                                  keras.ops.convert_to_numpy(mask.value)))
-    return keras.models.clone_model(
-        model, clone_function=lambda l: l.layer if isinstance(l, PruneWrapper) else l,
-        recursive=True)
+    return replace_layers(model, lambda l: l.layer if isinstance(l, PruneWrapper) else l)
 
 
 def update_masks(wrappers, sparsity: float, config: Prune) -> None:

@@ -34,10 +34,11 @@ _EXPORTS = {
     "registered_techniques": "kshrink.core.technique",
     "FineTune": "kshrink.core.training",
     "KshrinkError": "kshrink.errors",
+    "Cluster": "kshrink.cluster",
     "Prune": "kshrink.prune",
     "Quantize": "kshrink.quantize",
 }
-_SUBMODULES = ("datasets", "measure", "prune", "quantize", "zoo")
+_SUBMODULES = ("cluster", "datasets", "measure", "prune", "quantize", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

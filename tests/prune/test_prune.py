@@ -8,9 +8,9 @@ import pytest
 
 import kshrink
 from kshrink import FineTune, Prune, Select
+from kshrink.core.kernels import kernel_weights
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.measure import evaluate, file_size
-from kshrink.core.kernels import kernel_weights
 from kshrink.prune import PruneWrapper, PruningCallback, strip, wrap
 
 from conftest import small_cnn, weights_of

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import keras
 
+from kshrink.core.graph import leaf_layers
 from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.select import Select
 from kshrink.errors import RecipeError
@@ -121,11 +122,15 @@ def check_bool(technique: str, key: str, value) -> None:
 
 
 def check_int(technique: str, key: str, value, low: int | None = None,
-              allow_none: bool = False) -> None:
+              high: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        bound = f"an integer >= {low}" if low is not None else "an integer"
+    if (not isinstance(value, int) or isinstance(value, bool)
+            or (low is not None and value < low) or (high is not None and value > high)):
+        if high is not None:
+            bound = f"an integer in [{low}, {high}]"
+        else:
+            bound = f"an integer >= {low}" if low is not None else "an integer"
         raise RecipeError(
             f"{technique}: {key} must be {bound}{' or null' if allow_none else ''}. "
             f"Received: {key}={value!r}"
@@ -159,6 +164,11 @@ class StepContext:
     def skipped(self, layer: keras.layers.Layer, reason: str) -> None:
         self.results.append(LayerResult(layer.name, type(layer).__name__, SKIPPED, reason))
 
+    def sort_results(self, model: keras.Model) -> None:
+        """Orders the recorded results as the layers stand in `model`."""
+        order = {layer.name: i for i, layer in enumerate(leaf_layers(model))}
+        self.results.sort(key=lambda r: order.get(r.layer, len(order)))
+
 
 class Handler:
     """How a technique is applied. Override `prepare` and/or `finalize`.
@@ -188,7 +198,7 @@ class Handler:
 _BY_NAME: dict[str, type[Technique]] = {}
 _HANDLERS: dict[type[Technique], Handler] = {}
 # kshrink's own techniques register when their modules are imported; lookups import them first.
-_BUILTIN_MODULES = ("kshrink.prune", "kshrink.quantize")
+_BUILTIN_MODULES = ("kshrink.cluster", "kshrink.prune", "kshrink.quantize")
 
 
 def _load_builtins() -> None:

@@ -64,8 +64,7 @@ class PruneHandler(Handler):
                 target = "global target" if config.scope == "global" else "target"
                 ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target} "
                                    f"{config.target_sparsity:.3f}, {config.pattern})")
-        order = {name: i for i, name in enumerate(l.name for l in leaf_layers(stripped))}
-        ctx.results.sort(key=lambda r: order.get(r.layer, len(order)))
+        ctx.sort_results(stripped)
         return stripped
 
 

@@ -1,0 +1,6 @@
+"""Weight sharing (clustering): k-means centroids, trained during fine-tuning."""
+
+from kshrink.cluster.kmeans import kmeans_1d
+from kshrink.cluster.sharing import Cluster, ClusterWrapper
+
+__all__ = ["Cluster", "ClusterWrapper", "kmeans_1d"]

@@ -1,0 +1,203 @@
+"""Weight sharing: the `cluster` technique (k-means over each kernel's values).
+
+After clustering a kernel holds only its centroid values (one set per layer, or per output
+channel), which the compact file stores as a small codebook plus short indices. During
+fine-tuning the centroids are the trainable parameters: each weight reads its centroid, so the
+gradients of all weights of a cluster add up on that centroid (Deep Compression's trained
+quantization). Zeros left by pruning stay zero and take no cluster (`preserve_sparsity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.cluster.kmeans import INITS, kmeans_1d
+from kshrink.core.graph import leaf_layers, replace_layers
+from kshrink.core.kernels import kernel_weights, output_axis
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    StepContext,
+    Technique,
+    check_bool,
+    check_choice,
+    check_int,
+    option,
+    register_technique,
+)
+from kshrink.core.wrapping import SubstituteWrapper
+from kshrink.errors import KshrinkError
+from kshrink.prune.masks import as_matrix, from_matrix
+
+GRANULARITIES = ("layer", "channel")
+
+
+@keras.saving.register_keras_serializable(package="kshrink")
+class ClusterWrapper(SubstituteWrapper):
+    """Wraps a layer whose kernels read their values from trainable centroids.
+
+    Per kernel: `centroids` (groups x clusters, trainable), `assignment` (the flat centroid
+    index of every weight) and `keep` (0 where a weight is held at zero).
+    """
+
+    def __init__(self, layer, clusters: int = 16, groups: tuple = (), **kwargs):
+        kwargs.setdefault("name", f"cluster_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.clusters = clusters
+        self.groups = tuple(groups)
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.kernels = kernel_weights(self.layer)
+        groups = self.groups or (1,) * len(self.kernels)
+        self.centroids, self.assignment, self.keep = [], [], []
+        for kernel, count in zip(self.kernels, groups):
+            self.centroids.append(self.add_weight(
+                shape=(count, self.clusters), initializer="zeros", name=f"{kernel.name}_centroids",
+                dtype=kernel.dtype))
+            self.assignment.append(self.add_weight(
+                shape=kernel.shape, initializer="zeros", trainable=False, dtype="int32",
+                name=f"{kernel.name}_assignment"))
+            self.keep.append(self.add_weight(
+                shape=kernel.shape, initializer="ones", trainable=False, dtype=kernel.dtype,
+                name=f"{kernel.name}_keep"))
+        self.built = True
+
+    def substitutes(self) -> dict:
+        return {
+            id(kernel): keras.ops.multiply(
+                keras.ops.take(keras.ops.reshape(c.value, (-1,)), a.value), k.value)
+            for kernel, c, a, k in zip(self.kernels, self.centroids, self.assignment, self.keep)
+        }
+
+    def get_config(self):
+        return {**super().get_config(), "clusters": self.clusters, "groups": list(self.groups)}
+
+
+def cluster_kernel(values: np.ndarray, axis: int, config: Cluster):
+    """k-means of one kernel: (centroids [groups, k], flat assignment, keep mask)."""
+    matrix = as_matrix(values, axis)
+    keep = np.ones_like(matrix) if not config.preserve_sparsity else (matrix != 0).astype(
+        matrix.dtype)
+    columns = [matrix] if config.granularity == "layer" else [
+        matrix[:, [c]] for c in range(matrix.shape[1])]
+    centroids = np.zeros((len(columns), config.clusters), dtype=np.float32)
+    assignment = np.zeros(matrix.shape, dtype=np.int32)
+    for g, column in enumerate(columns):
+        live = keep if config.granularity == "layer" else keep[:, [g]]
+        chosen = live > 0
+        found, labels = (kmeans_1d(column[chosen], config.clusters, config.init)
+                         if chosen.any() else (np.zeros(1, np.float32), np.zeros(0, np.int32)))
+        centroids[g, : len(found)] = found
+        centroids[g, len(found):] = found[-1]  # fewer distinct values than clusters
+        flat = np.zeros(column.shape, dtype=np.int32)
+        flat[chosen] = labels + g * config.clusters
+        if config.granularity == "layer":
+            assignment = flat
+        else:
+            assignment[:, [g]] = flat
+    shape = values.shape
+    return centroids, from_matrix(assignment, shape, axis), from_matrix(keep, shape, axis)
+
+
+class ClusterHandler(Handler):
+    trains = True
+
+    def prepare(self, model, config: Cluster, ctx: StepContext):
+        candidates = list(leaf_layers(model))
+        if config.layers is not None:
+            candidates = config.layers.resolve(candidates)
+        excluded = set()
+        if config.exclude is not None:
+            excluded = {id(l) for l in config.exclude.resolve(leaf_layers(model))}
+        chosen = {}
+        for layer in candidates:
+            if not layer.weights:
+                continue
+            if id(layer) in excluded:
+                ctx.skipped(layer, "excluded by the recipe")
+            elif not kernel_weights(layer):
+                reason = ("quantized layers keep their integer weights"
+                          if getattr(layer, "quantization_mode", None)
+                          else f"{type(layer).__name__}: no kernel to share")
+                ctx.skipped(layer, reason)
+            else:
+                chosen[id(layer)] = self._wrap(layer, config)
+        if not chosen:
+            raise KshrinkError("cluster: no layer left to cluster after selection and exclusions")
+        return replace_layers(model, lambda l: chosen.get(id(l), l))
+
+    @staticmethod
+    def _wrap(layer, config: Cluster) -> ClusterWrapper:
+        results = [cluster_kernel(keras.ops.convert_to_numpy(w.value), output_axis(layer), config)
+                   for w in kernel_weights(layer)]
+        wrapper = ClusterWrapper(layer, clusters=config.clusters,
+                                 groups=tuple(len(r[0]) for r in results))
+        wrapper.build(None)
+        for kernel, (centroids, assignment, keep), c, a, k in zip(
+                wrapper.kernels, results, wrapper.centroids, wrapper.assignment, wrapper.keep):
+            c.assign(centroids)
+            a.assign(assignment)
+            k.assign(keep)
+            kernel.trainable = False  # the centroids train instead
+        return wrapper
+
+    def finalize(self, model, config: Cluster, ctx: StepContext):
+        for wrapper in [l for l in leaf_layers(model) if isinstance(l, ClusterWrapper)]:
+            shared = wrapper.substitutes()
+            distinct = []
+            for kernel in wrapper.kernels:
+                values = keras.ops.convert_to_numpy(shared[id(kernel)])
+                values = np.where(values == 0, np.zeros_like(values), values)  # no -0.0
+                kernel.assign(values)
+                kernel.trainable = True
+                distinct.append(len(np.unique(values)))
+            per = "layer" if config.granularity == "layer" else "output channel"
+            ctx.applied(wrapper.layer, f"{config.clusters} clusters per {per}; "
+                                       f"{max(distinct)} distinct values"
+                                       + (", zeros kept" if config.preserve_sparsity else ""))
+        unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)
+        ctx.sort_results(unwrapped)
+        return unwrapped
+
+
+@register_technique("cluster", handler=ClusterHandler(), stage=40)
+@dataclasses.dataclass(frozen=True)
+class Cluster(Technique):
+    """Weight sharing: replace each kernel's values by the nearest of a few k-means centroids.
+
+    Args:
+        clusters: centroids per layer (or per output channel), from 2 to 4096; 16 needs 4-bit
+            indices, 256 needs 8.
+        init: centroid initialization: `"linear"` (default; keeps the rare large weights),
+            `"density"` or `"kmeans++"`.
+        granularity: `"layer"` (one codebook per kernel) or `"channel"` (one per output
+            channel: more accurate, a larger codebook).
+        preserve_sparsity: zeros (e.g. from pruning) stay zero and take no cluster.
+        layers, exclude: selections of layers to consider / to leave alone.
+
+    Example:
+
+    ```python
+    recipe = [kshrink.Prune(sparsity=0.9), kshrink.Cluster(clusters=16)]
+    small, report = kshrink.compress(model, recipe, data=(x, y),
+                                     fine_tune=kshrink.FineTune(epochs=2))
+    ```
+    """
+
+    clusters: int = option(16, "centroids per layer or channel (2-4096)")
+    init: str = option("linear", "linear, density or kmeans++")
+    granularity: str = option("layer", "layer or channel")
+    preserve_sparsity: bool = option(True, "zeros stay zero and take no cluster")
+    layers: Select | None = option(None, "layers to consider (default: all with kernels)")
+    exclude: Select | None = option(None, "layers to leave unclustered")
+
+    def __post_init__(self):
+        check_int(self.name, "clusters", self.clusters, low=2, high=4096)
+        check_choice(self.name, "init", self.init, INITS)
+        check_choice(self.name, "granularity", self.granularity, GRANULARITIES)
+        check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)

@@ -22,6 +22,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "compress": "kshrink.api",
+    "save": "kshrink.artifact",
+    "load": "kshrink.artifact",
+    "ArtifactError": "kshrink.artifact",
     "Recipe": "kshrink.core.recipe",
     "CompressionReport": "kshrink.core.report",
     "LayerResult": "kshrink.core.report",

@@ -16,12 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_BAD_INPUT = 2
 
-# Prune 92% of LeNet-300-100's weights while fine-tuning (the original model teaches), then
-# store the Dense weights as int8.
+# Prune 92% of LeNet-300-100's weights, then share the rest among 16 values per layer, each
+# step fine-tuned with the original model as teacher; the compact file stores what is left.
 DEMO_RECIPE = """
 steps:
   - prune: {sparsity: 0.92, scope: global, skip_first_last: false}
-  - quantize: {mode: int8}
+  - cluster: {clusters: 16}
 fine_tune: {epochs: 4, distill: true}
 """
 
@@ -90,26 +90,32 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="apply a recipe to a .keras model")
     p.add_argument("model", help="input .keras file")
     p.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
-    p.add_argument("-o", "--output", required=True, help="output .keras file")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .keras (plain Keras) or .kshrink (compact)")
     p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val])")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.set_defaults(run=_compress)
 
     p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
-    p.add_argument("model", help=".keras file")
-    p.add_argument("--baseline", help="the original .keras file to compare against")
+    p.add_argument("model", help=".keras or .kshrink file")
+    p.add_argument("--baseline", help="the original model file to compare against")
     p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.add_argument("--load-runs", type=int, default=3, help="fresh processes for load figures")
     p.add_argument("--latency-runs", type=int, default=50, help="timed calls per batch size")
     p.set_defaults(run=_measure)
 
+    p = sub.add_parser("convert", help="convert between .keras and the compact .kshrink")
+    p.add_argument("model", help="input .keras or .kshrink file")
+    p.add_argument("output", help="output .keras or .kshrink file")
+    p.set_defaults(run=_convert)
+
     p = sub.add_parser("techniques", help="list the registered techniques and their options")
     p.set_defaults(run=_techniques)
 
     p = sub.add_parser("demo", help="compress LeNet-300-100 on MNIST and show before/after")
     p.add_argument("--output-dir", default="kshrink-demo", help="where the models are written")
-    p.add_argument("--recipe", help="recipe file (default: prune 92%% while fine-tuning, int8)")
+    p.add_argument("--recipe", help="recipe file (default: prune 92%%, 16 clusters, fine-tuned)")
     p.set_defaults(run=_demo)
     return parser
 
@@ -117,7 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _compress(args) -> int:
     from kshrink import Recipe, compress
     from kshrink.errors import KshrinkError
-    from kshrink.io import load_model_file, save_model_atomic
+    from kshrink.io import load_model_file, save_model_file
     from kshrink.measure import evaluate
 
     source, target = Path(args.model), Path(args.output)
@@ -130,7 +136,7 @@ def _compress(args) -> int:
     # No spinner here: fine-tuning shows Keras' own progress.
     small, report = compress(model, recipe, data=data and data.train,
                              validation_data=data and data.test)
-    save_model_atomic(small, target)
+    save_model_file(small, target)
     if args.format == "json":
         print(report.to_json())
     else:
@@ -170,6 +176,19 @@ def _measure(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from kshrink.io import load_model_file, save_model_file
+    from kshrink.measure import file_size
+
+    source, target = Path(args.model), Path(args.output)
+    _check_output(target, source)
+    model = load_model_file(source)
+    save_model_file(model, target)
+    before, after = file_size(source).bytes, file_size(target).bytes
+    print(f"wrote {target}: {after:,} bytes ({before:,} before, {before / after:.2f}x)")
+    return 0
+
+
 def _techniques(args) -> int:
     from kshrink import FineTune, registered_techniques
 
@@ -185,7 +204,7 @@ def _techniques(args) -> int:
 
 def _demo(args) -> int:
     from kshrink import Recipe, compress, datasets, zoo
-    from kshrink.io import save_model_atomic
+    from kshrink.io import save_model_file
     from kshrink.measure import compare
 
     recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.from_yaml(DEMO_RECIPE)
@@ -197,27 +216,27 @@ def _demo(args) -> int:
     data = datasets.load("mnist")
     small, report = compress(model, recipe, data=data.train, validation_data=data.test)
     print("\n" + report.to_text() + "\n")
-    original_path = save_model_atomic(model, out / "original.keras")
-    compressed_path = save_model_atomic(small, out / "compressed.keras")
+    original_path = save_model_file(model, out / "original.keras")
+    save_model_file(small, out / "compressed.keras")
+    compressed_path = save_model_file(small, out / "compressed.kshrink")
     with _status("measuring") as status:
         result = compare(model, small, data.test, original_path=original_path,
                          compressed_path=compressed_path,
                          progress=lambda message: status.update(f"measuring: {message}"))
     print(result.to_text())
-    print(f"\nmodels written to {out}/ (original.keras, compressed.keras)")
+    print(f"\nmodels written to {out}/: original.keras, compressed.keras (plain Keras) and "
+          "compressed.kshrink (compact; kshrink.load)")
     return 0
 
 
 def _check_output(target: Path, source: Path) -> None:
     from kshrink.errors import ModelFileError
+    from kshrink.io import check_output_path
 
-    if target.suffix != ".keras":
-        raise ModelFileError(f"output must end in .keras. Received: {target.name}")
+    check_output_path(target)
     if target.resolve() == source.resolve() or (
             target.exists() and source.exists() and target.samefile(source)):
         raise ModelFileError(f"output {target} would overwrite the input; choose another path")
-    if not target.parent.is_dir():
-        raise ModelFileError(f"output directory does not exist: {target.parent}")
 
 
 def _data(spec: str, model):

@@ -12,15 +12,22 @@ import keras
 from kshrink.errors import ModelFileError
 
 
+SUFFIXES = (".keras", ".kshrink")
+
+
 def load_model_file(path) -> keras.Model:
-    """Loads a `.keras` file, turning every way it can be wrong into one `ModelFileError`."""
+    """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelFileError(f"not a file: {path}")
+    if path.suffix == ".kshrink":
+        from kshrink.artifact import load
+
+        return load(path)
     if path.suffix != ".keras":
-        raise ModelFileError(f"expected a .keras model file. Received: {path.name}")
+        raise ModelFileError(f"expected a .keras or .kshrink model file. Received: {path.name}")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is not a Keras model file (not a zip archive)")
     try:
@@ -37,6 +44,28 @@ def load_model_file(path) -> keras.Model:
     except Exception as e:
         message = " ".join(str(e).split())[:300] or type(e).__name__
         raise ModelFileError(f"cannot load {path}: {message}") from None
+
+
+def check_output_path(path) -> Path:
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ModelFileError(f"output must end in .keras or .kshrink. Received: {path.name}")
+    if not path.parent.is_dir():
+        raise ModelFileError(f"output directory does not exist: {path.parent}")
+    return path
+
+
+def save_model_file(model: keras.Model, path) -> Path:
+    """Saves `model` as `.keras` or as the compact `.kshrink`, chosen by the suffix.
+
+    Either way the file appears whole or not at all (temporary file, then rename).
+    """
+    path = check_output_path(path)
+    if path.suffix == ".kshrink":
+        from kshrink.artifact import save
+
+        return save(model, path)
+    return save_model_atomic(model, path)
 
 
 def save_model_atomic(model: keras.Model, path) -> Path:

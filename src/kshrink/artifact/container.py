@@ -56,18 +56,17 @@ def save(model: keras.Model, path) -> Path:
     ensure_supported(model)
     config = keras.saving.serialize_keras_object(model)
     tensors, blobs = [], {}
-    for i, variable in enumerate(model.weights):
+    for i, (key, variable) in enumerate(_named_variables(model)):
         values = np.asarray(keras.ops.convert_to_numpy(variable.value))
         header, blob = encode(values)
         name = f"t{i}"
         blobs[name] = np.frombuffer(blob, dtype=np.uint8)
-        tensors.append({"path": variable.path, "shape": list(values.shape),
+        tensors.append({"path": key, "shape": list(values.shape),
                         "dtype": str(values.dtype), "encoding": header, "blob": name})
     body = {"format": FORMAT, "version": VERSION, "config": config, "tensors": tensors}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     blobs[HEADER] = np.frombuffer(compress(text.encode()), dtype=np.uint8)
-    metadata = {"format": FORMAT, "version": str(VERSION), "sha256": _digest(blobs)}
-    data = safetensors.numpy.save(blobs, metadata=metadata)
+    data = safetensors.numpy.save(blobs, metadata={FORMAT: _stamp(blobs)})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -98,17 +97,17 @@ def load(path, *, safe_mode: bool = True) -> keras.Model:
     except Exception as e:  # safetensors reports malformed headers and offsets
         raise ArtifactError(f"{path} is not a kshrink file ({_one_line(e)})") from None
     with handle as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT or HEADER not in f.keys():
+        stamp = _read_stamp((f.metadata() or {}).get(FORMAT))
+        if stamp is None or HEADER not in f.keys():
             raise ArtifactError(f"{path} is a safetensors file, not a kshrink file")
-        if metadata.get("version") != str(VERSION):
-            raise ArtifactError(f"{path}: format version {metadata.get('version')!r}; this "
+        if stamp.get("version") != VERSION:
+            raise ArtifactError(f"{path}: format version {stamp.get('version')!r}; this "
                                 f"kshrink reads version {VERSION}")
         try:
             blobs = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:
             raise ArtifactError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
-    if _digest(blobs) != metadata.get("sha256"):
+    if _digest(blobs) != stamp.get("sha256"):
         raise ArtifactError(f"{path} is corrupt: its checksum does not match")
     try:
         text = decompress(blobs.pop(HEADER).tobytes(), MAX_HEADER).decode()
@@ -117,13 +116,14 @@ def load(path, *, safe_mode: bool = True) -> keras.Model:
     body = _parse_body(text, path)
     tensors = _check_tensors(body["tensors"], blobs, path)
     _check_config_sizes(body["config"], tensors, path)
+    _check_classes(body["config"], safe_mode, path)
     try:
         model = keras.saving.deserialize_keras_object(body["config"], safe_mode=safe_mode)
     except Exception as e:
         raise ArtifactError(f"{path}: the model config cannot be rebuilt ({_one_line(e)})") from None
     if not isinstance(model, keras.Model):
         raise ArtifactError(f"{path}: the config is not a Keras model")
-    variables = {v.path: v for v in model.weights}
+    variables = dict(_named_variables(model))
     if sorted(variables) != sorted(t["path"] for t in tensors):
         raise ArtifactError(f"{path}: the stored tensors do not match the model's variables")
     for t in tensors:
@@ -139,6 +139,35 @@ def load(path, *, safe_mode: bool = True) -> keras.Model:
             raise ArtifactError(f"{path}: tensor {t['path']}: {e}") from None
         variable.assign(values.reshape(t["shape"]))
     return model
+
+
+def _named_variables(model: keras.Model, prefix: str = "") -> list:
+    """(key, variable) for every variable, keyed by the chain of layer names and its name.
+
+    Not `variable.path`: that depends on the name scope a variable was created in, which
+    changes when a nested model is rebuilt from its config.
+    """
+    named = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            named += _named_variables(layer, f"{prefix}{layer.name}/")
+            continue
+        for i, variable in enumerate(layer.weights):
+            named.append((f"{prefix}{layer.name}/{i}:{variable.name}", variable))
+    return named
+
+
+def _stamp(blobs: dict) -> str:
+    # One metadata entry: safetensors does not keep the order of several.
+    return json.dumps({"sha256": _digest(blobs), "version": VERSION}, sort_keys=True)
+
+
+def _read_stamp(text):
+    try:
+        stamp = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def _digest(blobs: dict) -> str:
@@ -195,6 +224,30 @@ def _check_config_sizes(config: dict, tensors: list, path: Path) -> None:
         elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > limit:
             raise ArtifactError(f"{path}: the config holds a size ({item}) larger than any "
                                 "the stored weights allow")
+
+
+def _check_classes(config: dict, safe_mode: bool, path: Path) -> None:
+    """Names the first class the config asks for that cannot be loaded safely."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        if not isinstance(item, dict):
+            continue
+        stack.extend(item.values())
+        name, module = item.get("class_name"), item.get("module")
+        if not isinstance(name, str) or not isinstance(module, str):
+            continue
+        if safe_mode and name == "Lambda":
+            raise ArtifactError(f"{path} holds a Lambda layer, which runs code from the file; "
+                                "load it with safe_mode=False only if you trust the file")
+        registered = item.get("registered_name") or name
+        if not module.startswith("keras") and keras.saving.get_registered_object(
+                registered) is None:
+            raise ArtifactError(f"{path} needs the unknown class {registered!r}: import the "
+                                "code that registers it (keras.saving."
+                                "register_keras_serializable) before loading")
 
 
 def _one_line(error: Exception) -> str:

@@ -56,7 +56,7 @@ def _candidates(flat: np.ndarray):
     yield {"kind": "raw"}, [flat.tobytes()]
     for header, parts in _dense_candidates(flat):
         yield header, parts
-    nonzero = flat != 0
+    nonzero = _bits(flat) != 0  # by bit pattern: -0.0 is a value to keep, not a zero
     count = int(nonzero.sum())
     if 0 < count < flat.size // 2 or count == 0:
         positions = _best_positions(nonzero)
@@ -76,13 +76,17 @@ def _dense_candidates(flat: np.ndarray):
         if np.array_equal(half.astype(np.float32).view(np.uint32), flat.view(np.uint32)):
             yield {"kind": "float16"}, [half.tobytes()]
     # Distinct bit patterns, so -0.0 and 0.0 (and NaN payloads) stay apart.
-    bits_view = flat.view(f"u{flat.dtype.itemsize}") if flat.dtype.kind == "f" else flat
-    codebook, indices = np.unique(bits_view, return_inverse=True)
+    codebook, indices = np.unique(_bits(flat), return_inverse=True)
     width = max(1, math.ceil(math.log2(len(codebook)))) if len(codebook) > 1 else 1
     if len(codebook) <= MAX_PALETTE and width < flat.dtype.itemsize * 8:
         book = codebook.view(flat.dtype) if flat.dtype.kind == "f" else codebook
         yield ({"kind": "palette", "entries": len(codebook), "bits": width},
                [book.astype(flat.dtype).tobytes(), pack_bits(indices, width)])
+
+
+def _bits(flat: np.ndarray) -> np.ndarray:
+    """Floats viewed as unsigned integers of the same width; other arrays as they are."""
+    return flat.view(f"u{flat.dtype.itemsize}") if flat.dtype.kind == "f" else flat
 
 
 def _best_positions(nonzero: np.ndarray) -> tuple[str, bytes]:

@@ -77,7 +77,8 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
     Args:
         model: the model in memory.
         data: `(x, y)` to evaluate on, or None (latency then uses random inputs).
-        path: its saved `.keras` file; if None it is saved to a temporary file first.
+        path: its saved `.keras` or `.kshrink` file; if None it is saved to a temporary
+            `.keras` file first.
         load_runs: fresh processes for load time and memory (median reported).
         latency_runs: timed calls per batch size.
         progress: called with a short message before each phase.
@@ -88,7 +89,8 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
             path = Path(tmp) / f"{model.name}.keras"
             model.save(path)
         say(f"load time and memory of {Path(path).name} ({load_runs} fresh processes)")
-        load = load_cost(path, runs=load_runs)
+        loader = "kshrink" if Path(path).suffix == ".kshrink" else "keras"
+        load = load_cost(path, runs=load_runs, loader=loader)
         size = file_size(path)
     x = data[0] if data is not None else example_inputs(model, 32)
     say("latency")

@@ -94,7 +94,7 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
         "overwrite input": (["compress", lenet, "--recipe", int8_recipe, "-o", lenet],
                             "would overwrite the input"),
         "bad output suffix": (["compress", lenet, "--recipe", int8_recipe, "-o", tmp_path / "o.h5"],
-                              "output must end in .keras"),
+                              "output must end in .keras or .kshrink"),
         "missing recipe": (["compress", lenet, "--recipe", tmp_path / "none.yaml", "-o", out],
                            "recipe file not found"),
         "missing output dir": (["compress", lenet, "--recipe", int8_recipe, "-o",
@@ -146,3 +146,32 @@ def test_techniques_lists_options(capsys):
     assert "quantize" in out and "mode: str = 'int8'" in out
     assert "prune" in out and "pattern: str = 'unstructured'" in out
     assert "fine_tune  (recipe key)" in out and "distill: bool = False" in out
+
+
+def test_compact_output_measure_and_convert(lenet, tmp_path, capsys):
+    recipe = tmp_path / "pc.yaml"
+    recipe.write_text("- prune: {sparsity: 0.9, skip_first_last: false}\n- cluster: {clusters: 8}\n")
+    compact = tmp_path / "lenet.kshrink"
+    assert run_cli(capsys, "compress", lenet, "--recipe", recipe, "-o", compact)[0] == 0
+    assert compact.stat().st_size * 20 < lenet.stat().st_size
+    code, stdout, _ = run_cli(capsys, "measure", compact, "--baseline", lenet, "--format", "json",
+                              "--load-runs", "1", "--latency-runs", "3")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["compressed"]["file"]["bytes"] == compact.stat().st_size
+    back = tmp_path / "back.keras"
+    code, stdout, _ = run_cli(capsys, "convert", compact, back)
+    assert code == 0 and "wrote" in stdout
+    x = datasets.load("mnist").x_test[:64]
+    from kshrink import load
+
+    np.testing.assert_array_equal(keras.saving.load_model(back).predict(x, verbose=0),
+                                  load(compact).predict(x, verbose=0))
+
+
+def test_convert_refuses_bad_input_with_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.kshrink"
+    junk.write_bytes(b"\x00" * 64)
+    code, _, err = run_cli(capsys, "convert", junk, tmp_path / "out.keras")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a kshrink file" in err
+    assert not (tmp_path / "out.keras").exists()

@@ -78,3 +78,10 @@ def test_input_model_is_untouched(technique, inputs):
     for a, b in zip(weights, weights_of(model)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(outputs(model, inputs), reference)
+
+
+def test_compact_file_round_trip_gives_identical_outputs(technique, inputs, tmp_path):
+    small, _ = kshrink.compress(small_cnn(), technique)
+    path = tmp_path / "small.kshrink"
+    kshrink.save(small, path)
+    np.testing.assert_array_equal(outputs(kshrink.load(path), inputs), outputs(small, inputs))

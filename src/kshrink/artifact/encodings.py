@@ -79,9 +79,15 @@ def _dense_candidates(flat: np.ndarray):
     codebook, indices = np.unique(_bits(flat), return_inverse=True)
     width = max(1, math.ceil(math.log2(len(codebook)))) if len(codebook) > 1 else 1
     if len(codebook) <= MAX_PALETTE and width < flat.dtype.itemsize * 8:
-        book = codebook.view(flat.dtype) if flat.dtype.kind == "f" else codebook
+        book = (codebook.view(flat.dtype) if flat.dtype.kind == "f" else codebook).astype(
+            flat.dtype).tobytes()
         yield ({"kind": "palette", "entries": len(codebook), "bits": width},
-               [book.astype(flat.dtype).tobytes(), pack_bits(indices, width)])
+               [book, pack_bits(indices, width)])
+        if width < 8 < flat.dtype.itemsize * 8:
+            # One index a byte: zstd's Huffman stage then sees the symbols and codes the
+            # frequent clusters in fewer bits, often beating the packed form.
+            yield ({"kind": "palette", "entries": len(codebook), "bits": 8},
+                   [book, indices.astype(np.uint8).tobytes()])
 
 
 def _bits(flat: np.ndarray) -> np.ndarray:

@@ -106,13 +106,79 @@ def prune_section(data):
     ])
 
 
+def deep_compression_section(data):
+    rows = [(r["model"], r["pipeline"], f"{r['sparsity']:.0%}", r["clusters"],
+             f"{r['baseline_error_pct']:.2f}%", f"{r['test_error_pct']:.2f}%",
+             f"{r['file_bytes']:,}", f"{r['ratio']:.1f}x", f"{r['deep_compression_ratio']}x")
+            for r in data["rows"]]
+    epochs = ", ".join(sorted({f"{r['model']} {r['fine_tune_epochs_per_step']}"
+                               for r in data["rows"]}))
+    return "\n\n".join([
+        "## Deep-Compression-class size: prune, cluster, compact file",
+        "`benchmarks/deep_compression.py`: global magnitude pruning, then k-means weight sharing "
+        "(zeros kept), each step fine-tuned with the original model as teacher (epochs per "
+        f"step: {epochs}), saved with `kshrink.save`. Ratio = float32 parameter bytes / file "
+        "bytes, everything in the file included. tfmot runs prune + sparsity-preserving "
+        "clustering with the same epochs from the same weights; its smaller of gzipped .h5 "
+        "and gzipped TFLite is shown. Deep Compression's published ratios (which also "
+        "quantize and Huffman-code) beside them.",
+        table(("model", "pipeline", "sparsity", "clusters", "baseline error", "test error",
+               "file bytes", "ratio", "Deep Compression"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
+def fuzz_section(data):
+    total = next(r for r in data["rows"] if r["mutation"] == "all")
+    rows = [(r["mutation"], r["outcome"], f"{r['count']:,}") for r in data["rows"]
+            if r["mutation"] != "all"]
+    return "\n\n".join([
+        "## Fuzzing the compact-file loader",
+        f"`benchmarks/fuzz_loader.py`: {total['count']:,} mutated files in "
+        f"{total['seconds']:.0f} s; exceptions other than `ArtifactError`: "
+        f"{total['other_exceptions']}. Re-signed mutations edit the header or a payload and "
+        "recompute the checksum, as a hostile writer would, so they reach the loader's own "
+        "checks; a payload edit that decodes to the same values loads.",
+        table(("mutation", "outcome", "files"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
+def load_large_section(data):
+    by_model = {}
+    for r in data["rows"]:
+        by_model.setdefault(r["model"], []).append(r)
+    rows = []
+    for model, (base, small) in by_model.items():
+        for r in (base, small):
+            rows.append((model, f"{r['parameters']:,}", r["file"], f"{r['file_bytes'] / 1e6:.1f} MB",
+                         f"{r['load_seconds_median'] * 1e3:.0f} ms",
+                         f"{r['load_seconds_median'] / base['load_seconds_median']:.2f}x",
+                         f"{r['load_peak_bytes_median'] / 1e6:.1f} MB",
+                         f"{r['load_peak_bytes_median'] / base['load_peak_bytes_median']:.2f}x",
+                         f"{r['resident_bytes_median'] / 1e6:.1f} MB"))
+    runs = data["rows"][0]["runs"]
+    return "\n\n".join([
+        "## Loading ~25M-parameter models",
+        f"`benchmarks/load_large.py`: medians of {runs} fresh processes; memory is the increase "
+        "over a process that only imported Keras. int8 covers Dense layers (through Keras); "
+        "ResNet-50's convolutions stay float32 until kshrink has int8 convolutions.",
+        table(("model", "parameters", "file", "size", "load time", "vs float", "peak memory",
+               "vs float", "resident after load"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
 def main():
     sections = ["# Benchmarks",
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
                 "`benchmarks/results/`; rerun a script, then `benchmarks/make_report.py`."]
     for name, render in (("zoo_baselines", zoo_section),
                          ("quantize_keras_native", quantize_section),
-                         ("prune_lenet", prune_section)):
+                         ("prune_lenet", prune_section),
+                         ("deep_compression", deep_compression_section),
+                         ("load_large", load_large_section),
+                         ("fuzz_loader", fuzz_section)):
         data = load(name)
         if data is not None:
             sections.append(render(data))

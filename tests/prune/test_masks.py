@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from kshrink.errors import RecipeError
-from kshrink.prune.masks import Pattern, as_matrix, check_fits, from_matrix, magnitude_masks
+from kshrink.core.kernels import as_matrix, from_matrix
+from kshrink.prune.masks import Pattern, check_fits, magnitude_masks
 
 rng = np.random.default_rng(0)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
 from kshrink.core.graph import leaf_layers, replace_layers
-from kshrink.core.kernels import kernel_weights, output_axis
+from kshrink.core.kernels import as_matrix, from_matrix, kernel_weights, output_axis
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -30,7 +30,6 @@ from kshrink.core.technique import (
 )
 from kshrink.core.wrapping import SubstituteWrapper
 from kshrink.errors import KshrinkError
-from kshrink.prune.masks import as_matrix, from_matrix
 
 GRANULARITIES = ("layer", "channel")
 
@@ -108,28 +107,18 @@ class ClusterHandler(Handler):
     trains = True
 
     def prepare(self, model, config: Cluster, ctx: StepContext):
-        candidates = list(leaf_layers(model))
-        if config.layers is not None:
-            candidates = config.layers.resolve(candidates)
-        excluded = set()
-        if config.exclude is not None:
-            excluded = {id(l) for l in config.exclude.resolve(leaf_layers(model))}
-        chosen = {}
-        for layer in candidates:
-            if not layer.weights:
-                continue
-            if id(layer) in excluded:
-                ctx.skipped(layer, "excluded by the recipe")
-            elif not kernel_weights(layer):
-                reason = ("quantized layers keep their integer weights"
-                          if getattr(layer, "quantization_mode", None)
-                          else f"{type(layer).__name__}: no kernel to share")
-                ctx.skipped(layer, reason)
-            else:
-                chosen[id(layer)] = self._wrap(layer, config)
+        def skip_reason(layer):
+            if getattr(layer, "quantization_mode", None):
+                return "quantized layers keep their integer weights"
+            if not kernel_weights(layer):
+                return f"{type(layer).__name__}: no kernel to share"
+            return None
+
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
         if not chosen:
             raise KshrinkError("cluster: no layer left to cluster after selection and exclusions")
-        return replace_layers(model, lambda l: chosen.get(id(l), l))
+        wrappers = {id(layer): self._wrap(layer, config) for layer in chosen}
+        return replace_layers(model, lambda l: wrappers.get(id(l), l))
 
     @staticmethod
     def _wrap(layer, config: Cluster) -> ClusterWrapper:

@@ -1,6 +1,9 @@
-"""Which weights of a layer are its kernels, and which kernel axis holds the outputs."""
+"""Which weights of a layer are its kernels, which axis holds the outputs, and the
+(inputs, outputs) matrix view that pruning and weight sharing work on."""
 
 from __future__ import annotations
+
+import numpy as np
 
 # The kernels of Keras' own layers (biases and normalization parameters are never touched).
 KERNEL_ATTRIBUTES = {
@@ -44,3 +47,16 @@ def output_axis(layer) -> int:
         if cls.__name__ in _OUTPUT_AXIS and cls.__module__.startswith("keras."):
             return _OUTPUT_AXIS[cls.__name__]
     return -1
+
+
+def as_matrix(weights: np.ndarray, output_axis: int = -1) -> np.ndarray:
+    """The (inputs, outputs) view of a kernel: output axis last, the rest flattened."""
+    moved = np.moveaxis(weights, output_axis, -1)
+    return moved.reshape(-1, moved.shape[-1]) if moved.ndim > 1 else moved.reshape(-1, 1)
+
+
+def from_matrix(matrix: np.ndarray, shape: tuple, output_axis: int = -1) -> np.ndarray:
+    """The inverse of `as_matrix`: a kernel of `shape` from its (inputs, outputs) view."""
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(output_axis % len(shape)))
+    return np.moveaxis(matrix.reshape(moved_shape), -1, output_axis)

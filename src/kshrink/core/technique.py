@@ -164,6 +164,33 @@ class StepContext:
     def skipped(self, layer: keras.layers.Layer, reason: str) -> None:
         self.results.append(LayerResult(layer.name, type(layer).__name__, SKIPPED, reason))
 
+    def choose_layers(self, model: keras.Model, include: Select | None,
+                      exclude: Select | None, skip_reason) -> list:
+        """The layers with weights a technique works on, recording every other one as skipped.
+
+        Args:
+            model: the working model.
+            include: the layers to consider (None: all).
+            exclude: layers to leave alone (None: none).
+            skip_reason: `layer -> str | None`, why the technique cannot take a layer.
+        """
+        candidates = list(leaf_layers(model))
+        if include is not None:
+            candidates = include.resolve(candidates)
+        excluded = set()
+        if exclude is not None:
+            excluded = {id(layer) for layer in exclude.resolve(leaf_layers(model))}
+        chosen = []
+        for layer in candidates:
+            if not layer.weights:
+                continue  # nothing to compress, nothing to report
+            reason = "excluded by the recipe" if id(layer) in excluded else skip_reason(layer)
+            if reason:
+                self.skipped(layer, reason)
+            else:
+                chosen.append(layer)
+        return chosen
+
     def sort_results(self, model: keras.Model) -> None:
         """Orders the recorded results as the layers stand in `model`."""
         order = {layer.name: i for i, layer in enumerate(leaf_layers(model))}

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import copy_model, leaf_layers, replace_layers
-from kshrink.core.kernels import kernel_weights, output_axis
+from kshrink.core.kernels import as_matrix, from_matrix, kernel_weights, output_axis
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -69,37 +69,28 @@ class PruneHandler(Handler):
 
 
 def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
-    candidates = list(leaf_layers(model))
-    if config.layers is not None:
-        candidates = config.layers.resolve(candidates)
-    excluded = set()
-    if config.exclude is not None:
-        excluded = {id(l) for l in config.exclude.resolve(leaf_layers(model))}
     # The model's first and last prunable layers, kept dense unless the user chose layers.
     ends = {}
     everything = [l for l in leaf_layers(model) if kernel_weights(l)]
     if config.skip_first_last and config.layers is None and len(everything) > 2:
         ends = {id(everything[0]): "first", id(everything[-1]): "last"}
-    chosen = []
-    for layer in candidates:
-        if not layer.weights:
-            continue
-        if id(layer) in excluded:
-            ctx.skipped(layer, "excluded by the recipe")
-        elif not kernel_weights(layer):
-            reason = ("quantized layers are not pruned; prune before quantize"
-                      if getattr(layer, "quantization_mode", None)
-                      else f"{type(layer).__name__}: no prunable weights")
-            ctx.skipped(layer, reason)
-        elif id(layer) in ends:
-            ctx.skipped(layer, f"{ends[id(layer)]} prunable layer kept dense (skip_first_last)")
-        else:
-            for w in kernel_weights(layer):
-                masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axis(layer),
-                                   f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
-            chosen.append(layer)
+
+    def skip_reason(layer):
+        if getattr(layer, "quantization_mode", None):
+            return "quantized layers are not pruned; prune before quantize"
+        if not kernel_weights(layer):
+            return f"{type(layer).__name__}: no prunable weights"
+        if id(layer) in ends:
+            return f"{ends[id(layer)]} prunable layer kept dense (skip_first_last)"
+        return None
+
+    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
     if not chosen:
         raise KshrinkError("prune: no layer left to prune after selection and exclusions")
+    for layer in chosen:
+        for w in kernel_weights(layer):
+            masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axis(layer),
+                               f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
     ctx.state["pruned"] = {l.name for l in chosen}
     return chosen
 
@@ -147,14 +138,14 @@ def update_masks(wrappers, sparsity: float, config: Prune) -> None:
                for wrapper in wrappers for w, mask in zip(wrapper.pruned, wrapper.masks)]
     if not entries:
         return
-    matrices = [masklib.as_matrix(keras.ops.convert_to_numpy(w.value), axis)
+    matrices = [as_matrix(keras.ops.convert_to_numpy(w.value), axis)
                 for w, _, axis in entries]
-    previous = [masklib.as_matrix(keras.ops.convert_to_numpy(m.value), axis)
+    previous = [as_matrix(keras.ops.convert_to_numpy(m.value), axis)
                 for _, m, axis in entries]
     new = masklib.magnitude_masks(matrices, previous, sparsity, config.pattern_spec,
                                   config.scope, config.max_layer_sparsity)
     for (w, mask, axis), matrix in zip(entries, new):
-        values = masklib.from_matrix(matrix, tuple(w.shape), axis)
+        values = from_matrix(matrix, tuple(w.shape), axis)
         mask.assign(values)
         w.assign(_apply(keras.ops.convert_to_numpy(w.value), values))
 

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from kshrink.core.kernels import as_matrix
 from kshrink.errors import RecipeError
 
 
@@ -60,18 +61,6 @@ class Pattern:
         if self.is_n_of_m:
             return f"{self.n}:{self.m}"
         return "unstructured" if self.block == (1, 1) else f"{self.block[0]}x{self.block[1]}"
-
-
-def as_matrix(weights: np.ndarray, output_axis: int = -1) -> np.ndarray:
-    """The (inputs, outputs) view of a kernel: output axis last, the rest flattened."""
-    moved = np.moveaxis(weights, output_axis, -1)
-    return moved.reshape(-1, moved.shape[-1]) if moved.ndim > 1 else moved.reshape(-1, 1)
-
-
-def from_matrix(matrix: np.ndarray, shape: tuple, output_axis: int = -1) -> np.ndarray:
-    moved_shape = list(shape)
-    moved_shape.append(moved_shape.pop(output_axis % len(shape)))
-    return np.moveaxis(matrix.reshape(moved_shape), -1, output_axis)
 
 
 def check_fits(pattern: Pattern, shape: tuple, output_axis: int, where: str) -> None:

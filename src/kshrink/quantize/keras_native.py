@@ -12,7 +12,6 @@ import warnings
 
 import keras
 
-from kshrink.core.graph import leaf_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -30,23 +29,9 @@ MODES = ("int8", "int4")
 
 class KerasQuantizeHandler(Handler):
     def prepare(self, model, config: Quantize, ctx: StepContext):
-        candidates = list(leaf_layers(model))
-        if config.layers is not None:
-            candidates = config.layers.resolve(candidates)
-        if config.exclude is not None:
-            excluded = {id(layer) for layer in config.exclude.resolve(leaf_layers(model))}
-            candidates = [layer for layer in candidates if id(layer) not in excluded]
-
-        chosen = []
-        for layer in candidates:
-            if not layer.weights:
-                continue  # nothing to quantize, nothing to report
-            reason = _skip_reason(layer)
-            if reason:
-                ctx.skipped(layer, reason)
-            else:
-                chosen.append(layer)
-                ctx.applied(layer, _describe(config))
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, _skip_reason)
+        for layer in chosen:
+            ctx.applied(layer, _describe(config))
         if chosen:
             ids = {id(layer) for layer in chosen}
             with warnings.catch_warnings():

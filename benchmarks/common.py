@@ -47,5 +47,13 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     return path
 
 
+def replace_rows(name: str, rows: list[dict], replaced) -> Path:
+    """Rewrites `results/NAME.json` with the old rows for which `replaced(row)` is false plus
+    `rows`: for rerunning part of a benchmark. The environment is this run's."""
+    path = RESULTS / f"{name}.json"
+    kept = [r for r in json.loads(path.read_text())["rows"] if not replaced(r)]
+    return write_rows(name, kept + rows)
+
+
 def median(values) -> float:
     return float(statistics.median(values))

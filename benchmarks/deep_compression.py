@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import write_rows
+from common import replace_rows, write_rows
 from peers import run as run_peer
 
 import kshrink
@@ -32,6 +32,8 @@ BATCH, LR, SEED = 128, 1e-3, 0
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one point, one epoch, no peer")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="rerun kshrink's rows only, keeping the peer rows in the results")
     args = parser.parse_args()
     mnist = kshrink.datasets.load("mnist")
     rows = []
@@ -60,7 +62,7 @@ def main():
                 rows.append(row(name, "kshrink: prune + cluster -> .kshrink", sparsity, clusters,
                                 epochs, base_error, error, float_bytes, os.path.getsize(path),
                                 time.perf_counter() - start))
-            if args.quick:
+            if args.quick or args.no_peers:
                 continue
             sparsity, clusters = PEER_POINT[name]
             weights_path = Path(tmp) / f"{name}.npz"
@@ -75,7 +77,10 @@ def main():
             rows.append(row(name, f"tfmot 0.8.1: prune + cluster -> gzip {which}", sparsity,
                             clusters, epochs, base_error, 100 * (1 - peer["test_accuracy"]),
                             float_bytes, best, time.perf_counter() - start))
-    write_rows("deep_compression_quick" if args.quick else "deep_compression", rows)
+    if args.no_peers and not args.quick:
+        replace_rows("deep_compression", rows, lambda r: r["pipeline"].startswith("kshrink"))
+    else:
+        write_rows("deep_compression_quick" if args.quick else "deep_compression", rows)
 
 
 def row(model, pipeline, sparsity, clusters, epochs, base_error, error, float_bytes, file_bytes,

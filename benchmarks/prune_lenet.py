@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import write_rows
+from common import replace_rows, write_rows
 from peers import run as run_peer
 
 import kshrink
@@ -35,6 +35,8 @@ def weight_sparsity(model) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one sparsity, one epoch: a smoke run")
+    parser.add_argument("--only", help="rerun just this variant (e.g. 'kshrink global + "
+                        "distillation') and replace its rows in the results")
     args = parser.parse_args()
     mnist = kshrink.datasets.load("mnist")
     rows = []
@@ -58,6 +60,8 @@ def main():
                     "kshrink global + distillation": dict(scope="global", distill=True),
                 }
                 for variant, v in variants.items():
+                    if args.only and variant != args.only:
+                        continue
                     start = time.perf_counter()
                     small, _ = kshrink.compress(
                         base, kshrink.Prune(sparsity=sparsity, scope=v["scope"],
@@ -73,6 +77,8 @@ def main():
                                     weight_sparsity(small),
                                     file_size(path).deflated / file_size(base_path).deflated,
                                     time.perf_counter() - start))
+                if args.only:
+                    continue
                 start = time.perf_counter()
                 peer = run_peer("tfmot_prune.py", {
                     "model": name, "weights": str(weights_path), "data": str(data_path),
@@ -81,7 +87,10 @@ def main():
                 rows.append(row(name, "tfmot 0.8.1 (layer)", sparsity, epochs, base_accuracy,
                                 peer["test_accuracy"], peer["weight_sparsity"], None,
                                 time.perf_counter() - start))
-    write_rows("prune_lenet_quick" if args.quick else "prune_lenet", rows)
+    if args.only:
+        replace_rows("prune_lenet", rows, lambda r: r["variant"] == args.only)
+    else:
+        write_rows("prune_lenet_quick" if args.quick else "prune_lenet", rows)
 
 
 def row(model, variant, sparsity, epochs, base_accuracy, accuracy, achieved, deflate_ratio,

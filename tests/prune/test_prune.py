@@ -206,3 +206,19 @@ def test_nested_models_are_pruned_and_rebuilt_with_their_names():
     assert isinstance(nested, keras.Sequential)
     assert kernel_sparsity(nested.get_layer("inner_b")) == 0.5
     assert not any(isinstance(l, PruneWrapper) for l in nested.layers)
+
+
+def test_distillation_alone_pulls_the_student_toward_the_teacher(trained, digits):
+    """With all weight on the distillation loss, only the teacher can drive training: if that
+    loss were zero (as with Keras' default "kl_divergence" name in 3.15), nothing would move."""
+    x = digits.x_test.astype("float32")
+    config = Prune(sparsity=0.9, schedule="one_shot")
+    untuned, _ = kshrink.compress(trained, config)
+    tuned, _ = kshrink.compress(trained, config, data=digits.train,
+                                fine_tune=FineTune(epochs=3, batch_size=32, distill=True,
+                                                   distill_weight=1.0, verbose=False))
+    teacher = trained.predict(x, verbose=0)
+    before = kshrink.measure.fidelity(teacher, untuned.predict(x, verbose=0))
+    after = kshrink.measure.fidelity(teacher, tuned.predict(x, verbose=0))
+    assert after.mean_abs_diff < 0.7 * before.mean_abs_diff
+    assert after.top1_agreement > before.top1_agreement

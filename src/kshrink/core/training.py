@@ -149,7 +149,9 @@ class _OutputDistillation(keras.distillation.LogitsDistillation):
     equals the logits up to a constant that softmax ignores)."""
 
     def __init__(self, temperature: float, probabilities: bool):
-        super().__init__(temperature=temperature)
+        # A KLDivergence instance, not the "kl_divergence" default: Keras 3.15 resolves that
+        # name to a plain function, misses its softmax branch, and the loss clips to zero.
+        super().__init__(temperature=temperature, loss=keras.losses.KLDivergence())
         self._probabilities = probabilities
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):

@@ -82,6 +82,7 @@ def prune_section(data):
         key = (r["model"], r["target_sparsity"])
         cells[key, r["variant"]] = r
         meta.setdefault(r["model"], r)
+    variants.sort(key=lambda v: v.startswith("tfmot"))  # peers in the last column
     rows = []
     for (model, sparsity) in dict.fromkeys(k for k, _ in cells):
         line = [model, f"{sparsity:.0%}"]

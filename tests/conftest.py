@@ -51,6 +51,15 @@ def digits():
     return datasets.load("digits")
 
 
+@pytest.fixture(scope="module")
+def trained(digits):
+    """small_cnn trained briefly on the digits: weights worth pruning or clustering."""
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def images():
     return np.random.default_rng(0).integers(0, 256, size=(64, 8, 8)).astype("float32")

@@ -17,7 +17,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tfmot_prune import build  # noqa: E402
+from tfmot_prune import load_job  # noqa: E402
 
 
 def fit(model, data, job, callbacks=()):
@@ -36,11 +36,7 @@ def gzip_size(path):
 
 
 def main(job):
-    tf.keras.utils.set_random_seed(job["seed"])
-    data = np.load(job["data"])
-    weights = np.load(job["weights"])
-    model = build(job["model"])
-    model.set_weights([weights[f"w{i}"] for i in range(len(weights.files))])
+    data, model = load_job(job)
     steps = job["epochs"] * -(-len(data["x_train"]) // job["batch_size"])
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, job["sparsity"], 0, (2 * steps) // 3, 100)
     kinds = (keras.layers.Dense, keras.layers.Conv2D)

@@ -35,12 +35,18 @@ def build(name):
     return keras.Model(inputs, outputs)
 
 
-def main(job):
+def load_job(job):
+    """(data, model with the baseline weights) for a job; seeds everything first."""
     tf.keras.utils.set_random_seed(job["seed"])
     data = np.load(job["data"])
     weights = np.load(job["weights"])
     model = build(job["model"])
     model.set_weights([weights[f"w{i}"] for i in range(len(weights.files))])
+    return data, model
+
+
+def main(job):
+    data, model = load_job(job)
     steps = job["epochs"] * -(-len(data["x_train"]) // job["batch_size"])
     schedule = tfmot.sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=job["sparsity"], begin_step=0,

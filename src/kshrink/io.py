@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import zipfile
@@ -76,12 +77,21 @@ def save_model_atomic(model: keras.Model, path) -> Path:
     path = Path(path)
     if path.suffix != ".keras":
         raise ModelFileError(f"output must end in .keras. Received: {path.name}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent or ".")
+    with atomic_output(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path):
+    """Yields a temporary path beside `path` (same suffix); renames it to `path` on success,
+    removes it on failure, so `path` is never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix,
+                               dir=path.parent or ".")
     os.close(fd)
     try:
-        model.save(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path

@@ -20,14 +20,6 @@ def kernels(model):
             for layer in model.layers if kernel_weights(layer)}
 
 
-@pytest.fixture(scope="module")
-def trained(digits):
-    model = small_cnn()
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
-    return model
-
-
 @pytest.mark.parametrize("init", ["linear", "density", "kmeans++"])
 def test_kmeans_is_deterministic_and_reduces_error(init):
     values = np.random.default_rng(0).normal(size=5000)

@@ -21,14 +21,6 @@ def kernel_sparsity(layer):
     return float(np.mean(values == 0))
 
 
-@pytest.fixture(scope="module")
-def trained(digits):
-    model = small_cnn()
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
-    return model
-
-
 def test_gradual_pruning_with_fine_tuning_keeps_accuracy(trained, digits, tmp_path):
     base = evaluate(trained, *digits.test)["accuracy"]
     small, report = kshrink.compress(trained, Prune(sparsity=0.8), data=digits.train,

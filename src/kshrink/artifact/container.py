@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import keras
@@ -23,6 +21,7 @@ import safetensors.numpy
 from kshrink.artifact.encodings import EncodingError, compress, decode, decompress, encode
 from kshrink.core.graph import ensure_supported
 from kshrink.errors import KshrinkError
+from kshrink.io import atomic_output
 
 FORMAT = "kshrink"
 VERSION = 1
@@ -67,14 +66,8 @@ def save(model: keras.Model, path) -> Path:
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     blobs[HEADER] = np.frombuffer(compress(text.encode()), dtype=np.uint8)
     data = safetensors.numpy.save(blobs, metadata={FORMAT: _stamp(blobs)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
     return path
 
 

@@ -108,10 +108,12 @@ def prune_section(data):
 
 
 def deep_compression_section(data):
+    ordered = sorted(data["rows"], key=lambda r: (r["model"], r["pipeline"].startswith("tfmot"),
+                                                  r["sparsity"], r["clusters"]))
     rows = [(r["model"], r["pipeline"], f"{r['sparsity']:.0%}", r["clusters"],
              f"{r['baseline_error_pct']:.2f}%", f"{r['test_error_pct']:.2f}%",
              f"{r['file_bytes']:,}", f"{r['ratio']:.1f}x", f"{r['deep_compression_ratio']}x")
-            for r in data["rows"]]
+            for r in ordered]
     epochs = ", ".join(sorted({f"{r['model']} {r['fine_tune_epochs_per_step']}"
                                for r in data["rows"]}))
     return "\n\n".join([

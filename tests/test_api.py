@@ -23,15 +23,11 @@ def test_input_model_is_never_modified(cnn, images):
 def test_report_lists_applied_and_skipped_layers_with_reasons(cnn):
     small, report = kshrink.compress(cnn, [Quantize(mode="int8")])
     (step,) = report.steps
-    assert [r.layer for r in step.applied] == ["fc1", "fc2"]
+    assert [r.layer for r in step.applied] == ["conv1", "conv2", "fc1", "fc2"]
     reasons = {r.layer: r.detail for r in step.skipped}
-    assert reasons == {
-        "conv1": "Conv2D: no int8/int4 kernel yet",
-        "bn1": "BatchNormalization: normalization layers stay in float",
-        "conv2": "Conv2D: no int8/int4 kernel yet",
-    }
+    assert reasons == {"bn1": "BatchNormalization: normalization layers stay in float"}
     assert small.get_layer("fc1").kernel.dtype == "int8"
-    assert small.get_layer("conv1").kernel.dtype == "float32"
+    assert small.get_layer("conv1").stored_kernel("kernel").dtype == "int8"
     assert report.weight_bytes_after < report.weight_bytes_before
     assert "fc1" in report.to_text() and "| conv1 |" in report.to_markdown()
 

@@ -88,7 +88,7 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
         "unknown technique": (["compress", lenet, "--recipe", unknown, "-o", out],
                               "unknown technique 'quantise'"),
         "bad option": (["compress", lenet, "--recipe", bad_option, "-o", out],
-                       "mode must be one of int8, int4. Received: mode='int3'"),
+                       "mode must be one of int8, int4, float16, bfloat16. Received: mode='int3'"),
         "data shape": (["compress", lenet, "--recipe", int8_recipe, "-o", out, "--data", "digits"],
                        "does not fit model"),
         "overwrite input": (["compress", lenet, "--recipe", int8_recipe, "-o", lenet],

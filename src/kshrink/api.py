@@ -45,7 +45,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     steps = []
     for technique in recipe:
         handler = handler_for(technique)
-        trains = fine_tune is not None and handler.trains
+        trains = fine_tune is not None and handler.trains_with(technique)
         ctx = StepContext(original=model, data=data, validation_data=validation_data,
                           train_steps=fine_tune.total_steps(len(data[0])) if trains else None)
         work = handler.prepare(work, technique, ctx)

@@ -31,6 +31,7 @@ def load_model_file(path) -> keras.Model:
         raise ModelFileError(f"expected a .keras or .kshrink model file. Received: {path.name}")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is not a Keras model file (not a zip archive)")
+    import kshrink.quantize.layers  # noqa: F401  registers kshrink's quantized layers
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())

@@ -22,6 +22,7 @@ from kshrink.artifact.encodings import EncodingError, compress, decode, decompre
 from kshrink.core.graph import ensure_supported
 from kshrink.errors import KshrinkError
 from kshrink.io import atomic_output
+from kshrink.quantize import layers as _quantized_layers  # noqa: F401  registers them
 
 FORMAT = "kshrink"
 VERSION = 1

@@ -33,7 +33,7 @@ def kernel_weights(layer) -> list:
     """
     if hasattr(layer, "get_prunable_weights"):
         return list(layer.get_prunable_weights())
-    if getattr(layer, "quantization_mode", None):
+    if getattr(layer, "quantization_mode", None) or getattr(layer, "is_quantized", False):
         return []
     for cls in type(layer).__mro__:
         if cls.__module__.startswith("keras.") and cls.__name__ in KERNEL_ATTRIBUTES:

@@ -40,7 +40,7 @@ class Options:
             if isinstance(value, Select):
                 value = value.get_config()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [v.get_config() if isinstance(v, Options) else v for v in value]
             config[field.name] = value
         return config
 
@@ -203,10 +203,14 @@ class Handler:
     `prepare` may wrap layers for training (masks, fake quantization); the shared fine-tune loop
     runs between the two; `finalize` must leave stock Keras layers or registered kshrink layers.
     Both get the working copy of the model and may modify it in place or return a new one.
-    `trains` says whether fine-tuning between them helps this technique.
+    `trains` says whether fine-tuning between them helps this technique (`trains_with` when
+    that depends on the options).
     """
 
     trains: bool = False
+
+    def trains_with(self, config: Technique) -> bool:
+        return self.trains
 
     def callbacks(self, model: keras.Model, config: Technique, ctx: StepContext) -> list:
         """Keras callbacks the fine-tune loop runs while this technique trains."""

@@ -11,7 +11,8 @@ import numpy as np
 from kshrink.core.graph import leaf_layers
 from kshrink.render import Table
 
-# Keras' int4 layers keep two 4-bit values in each int8 of these variables.
+# Keras' int4 layers keep two 4-bit values in each int8 of these variables (kshrink's own
+# quantized layers list theirs).
 _KERAS_PACKED_INT4 = {"kernel", "embeddings"}
 
 
@@ -110,6 +111,8 @@ def weight_stats(model: keras.Model) -> WeightStats:
 
 
 def _is_packed_int4(layer, variable) -> bool:
+    if hasattr(layer, "packed_int4_variables"):  # kshrink's quantized layers
+        return any(variable is v for v in layer.packed_int4_variables())
     mode = getattr(layer, "quantization_mode", None) or ""
     return (mode.startswith("int4") and variable.name in _KERAS_PACKED_INT4
             and variable.dtype == "int8")

@@ -1,5 +1,11 @@
-"""Quantization techniques."""
+"""Quantization: the `quantize` technique, kshrink's quantized layers, calibration, QAT.
 
-from kshrink.quantize.keras_native import Quantize
+Importing this package registers kshrink's quantized layer classes with Keras, so that
+`keras.saving.load_model` can load a model that holds them.
+"""
 
-__all__ = ["Quantize"]
+from kshrink.quantize import layers
+from kshrink.quantize.calibrate import input_ranges
+from kshrink.quantize.technique import Override, Quantize
+
+__all__ = ["Override", "Quantize", "input_ranges", "layers"]

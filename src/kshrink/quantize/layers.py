@@ -1,0 +1,312 @@
+"""kshrink's quantized layers: Keras layers whose kernels stay int8, packed int4, float16 or
+bfloat16 in memory and are turned back into float inside `call`.
+
+Keras quantizes Dense, EinsumDense and Embedding to int8/int4 itself; it has no quantized
+convolutions and no float16 *storage* (a float16 dtype policy also computes in float16). Each
+class here derives from the Keras layer it replaces and keeps all of its behaviour: Keras builds
+it as usual, except that every kernel `add_weight` would create is created in its stored form
+(plus its scales), and the attribute Keras reads the kernel from returns the dequantized value.
+
+Integer kernels are stored in their (inputs, outputs) matrix view: one symmetric scale per
+output channel (int8, int4), or per group of `group_size` inputs and output channel (int4).
+With `activation_bits`, the layer also fake-quantizes its input to that many bits between a
+calibrated (or learned) `input_min` and `input_max`: a W8A8 simulation in plain Keras.
+
+The classes are registered as `kshrink>Quantized<Keras class>`: importing `kshrink.quantize`
+before `keras.saving.load_model` lets plain Keras load a model that holds them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+INTEGER_MODES = {"int8": 127, "int4": 7}  # mode -> largest stored magnitude
+FLOAT_MODES = ("float16", "bfloat16")
+MODES = tuple(INTEGER_MODES) + FLOAT_MODES
+
+
+class QuantizedKernels:
+    """Mixin for a Keras layer class: stores its kernels quantized, dequantizes in `call`.
+
+    Subclasses set `KERNELS`: the weight name Keras gives each kernel -> (the attribute Keras
+    assigns it to, the kernel axes that index output channels).
+    """
+
+    KERNELS: dict[str, tuple[str, tuple[int, ...]]] = {}
+    is_quantized = True  # pruning and clustering leave these kernels alone
+
+    def __init__(self, *args, mode="int8", group_size=None, activation_bits=None, **kwargs):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}. Received: mode={mode!r}")
+        if group_size is not None and mode != "int4":
+            raise ValueError(f"group_size applies to int4 only. Received: mode={mode!r}, "
+                             f"group_size={group_size}")
+        super().__init__(*args, **kwargs)
+        self.mode = mode
+        self.group_size = group_size
+        self.activation_bits = activation_bits
+        self._kernel_shapes = {}
+
+    # Keras' build calls this for every weight: kernels are created in their stored form.
+    def add_weight(self, *args, name=None, shape=None, **kwargs):
+        if name not in self.KERNELS:
+            return super().add_weight(*args, name=name, shape=shape, **kwargs)
+        shape = tuple(int(d) for d in shape)
+        self._kernel_shapes[name] = shape
+        if self.mode in FLOAT_MODES:
+            return super().add_weight(name=name, shape=shape, dtype=self.mode,
+                                      initializer="zeros", trainable=False)
+        rows, columns = _matrix_shape(shape, self.KERNELS[name][1])
+        stored_rows = (rows + 1) // 2 if self.mode == "int4" else rows
+        groups = math.ceil(rows / self.group_size) if self.group_size else 1
+        stored = super().add_weight(name=name, shape=(stored_rows, columns), dtype="int8",
+                                    initializer="zeros", trainable=False)
+        super().add_weight(name=f"{name}_scale", shape=(groups, columns), dtype="float32",
+                           initializer="ones", trainable=False)
+        return stored
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.activation_bits:
+            self.input_min = super().add_weight(name="input_min", shape=(),
+                                                initializer="zeros", trainable=False)
+            self.input_max = super().add_weight(name="input_max", shape=(),
+                                                initializer="ones", trainable=False)
+
+    def call(self, inputs, *args, **kwargs):
+        if self.activation_bits:
+            inputs = keras.quantizers.fake_quant_with_min_max_vars(
+                inputs, self.input_min, self.input_max, num_bits=self.activation_bits)
+        return super().call(inputs, *args, **kwargs)
+
+    def stored_kernel(self, name: str):
+        """The variable holding kernel `name` as stored (int8, packed int4, float16...)."""
+        return next(v for v in self.weights if v.name == name)
+
+    def kernel_scale(self, name: str):
+        """The float32 scales of an integer kernel, shape (groups, output channels)."""
+        return next(v for v in self.weights if v.name == f"{name}_scale")
+
+    def packed_int4_variables(self) -> list:
+        """The variables that hold two int4 values per byte (for weight accounting)."""
+        return [self.stored_kernel(n) for n in self.KERNELS] if self.mode == "int4" else []
+
+    def dequantized(self, name: str):
+        """Kernel `name` as a float tensor of the layer's compute dtype."""
+        shape = self._kernel_shapes[name]
+        stored = self.stored_kernel(name).value
+        if self.mode in FLOAT_MODES:
+            return ops.cast(stored, self.compute_dtype)
+        rows, columns = _matrix_shape(shape, self.KERNELS[name][1])
+        if self.mode == "int4":
+            stored = keras.quantizers.unpack_int4(stored, rows, axis=0)
+        matrix = ops.cast(stored, "float32")
+        scale = self.kernel_scale(name).value
+        if self.group_size:
+            padded = scale.shape[0] * self.group_size
+            matrix = ops.pad(matrix, [(0, padded - rows), (0, 0)])
+            matrix = ops.reshape(matrix, (scale.shape[0], self.group_size, columns))
+            matrix = ops.reshape(matrix * scale[:, None, :], (padded, columns))[:rows]
+        else:
+            matrix = matrix * scale
+        return ops.cast(_from_matrix(matrix, shape, self.KERNELS[name][1]), self.compute_dtype)
+
+    def set_kernel(self, name: str, values: np.ndarray) -> None:
+        """Quantizes the float kernel `values` into this layer's storage for kernel `name`."""
+        values = np.asarray(values, dtype="float32")
+        if values.shape != self._kernel_shapes[name]:
+            raise ValueError(f"{self.name}: kernel {name!r} has shape "
+                             f"{self._kernel_shapes[name]}. Received: {values.shape}")
+        if self.mode in FLOAT_MODES:
+            self.stored_kernel(name).assign(values)
+            return
+        stored, scale = quantize_matrix(_as_matrix(values, self.KERNELS[name][1]),
+                                        INTEGER_MODES[self.mode], self.group_size)
+        if self.mode == "int4":
+            stored = keras.ops.convert_to_numpy(keras.quantizers.pack_int4(stored, axis=0)[0])
+        self.stored_kernel(name).assign(stored)
+        self.kernel_scale(name).assign(scale)
+
+    # Keras' convolutions save `[kernel, bias]` by attribute; ours save every variable.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "group_size": self.group_size,
+                "activation_bits": self.activation_bits}
+
+
+def quantize_matrix(matrix: np.ndarray, qmax: int, group_size: int | None):
+    """Symmetric quantization of an (inputs, outputs) matrix to integers in [-qmax, qmax].
+
+    Returns:
+        `(int8 matrix, float32 scales)` with scales of shape (groups, outputs): one group
+        without `group_size`, else one per `group_size` rows (the last may be shorter).
+        An all-zero channel or group gets scale 1 and stays zero.
+    """
+    rows, columns = matrix.shape
+    size = group_size or rows
+    groups = math.ceil(rows / size)
+    padded = np.zeros((groups * size, columns), dtype="float32")
+    padded[:rows] = matrix
+    blocks = padded.reshape(groups, size, columns)
+    largest = np.abs(blocks).max(axis=1)
+    scale = np.where(largest > 0, largest / qmax, 1.0).astype("float32")
+    q = np.clip(np.round(blocks / scale[:, None, :]), -qmax, qmax).astype("int8")
+    return q.reshape(groups * size, columns)[:rows], scale
+
+
+def fake_quantize_kernel(kernel, output_axes: tuple, qmax: int, group_size: int | None):
+    """`kernel` rounded to the integer grid `set_kernel` would store, as floats, for
+    quantization-aware training: the gradient passes straight through the rounding."""
+    shape = tuple(kernel.shape)
+    source, target = _moved_axes(shape, output_axes)
+    rows, columns = _matrix_shape(shape, output_axes)
+    matrix = ops.reshape(ops.moveaxis(kernel, source, target), (rows, columns))
+    size = group_size or rows
+    groups = math.ceil(rows / size)
+    blocks = ops.reshape(ops.pad(matrix, [(0, groups * size - rows), (0, 0)]),
+                         (groups, size, columns))
+    largest = ops.max(ops.abs(blocks), axis=1, keepdims=True)
+    scale = ops.stop_gradient(ops.where(largest > 0, largest / qmax, 1.0))
+    rounded = ops.clip(ops.round(blocks / scale), -qmax, qmax) * scale
+    blocks = blocks + ops.stop_gradient(rounded - blocks)
+    matrix = ops.reshape(blocks, (groups * size, columns))[:rows]
+    return _from_matrix(matrix, shape, output_axes)
+
+
+def _matrix_shape(shape: tuple, output_axes: tuple) -> tuple[int, int]:
+    columns = math.prod(shape[a] for a in output_axes)
+    return math.prod(shape) // max(columns, 1), columns
+
+
+def _moved_axes(shape: tuple, output_axes: tuple):
+    n = len(shape)
+    source = [a % n for a in output_axes]
+    return source, list(range(n - len(source), n))
+
+
+def _as_matrix(values: np.ndarray, output_axes: tuple) -> np.ndarray:
+    source, target = _moved_axes(values.shape, output_axes)
+    moved = np.moveaxis(values, source, target)
+    return moved.reshape(_matrix_shape(values.shape, output_axes))
+
+
+def _from_matrix(matrix, shape: tuple, output_axes: tuple):
+    source, target = _moved_axes(shape, output_axes)
+    moved_shape = [d for i, d in enumerate(shape) if i not in source] + [shape[i] for i in source]
+    moved = ops.reshape(matrix, moved_shape)
+    return ops.moveaxis(moved, target, source) if source != target else moved
+
+
+def _stored_attribute(name: str) -> property:
+    # The attribute Keras reads the kernel from: the dequantized kernel. Keras' build assigns
+    # it the stored variable, which `add_weight` has already tracked; nothing more to keep.
+    def get(self):
+        return self.dequantized(name)
+
+    def set(self, value):
+        pass
+
+    return property(get, set, doc=f"The dequantized {name}.")
+
+
+_OUTPUT_CHANNELS = (-1,)
+_TRANSPOSED = (-2,)
+_DEPTHWISE = (-2, -1)  # (..., input channels, multiplier): every pair is an output channel
+
+# Keras class -> {weight name: (attribute Keras assigns it to, output-channel axes)}
+_LAYOUTS = {
+    keras.layers.Conv1D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.Conv2D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.Conv3D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.Conv1DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
+    keras.layers.Conv2DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
+    keras.layers.Conv3DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
+    keras.layers.DepthwiseConv1D: {"kernel": ("kernel", _DEPTHWISE)},
+    keras.layers.DepthwiseConv2D: {"kernel": ("kernel", _DEPTHWISE)},
+    keras.layers.SeparableConv1D: {"depthwise_kernel": ("depthwise_kernel", _DEPTHWISE),
+                                   "pointwise_kernel": ("pointwise_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.SeparableConv2D: {"depthwise_kernel": ("depthwise_kernel", _DEPTHWISE),
+                                   "pointwise_kernel": ("pointwise_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.Dense: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.EinsumDense: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
+    keras.layers.Embedding: {"embeddings": ("_embeddings", _OUTPUT_CHANNELS)},
+}
+# Keras quantizes these to int8/int4 itself; kshrink only adds float16/bfloat16 storage.
+KERAS_INTEGER_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+
+
+def _quantized_class(base: type) -> type:
+    kernels = _LAYOUTS[base]
+    namespace = {
+        "KERNELS": {name: layout for name, layout in kernels.items()},
+        "__module__": __name__,
+        "__doc__": f"`keras.layers.{base.__name__}` with quantized kernels "
+                   "(see `kshrink.quantize.layers`).",
+        **{attribute: _stored_attribute(name) for name, (attribute, _) in kernels.items()},
+    }
+    cls = type(f"Quantized{base.__name__}", (QuantizedKernels, base), namespace)
+    return keras.saving.register_keras_serializable(package="kshrink")(cls)
+
+
+QUANTIZED_CLASSES = {base: _quantized_class(base) for base in _LAYOUTS}
+globals().update({cls.__name__: cls for cls in QUANTIZED_CLASSES.values()})
+
+
+def kernel_layout(layer, name: str) -> tuple[int, ...]:
+    """The axes of kernel `name` of `layer` that index output channels (default: the last)."""
+    for cls in type(layer).__mro__:
+        if name in _LAYOUTS.get(cls, {}):
+            return _LAYOUTS[cls][name][1]
+    return _OUTPUT_CHANNELS
+
+
+def keras_base(layer) -> type | None:
+    """The Keras class in `_LAYOUTS` that `layer` is an instance of (exactly), or None."""
+    for cls in type(layer).__mro__:
+        if cls in _LAYOUTS:
+            return cls if cls.__module__.startswith("keras.") and type(layer) is cls else None
+    return None
+
+
+def quantize_layer(layer, mode: str, group_size: int | None = None,
+                   activation_bits: int | None = None, input_range=None):
+    """A built quantized copy of the built Keras layer `layer`, same name and config.
+
+    Args:
+        layer: an instance of one of the Keras classes kshrink quantizes.
+        mode: `"int8"`, `"int4"`, `"float16"` or `"bfloat16"`.
+        group_size: int4 only: inputs per scale group (None: one scale per output channel).
+        activation_bits: fake-quantize the layer's input to this many bits.
+        input_range: `(min, max)` of the input, required with `activation_bits`.
+    """
+    cls = QUANTIZED_CLASSES[keras_base(layer)]
+    for variable in layer.weights:
+        values = keras.ops.convert_to_numpy(variable.value)
+        if not np.isfinite(values).all():
+            raise ValueError(f"layer {layer.name!r}: weight {variable.name!r} holds NaN or "
+                             "Inf values, which cannot be quantized")
+    config = {**layer.get_config(), "mode": mode,
+              "group_size": group_size if mode == "int4" else None,
+              "activation_bits": activation_bits}
+    quantized = cls.from_config(config)
+    quantized.build_from_config(layer.get_build_config())
+    originals = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
+    for name in cls.KERNELS:
+        quantized.set_kernel(name, originals.pop(name))
+    for variable in quantized.weights:
+        if variable.name in originals:
+            variable.assign(originals[variable.name])
+    if activation_bits:
+        low, high = input_range
+        quantized.input_min.assign(low)
+        quantized.input_max.assign(high)
+    return quantized

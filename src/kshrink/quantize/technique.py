@@ -1,0 +1,288 @@
+"""The `quantize` technique: int8/int4/float16/bfloat16 weights for every layer with kernels,
+optional static 8-bit activations, post-training or quantization-aware, per-layer overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import leaf_layers, replace_layers
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    Options,
+    StepContext,
+    Technique,
+    check_bool,
+    check_choice,
+    check_int,
+    check_range,
+    option,
+    register_technique,
+)
+from kshrink.errors import KshrinkError, RecipeError
+from kshrink.quantize.calibrate import METHODS, input_ranges
+from kshrink.quantize.keras_native import KERAS_QUANTIZABLE, keras_quantize
+from kshrink.quantize.layers import (
+    FLOAT_MODES,
+    INTEGER_MODES,
+    MODES,
+    QuantizedKernels,
+    keras_base,
+    quantize_layer,
+)
+from kshrink.quantize.qat import QuantizeAwareWrapper
+
+KEEP_FLOAT = "float"
+
+
+@dataclasses.dataclass(frozen=True)
+class Override(Options):
+    """Different quantization for some layers: the first override that matches a layer wins.
+
+    Args:
+        layers: the layers this override applies to.
+        mode: `"int8"`, `"int4"`, `"float16"`, `"bfloat16"`, or `"float"` to keep them as
+            they are.
+        group_size: int4 only (see `Quantize`).
+    """
+
+    name = "quantize override"
+
+    layers: Select | None = option(None, "the layers this override applies to")
+    mode: str = option("int8", "int8, int4, float16, bfloat16 or float")
+    group_size: int | None = option(128, "int4 only: inputs per scale group")
+
+    def __post_init__(self):
+        if not isinstance(self.layers, Select):
+            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
+                               f"{{names: [conv1]}}. Received: layers={self.layers!r}")
+        check_choice(self.name, "mode", self.mode, MODES + (KEEP_FLOAT,))
+        check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    mode: str
+    group_size: int | None
+
+
+class QuantizeHandler(Handler):
+    def trains_with(self, config: Quantize) -> bool:
+        return config.qat
+
+    def prepare(self, model, config: Quantize, ctx: StepContext):
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, _skip_reason)
+        plans = _plans(model, chosen, config, ctx)
+        if config.qat and ctx.train_steps is None:
+            raise KshrinkError("quantize: qat=true trains the model: pass data=(x, y) and "
+                               "fine_tune=FineTune(...)")
+        ranges = _calibrate(model, plans, config, ctx)
+        ctx.state.update(plans=plans, ranges=ranges)
+        if not config.qat:
+            return _quantize(model, plans, ranges, config, ctx)
+        integer = {name for name, plan in plans.items() if plan.mode in INTEGER_MODES}
+
+        def wrap(layer):
+            if layer.name not in integer:
+                return layer
+            plan = plans[layer.name]
+            return QuantizeAwareWrapper(
+                layer, mode=plan.mode, group_size=_group(plan),
+                activation_bits=_activation_bits(layer, config),
+                input_range=ranges.get(layer.name, (0.0, 1.0)))
+
+        return replace_layers(model, wrap)
+
+    def finalize(self, model, config: Quantize, ctx: StepContext):
+        if not config.qat:
+            return model
+        ranges = dict(ctx.state["ranges"])
+        for layer in leaf_layers(model):
+            if isinstance(layer, QuantizeAwareWrapper) and layer.learned_range():
+                ranges[layer.layer.name] = layer.learned_range()
+        model = replace_layers(
+            model, lambda l: l.layer if isinstance(l, QuantizeAwareWrapper) else l)
+        return _quantize(model, ctx.state["plans"], ranges, config, ctx)
+
+
+def _skip_reason(layer) -> str | None:
+    mode = getattr(layer, "quantization_mode", None)
+    if mode or isinstance(layer, QuantizedKernels):
+        return f"already quantized ({mode or layer.mode})"
+    if keras_base(layer) is not None:
+        return None
+    name = type(layer).__name__
+    if "Normalization" in name:
+        return f"{name}: normalization layers stay in float"
+    return f"{name}: no quantized version of this layer"
+
+
+def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan]:
+    """The mode of every chosen layer: the first override that selects it, else the default."""
+    everything = list(leaf_layers(model))
+    claimed = [{id(l) for l in o.layers.resolve(everything)} for o in config.overrides]
+    plans = {}
+    for layer in chosen:
+        mode, group_size = config.mode, config.group_size
+        for override, ids in zip(config.overrides, claimed):
+            if id(layer) in ids:
+                mode, group_size = override.mode, override.group_size
+                break
+        if mode == KEEP_FLOAT:
+            ctx.skipped(layer, "kept in float by an override")
+        else:
+            plans[layer.name] = _Plan(mode, group_size)
+    return plans
+
+
+def _group(plan: _Plan) -> int | None:
+    return plan.group_size if plan.mode == "int4" else None
+
+
+def _activation_bits(layer, config: Quantize) -> int | None:
+    # Embedding inputs are indices; they are never quantized.
+    if config.activation_bits and not isinstance(layer, keras.layers.Embedding):
+        return config.activation_bits
+    return None
+
+
+def _calibrate(model, plans, config: Quantize, ctx: StepContext) -> dict:
+    if not config.activation_bits:
+        return {}
+    if ctx.data is None:
+        raise KshrinkError("quantize: activation_bits needs calibration data: pass "
+                           "data=(x, y) to compress")
+    layers = [l for l in leaf_layers(model)
+              if l.name in plans and _activation_bits(l, config)]
+    x = ctx.data[0][:config.calibration_samples]
+    return input_ranges(model, x, layers, method=config.calibration,
+                        percentile=config.percentile, bits=config.activation_bits)
+
+
+def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
+    """Replaces planned layers by kshrink's quantized layers or has Keras quantize them."""
+    by_keras, ours = {}, {}
+    for layer in leaf_layers(model):
+        plan = plans.get(layer.name)
+        if plan is None:
+            continue
+        if plan.mode in INTEGER_MODES and isinstance(layer, KERAS_QUANTIZABLE):
+            key = (plan.mode, _group(plan), _activation_bits(layer, config))
+            by_keras.setdefault(key, []).append(layer.name)
+        else:
+            ours[layer.name] = plan
+
+    def replace(layer):
+        plan = ours.get(layer.name)
+        if plan is None:
+            return layer
+        bits = _activation_bits(layer, config) if plan.mode in INTEGER_MODES else None
+        try:
+            quantized = quantize_layer(layer, plan.mode, _group(plan), bits,
+                                       ranges.get(layer.name))
+        except ValueError as e:
+            raise KshrinkError(f"quantize: {e}") from None
+        ctx.applied(layer, _describe(plan, bits, ranges.get(layer.name), "kshrink"))
+        return quantized
+
+    model = replace_layers(model, replace)
+    layers = {layer.name: layer for layer in leaf_layers(model)}
+    for (mode, group_size, bits), names in by_keras.items():
+        chosen = [layers[name] for name in names]
+        for layer in chosen:
+            _check_finite(layer)
+            ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None, "Keras"))
+        keras_quantize(model, chosen, mode, group_size, bits)
+    ctx.sort_results(model)
+    return model
+
+
+def _check_finite(layer) -> None:
+    for variable in layer.weights:
+        if not np.isfinite(keras.ops.convert_to_numpy(variable.value)).all():
+            raise KshrinkError(f"quantize: layer {layer.name!r}: weight {variable.name!r} "
+                               "holds NaN or Inf values, which cannot be quantized")
+
+
+def _describe(plan: _Plan, activation_bits, input_range, by: str) -> str:
+    if plan.mode in FLOAT_MODES:
+        return f"{plan.mode} weights"
+    scales = "per-channel scales"
+    if plan.mode == "int4" and plan.group_size:
+        scales = f"scales per group of {plan.group_size}"
+    text = f"{plan.mode} weights, {scales} ({by})"
+    if activation_bits and input_range:
+        text += f"; {activation_bits}-bit inputs in [{input_range[0]:.3g}, {input_range[1]:.3g}]"
+    elif activation_bits:
+        text += "; int8 inputs, scaled per row on the fly"
+    return text
+
+
+@register_technique("quantize", handler=QuantizeHandler(), stage=90)
+@dataclasses.dataclass(frozen=True)
+class Quantize(Technique):
+    """Quantizes the weights of every layer with kernels, optionally the activations too.
+
+    Dense, EinsumDense and Embedding go to int8/int4 through Keras itself (`model.quantize`).
+    Convolutions (Conv1D/2D/3D, Depthwise, Separable, transposed) become kshrink's quantized
+    layers, which keep their kernels int8 / packed int4 in memory and in the file. float16
+    and bfloat16 store any of these layers' kernels at half width and compute in float32.
+    Every other layer with weights stays float and is listed in the report with the reason.
+
+    Args:
+        mode: `"int8"`, `"int4"`, `"float16"` or `"bfloat16"`.
+        group_size: int4 only: one scale per this many inputs of each output channel; null
+            for one scale per output channel.
+        activation_bits: also quantize each layer's input to this many bits (8): static
+            ranges from calibration data for kshrink's layers; Keras' Dense layers quantize
+            their inputs on the fly. Needs `data`.
+        calibration: how a calibrated range is chosen: `"minmax"`, `"percentile"` or `"mse"`.
+        percentile: for `"percentile"` calibration.
+        calibration_samples: examples of `data` used to calibrate.
+        qat: quantization-aware training: fine-tune with fake-quantized weights (and inputs,
+            with learned PACT clipping) before quantizing. Needs `data` and `fine_tune`.
+        overrides: per-layer modes, the first matching override wins, e.g. keep the first
+            convolution in float: `[{layers: {names: [conv1]}, mode: float}]`.
+        layers: the layers to consider (default: all).
+        exclude: layers to leave in float.
+
+    Example:
+
+    ```python
+    model, report = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+    ```
+    """
+
+    mode: str = option("int8", "int8, int4, float16 or bfloat16 weights")
+    group_size: int | None = option(
+        128, "int4 only: inputs per scale group; null for per-channel scales")
+    activation_bits: int | None = option(None, "quantize layer inputs to this many bits (8)")
+    calibration: str = option("percentile", "minmax, percentile or mse")
+    percentile: float = option(99.99, "percentile kept by percentile calibration")
+    calibration_samples: int = option(512, "examples used to calibrate")
+    qat: bool = option(False, "quantization-aware training (needs fine_tune)")
+    overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
+    layers: Select | None = option(None, "layers to consider (default: all)")
+    exclude: Select | None = option(None, "layers to leave in float")
+
+    def __post_init__(self):
+        check_choice(self.name, "mode", self.mode, MODES)
+        check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
+        check_choice(self.name, "activation_bits", self.activation_bits, (None, 8))
+        check_choice(self.name, "calibration", self.calibration, METHODS)
+        check_range(self.name, "percentile", self.percentile, 50, 100)
+        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
+        check_bool(self.name, "qat", self.qat)
+        if self.qat and self.mode in FLOAT_MODES:
+            raise RecipeError(f"{self.name}: qat applies to int8 and int4. "
+                               f"Received: mode={self.mode!r}")
+        overrides = self.overrides
+        if not isinstance(overrides, (list, tuple)):
+            raise RecipeError(f"{self.name}: overrides must be a list. "
+                               f"Received: overrides={overrides!r}")
+        object.__setattr__(self, "overrides", tuple(
+            o if isinstance(o, Override) else Override.from_config(o) for o in overrides))

@@ -38,10 +38,12 @@ _EXPORTS = {
     "FineTune": "kshrink.core.training",
     "KshrinkError": "kshrink.errors",
     "Cluster": "kshrink.cluster",
+    "Fold": "kshrink.fold",
     "Prune": "kshrink.prune",
     "Quantize": "kshrink.quantize",
+    "Override": "kshrink.quantize",
 }
-_SUBMODULES = ("cluster", "datasets", "measure", "prune", "quantize", "zoo")
+_SUBMODULES = ("cluster", "datasets", "fold", "measure", "prune", "quantize", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -16,6 +16,7 @@ from conftest import small_cnn, weights_of
 # (config, largest output change allowed relative to the largest output magnitude)
 CASES = {
     "cluster": (kshrink.Cluster(clusters=16), 0.25),
+    "fold": (kshrink.Fold(), 1e-5),
     "quantize": (kshrink.Quantize(), 0.05),
     "prune": (kshrink.Prune(sparsity=0.2), 0.25),  # random weights: no fine-tuning to recover
 }

@@ -6,6 +6,7 @@ Importing this package registers kshrink's quantized layer classes with Keras, s
 
 from kshrink.quantize import layers
 from kshrink.quantize.calibrate import input_ranges
+from kshrink.quantize.sensitivity import SensitivityReport, sensitivity
 from kshrink.quantize.technique import Override, Quantize
 
-__all__ = ["Override", "Quantize", "input_ranges", "layers"]
+__all__ = ["Override", "Quantize", "SensitivityReport", "input_ranges", "layers", "sensitivity"]

@@ -167,6 +167,7 @@ def fake_quantize_kernel(kernel, output_axes: tuple, qmax: int, group_size: int 
     """`kernel` rounded to the integer grid `set_kernel` would store, as floats, for
     quantization-aware training: the gradient passes straight through the rounding."""
     shape = tuple(kernel.shape)
+    kernel = ops.reshape(kernel, shape)  # a tensor, also when given a variable's value
     source, target = _moved_axes(shape, output_axes)
     rows, columns = _matrix_shape(shape, output_axes)
     matrix = ops.reshape(ops.moveaxis(kernel, source, target), (rows, columns))

@@ -24,6 +24,7 @@ from kshrink.core.technique import (
     register_technique,
 )
 from kshrink.errors import KshrinkError, RecipeError
+from kshrink.fold.batchnorm import fold, plan_folds
 from kshrink.quantize.calibrate import METHODS, input_ranges
 from kshrink.quantize.keras_native import KERAS_QUANTIZABLE, keras_quantize
 from kshrink.quantize.layers import (
@@ -75,11 +76,13 @@ class QuantizeHandler(Handler):
         return config.qat
 
     def prepare(self, model, config: Quantize, ctx: StepContext):
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, _skip_reason)
-        plans = _plans(model, chosen, config, ctx)
         if config.qat and ctx.train_steps is None:
             raise KshrinkError("quantize: qat=true trains the model: pass data=(x, y) and "
                                "fine_tune=FineTune(...)")
+        if config.qat:
+            model = _fold_batchnorm(model, ctx)
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
+        plans = _plans(model, chosen, config, ctx)
         ranges = _calibrate(model, plans, config, ctx)
         ctx.state.update(plans=plans, ranges=ranges)
         if not config.qat:
@@ -109,7 +112,16 @@ class QuantizeHandler(Handler):
         return _quantize(model, ctx.state["plans"], ranges, config, ctx)
 
 
-def _skip_reason(layer) -> str | None:
+def _fold_batchnorm(model, ctx: StepContext):
+    """Training with BN folded in makes the fake-quantized kernels the ones deployed."""
+    plan = plan_folds(model, batchnorm=True, noops=False)
+    for layer in leaf_layers(model):
+        if layer.name in plan.folds:
+            ctx.applied(layer, f"folded into {plan.folds[layer.name]} before training")
+    return fold(model, plan) if plan.folds else model
+
+
+def skip_reason(layer) -> str | None:
     mode = getattr(layer, "quantization_mode", None)
     if mode or isinstance(layer, QuantizedKernels):
         return f"already quantized ({mode or layer.mode})"
@@ -243,8 +255,9 @@ class Quantize(Technique):
         calibration: how a calibrated range is chosen: `"minmax"`, `"percentile"` or `"mse"`.
         percentile: for `"percentile"` calibration.
         calibration_samples: examples of `data` used to calibrate.
-        qat: quantization-aware training: fine-tune with fake-quantized weights (and inputs,
-            with learned PACT clipping) before quantizing. Needs `data` and `fine_tune`.
+        qat: quantization-aware training: fold BatchNorm into the layers before it, then
+            fine-tune with fake-quantized weights (and inputs, with learned PACT clipping)
+            before quantizing. Needs `data` and `fine_tune`.
         overrides: per-layer modes, the first matching override wins, e.g. keep the first
             convolution in float: `[{layers: {names: [conv1]}, mode: float}]`.
         layers: the layers to consider (default: all).

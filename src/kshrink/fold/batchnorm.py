@@ -1,0 +1,175 @@
+"""BatchNorm folding and no-op removal: the inference form of a model, with fewer layers.
+
+A BatchNormalization that directly follows a Conv/Dense/Depthwise layer (with no activation in
+between, and nothing else reading that layer's output) computes, at inference,
+`gamma * (z - mean) / sqrt(var + eps) + beta` of `z = x @ W + b`: the same affine map can be
+written into W and b. The BN layer then disappears from the graph. Dropout, Identity and
+linear Activation layers do nothing at inference and disappear too.
+
+The graph is rebuilt through public Keras API only (`clone_model` with a `call_function` that
+skips removed layers), so it works on every backend without tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import is_functional
+
+# Layer classes whose kernel's last axis (or last two, for Depthwise) indexes output channels.
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
+             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+               keras.layers.Conv3DTranspose)
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    """What `fold` will do: BN layer name -> producer name, removals, and refusals."""
+
+    folds: dict[str, str] = dataclasses.field(default_factory=dict)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def is_noop(layer) -> bool:
+    """True for layers that return their input unchanged at inference."""
+    if isinstance(layer, (keras.layers.Dropout, keras.layers.SpatialDropout1D,
+                          keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+                          keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+                          keras.layers.AlphaDropout, keras.layers.Identity)):
+        return True
+    return isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in (
+        "linear", None)
+
+
+def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -> FoldPlan:
+    """Which BN layers fold into which producer and which no-op layers go, for the top level
+    of `model` (layers inside nested models are refused with the reason)."""
+    plan = FoldPlan()
+    sequential = isinstance(model, keras.Sequential)
+    if not (sequential or is_functional(model)):
+        return plan
+    layers = model.layers
+    for index, layer in enumerate(layers):
+        if isinstance(layer, keras.Model):
+            for inner in layer.layers:
+                if isinstance(inner, keras.layers.BatchNormalization) or (noops and is_noop(inner)):
+                    plan.refused[inner.name] = f"inside nested model {layer.name!r}"
+            continue
+        if noops and is_noop(layer):
+            plan.removed.append(layer.name)
+        elif batchnorm and isinstance(layer, keras.layers.BatchNormalization):
+            producer = layers[index - 1] if sequential and index > 0 else None
+            if not sequential:
+                producer = _producer(model, layer)
+            reason = _refusal(model, layer, producer)
+            if reason:
+                plan.refused[layer.name] = reason
+            else:
+                plan.folds[layer.name] = producer.name
+    return plan
+
+
+def _producer(model, bn):
+    try:
+        source = bn.input
+    except (AttributeError, ValueError):
+        return None  # called more than once: shared layer
+    for layer in model.layers:
+        if layer is not bn and _single_output(layer) is source:
+            return layer
+    return None
+
+
+def _single_output(layer):
+    try:
+        return layer.output
+    except (AttributeError, ValueError):
+        return None
+
+
+def _readers(model, tensor) -> int:
+    count = sum(any(t is tensor for t in keras.tree.flatten(_inputs(layer)))
+                for layer in model.layers)
+    return count + sum(t is tensor for t in model.outputs)
+
+
+def _inputs(layer):
+    try:
+        return layer.input
+    except (AttributeError, ValueError):
+        return []
+
+
+def _refusal(model, bn, producer) -> str | None:
+    if producer is None:
+        return "no single layer with weights directly before it"
+    if isinstance(producer, _TRANSPOSED) or not isinstance(producer, _FOLDABLE):
+        return f"follows {type(producer).__name__} {producer.name!r}, which kshrink cannot fold into"
+    if type(producer).__module__.split(".")[0] != "keras":
+        return f"follows the custom layer {producer.name!r}"
+    if producer.get_config().get("activation") not in ("linear", None):
+        return f"{producer.name!r} applies an activation before it"
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    rank = len(producer.output.shape)
+    if axis is None or axis % rank != rank - 1:
+        return "normalizes over an axis other than the last (channels_last) one"
+    if getattr(producer, "data_format", "channels_last") != "channels_last":
+        return "channels_first layouts are not folded"
+    if not isinstance(model, keras.Sequential) and _readers(model, producer.output) != 1:
+        return f"{producer.name!r}'s output is also read elsewhere"
+    return None
+
+
+def folded_weights(producer, bn) -> tuple[np.ndarray, np.ndarray]:
+    """The producer's (kernel, bias) with `bn`'s inference transform written into them."""
+    numpy = keras.ops.convert_to_numpy
+    gamma = numpy(bn.gamma.value) if bn.scale else 1.0
+    beta = numpy(bn.beta.value) if bn.center else 0.0
+    mean, variance = numpy(bn.moving_mean.value), numpy(bn.moving_variance.value)
+    scale = (gamma / np.sqrt(variance + bn.epsilon)).astype("float64")
+    kernel = numpy(producer.kernel.value if hasattr(producer.kernel, "value")
+                   else producer.kernel).astype("float64")
+    bias = numpy(producer.bias.value).astype("float64") if producer.use_bias else 0.0
+    if isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        kernel = kernel * scale.reshape(kernel.shape[-2:])
+    else:
+        kernel = kernel * scale
+    bias = (bias - mean) * scale + beta
+    return kernel.astype("float32"), np.broadcast_to(bias, scale.shape).astype("float32")
+
+
+def fold(model: keras.Model, plan: FoldPlan) -> keras.Model:
+    """A new model with `plan` carried out; weights of untouched layers are shared."""
+    bn_by_producer = {producer: bn for bn, producer in plan.folds.items()}
+    layers = {layer.name: layer for layer in model.layers}
+    skipped = set(plan.folds) | set(plan.removed)
+
+    def clone(layer):
+        if layer.name not in bn_by_producer:
+            return layer
+        kernel, bias = folded_weights(layer, layers[bn_by_producer[layer.name]])
+        config = {**layer.get_config(), "use_bias": True}
+        new = type(layer).from_config(config)
+        new.build_from_config(layer.get_build_config())
+        new.kernel.assign(kernel)
+        new.bias.assign(bias)
+        return new
+
+    if isinstance(model, keras.Sequential):
+        kept = [clone(layer) for layer in model.layers if layer.name not in skipped]
+        rebuilt = keras.Sequential([keras.Input(model.inputs[0].shape[1:],
+                                                dtype=model.inputs[0].dtype)] + kept,
+                                   name=model.name)
+        return rebuilt
+
+    def call(layer, *args, **kwargs):
+        if layer.name in skipped:
+            return args[0]
+        return layer(*args, **kwargs)
+
+    return keras.models.clone_model(model, clone_function=clone, call_function=call)

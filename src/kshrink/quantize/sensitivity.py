@@ -1,0 +1,104 @@
+"""Which layers can take low precision: quantize one layer at a time and measure the damage.
+
+Example:
+
+```python
+report = kshrink.quantize.sensitivity(model, (x_val, y_val), mode="int4")
+print(report.table().to_text())
+keep = report.most_sensitive(2)   # e.g. keep these at int8 with a Quantize override
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.api import compress
+from kshrink.core.select import Select
+from kshrink.core.technique import StepContext
+from kshrink.measure.accuracy import predict, top1_accuracy
+from kshrink.quantize.technique import Quantize, skip_reason
+from kshrink.render import Table
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """The effect of quantizing one layer alone.
+
+    Attributes:
+        layer: layer name.
+        layer_type: class name.
+        accuracy_drop: float accuracy minus accuracy with only this layer quantized, in
+            percentage points (None without labels).
+        output_error: relative L2 error of the outputs: ||y_q - y|| / ||y||.
+    """
+
+    layer: str
+    layer_type: str
+    accuracy_drop: float | None
+    output_error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityReport:
+    """Layers ranked from most to least sensitive (accuracy drop, then output error)."""
+
+    mode: str
+    accuracy: float | None
+    layers: tuple[LayerSensitivity, ...]
+
+    def most_sensitive(self, count: int) -> list[str]:
+        """The names of the `count` most sensitive layers."""
+        return [entry.layer for entry in self.layers[:count]]
+
+    def table(self) -> Table:
+        rows = [(e.layer, e.layer_type,
+                 "-" if e.accuracy_drop is None else f"{e.accuracy_drop:+.2f}",
+                 f"{e.output_error:.4f}") for e in self.layers]
+        title = f"sensitivity to {self.mode}, one layer at a time"
+        if self.accuracy is not None:
+            title += f" (float accuracy {100 * self.accuracy:.2f}%)"
+        return Table(title, ("layer", "type", "accuracy drop (pp)", "output error"), rows)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "accuracy": self.accuracy,
+                "layers": [dataclasses.asdict(e) for e in self.layers]}
+
+
+def sensitivity(model: keras.Model, data, *, mode: str = "int8",
+                group_size: int | None = 128, samples: int | None = 2000,
+                seed: int = 0) -> SensitivityReport:
+    """Quantizes each quantizable layer of `model` alone and measures what it costs.
+
+    Args:
+        model: the float model (not modified).
+        data: `(x, y)` or `x` alone (then only the output error is measured).
+        mode: the precision to test, as in `Quantize`.
+        group_size: int4 only, as in `Quantize`.
+        samples: examples drawn from `data` with `seed` (None: all of them).
+        seed: the draw; the same seed gives the same report.
+
+    Returns:
+        A `SensitivityReport`, most sensitive layer first.
+    """
+    x, y = data if isinstance(data, (tuple, list)) else (data, None)
+    if samples is not None and samples < len(x):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
+        x = x[chosen]
+        y = None if y is None else np.asarray(y)[chosen]
+    reference = predict(model, x)
+    accuracy = None if y is None else top1_accuracy(reference, y)
+    candidates = StepContext(original=model).choose_layers(model, None, None, skip_reason)
+    entries = []
+    for layer in candidates:
+        config = Quantize(mode=mode, group_size=group_size, layers=Select(names=(layer.name,)))
+        quantized, _ = compress(model, config)
+        outputs = predict(quantized, x)
+        error = float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
+        drop = None if y is None else 100 * (accuracy - top1_accuracy(outputs, y))
+        entries.append(LayerSensitivity(layer.name, type(layer).__name__, drop, error))
+    entries.sort(key=lambda e: (-(e.accuracy_drop or 0.0), -e.output_error))
+    return SensitivityReport(mode, accuracy, tuple(entries))

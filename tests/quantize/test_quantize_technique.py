@@ -1,0 +1,118 @@
+"""The quantize technique: overrides, calibration, static activations, QAT, sensitivity."""
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink import Override, Quantize, Select
+from kshrink.errors import RecipeError, SelectionError
+from kshrink.quantize.calibrate import clip_range, fake_quantize
+from kshrink.quantize.qat import QuantizeAwareWrapper
+
+
+def numpy(tensor):
+    return keras.ops.convert_to_numpy(tensor)
+
+
+def test_first_matching_override_wins(cnn):
+    config = Quantize.from_config({"mode": "int8", "overrides": [
+        {"layers": {"names": ["conv1"]}, "mode": "float"},
+        {"layers": {"types": ["Conv2D"]}, "mode": "int4", "group_size": None},
+        {"layers": {"names": ["fc1", "conv2"]}, "mode": "float16"},
+    ]})
+    small, report = kshrink.compress(cnn, config)
+    details = {r.layer: (r.action, r.detail) for r in report.steps[0].layers}
+    assert details["conv1"] == ("skipped", "kept in float by an override")
+    assert small.get_layer("conv1").kernel.dtype == "float32"
+    assert small.get_layer("conv2").mode == "int4"  # the Conv2D override came first
+    assert small.get_layer("fc1").mode == "float16"
+    assert small.get_layer("fc2").kernel.dtype == "int8"  # no override: the default, by Keras
+    assert Quantize.from_config(config.get_config()) == config
+
+
+def test_an_override_that_selects_nothing_is_an_error(cnn):
+    config = Quantize(overrides=[{"layers": {"names": ["nope"]}, "mode": "int4"}])
+    with pytest.raises(SelectionError, match="nope"):
+        kshrink.compress(cnn, config)
+    with pytest.raises(RecipeError, match="mode must be one of"):
+        Override(layers=Select(names=("fc1",)), mode="int2")
+
+
+def test_activation_quantization_needs_data_and_qat_needs_training(cnn, images):
+    with pytest.raises(kshrink.KshrinkError, match="activation_bits needs calibration data"):
+        kshrink.compress(cnn, Quantize(activation_bits=8))
+    with pytest.raises(kshrink.KshrinkError, match="qat=true trains the model"):
+        kshrink.compress(cnn, Quantize(qat=True), data=(images, np.zeros(len(images))))
+    with pytest.raises(RecipeError, match="activation_bits must be one of"):
+        Quantize(activation_bits=5)
+
+
+def test_calibration_methods_clip_outliers_differently():
+    values = np.random.default_rng(0).normal(size=100_000).astype("float32")
+    values[0] = 60.0
+    low, high = clip_range(values, "minmax")
+    assert high == 60.0
+    p_low, p_high = clip_range(values, "percentile", percentile=99.9)
+    assert 2.5 < p_high < 4 and -4 < p_low < -2.5
+    m_low, m_high = clip_range(values, "mse")
+    assert m_high < high
+    mse = lambda lo, hi: np.mean((fake_quantize(values, lo, hi) - values) ** 2)  # noqa: E731
+    assert mse(m_low, m_high) < mse(low, high)
+    assert clip_range(np.maximum(values, 0), "minmax")[0] == 0.0  # zero stays in range
+
+
+def test_static_activations_use_calibrated_input_ranges(trained, digits):
+    x, y = digits.train
+    small, report = kshrink.compress(trained, Quantize(activation_bits=8, calibration="minmax"),
+                                     data=(x, y))
+    conv1 = small.get_layer("conv1")
+    assert float(numpy(conv1.input_min)) == 0.0 and float(numpy(conv1.input_max)) == 1.0
+    detail = {r.layer: r.detail for r in report.steps[0].layers}
+    assert "8-bit inputs in [0, 1]" in detail["conv1"]
+    accuracy = lambda m: np.mean(numpy(m.predict(digits.test[0], verbose=0)).argmax(1)  # noqa
+                                 == digits.test[1])
+    assert accuracy(small) >= accuracy(trained) - 0.02
+
+
+def test_qat_folds_batchnorm_trains_ranges_and_ends_in_quantized_layers(trained, digits):
+    x, y = digits.train
+    config = Quantize(mode="int4", group_size=None, activation_bits=8, qat=True)
+    tune = kshrink.FineTune(epochs=2, batch_size=64, learning_rate=5e-4, verbose=False)
+    small, report = kshrink.compress(trained, config, data=(x, y), fine_tune=tune)
+    names = [layer.name for layer in small.layers]
+    assert "bn1" not in names and not any("qat" in n for n in names)
+    details = {r.layer: r.detail for r in report.steps[0].layers}
+    assert details["bn1"] == "folded into conv1 before training"
+    conv2 = small.get_layer("conv2")
+    assert conv2.mode == "int4" and conv2.activation_bits == 8
+    x_test, y_test = digits.test
+    qat_accuracy = np.mean(numpy(small.predict(x_test, verbose=0)).argmax(1) == y_test)
+    ptq, _ = kshrink.compress(trained, Quantize(mode="int4", group_size=None))
+    ptq_accuracy = np.mean(numpy(ptq.predict(x_test, verbose=0)).argmax(1) == y_test)
+    assert qat_accuracy >= ptq_accuracy - 0.01
+    assert qat_accuracy > 0.85
+
+
+def test_qat_wrapper_rounds_kernels_to_the_deployed_grid(cnn, images):
+    layer = cnn.get_layer("conv2")
+    wrapper = QuantizeAwareWrapper(layer, mode="int8")
+    wrapper.build(layer.input.shape)
+    (fake,) = wrapper.substitutes().values()
+    from kshrink.quantize.layers import quantize_layer
+
+    deployed = quantize_layer(layer, "int8")
+    np.testing.assert_allclose(numpy(fake), numpy(deployed.dequantized("kernel")), atol=1e-7)
+
+
+def test_sensitivity_ranks_layers_reproducibly(trained, digits):
+    first = kshrink.quantize.sensitivity(trained, digits.test, mode="int4", group_size=None,
+                                         samples=200, seed=3)
+    again = kshrink.quantize.sensitivity(trained, digits.test, mode="int4", group_size=None,
+                                         samples=200, seed=3)
+    assert first == again
+    assert sorted(e.layer for e in first.layers) == ["conv1", "conv2", "fc1", "fc2"]
+    drops = [e.accuracy_drop for e in first.layers]
+    assert drops == sorted(drops, reverse=True)
+    assert all(e.output_error > 0 for e in first.layers)
+    assert "accuracy drop" in first.table().to_text()

@@ -4,7 +4,8 @@ memory as the increase over a process that only imported Keras.
 
 Models (random weights; loading does not care): a wide MLP (1024-4096-4096-1000) and a
 ResNet-50-shaped CNN (keras.applications.ResNet50, weights=None). kshrink's int8 covers Dense
-layers through Keras; Conv layers stay float32 until kshrink has int8 convolutions.
+layers through Keras and Conv layers with its own quantized layers; both stay int8 in memory.
+The int8 `.keras` file loaded by `keras.saving.load_model` is measured too.
 
 Run: .venv/bin/python benchmarks/load_large.py [--runs 5]
 """
@@ -45,8 +46,12 @@ def main():
             small, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
             compact_path = Path(tmp) / f"{model.name}-int8.kshrink"
             kshrink.save(small, compact_path)
+            int8_path = Path(tmp) / f"{model.name}-int8.keras"
+            small.save(int8_path)
             for label, path, loader, m in (("float .keras, keras.saving.load_model", float_path,
                                             "keras", model),
+                                           ("int8 .keras, keras.saving.load_model", int8_path,
+                                            "keras", small),
                                            ("int8 .kshrink, kshrink.load", compact_path,
                                             "kshrink", small)):
                 cost = load_cost(path, runs=args.runs, loader=loader)

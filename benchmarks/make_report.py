@@ -50,24 +50,32 @@ def quantize_section(data):
     rows = []
     for model, variants in by_model.items():
         base = variants["float32"]
+
+        def maybe(value, fmt):
+            return "-" if value is None else fmt(value)
+
         for variant, r in variants.items():
             rows.append((
-                model, variant, f"{r['weight_bytes']:,}", f"{r['file_bytes']:,}",
-                f"{base['file_bytes'] / r['file_bytes']:.2f}x",
-                f"{r['test_accuracy']:.4f}",
+                model, variant, f"{100 * r['test_accuracy']:.2f}%",
                 f"{(r['test_accuracy'] - base['test_accuracy']) * 100:+.2f} pp",
-                f"{r['load_seconds_median'] * 1e3:.0f} ms",
-                f"{r['load_peak_bytes_median'] / 1e6:.2f} MB",
+                maybe(r["weight_bytes"], lambda v: f"{v:,}"),
+                maybe(r["weight_ratio"], lambda v: f"{v:.3f}x"),
+                f"{r['file_bytes']:,}",
+                maybe(r["loaded_resident_bytes"], lambda v: f"{v / 1e6:.2f} MB"),
             ))
-    runs = data["rows"][0]["load_runs"]
     return "\n\n".join([
-        "## Weight-only quantization through Keras (Dense layers)",
-        "`benchmarks/quantize_keras_native.py`: `kshrink.Quantize` delegates Dense/EinsumDense/"
-        "Embedding to `model.quantize`; Conv layers stay float32 (LeNet-5's convs hold 26k of "
-        f"its 431k weights). Load figures are medians of {runs} fresh processes, memory as "
-        "the increase over a process that only imported Keras.",
-        table(("model", "weights", "weight bytes", ".keras bytes", "smaller by",
-               "test accuracy", "change", "load time", "load peak memory"), rows),
+        "## Quantizing whole CNNs",
+        "`benchmarks/quantize_cnn.py`, from the same trained float model each time. Keras' "
+        "`model.quantize` leaves Conv layers in float; the TFLite row is the converter's "
+        "full-integer quantization with the same 512 calibration images, run by the TFLite "
+        "interpreter (its file is a `.tflite`, so no weight bytes or Keras load). kshrink's "
+        "QAT rows fine-tune with distillation from the float model. *Loaded memory* is what "
+        "a fresh process still holds after `keras.saving.load_model` of the `.keras` file "
+        "(median), over a process that only imported Keras: for models this small it is "
+        "dominated by Keras' own bookkeeping, see the 25M-parameter section for weights that "
+        "dominate.",
+        table(("model", "variant", "test accuracy", "vs float", "weight bytes", "vs float",
+               "file bytes", "loaded memory"), rows),
         environment_line(data["environment"]),
     ])
 
@@ -152,8 +160,9 @@ def load_large_section(data):
     for r in data["rows"]:
         by_model.setdefault(r["model"], []).append(r)
     rows = []
-    for model, (base, small) in by_model.items():
-        for r in (base, small):
+    for model, variants in by_model.items():
+        base = variants[0]
+        for r in variants:
             rows.append((model, f"{r['parameters']:,}", r["file"], f"{r['file_bytes'] / 1e6:.1f} MB",
                          f"{r['load_seconds_median'] * 1e3:.0f} ms",
                          f"{r['load_seconds_median'] / base['load_seconds_median']:.2f}x",
@@ -164,8 +173,8 @@ def load_large_section(data):
     return "\n\n".join([
         "## Loading ~25M-parameter models",
         f"`benchmarks/load_large.py`: medians of {runs} fresh processes; memory is the increase "
-        "over a process that only imported Keras. int8 covers Dense layers (through Keras); "
-        "ResNet-50's convolutions stay float32 until kshrink has int8 convolutions.",
+        "over a process that only imported Keras. int8 covers Dense layers (through Keras) and "
+        "convolutions (kshrink's quantized layers); both stay int8 in memory.",
         table(("model", "parameters", "file", "size", "load time", "vs float", "peak memory",
                "vs float", "resident after load"), rows),
         environment_line(data["environment"]),
@@ -177,7 +186,7 @@ def main():
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
                 "`benchmarks/results/`; rerun a script, then `benchmarks/make_report.py`."]
     for name, render in (("zoo_baselines", zoo_section),
-                         ("quantize_keras_native", quantize_section),
+                         ("quantize_cnn", quantize_section),
                          ("prune_lenet", prune_section),
                          ("deep_compression", deep_compression_section),
                          ("load_large", load_large_section),

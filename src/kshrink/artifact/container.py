@@ -91,47 +91,53 @@ def load(path, *, safe_mode: bool = True) -> keras.Model:
     except Exception as e:  # safetensors reports malformed headers and offsets
         raise ArtifactError(f"{path} is not a kshrink file ({_one_line(e)})") from None
     with handle as f:
+        # Blobs are read one at a time, twice: once for the checksum, once to decode into
+        # the variables, so the whole file is never held in memory beside the model.
+        def blob(name):
+            try:
+                return f.get_tensor(name)
+            except Exception as e:
+                raise ArtifactError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
+
+        names = set(f.keys())
         stamp = _read_stamp((f.metadata() or {}).get(FORMAT))
-        if stamp is None or HEADER not in f.keys():
+        if stamp is None or HEADER not in names:
             raise ArtifactError(f"{path} is a safetensors file, not a kshrink file")
         if stamp.get("version") != VERSION:
             raise ArtifactError(f"{path}: format version {stamp.get('version')!r}; this "
                                 f"kshrink reads version {VERSION}")
+        if _digest(names, blob) != stamp.get("sha256"):
+            raise ArtifactError(f"{path} is corrupt: its checksum does not match")
         try:
-            blobs = {name: f.get_tensor(name) for name in f.keys()}
+            text = decompress(blob(HEADER).tobytes(), MAX_HEADER).decode()
+        except (EncodingError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{path}: unreadable header ({_one_line(e)})") from None
+        body = _parse_body(text, path)
+        tensors = _check_tensors(body["tensors"], names - {HEADER}, path)
+        _check_config_sizes(body["config"], tensors, path)
+        _check_classes(body["config"], safe_mode, path)
+        try:
+            model = keras.saving.deserialize_keras_object(body["config"], safe_mode=safe_mode)
         except Exception as e:
-            raise ArtifactError(f"{path} is truncated or corrupt ({_one_line(e)})") from None
-    if _digest(blobs) != stamp.get("sha256"):
-        raise ArtifactError(f"{path} is corrupt: its checksum does not match")
-    try:
-        text = decompress(blobs.pop(HEADER).tobytes(), MAX_HEADER).decode()
-    except (EncodingError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable header ({_one_line(e)})") from None
-    body = _parse_body(text, path)
-    tensors = _check_tensors(body["tensors"], blobs, path)
-    _check_config_sizes(body["config"], tensors, path)
-    _check_classes(body["config"], safe_mode, path)
-    try:
-        model = keras.saving.deserialize_keras_object(body["config"], safe_mode=safe_mode)
-    except Exception as e:
-        raise ArtifactError(f"{path}: the model config cannot be rebuilt ({_one_line(e)})") from None
-    if not isinstance(model, keras.Model):
-        raise ArtifactError(f"{path}: the config is not a Keras model")
-    variables = dict(_named_variables(model))
-    if sorted(variables) != sorted(t["path"] for t in tensors):
-        raise ArtifactError(f"{path}: the stored tensors do not match the model's variables")
-    for t in tensors:
-        variable = variables[t["path"]]
-        if list(variable.shape) != t["shape"] or str(variable.dtype) != t["dtype"]:
             raise ArtifactError(
-                f"{path}: tensor {t['path']} is {t['dtype']}{t['shape']}, the model expects "
-                f"{variable.dtype}{list(variable.shape)}")
-        try:
-            values = decode(t["encoding"], blobs[t["blob"]].tobytes(), np.dtype(t["dtype"]),
-                            t["size"])
-        except EncodingError as e:
-            raise ArtifactError(f"{path}: tensor {t['path']}: {e}") from None
-        variable.assign(values.reshape(t["shape"]))
+                f"{path}: the model config cannot be rebuilt ({_one_line(e)})") from None
+        if not isinstance(model, keras.Model):
+            raise ArtifactError(f"{path}: the config is not a Keras model")
+        variables = dict(_named_variables(model))
+        if sorted(variables) != sorted(t["path"] for t in tensors):
+            raise ArtifactError(f"{path}: the stored tensors do not match the model's variables")
+        for t in tensors:
+            variable = variables[t["path"]]
+            if list(variable.shape) != t["shape"] or str(variable.dtype) != t["dtype"]:
+                raise ArtifactError(
+                    f"{path}: tensor {t['path']} is {t['dtype']}{t['shape']}, the model "
+                    f"expects {variable.dtype}{list(variable.shape)}")
+            try:
+                values = decode(t["encoding"], blob(t["blob"]).tobytes(), np.dtype(t["dtype"]),
+                                t["size"])
+            except EncodingError as e:
+                raise ArtifactError(f"{path}: tensor {t['path']}: {e}") from None
+            variable.assign(values.reshape(t["shape"]))
     return model
 
 
@@ -153,7 +159,8 @@ def _named_variables(model: keras.Model, prefix: str = "") -> list:
 
 def _stamp(blobs: dict) -> str:
     # One metadata entry: safetensors does not keep the order of several.
-    return json.dumps({"sha256": _digest(blobs), "version": VERSION}, sort_keys=True)
+    return json.dumps({"sha256": _digest(blobs, blobs.get), "version": VERSION},
+                      sort_keys=True)
 
 
 def _read_stamp(text):
@@ -164,11 +171,12 @@ def _read_stamp(text):
     return stamp if isinstance(stamp, dict) else None
 
 
-def _digest(blobs: dict) -> str:
+def _digest(names, blob) -> str:
+    """SHA-256 over every blob's name and bytes, in name order; `blob(name)` reads one."""
     h = hashlib.sha256()
-    for name in sorted(blobs):
+    for name in sorted(names):
         h.update(name.encode())
-        h.update(np.ascontiguousarray(blobs[name]).tobytes())
+        h.update(np.ascontiguousarray(blob(name)).tobytes())
     return h.hexdigest()
 
 
@@ -184,7 +192,7 @@ def _parse_body(text: str, path: Path) -> dict:
     return body
 
 
-def _check_tensors(tensors: list, blobs: dict, path: Path) -> list:
+def _check_tensors(tensors: list, blobs: set, path: Path) -> list:
     """Validates every declared tensor and its total size before anything is decoded."""
     checked, total = [], 0
     for t in tensors:

@@ -1,13 +1,14 @@
 """Runs in a fresh process: loads one model file and prints the time and memory it took.
 
 Started as a script by `kshrink.measure.load`, so it never imports kshrink unless the file
-needs kshrink's loader. Memory is the increase over the process after `import keras` (which
+needs kshrink's loader or holds kshrink's quantized layers. Memory is the increase over the process after `import keras` (which
 alone costs hundreds of MB): peak from VmHWM after resetting it, resident from VmRSS.
 """
 
 import json
 import sys
 import time
+import zipfile
 
 
 def _status_kib(field):
@@ -23,6 +24,11 @@ def _reset_peak():
         f.write("5")
 
 
+def _needs_kshrink_layers(path):
+    with zipfile.ZipFile(path) as archive:
+        return '"kshrink>' in archive.read("config.json").decode()
+
+
 def main(path, loader):
     import keras
 
@@ -32,6 +38,8 @@ def main(path, loader):
 
         load = kshrink.load
     else:
+        if _needs_kshrink_layers(path):
+            import kshrink.quantize  # noqa: F401  registers the quantized layer classes
         load = keras.saving.load_model
     rss_before = _status_kib("VmRSS")
     _reset_peak()

@@ -175,3 +175,14 @@ def test_convert_refuses_bad_input_with_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "convert", junk, tmp_path / "out.keras")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not a kshrink file" in err
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_sensitivity_ranks_every_layer_as_json(lenet, capsys):
+    code, stdout, _ = run_cli(capsys, "sensitivity", lenet, "--data", "mnist", "--mode", "int4",
+                              "--samples", "300", "--format", "json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert [e["layer"] for e in result["layers"]] != [] and result["mode"] == "int4"
+    assert sorted(e["layer"] for e in result["layers"]) == ["fc1", "fc2", "fc3"]
+    drops = [e["accuracy_drop"] for e in result["layers"]]
+    assert drops == sorted(drops, reverse=True)

@@ -110,6 +110,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output .keras or .kshrink file")
     p.set_defaults(run=_convert)
 
+    p = sub.add_parser("sensitivity",
+                       help="quantize one layer at a time and rank layers by what it costs")
+    p.add_argument("model", help=".keras or .kshrink file (float)")
+    p.add_argument("--data", required=True, help="mnist, fashion_mnist, digits or FILE.npz")
+    p.add_argument("--mode", choices=("int8", "int4", "float16", "bfloat16"), default="int8")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: inputs per scale group (default: one scale per channel)")
+    p.add_argument("--samples", type=int, default=2000, help="test examples used")
+    p.add_argument("--seed", type=int, default=0, help="which examples are drawn")
+    p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.set_defaults(run=_sensitivity)
+
     p = sub.add_parser("techniques", help="list the registered techniques and their options")
     p.set_defaults(run=_techniques)
 
@@ -186,6 +198,25 @@ def _convert(args) -> int:
     save_model_file(model, target)
     before, after = file_size(source).bytes, file_size(target).bytes
     print(f"wrote {target}: {after:,} bytes ({before:,} before, {before / after:.2f}x)")
+    return 0
+
+
+def _sensitivity(args) -> int:
+    from kshrink.io import load_model_file
+    from kshrink.quantize import sensitivity
+
+    model = load_model_file(args.model)
+    data = _data(args.data, model)
+    with _status(f"quantizing one layer at a time to {args.mode}"):
+        report = sensitivity(model, data.test, mode=args.mode, group_size=args.group_size,
+                             samples=args.samples, seed=args.seed)
+    if args.format == "json":
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = report.table()
+        print(table.to_markdown() if args.format == "md" else table.to_text())
     return 0
 
 

@@ -65,5 +65,6 @@ def test_registry_lists_quantize_with_its_options():
     options = {name: default for name, _, default, _ in Quantize.options()}
     assert options == {"mode": "int8", "group_size": 128, "activation_bits": None,
                        "calibration": "percentile", "percentile": 99.99,
-                       "calibration_samples": 512, "qat": False, "overrides": (),
+                       "calibration_samples": 512, "qat": False, "fold_batchnorm": True,
+                       "overrides": (),
                        "layers": None, "exclude": None}

@@ -83,7 +83,7 @@ def test_qat_folds_batchnorm_trains_ranges_and_ends_in_quantized_layers(trained,
     names = [layer.name for layer in small.layers]
     assert "bn1" not in names and not any("qat" in n for n in names)
     details = {r.layer: r.detail for r in report.steps[0].layers}
-    assert details["bn1"] == "folded into conv1 before training"
+    assert details["bn1"] == "folded into conv1 before quantizing"
     conv2 = small.get_layer("conv2")
     assert conv2.mode == "int4" and conv2.activation_bits == 8
     x_test, y_test = digits.test

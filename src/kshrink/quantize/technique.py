@@ -79,7 +79,7 @@ class QuantizeHandler(Handler):
         if config.qat and ctx.train_steps is None:
             raise KshrinkError("quantize: qat=true trains the model: pass data=(x, y) and "
                                "fine_tune=FineTune(...)")
-        if config.qat:
+        if config.fold_batchnorm:
             model = _fold_batchnorm(model, ctx)
         chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
         plans = _plans(model, chosen, config, ctx)
@@ -113,11 +113,12 @@ class QuantizeHandler(Handler):
 
 
 def _fold_batchnorm(model, ctx: StepContext):
-    """Training with BN folded in makes the fake-quantized kernels the ones deployed."""
+    """BN folded into the kernels first, so the quantized kernels are the ones that run (and
+    QAT trains those)."""
     plan = plan_folds(model, batchnorm=True, noops=False)
     for layer in leaf_layers(model):
         if layer.name in plan.folds:
-            ctx.applied(layer, f"folded into {plan.folds[layer.name]} before training")
+            ctx.applied(layer, f"folded into {plan.folds[layer.name]} before quantizing")
     return fold(model, plan) if plan.folds else model
 
 
@@ -209,7 +210,7 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
             _check_finite(layer)
             ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None, "Keras"))
         keras_quantize(model, chosen, mode, group_size, bits)
-    ctx.sort_results(model)
+    ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
 
 
@@ -255,9 +256,11 @@ class Quantize(Technique):
         calibration: how a calibrated range is chosen: `"minmax"`, `"percentile"` or `"mse"`.
         percentile: for `"percentile"` calibration.
         calibration_samples: examples of `data` used to calibrate.
-        qat: quantization-aware training: fold BatchNorm into the layers before it, then
-            fine-tune with fake-quantized weights (and inputs, with learned PACT clipping)
-            before quantizing. Needs `data` and `fine_tune`.
+        qat: quantization-aware training: fine-tune with fake-quantized weights (and inputs,
+            with learned PACT clipping) before quantizing. Needs `data` and `fine_tune`.
+        fold_batchnorm: first fold each BatchNormalization into the layer before it (as
+            `fold` does), so the quantized kernels are the ones that run and BN's parameters
+            are gone.
         overrides: per-layer modes, the first matching override wins, e.g. keep the first
             convolution in float: `[{layers: {names: [conv1]}, mode: float}]`.
         layers: the layers to consider (default: all).
@@ -278,6 +281,7 @@ class Quantize(Technique):
     percentile: float = option(99.99, "percentile kept by percentile calibration")
     calibration_samples: int = option(512, "examples used to calibrate")
     qat: bool = option(False, "quantization-aware training (needs fine_tune)")
+    fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
     overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all)")
     exclude: Select | None = option(None, "layers to leave in float")
@@ -290,6 +294,7 @@ class Quantize(Technique):
         check_range(self.name, "percentile", self.percentile, 50, 100)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
         check_bool(self.name, "qat", self.qat)
+        check_bool(self.name, "fold_batchnorm", self.fold_batchnorm)
         if self.qat and self.mode in FLOAT_MODES:
             raise RecipeError(f"{self.name}: qat applies to int8 and int4. "
                                f"Received: mode={self.mode!r}")

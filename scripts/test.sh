@@ -9,5 +9,5 @@ KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 "$@" tests
 for backend in jax torch; do
   echo "== contract, pruning, clustering, quantization and folding tests on the $backend backend"
   KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 "$@" tests/contract tests/prune \
-    tests/cluster tests/quantize tests/fold
+    tests/cluster tests/quantize tests/fold tests/lowrank
 done

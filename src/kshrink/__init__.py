@@ -39,11 +39,12 @@ _EXPORTS = {
     "KshrinkError": "kshrink.errors",
     "Cluster": "kshrink.cluster",
     "Fold": "kshrink.fold",
+    "LowRank": "kshrink.lowrank",
     "Prune": "kshrink.prune",
     "Quantize": "kshrink.quantize",
     "Override": "kshrink.quantize",
 }
-_SUBMODULES = ("cluster", "datasets", "fold", "measure", "prune", "quantize", "zoo")
+_SUBMODULES = ("cluster", "datasets", "fold", "lowrank", "measure", "prune", "quantize", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import keras
+import numpy as np
 
 from kshrink.errors import UnsupportedModelError
 
@@ -78,3 +79,81 @@ def replace_layers(model: keras.Model, replace) -> keras.Model:
     `replace` may return the layer itself, which is then shared, weights and all.
     """
     return keras.models.clone_model(model, clone_function=replace, recursive=True)
+
+
+def rewrite(model: keras.Model, replace) -> keras.Model:
+    """The same graph with each top-level layer `l` replaced by `replace(l)`:
+
+    - `l` itself: kept (shared, weights and all);
+    - another layer: used instead (it must take the same inputs);
+    - a list of layers: applied in a chain, e.g. a factorized Dense as two Dense layers;
+    - an empty list: removed, its input passed on (a single-input layer only).
+
+    Works on Sequential and functional models through public Keras API (`clone_model` with a
+    `call_function`), without tracing. Nested models are kept as they are.
+    """
+    replacements = {id(layer): replace(layer) for layer in model.layers}
+
+    def chain(layer):
+        found = replacements.get(id(layer), layer)
+        return found if isinstance(found, list) else [found]
+
+    if isinstance(model, keras.Sequential):
+        layers = [new for layer in model.layers for new in chain(layer)]
+        source = model.inputs[0]
+        return keras.Sequential([keras.Input(source.shape[1:], dtype=source.dtype)] + layers,
+                                name=model.name)
+
+    def call(layer, *args, **kwargs):
+        layers = chain(layer)
+        if not layers:
+            return args[0]
+        outputs = layers[0](*args, **kwargs)
+        for later in layers[1:]:
+            outputs = later(outputs)
+        return outputs
+
+    # clone_model wants one layer back per layer; `call` applies the chain.
+    return keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                    call_function=call)
+
+
+def layer_inputs(model: keras.Model, x, wanted: set, batch_size: int = 128) -> list:
+    """(layer, its input on `x`) for each top-level layer of `model` whose id is in `wanted`
+    or that is a nested model holding such a layer.
+
+    Layers may be shared with earlier versions of the model (techniques rebuild graphs), so
+    their first call is not necessarily this model's: inputs are captured while the graph is
+    rebuilt (functional) or the layers are run in order (Sequential).
+    """
+    def needed(layer):
+        return id(layer) in wanted or (isinstance(layer, keras.Model)
+                                       and any(id(l) in wanted for l in _all_layers(layer)))
+
+    if isinstance(model, keras.Sequential):
+        found = {}
+        for start in range(0, len(x), batch_size):
+            values = x[start:start + batch_size]
+            for layer in model.layers:
+                if needed(layer):
+                    found.setdefault(id(layer), (layer, []))[1].append(
+                        keras.ops.convert_to_numpy(values))
+                values = layer(values, training=False)
+        return [(layer, np.concatenate(parts)) for layer, parts in found.values()]
+
+    captured = []
+
+    def record(layer, *args, **kwargs):
+        if needed(layer):
+            captured.append((layer, args[0]))
+        return layer(*args, **kwargs)
+
+    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                       call_function=record)
+    if not captured:
+        return []
+    probe = keras.Model(rebuilt.inputs, [tensor for _, tensor in captured])
+    outputs = probe.predict(x, batch_size=batch_size, verbose=0)
+    if len(captured) == 1:
+        outputs = [outputs]
+    return [(layer, values) for (layer, _), values in zip(captured, outputs)]

@@ -229,7 +229,8 @@ class Handler:
 _BY_NAME: dict[str, type[Technique]] = {}
 _HANDLERS: dict[type[Technique], Handler] = {}
 # kshrink's own techniques register when their modules are imported; lookups import them first.
-_BUILTIN_MODULES = ("kshrink.cluster", "kshrink.fold", "kshrink.prune", "kshrink.quantize")
+_BUILTIN_MODULES = ("kshrink.cluster", "kshrink.fold", "kshrink.lowrank", "kshrink.prune",
+                    "kshrink.quantize")
 
 
 def _load_builtins() -> None:

@@ -6,8 +6,8 @@ between, and nothing else reading that layer's output) computes, at inference,
 written into W and b. The BN layer then disappears from the graph. Dropout, Identity and
 linear Activation layers do nothing at inference and disappear too.
 
-The graph is rebuilt through public Keras API only (`clone_model` with a `call_function` that
-skips removed layers), so it works on every backend without tracing.
+The graph is rebuilt through public Keras API only (`core.graph.rewrite`), so it works on
+every backend without tracing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from kshrink.core.graph import is_functional
+from kshrink.core.graph import is_functional, rewrite
 
 # Layer classes whose kernel's last axis (or last two, for Depthwise) indexes output channels.
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
@@ -147,29 +147,18 @@ def fold(model: keras.Model, plan: FoldPlan) -> keras.Model:
     """A new model with `plan` carried out; weights of untouched layers are shared."""
     bn_by_producer = {producer: bn for bn, producer in plan.folds.items()}
     layers = {layer.name: layer for layer in model.layers}
-    skipped = set(plan.folds) | set(plan.removed)
+    removed = set(plan.folds) | set(plan.removed)
 
-    def clone(layer):
+    def replace(layer):
+        if layer.name in removed:
+            return []
         if layer.name not in bn_by_producer:
             return layer
         kernel, bias = folded_weights(layer, layers[bn_by_producer[layer.name]])
-        config = {**layer.get_config(), "use_bias": True}
-        new = type(layer).from_config(config)
+        new = type(layer).from_config({**layer.get_config(), "use_bias": True})
         new.build_from_config(layer.get_build_config())
         new.kernel.assign(kernel)
         new.bias.assign(bias)
         return new
 
-    if isinstance(model, keras.Sequential):
-        kept = [clone(layer) for layer in model.layers if layer.name not in skipped]
-        rebuilt = keras.Sequential([keras.Input(model.inputs[0].shape[1:],
-                                                dtype=model.inputs[0].dtype)] + kept,
-                                   name=model.name)
-        return rebuilt
-
-    def call(layer, *args, **kwargs):
-        if layer.name in skipped:
-            return args[0]
-        return layer(*args, **kwargs)
-
-    return keras.models.clone_model(model, clone_function=clone, call_function=call)
+    return rewrite(model, replace)

@@ -15,6 +15,7 @@ from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
 from kshrink.measure.files import FileSize, file_size
 from kshrink.measure.latency import Latency, latency
 from kshrink.measure.load import LoadCost, load_cost
+from kshrink.measure.macs import macs
 from kshrink.measure.weights import WeightStats, weight_stats
 from kshrink.render import Table, faster, smaller
 
@@ -23,9 +24,10 @@ Progress = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """What one model costs: weights, file, load, latency and (with data) accuracy."""
+    """What one model costs: weights, MACs, file, load, latency and (with data) accuracy."""
 
     weights: WeightStats
+    macs: int
     file: FileSize
     load: LoadCost
     latency: tuple[Latency, ...]
@@ -99,7 +101,7 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
     if data is not None:
         say("accuracy")
         metrics = evaluate(model, *data)
-    return Measurement(weight_stats(model), size, load, timings, metrics)
+    return Measurement(weight_stats(model), macs(model).total, size, load, timings, metrics)
 
 
 def compare(original: keras.Model, compressed: keras.Model, data=None, *, original_path=None,
@@ -156,6 +158,7 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     row("parameters", a.weights.parameters, b and b.weights.parameters, "{:,}".format)
     row("non-zero parameters", a.weights.nonzeros, b and b.weights.nonzeros, "{:,}".format)
     row("weight bytes", a.weights.bytes, b and b.weights.bytes, mb, smaller)
+    row("MACs per example", a.macs, b and b.macs, "{:,}".format, smaller)
     row("file size", a.file.bytes, b and b.file.bytes, mb, smaller)
     row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, smaller)
     row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms", faster)

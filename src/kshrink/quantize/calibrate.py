@@ -17,6 +17,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from kshrink.core.graph import layer_inputs
 from kshrink.errors import KshrinkError
 
 METHODS = ("minmax", "percentile", "mse")
@@ -50,59 +51,11 @@ def input_ranges(model: keras.Model, x, layers, *, method: str = "percentile",
 
 
 def _collect(model, x, wanted: set, ranges: dict, batch_size: int, reduce) -> None:
-    for layer, values in _layer_inputs(model, x, wanted, batch_size):
+    for layer, values in layer_inputs(model, x, wanted, batch_size):
         if isinstance(layer, keras.Model):
             _collect(layer, values, wanted, ranges, batch_size, reduce)
         else:
             ranges[layer.name] = reduce(np.asarray(values, dtype="float32"))
-
-
-def _layer_inputs(model, x, wanted: set, batch_size: int) -> list:
-    """(layer, its input on `x`) for each top-level layer of `model` that is wanted or holds
-    a wanted layer.
-
-    Layers may be shared with earlier versions of the model (techniques rebuild graphs), so
-    their first call is not necessarily this model's: inputs are captured while the graph is
-    rebuilt (functional) or the layers are run in order (Sequential).
-    """
-    def needed(layer):
-        return id(layer) in wanted or (isinstance(layer, keras.Model)
-                                       and any(id(l) in wanted for l in _deep(layer)))
-
-    if isinstance(model, keras.Sequential):
-        found = {}
-        for start in range(0, len(x), batch_size):
-            values = x[start:start + batch_size]
-            for layer in model.layers:
-                if needed(layer):
-                    found.setdefault(id(layer), (layer, []))[1].append(
-                        keras.ops.convert_to_numpy(values))
-                values = layer(values, training=False)
-        return [(layer, np.concatenate(parts)) for layer, parts in found.values()]
-
-    captured = []
-
-    def record(layer, *args, **kwargs):
-        if needed(layer):
-            captured.append((layer, args[0]))
-        return layer(*args, **kwargs)
-
-    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
-                                       call_function=record)
-    if not captured:
-        return []
-    probe = keras.Model(rebuilt.inputs, [tensor for _, tensor in captured])
-    outputs = probe.predict(x, batch_size=batch_size, verbose=0)
-    if len(captured) == 1:
-        outputs = [outputs]
-    return [(layer, values) for (layer, _), values in zip(captured, outputs)]
-
-
-def _deep(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _deep(layer)
 
 
 def clip_range(values: np.ndarray, method: str = "minmax", percentile: float = 99.99,

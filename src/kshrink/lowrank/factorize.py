@@ -1,0 +1,114 @@
+"""Low-rank factorization: a Dense or Conv2D layer becomes two thinner ones.
+
+A Dense kernel W (inputs x units) is replaced by its truncated SVD, split evenly:
+Dense(rank, no bias) with U·sqrt(S), then Dense(units) with sqrt(S)·Vᵀ and the original bias and
+activation. A k x k Conv2D is factorized the same way over its (k·k·inputs x filters) matrix: a
+k x k convolution to `rank` channels, then a 1x1 convolution to the filters. The second layer
+keeps the original name; the first is named `<name>_lowrank`.
+
+The rank is the smallest that keeps a share of the singular values' energy (`energy`), or the
+smallest whose layer output on calibration data is within a relative error (`tolerance`):
+`||f_r(x) - f(x)|| <= tolerance * ||f(x)||`. A layer is factorized only if that rank needs fewer
+parameters (and so fewer MACs) than the layer has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.core.kernels import as_matrix
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """The SVD of a layer's kernel matrix, largest singular value first."""
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+
+    @staticmethod
+    def of(layer) -> Factorization:
+        kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
+        u, s, vt = np.linalg.svd(as_matrix(kernel), full_matrices=False)
+        return Factorization(u, s, vt)
+
+    def rank_for_energy(self, energy: float) -> int:
+        kept = np.cumsum(self.s ** 2) / max(np.sum(self.s ** 2), 1e-300)
+        return int(np.searchsorted(kept, energy - 1e-12) + 1)
+
+
+def is_factorizable(layer) -> str | None:
+    """None if `layer` can be factorized, else the reason it cannot."""
+    kind = type(layer)
+    if kind is keras.layers.Dense:
+        return None
+    if kind is keras.layers.Conv2D:
+        config = layer.get_config()
+        if config["groups"] != 1:
+            return "grouped convolutions are not factorized"
+        if config["data_format"] != "channels_last":
+            return "channels_first convolutions are not factorized"
+        return None
+    return f"{kind.__name__}: only Dense and Conv2D are factorized"
+
+
+def parameters(layer, rank: int) -> tuple[int, int]:
+    """(kernel parameters now, kernel parameters at `rank`)."""
+    *inputs, columns = layer.kernel.shape
+    rows = int(np.prod(inputs))
+    return rows * columns, rank * (rows + columns)
+
+
+def factorized(layer, svd: Factorization, rank: int) -> list:
+    """The two built layers that replace `layer` at `rank`."""
+    config = layer.get_config()
+    root = np.sqrt(svd.s[:rank])
+    first_kernel = (svd.u[:, :rank] * root).astype("float32")
+    second_kernel = (root[:, None] * svd.vt[:rank]).astype("float32")
+    input_shape = layer.get_build_config()["input_shape"]
+    if isinstance(layer, keras.layers.Dense):
+        first = keras.layers.Dense(rank, use_bias=False, name=f"{layer.name}_lowrank",
+                                   dtype=config["dtype"])
+        second = keras.layers.Dense.from_config(config)
+        second_kernel = second_kernel.reshape(rank, -1)
+    else:
+        kh, kw, inputs, filters = layer.kernel.shape
+        first = keras.layers.Conv2D(
+            rank, config["kernel_size"], strides=config["strides"], padding=config["padding"],
+            dilation_rate=config["dilation_rate"], use_bias=False,
+            name=f"{layer.name}_lowrank", dtype=config["dtype"])
+        first_kernel = first_kernel.reshape(kh, kw, inputs, rank)
+        second = keras.layers.Conv2D.from_config(
+            {**config, "kernel_size": (1, 1), "strides": (1, 1), "padding": "valid",
+             "dilation_rate": (1, 1)})
+        second_kernel = second_kernel.reshape(1, 1, rank, filters)
+    first.build(input_shape)
+    first.kernel.assign(first_kernel)
+    second.build(first.compute_output_shape(input_shape))
+    second.kernel.assign(second_kernel)
+    if layer.use_bias:
+        second.bias.assign(keras.ops.convert_to_numpy(layer.bias))
+    return [first, second]
+
+
+def output_error(layer, pair: list, x) -> float:
+    """Relative L2 error of the factorized pair's output against the layer's on `x`."""
+    reference = keras.ops.convert_to_numpy(layer(x))
+    approximate = keras.ops.convert_to_numpy(pair[1](pair[0](x)))
+    return float(np.linalg.norm(approximate - reference) / max(np.linalg.norm(reference), 1e-12))
+
+
+def rank_for_tolerance(layer, svd: Factorization, x, tolerance: float) -> int:
+    """The smallest rank whose output error on `x` is within `tolerance` (binary search)."""
+    low, high = 1, len(svd.s)
+    while low < high:
+        middle = (low + high) // 2
+        if output_error(layer, factorized(layer, svd, middle), x) <= tolerance:
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -1,0 +1,112 @@
+"""The `low_rank` technique: Dense and Conv2D layers factorized into two thinner layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kshrink.core.graph import layer_inputs, rewrite
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    StepContext,
+    Technique,
+    check_int,
+    check_range,
+    option,
+    register_technique,
+)
+from kshrink.errors import KshrinkError, RecipeError
+from kshrink.lowrank.factorize import (
+    Factorization,
+    factorized,
+    is_factorizable,
+    parameters,
+    rank_for_tolerance,
+)
+
+
+class LowRankHandler(Handler):
+    trains = True
+
+    def prepare(self, model, config: LowRank, ctx: StepContext):
+        top_level = {id(layer) for layer in model.layers}
+
+        def reason(layer):
+            if id(layer) not in top_level:
+                return "inside a nested model"
+            return is_factorizable(layer)
+
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, reason)
+        inputs = {}
+        if config.tolerance is not None and chosen:
+            if ctx.data is None:
+                raise KshrinkError("low_rank: tolerance measures output error on data: pass "
+                                   "data=(x, y) to compress")
+            x = ctx.data[0][:config.calibration_samples]
+            inputs = {layer.name: values for layer, values in
+                      layer_inputs(model, x, {id(layer) for layer in chosen})}
+        replacements = {}
+        for layer in chosen:
+            svd = Factorization.of(layer)
+            if config.rank is not None:
+                rank, how = min(config.rank, len(svd.s)), "fixed rank"
+            elif config.tolerance is not None:
+                rank = rank_for_tolerance(layer, svd, inputs[layer.name], config.tolerance)
+                how = f"output error <= {config.tolerance:g}"
+            else:
+                rank = svd.rank_for_energy(config.energy)
+                how = f"{config.energy:g} of the energy"
+            before, after = parameters(layer, rank)
+            if after >= before:
+                ctx.skipped(layer, f"rank {rank} of {len(svd.s)} ({how}) would not save "
+                                   "parameters")
+                continue
+            replacements[id(layer)] = factorized(layer, svd, rank)
+            ctx.applied(layer, f"rank {rank} of {len(svd.s)} ({how}): kernel "
+                               f"{before:,} -> {after:,} parameters")
+        if not replacements:
+            return model
+        return rewrite(model, lambda layer: replacements.get(id(layer), layer))
+
+
+@register_technique("low_rank", handler=LowRankHandler(), stage=20)
+@dataclasses.dataclass(frozen=True)
+class LowRank(Technique):
+    """Low-rank factorization of Dense and Conv2D layers (truncated SVD).
+
+    Each chosen layer becomes two: Dense(rank) then Dense(units), or a k x k convolution to
+    `rank` channels then a 1x1 convolution. Only where that needs fewer parameters (and MACs).
+    The rank comes from one knob, first set wins: `rank`, else `tolerance` (relative error of
+    the layer's output on the calibration data), else `energy` (share of the squared singular
+    values kept). Fine-tuning afterwards recovers most of what the truncation costs.
+
+    Args:
+        energy: keep this share of each kernel's singular-value energy.
+        tolerance: largest relative output error per layer on `data`, e.g. 0.05.
+        rank: one fixed rank for every chosen layer.
+        calibration_samples: examples of `data` used with `tolerance`.
+        layers: the layers to consider (default: all Dense and Conv2D).
+        exclude: layers to leave alone.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(model, kshrink.LowRank(tolerance=0.1), data=(x, y),
+                                     fine_tune=kshrink.FineTune(epochs=4))
+    ```
+    """
+
+    energy: float = option(0.9, "share of singular-value energy kept")
+    tolerance: float | None = option(None, "largest relative output error per layer")
+    rank: int | None = option(None, "one fixed rank for every chosen layer")
+    calibration_samples: int = option(512, "examples used to measure output error")
+    layers: Select | None = option(None, "layers to consider (default: all)")
+    exclude: Select | None = option(None, "layers to leave alone")
+
+    def __post_init__(self):
+        check_range(self.name, "energy", self.energy, 0.0, 1.0, high_open=False)
+        if self.energy == 0:
+            raise RecipeError(f"{self.name}: energy must be above 0. Received: energy=0")
+        check_range(self.name, "tolerance", self.tolerance, 0.0, 1.0, allow_none=True)
+        check_int(self.name, "rank", self.rank, low=1, allow_none=True)
+        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

@@ -42,6 +42,7 @@ _EXPORTS = {
     "LowRank": "kshrink.lowrank",
     "Prune": "kshrink.prune",
     "Quantize": "kshrink.quantize",
+    "StructuredPrune": "kshrink.prune",
     "Override": "kshrink.quantize",
 }
 _SUBMODULES = ("cluster", "datasets", "fold", "lowrank", "measure", "prune", "quantize", "zoo")

@@ -20,6 +20,7 @@ CASES = {
     "low_rank": (kshrink.LowRank(energy=0.95), 0.5),  # random weights: no low-rank structure
     "quantize": (kshrink.Quantize(), 0.05),
     "prune": (kshrink.Prune(sparsity=0.2), 0.25),  # random weights: no fine-tuning to recover
+    "structured_prune": (kshrink.StructuredPrune(ratio=0.25), 1.0),  # whole channels go
 }
 
 TECHNIQUES = kshrink.registered_techniques()

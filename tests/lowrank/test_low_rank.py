@@ -15,7 +15,7 @@ def outputs(model, x):
 def low_rank_mlp(rank=6, seed=0):
     """A Dense layer whose kernel has rank `rank` exactly, then a classifier."""
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(name="flatten"),
                               keras.layers.Dense(48, activation="relu", name="fc1"),
                               keras.layers.Dense(10, name="fc2")])
     rng = np.random.default_rng(seed)

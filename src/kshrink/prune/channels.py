@@ -1,0 +1,282 @@
+"""Channel dependency groups on a Keras graph, and rebuilding the graph with channels removed.
+
+Every channel of every tensor in the model is a node of a union-find; layers tie channels
+together: a BatchNormalization's output channel c is its input channel c, a residual Add ties
+channel c of every input to channel c of the output, Concatenate ties input channel i of its
+k-th input to output channel offset_k + i, a Flatten ties each of its outputs to the channel it
+came from. A *group* is a set of tied channels: removing one means removing all of them — the
+output column of every Conv/Dense that produces one, the parameters of every BN on the way,
+and the input rows of every layer that reads one.
+
+A channel of a model input or output, or one a layer kshrink does not understand reads or
+writes, is pinned: its group is never removed, and the report says which layer pinned it.
+Only the channels-last layout is analysed (Keras' default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import is_functional
+
+L = keras.layers
+# A new set of channels from the last axis of the input: (kernel output axis).
+PRODUCERS = (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.SeparableConv1D, L.SeparableConv2D,
+             L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+# Output channel c is a function of input channel c alone (parameters sliced per channel).
+PER_CHANNEL = (L.BatchNormalization, L.DepthwiseConv1D, L.DepthwiseConv2D)
+# Output channel c is input channel c, and nothing to slice.
+PASS_THROUGH = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Softmax, L.Dropout,
+                L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
+                L.GaussianDropout, L.AlphaDropout, L.Identity, L.MaxPooling1D, L.MaxPooling2D,
+                L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+                L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+                L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
+                L.GlobalAveragePooling3D, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
+                L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.Cropping1D, L.Cropping2D,
+                L.Cropping3D)
+MERGES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+
+
+@dataclasses.dataclass
+class Group:
+    """Channels that are removed together.
+
+    Attributes:
+        producers: (layer name, output channel) of every layer that computes one of them.
+        consumers: (layer name, input row) of every layer that reads one of them.
+        per_channel: (layer name, channel) of every per-channel layer (BN, Depthwise) on the way.
+        pinned_by: why the group must stay, or None.
+    """
+
+    producers: list = dataclasses.field(default_factory=list)
+    consumers: list = dataclasses.field(default_factory=list)
+    per_channel: list = dataclasses.field(default_factory=list)
+    pinned_by: str | None = None
+
+    @property
+    def space(self) -> tuple[str, ...]:
+        """The producer layers: groups with the same space are channels of one width."""
+        return tuple(sorted({name for name, _ in self.producers}))
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, item):
+        self.parent.setdefault(item, item)
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a, b):
+        self.parent[self.find(a)] = self.find(b)
+
+
+def graph_calls(model: keras.Model) -> tuple[list, list, list]:
+    """`(calls, inputs, outputs)` of this model's own graph, with fresh symbolic tensors.
+
+    `calls` lists `(layer, input tensors, output tensors)` in execution order. The graph is
+    traced anew because a layer may also belong to earlier versions of the model.
+    """
+    calls = []
+    if isinstance(model, keras.Sequential):
+        source = model.inputs[0]
+        x = inputs = keras.Input(source.shape[1:], dtype=source.dtype)
+        for layer in model.layers:
+            y = layer(x)
+            calls.append((layer, [x], [y]))
+            x = y
+        return calls, [inputs], [x]
+
+    def record(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        calls.append((layer, keras.tree.flatten((args, kwargs)), keras.tree.flatten(outputs)))
+        return outputs
+
+    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                       call_function=record)
+    tensors = [(layer, [t for t in ins if isinstance(t, keras.KerasTensor)], outs)
+               for layer, ins, outs in calls]
+    return tensors, list(rebuilt.inputs), list(rebuilt.outputs)
+
+
+def channel_groups(model: keras.Model) -> list[Group]:
+    """The channel groups of `model` (top level; nested models pin their channels)."""
+    if not (isinstance(model, keras.Sequential) or is_functional(model)):
+        return []
+    calls, inputs, outputs = graph_calls(model)
+    uf = _UnionFind()
+    pins = {}
+    members = defaultdict(lambda: ([], [], []))  # element -> producers, consumers, per-channel
+
+    def width(tensor):
+        return tensor.shape[-1] if len(tensor.shape) >= 2 else None
+
+    def elements(tensor):
+        n = width(tensor)
+        return [(id(tensor), c) for c in range(n)] if isinstance(n, int) else []
+
+    def pin(tensor, why):
+        for element in elements(tensor):
+            pins.setdefault(element, why)
+
+    for tensor in inputs:
+        pin(tensor, "a model input")
+    for tensor in outputs:
+        pin(tensor, "a model output")
+    for layer, ins, outs in calls:
+        why = _cannot_see_through(layer, ins, outs)
+        if why:
+            for tensor in ins + outs:
+                pin(tensor, f"{layer.name} ({why})")
+            continue
+        if isinstance(layer, PRODUCERS):
+            (x,), (y,) = ins, outs
+            for element in elements(x):
+                members[element][1].append((layer.name, element[1]))
+            for element in elements(y):
+                members[element][0].append((layer.name, element[1]))
+        elif isinstance(layer, PER_CHANNEL + PASS_THROUGH):
+            (x,), (y,) = ins, outs
+            for a, b in zip(elements(x), elements(y)):
+                uf.union(a, b)
+                if isinstance(layer, PER_CHANNEL):
+                    members[a][2].append((layer.name, a[1]))
+        elif isinstance(layer, MERGES):
+            for x in ins:
+                for a, b in zip(elements(x), elements(outs[0])):
+                    uf.union(a, b)
+        elif isinstance(layer, L.Concatenate):
+            offset = 0
+            for x in ins:
+                for (_, c) in elements(x):
+                    uf.union((id(x), c), (id(outs[0]), offset + c))
+                offset += width(x)
+        elif isinstance(layer, L.Flatten):
+            (x,), (y,) = ins, outs
+            channels = width(x)
+            for (_, j) in elements(y):
+                uf.union((id(y), j), (id(x), j % channels))
+    groups = defaultdict(Group)
+    seen = set(members) | set(pins)
+    for element in seen:
+        group = groups[uf.find(element)]
+        producers, consumers, per_channel = members.get(element, ([], [], []))
+        group.producers += producers
+        group.consumers += consumers
+        group.per_channel += per_channel
+        if element in pins and group.pinned_by is None:
+            group.pinned_by = pins[element]
+    for group in groups.values():
+        for items in (group.producers, group.consumers, group.per_channel):
+            items.sort()
+    return [g for g in groups.values() if g.producers]
+
+
+def _cannot_see_through(layer, ins, outs) -> str | None:
+    """Why the analysis must pin everything `layer` touches, or None if it can follow it."""
+    if isinstance(layer, keras.Model):
+        return "a nested model"
+    if type(layer).__module__.split(".")[0] != "keras":
+        return "a custom layer"
+    known = PRODUCERS + PER_CHANNEL + PASS_THROUGH + MERGES + (L.Concatenate, L.Flatten)
+    if not isinstance(layer, known):
+        return f"{type(layer).__name__} is not analysed"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return "channels_first"
+    if any(len(t.shape) < 2 or not isinstance(t.shape[-1], int) for t in ins + outs):
+        return "a tensor without a known channel axis"
+    single = isinstance(layer, PRODUCERS + PER_CHANNEL + PASS_THROUGH + (L.Flatten,))
+    if single and (len(ins) != 1 or len(outs) != 1):
+        return "called with several inputs"
+    if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and layer.groups != 1:
+        return "a grouped convolution"
+    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D,
+                          L.SeparableConv2D)) and layer.depth_multiplier != 1:
+        return "depth_multiplier above 1"
+    if isinstance(layer, L.BatchNormalization) and layer.axis not in (-1, len(ins[0].shape) - 1,
+                                                                      [-1]):
+        return "normalizes another axis"
+    if isinstance(layer, MERGES) and len({t.shape[-1] for t in ins + outs}) != 1:
+        return "broadcasts over channels"
+    if isinstance(layer, L.Concatenate) and layer.axis not in (-1, len(outs[0].shape) - 1):
+        return "concatenates another axis"
+    last = (-1, [-1], len(outs[0].shape) - 1, [len(outs[0].shape) - 1])
+    if isinstance(layer, L.Softmax) and layer.axis in last or (
+            isinstance(layer, L.Activation) and layer.get_config()["activation"] == "softmax"):
+        return "normalizes across channels"
+    if isinstance(layer, L.PReLU) and layer.shared_axes is None:
+        return "per-position parameters"
+    return None
+
+
+def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
+    """A new model without the channels of the `remove` groups, weights sliced to match."""
+    drop_out, drop_in, drop_per = defaultdict(set), defaultdict(set), defaultdict(set)
+    for group in remove:
+        for name, c in group.producers:
+            drop_out[name].add(c)
+        for name, c in group.consumers:
+            drop_in[name].add(c)
+        for name, c in group.per_channel:
+            drop_per[name].add(c)
+    originals = {layer.name: layer for layer in model.layers}
+
+    def clone(layer):
+        config = layer.get_config()
+        removed = len(drop_out.get(layer.name, ()))
+        if removed:
+            key = "units" if isinstance(layer, L.Dense) else "filters"
+            config[key] -= removed
+        return type(layer).from_config(config)
+
+    rebuilt = keras.models.clone_model(model, clone_function=clone)
+    for layer in rebuilt.layers:
+        original = originals[layer.name]
+        if not original.weights:
+            continue
+        values = [_slice(original, v, drop_in[layer.name], drop_out[layer.name],
+                         drop_per[layer.name]) for v in original.weights]
+        layer.set_weights(values)
+    return rebuilt
+
+
+def _slice(layer, variable, drop_in: set, drop_out: set, drop_per: set) -> np.ndarray:
+    values = keras.ops.convert_to_numpy(variable.value)
+    name = variable.name
+
+    def keep(array, axis, dropped):
+        if not dropped:
+            return array
+        kept = [i for i in range(array.shape[axis]) if i not in dropped]
+        return np.take(array, kept, axis=axis)
+
+    if isinstance(layer, PER_CHANNEL):  # BN parameters, depthwise kernel (.., in, 1) and bias
+        axis = -2 if name == "kernel" else -1
+        return keep(values, axis, drop_per)
+    if isinstance(layer, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
+        if name == "kernel":
+            return keep(keep(values, -1, drop_in), -2, drop_out)
+        return keep(values, -1, drop_out)
+    if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
+        if name == "depthwise_kernel":
+            return keep(values, -2, drop_in)
+        if name == "pointwise_kernel":
+            return keep(keep(values, -2, drop_in), -1, drop_out)
+        return keep(values, -1, drop_out)
+    if name == "kernel":
+        if isinstance(layer, L.Dense) and values.ndim == 2:
+            return keep(keep(values, 0, drop_in), 1, drop_out)
+        return keep(keep(values, -2, drop_in), -1, drop_out)
+    if name == "bias":
+        return keep(values, -1, drop_out)
+    return values

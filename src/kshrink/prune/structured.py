@@ -1,0 +1,221 @@
+"""The `structured_prune` technique: remove whole channels, filters and units, so the model
+is physically smaller and faster (see `prune.channels` for how channels are tied together)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import leaf_layers
+from kshrink.core.kernels import as_matrix
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    StepContext,
+    Technique,
+    check_choice,
+    check_int,
+    check_range,
+    option,
+    register_technique,
+)
+from kshrink.prune.channels import Group, channel_groups, narrowed
+
+IMPORTANCES = ("l1", "l2", "bn_gamma")
+SCOPES = ("layer", "global")
+_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+               keras.layers.Conv3DTranspose)
+
+
+class StructuredPruneHandler(Handler):
+    trains = True
+
+    def prepare(self, model, config: StructuredPrune, ctx: StepContext):
+        layers = {layer.name: layer for layer in model.layers}
+        groups = channel_groups(model)
+        chosen = _chosen_producers(model, config)
+        for group in groups:
+            if group.pinned_by is None and any(n not in chosen for n in group.space):
+                group.pinned_by = "a layer the recipe leaves alone"
+        free = [g for g in groups if g.pinned_by is None]
+        scores = {id(g): _importance(g, layers, config.importance) for g in free}
+        dead = {id(g) for g in free if _is_dead(g, layers)}
+        remove = _choose(free, scores, dead, config)
+        _report(model, groups, remove, ctx)
+        return narrowed(model, remove) if remove else model
+
+
+def _chosen_producers(model, config) -> set[str]:
+    candidates = list(leaf_layers(model))
+    names = {l.name for l in (config.layers.resolve(candidates) if config.layers else candidates)}
+    if config.exclude is not None:
+        names -= {l.name for l in config.exclude.resolve(candidates)}
+    return names
+
+
+def _column(layer, c: int) -> np.ndarray:
+    """The weights that compute output channel `c` of a producer."""
+    kernel = layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+    values = keras.ops.convert_to_numpy(kernel)
+    return as_matrix(values, -2 if isinstance(layer, _TRANSPOSED) else -1)[:, c]
+
+
+def _importance(group: Group, layers: dict, kind: str) -> float:
+    if kind == "bn_gamma":
+        gammas = [abs(float(keras.ops.convert_to_numpy(layers[name].gamma)[c]))
+                  for name, c in group.per_channel
+                  if isinstance(layers[name], keras.layers.BatchNormalization)
+                  and layers[name].scale]
+        if gammas:
+            return sum(gammas)
+    order = 1 if kind == "l1" else 2
+    return float(sum(np.linalg.norm(_column(layers[name], c), order)
+                     for name, c in group.producers))
+
+
+def _is_dead(group: Group, layers: dict) -> bool:
+    """True if every channel of the group is zero whatever the input: removing it is exact."""
+    numpy = keras.ops.convert_to_numpy
+    for name, c in group.producers:
+        layer = layers[name]
+        if np.any(_column(layer, c)) or (layer.use_bias and numpy(layer.bias)[c] != 0):
+            return False
+    for name, c in group.per_channel:
+        layer = layers[name]
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma = numpy(layer.gamma)[c] if layer.scale else 1.0
+            beta = numpy(layer.beta)[c] if layer.center else 0.0
+            shift = beta - gamma * numpy(layer.moving_mean)[c] / np.sqrt(
+                numpy(layer.moving_variance)[c] + layer.epsilon)
+            if shift != 0:
+                return False
+        elif layer.use_bias and numpy(layer.bias)[c] != 0:
+            return False
+    return True
+
+
+def _choose(free: list[Group], scores: dict, dead: set, config) -> list[Group]:
+    """The groups to remove: dead ones always, then the least important up to the ratio."""
+    spaces = defaultdict(list)
+    for group in free:
+        spaces[group.space].append(group)
+    remove = []
+    if config.scope == "layer":
+        for members in spaces.values():
+            keep = _keep_count(len(members), config.ratio, config)
+            ordered = sorted(members, key=lambda g: (id(g) not in dead, scores[id(g)]))
+            removable = len(members) - keep
+            extra_dead = [g for g in ordered[removable:] if id(g) in dead]
+            remove += ordered[:removable] + extra_dead[:max(0, keep - config.min_channels)]
+        return remove
+    # global: importance relative to its own layer's mean, so wide and narrow layers compare
+    relative = {}
+    for members in spaces.values():
+        mean = np.mean([scores[id(g)] for g in members]) or 1.0
+        relative.update({id(g): scores[id(g)] / mean for g in members})
+    budget = int(config.ratio * len(free))
+    ordered = sorted(free, key=lambda g: (id(g) not in dead, relative[id(g)]))
+    taken = defaultdict(int)
+    for group in ordered:
+        members = spaces[group.space]
+        floor = max(config.min_channels, 1)
+        if len(members) - taken[group.space] <= floor:
+            continue
+        if id(group) not in dead and sum(taken.values()) >= budget:
+            continue
+        taken[group.space] += 1
+        remove.append(group)
+    # round each layer's kept width up to a multiple of round_to by giving back the best
+    kept_back = set()
+    for space, members in spaces.items():
+        width = len(members) - taken[space]
+        target = min(len(members), math.ceil(width / config.round_to) * config.round_to)
+        removed_here = sorted((g for g in remove if g.space == space and id(g) not in dead),
+                              key=lambda g: -relative[id(g)])
+        kept_back.update(id(g) for g in removed_here[:target - width])
+    return [g for g in remove if id(g) not in kept_back]
+
+
+def _keep_count(width: int, ratio: float, config) -> int:
+    keep = math.ceil(width * (1 - ratio) / config.round_to) * config.round_to
+    return min(width, max(keep, config.min_channels))
+
+
+def _report(model, groups, remove, ctx: StepContext) -> None:
+    before, after, pinned = defaultdict(int), defaultdict(int), {}
+    removed = {id(g) for g in remove}
+    for group in groups:
+        names = {name for name, _ in group.producers + group.per_channel}
+        names |= {name for name, _ in group.consumers}
+        for name in {n for n, _ in group.producers}:
+            before[name] += 1
+            after[name] += id(group) not in removed
+        if group.pinned_by:
+            for name in names:
+                pinned.setdefault(name, group.pinned_by)
+    shrunk_inputs = {name for g in remove for name, _ in g.consumers + g.per_channel}
+    for layer in leaf_layers(model):
+        if not layer.weights:
+            continue
+        if before.get(layer.name, 0) != after.get(layer.name, 0):
+            ctx.applied(layer, f"{before[layer.name]} -> {after[layer.name]} output channels")
+        elif layer.name in shrunk_inputs:
+            ctx.applied(layer, "follows the channels removed before it")
+        elif layer.name in pinned:
+            ctx.skipped(layer, f"channels pinned by {pinned[layer.name]}")
+        else:
+            ctx.skipped(layer, "no channel removed")
+
+
+@register_technique("structured_prune", handler=StructuredPruneHandler(), stage=25)
+@dataclasses.dataclass(frozen=True)
+class StructuredPrune(Technique):
+    """Removes whole channels (Conv filters, Dense units) so the model really shrinks.
+
+    Channels tied together by the graph (a residual Add, a Concatenate, BatchNorm, Depthwise,
+    pooling, Flatten into a Dense) are removed together, with every weight that reads or
+    writes them; channels the analysis cannot follow (model inputs and outputs, unknown or
+    custom layers, nested models) are kept and reported. Channels that are zero whatever the
+    input (dead units, e.g. after unstructured pruning) are always removed: that is exact.
+    The result is stock Keras layers, narrower.
+
+    Args:
+        ratio: share of the channels to remove: of each layer's (`scope: layer`) or of all
+            prunable channels, least important first (`scope: global`, importance relative to
+            the layer's mean).
+        importance: `"l1"` or `"l2"` norm of the weights computing a channel, or `"bn_gamma"`
+            (|gamma| of the BatchNorm after it; l2 where there is none).
+        scope: `"layer"` or `"global"`.
+        round_to: keep a multiple of this many channels per layer (e.g. 8 for fast kernels).
+        min_channels: never keep fewer channels than this in a layer.
+        layers: the layers whose output channels may be removed (default: all).
+        exclude: layers whose output channels stay.
+
+    For gradual pruning, list the step several times in a recipe with fine-tuning between.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(model, kshrink.StructuredPrune(ratio=0.5), data=(x, y),
+                                     fine_tune=kshrink.FineTune(epochs=3))
+    ```
+    """
+
+    ratio: float = option(0.5, "share of channels to remove")
+    importance: str = option("l1", "l1, l2 or bn_gamma")
+    scope: str = option("layer", "layer or global")
+    round_to: int = option(1, "keep a multiple of this many channels per layer")
+    min_channels: int = option(1, "fewest channels a layer keeps")
+    layers: Select | None = option(None, "layers whose channels may be removed (default: all)")
+    exclude: Select | None = option(None, "layers whose channels stay")
+
+    def __post_init__(self):
+        check_range(self.name, "ratio", self.ratio, 0.0, 1.0, high_open=True)
+        check_choice(self.name, "importance", self.importance, IMPORTANCES)
+        check_choice(self.name, "scope", self.scope, SCOPES)
+        check_int(self.name, "round_to", self.round_to, low=1)
+        check_int(self.name, "min_channels", self.min_channels, low=1)

@@ -133,7 +133,7 @@ def load(path, *, safe_mode: bool = True) -> keras.Model:
                     f"{path}: tensor {t['path']} is {t['dtype']}{t['shape']}, the model "
                     f"expects {variable.dtype}{list(variable.shape)}")
             try:
-                values = decode(t["encoding"], blob(t["blob"]).tobytes(), np.dtype(t["dtype"]),
+                values = decode(t["encoding"], blob(t["blob"]), np.dtype(t["dtype"]),
                                 t["size"])
             except EncodingError as e:
                 raise ArtifactError(f"{path}: tensor {t['path']}: {e}") from None

@@ -39,7 +39,7 @@ def encode(values: np.ndarray) -> tuple[dict, bytes]:
     return best
 
 
-def decode(header: dict, blob: bytes, dtype: np.dtype, size: int) -> np.ndarray:
+def decode(header: dict, blob, dtype: np.dtype, size: int) -> np.ndarray:
     """Decodes a payload into a flat array of `size` values of `dtype`.
 
     Raises:
@@ -110,7 +110,7 @@ def _decode_flat(header: dict, data: bytes, dtype: np.dtype, size: int):
     if kind == "raw":
         need = size * itemsize
         _require(len(data) >= need, "raw payload too short")
-        return np.frombuffer(data, dtype=dtype, count=size).copy(), need
+        return np.frombuffer(data, dtype=dtype, count=size), need  # read-only, no copy
     if kind == "float16":
         _require(dtype == np.float32, "float16 encoding of a non-float32 tensor")
         need = size * 2
@@ -249,7 +249,9 @@ def compress(data: bytes) -> bytes:
                                     write_content_size=True).compress(data)
 
 
-def decompress(blob: bytes, limit: int) -> bytes:
+def decompress(blob, limit: int) -> bytes:
+    """The zstd frame `blob` (bytes or a uint8 array) decompressed, refusing more than
+    `limit` bytes."""
     try:
         params = zstandard.get_frame_parameters(blob)
     except zstandard.ZstdError as e:

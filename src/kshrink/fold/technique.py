@@ -34,14 +34,15 @@ class FoldHandler(Handler):
         return fold(model, plan) if plan.folds or plan.removed else model
 
 
-@register_technique("fold", handler=FoldHandler(), stage=10)
+@register_technique("fold", handler=FoldHandler(), stage=20)
 @dataclasses.dataclass(frozen=True)
 class Fold(Technique):
     """The inference form of a model: fewer layers, same outputs (up to float rounding).
 
     Folds each BatchNormalization into the Conv/Dense/Depthwise layer right before it (which
     gains a bias if it had none) and removes layers that do nothing at inference (Dropout and
-    its variants, Identity, linear Activation). Runs first in a recipe. A BN that cannot be
+    its variants, Identity, linear Activation). A graph transform like `low_rank` and
+    `structured_prune`: it comes before pruning, clustering and quantization. A BN that cannot be
     folded (after an activation, a shared output, a transposed convolution, a nested model)
     stays and is listed with the reason.
 

@@ -171,7 +171,7 @@ def _report(model, groups, remove, ctx: StepContext) -> None:
             ctx.skipped(layer, "no channel removed")
 
 
-@register_technique("structured_prune", handler=StructuredPruneHandler(), stage=25)
+@register_technique("structured_prune", handler=StructuredPruneHandler(), stage=20)
 @dataclasses.dataclass(frozen=True)
 class StructuredPrune(Technique):
     """Removes whole channels (Conv filters, Dense units) so the model really shrinks.

@@ -1,0 +1,133 @@
+"""Physically smaller models: structured channel pruning + BatchNorm folding, and low-rank.
+
+1. The residual Fashion-MNIST CNN (trained): original, BN folded, and structured pruning at
+   each `--ratios` (fine-tuned `--epochs` epochs with distillation, then BN folded).
+2. A ResNet-style CNN with four residual stages (random weights: speed only), same variants
+   without fine-tuning.
+3. LeNet-300-100 low-rank at several output-error tolerances, fine-tuned: parameters vs error.
+
+Latency is Keras on the current backend, `predict_on_batch` at batch 1 and 32: the variants of
+a model are timed in turns (`--rounds` rounds of `--runs` calls each) and each figure is the
+median over rounds, so a slow moment of the machine hits every variant alike.
+Run: .venv/bin/python benchmarks/structured.py [--ratios 0.5 0.6] [--epochs 4]
+"""
+
+import argparse
+
+import keras
+import numpy as np
+from common import median, write_rows
+
+import kshrink
+from kshrink.measure import evaluate, latency, macs, weight_stats
+
+
+def resnet_style(widths=(32, 64, 128, 256), blocks=2, size=64, classes=100):
+    """A ResNet-18-like network: stem, then `blocks` basic blocks per stage."""
+    layers = keras.layers
+    inputs = keras.Input((size, size, 3))
+    x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            name = f"s{stage}b{block}"
+            y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
+                              name=f"{name}_conv1")(x)
+            y = layers.ReLU()(layers.BatchNormalization(name=f"{name}_bn1")(y))
+            y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+            y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+            if stride != 1 or x.shape[-1] != width:
+                x = layers.Conv2D(width, 1, strides=stride, use_bias=False,
+                                  name=f"{name}_proj")(x)
+                x = layers.BatchNormalization(name=f"{name}_proj_bn")(x)
+            x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes, name="classifier")(x), name="resnet_style")
+
+
+def timed(models: dict, x, rounds: int, runs: int) -> dict:
+    """{variant: {batch: median ms}}, variants timed in turns."""
+    samples = {name: {1: [], 32: []} for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for t in latency(model, x, runs=runs):
+                samples[name][t.batch_size].append(t.median_ms)
+    return {name: {b: median(v) for b, v in by.items()} for name, by in samples.items()}
+
+
+def rows_for(label, models: dict, x, accuracy: dict, args) -> list:
+    times = timed(models, x, args.rounds, args.runs)
+    base = times["original"]
+    rows = []
+    for name, model in models.items():
+        rows.append({
+            "model": label, "variant": name,
+            "parameters": weight_stats(model).parameters, "macs": macs(model).total,
+            "latency_b1_ms": round(times[name][1], 3), "latency_b32_ms": round(times[name][32], 3),
+            "speedup_b1": round(base[1] / times[name][1], 3),
+            "speedup_b32": round(base[32] / times[name][32], 3),
+            "test_accuracy": accuracy.get(name),
+            "layers": len(model.layers),
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def structured_variants(model, ratios, data, epochs):
+    variants = {"original": model, "BN folded": kshrink.compress(model, kshrink.Fold())[0]}
+    for ratio in ratios:
+        tune = None if data is None else kshrink.FineTune(
+            epochs=epochs, learning_rate=1e-3, distill=True, verbose=False)
+        keras.utils.set_random_seed(0)
+        small, _ = kshrink.compress(
+            model, [kshrink.StructuredPrune(ratio=ratio, round_to=4), kshrink.Fold()],
+            data=data, fine_tune=tune)
+        variants[f"{int(ratio * 100)}% channels removed + BN folded"] = small
+    return variants
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.6])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--tolerances", type=float, nargs="*", default=[0.2, 0.3, 0.4])
+    parser.add_argument("--only", nargs="*", help="resnet_fashion, resnet_style, low_rank")
+    args = parser.parse_args()
+    rows = []
+    if not args.only or "resnet_fashion" in args.only:
+        fashion = kshrink.datasets.load("fashion_mnist")
+        model = kshrink.zoo.pretrained("resnet_fashion")
+        variants = structured_variants(model, args.ratios, fashion.train, args.epochs)
+        accuracy = {n: evaluate(m, *fashion.test)["accuracy"] for n, m in variants.items()}
+        rows += rows_for("resnet_fashion", variants, fashion.test[0][:64], accuracy, args)
+    if not args.only or "resnet_style" in args.only:
+        keras.utils.set_random_seed(0)
+        model = resnet_style()
+        x = np.random.default_rng(0).random((64, 64, 64, 3), dtype=np.float32)
+        rows += rows_for("resnet_style (random weights)",
+                         structured_variants(model, args.ratios, None, 0), x, {}, args)
+    if not args.only or "low_rank" in args.only:
+        mnist = kshrink.datasets.load("mnist")
+        model = kshrink.zoo.pretrained("lenet_300_100")
+        base = evaluate(model, *mnist.test)["accuracy"]
+        rows.append({"model": "lenet_300_100", "variant": "original",
+                     "parameters": weight_stats(model).parameters, "macs": macs(model).total,
+                     "test_accuracy": base})
+        for tolerance in args.tolerances:
+            keras.utils.set_random_seed(0)
+            small, _ = kshrink.compress(
+                model, kshrink.LowRank(tolerance=tolerance), data=mnist.train,
+                fine_tune=kshrink.FineTune(epochs=args.epochs, learning_rate=5e-4,
+                                           distill=True, verbose=False))
+            rows.append({"model": "lenet_300_100", "variant": f"low rank, tolerance {tolerance}",
+                         "parameters": weight_stats(small).parameters, "macs": macs(small).total,
+                         "test_accuracy": evaluate(small, *mnist.test)["accuracy"]})
+            print(rows[-1], flush=True)
+    write_rows("structured", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from conftest import small_cnn, weights_of
 CASES = {
     "cluster": (kshrink.Cluster(clusters=16), 0.25),
     "fold": (kshrink.Fold(), 1e-5),
-    "low_rank": (kshrink.LowRank(energy=0.95), 0.5),  # random weights: no low-rank structure
+    "low_rank": (kshrink.LowRank(rank=4), 1.0),  # random weights: no low-rank structure
     "quantize": (kshrink.Quantize(), 0.05),
     "prune": (kshrink.Prune(sparsity=0.2), 0.25),  # random weights: no fine-tuning to recover
     "structured_prune": (kshrink.StructuredPrune(ratio=0.25), 1.0),  # whole channels go

@@ -37,8 +37,9 @@ def test_a_rank_deficient_kernel_factorizes_exactly(images):
 
 
 def test_tolerance_bounds_each_layer_output_error(cnn, images):
-    small, report = kshrink.compress(cnn, kshrink.LowRank(tolerance=0.3, layers=kshrink.Select(
-        names=("fc1",))), data=(images, np.zeros(len(images))))
+    config = kshrink.LowRank(tolerance=0.3, min_saving=0.0,
+                             layers=kshrink.Select(names=("fc1",)))
+    small, report = kshrink.compress(cnn, config, data=(images, np.zeros(len(images))))
     (result,) = [r for r in report.steps[0].layers if r.layer == "fc1"]
     assert result.action == "applied" and "output error <= 0.3" in result.detail
     probe = keras.Model(cnn.inputs, cnn.get_layer("fc1").output)
@@ -66,7 +67,8 @@ def test_conv2d_factorizes_into_a_thin_conv_and_a_1x1(cnn, images, tmp_path):
 def test_no_saving_means_no_change(mlp):
     small, report = kshrink.compress(mlp, kshrink.LowRank(energy=1.0))
     assert not report.steps[0].applied
-    assert all("would not save parameters" in r.detail for r in report.steps[0].skipped)
+    assert all("would save less than 25% of the kernel" in r.detail
+               for r in report.steps[0].skipped)
     assert [l.name for l in small.layers] == [l.name for l in mlp.layers]
 
 

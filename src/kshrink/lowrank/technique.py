@@ -57,9 +57,9 @@ class LowRankHandler(Handler):
                 rank = svd.rank_for_energy(config.energy)
                 how = f"{config.energy:g} of the energy"
             before, after = parameters(layer, rank)
-            if after >= before:
-                ctx.skipped(layer, f"rank {rank} of {len(svd.s)} ({how}) would not save "
-                                   "parameters")
+            if after > (1 - config.min_saving) * before:
+                ctx.skipped(layer, f"rank {rank} of {len(svd.s)} ({how}) would save less than "
+                                   f"{config.min_saving:.0%} of the kernel")
                 continue
             replacements[id(layer)] = factorized(layer, svd, rank)
             ctx.applied(layer, f"rank {rank} of {len(svd.s)} ({how}): kernel "
@@ -75,7 +75,8 @@ class LowRank(Technique):
     """Low-rank factorization of Dense and Conv2D layers (truncated SVD).
 
     Each chosen layer becomes two: Dense(rank) then Dense(units), or a k x k convolution to
-    `rank` channels then a 1x1 convolution. Only where that needs fewer parameters (and MACs).
+    `rank` channels then a 1x1 convolution, only where that needs fewer parameters (and MACs)
+    by at least `min_saving`.
     The rank comes from one knob, first set wins: `rank`, else `tolerance` (relative error of
     the layer's output on the calibration data), else `energy` (share of the squared singular
     values kept). Fine-tuning afterwards recovers most of what the truncation costs.
@@ -84,6 +85,8 @@ class LowRank(Technique):
         energy: keep this share of each kernel's singular-value energy.
         tolerance: largest relative output error per layer on `data`, e.g. 0.05.
         rank: one fixed rank for every chosen layer.
+        min_saving: factorize a layer only if its kernel parameters drop by at least this
+            share (a rank that saves little costs accuracy for nothing).
         calibration_samples: examples of `data` used with `tolerance`.
         layers: the layers to consider (default: all Dense and Conv2D).
         exclude: layers to leave alone.
@@ -99,6 +102,7 @@ class LowRank(Technique):
     energy: float = option(0.9, "share of singular-value energy kept")
     tolerance: float | None = option(None, "largest relative output error per layer")
     rank: int | None = option(None, "one fixed rank for every chosen layer")
+    min_saving: float = option(0.25, "factorize only layers whose kernel shrinks by this share")
     calibration_samples: int = option(512, "examples used to measure output error")
     layers: Select | None = option(None, "layers to consider (default: all)")
     exclude: Select | None = option(None, "layers to leave alone")
@@ -109,4 +113,5 @@ class LowRank(Technique):
             raise RecipeError(f"{self.name}: energy must be above 0. Received: energy=0")
         check_range(self.name, "tolerance", self.tolerance, 0.0, 1.0, allow_none=True)
         check_int(self.name, "rank", self.rank, low=1, allow_none=True)
+        check_range(self.name, "min_saving", self.min_saving, 0.0, 1.0, high_open=True)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

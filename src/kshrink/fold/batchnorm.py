@@ -109,7 +109,8 @@ def _refusal(model, bn, producer) -> str | None:
     if producer is None:
         return "no single layer with weights directly before it"
     if isinstance(producer, _TRANSPOSED) or not isinstance(producer, _FOLDABLE):
-        return f"follows {type(producer).__name__} {producer.name!r}, which kshrink cannot fold into"
+        kind = type(producer).__name__
+        return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if type(producer).__module__.split(".")[0] != "keras":
         return f"follows the custom layer {producer.name!r}"
     if producer.get_config().get("activation") not in ("linear", None):

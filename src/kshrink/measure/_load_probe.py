@@ -1,8 +1,9 @@
 """Runs in a fresh process: loads one model file and prints the time and memory it took.
 
 Started as a script by `kshrink.measure.load`, so it never imports kshrink unless the file
-needs kshrink's loader or holds kshrink's quantized layers. Memory is the increase over the process after `import keras` (which
-alone costs hundreds of MB): peak from VmHWM after resetting it, resident from VmRSS.
+needs kshrink's loader or holds kshrink's quantized layers. Memory is the increase over the
+process after `import keras` (which alone costs hundreds of MB): peak from VmHWM after
+resetting it, resident from VmRSS.
 """
 
 import json

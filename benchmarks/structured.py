@@ -17,7 +17,7 @@ import argparse
 
 import keras
 import numpy as np
-from common import median, write_rows
+from common import median, replace_rows, write_rows
 
 import kshrink
 from kshrink.measure import evaluate, latency, macs, weight_stats
@@ -129,7 +129,11 @@ def main():
                          "parameters": weight_stats(small).parameters, "macs": macs(small).total,
                          "test_accuracy": evaluate(small, *mnist.test)["accuracy"]})
             print(rows[-1], flush=True)
-    write_rows("structured", rows)
+    if args.only:  # keep the other models' rows from the last full run
+        rerun = {row["model"] for row in rows}
+        replace_rows("structured", rows, lambda row: row["model"] in rerun)
+    else:
+        write_rows("structured", rows)
 
 
 if __name__ == "__main__":

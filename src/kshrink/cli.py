@@ -178,13 +178,7 @@ def _measure(args) -> int:
                              compressed_path=args.model, progress=progress, **runs)
         else:
             result = measure(model, data, path=args.model, progress=progress, **runs)
-    if args.format == "json":
-        import json
-
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        table = result.table()
-        print(table.to_markdown() if args.format == "md" else table.to_text())
+    _print(result, args.format)
     return 0
 
 
@@ -210,13 +204,7 @@ def _sensitivity(args) -> int:
     with _status(f"quantizing one layer at a time to {args.mode}"):
         report = sensitivity(model, data.test, mode=args.mode, group_size=args.group_size,
                              samples=args.samples, seed=args.seed)
-    if args.format == "json":
-        import json
-
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        table = report.table()
-        print(table.to_markdown() if args.format == "md" else table.to_text())
+    _print(report, args.format)
     return 0
 
 
@@ -258,6 +246,17 @@ def _demo(args) -> int:
     print(f"\nmodels written to {out}/: original.keras, compressed.keras (plain Keras) and "
           "compressed.kshrink (compact; kshrink.load)")
     return 0
+
+
+def _print(result, fmt: str) -> None:
+    """Prints anything with `to_dict()` and `table()` as JSON, Markdown or text."""
+    if fmt == "json":
+        import json
+
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        table = result.table()
+        print(table.to_markdown() if fmt == "md" else table.to_text())
 
 
 def _check_output(target: Path, source: Path) -> None:

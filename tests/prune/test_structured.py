@@ -130,3 +130,20 @@ def test_unknown_layers_and_exclusions_pin_their_channels():
 def test_sequential_models_prune_too(mlp):
     small, _ = kshrink.compress(mlp, StructuredPrune(ratio=0.5))
     assert small.get_layer("fc1").units == 32 and small.get_layer("fc2").units == 10
+
+
+def test_taylor_importance_removes_channels_the_loss_does_not_see(mlp, digits):
+    """fc1 units whose outgoing weights are zero cannot change the loss: Taylor scores them 0
+    (their L1 norm is not) and removing them leaves the outputs exactly as they were."""
+    kernel = np.array(mlp.get_layer("fc2").kernel)
+    unseen = np.arange(0, 64, 2)
+    kernel[unseen] = 0
+    mlp.get_layer("fc2").kernel.assign(kernel)
+    x, y = digits.train
+    small, _ = kshrink.compress(mlp, StructuredPrune(ratio=0.5, importance="taylor"),
+                                data=(x, y))
+    assert small.get_layer("fc1").units == 32
+    np.testing.assert_allclose(outputs(small, x[:16]), outputs(mlp, x[:16]), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(kshrink.KshrinkError, match="taylor importance needs data"):
+        kshrink.compress(mlp, StructuredPrune(importance="taylor"))

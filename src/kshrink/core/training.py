@@ -103,7 +103,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         "adamw": lambda: keras.optimizers.AdamW(rate),
         "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9),
     }[config.optimizer]()
-    loss = _loss(config.loss, y, probabilities)
+    loss = task_loss(reference, y, config.loss)
     trainer = model
     if config.distill:
         if teacher is None:
@@ -135,9 +135,12 @@ def _ends_in_softmax(model: keras.Model) -> bool:
     return getattr(last, "activation", None) is keras.activations.softmax
 
 
-def _loss(name: str, y, probabilities: bool):
+def task_loss(model: keras.Model, y, name: str = "auto"):
+    """The loss `name`, or for `"auto"`: (sparse) categorical cross-entropy on `y`, from logits
+    unless `model` ends in a softmax."""
     if name != "auto":
         return keras.losses.get(name)
+    probabilities = _ends_in_softmax(model)
     y = np.asarray(y)
     if y.ndim <= 1 or (y.ndim == 2 and y.shape[1] == 1):
         return keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import keras
 import numpy as np
 
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import copy_model, leaf_layers, replace_layers
 from kshrink.core.kernels import as_matrix
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -23,9 +23,12 @@ from kshrink.core.technique import (
     option,
     register_technique,
 )
+from kshrink.core.training import task_loss
+from kshrink.errors import KshrinkError
 from kshrink.prune.channels import Group, channel_groups, narrowed
 
-IMPORTANCES = ("l1", "l2", "bn_gamma")
+IMPORTANCES = ("l1", "l2", "bn_gamma", "taylor")
+_GATE_STEP = 1e-3  # SGD step on the channel gates; small enough to leave the model as it is
 SCOPES = ("layer", "global")
 _TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                keras.layers.Conv3DTranspose)
@@ -42,7 +45,15 @@ class StructuredPruneHandler(Handler):
             if group.pinned_by is None and any(n not in chosen for n in group.space):
                 group.pinned_by = "a layer the recipe leaves alone"
         free = [g for g in groups if g.pinned_by is None]
-        scores = {id(g): _importance(g, layers, config.importance) for g in free}
+        taylor = None
+        if config.importance == "taylor":
+            if ctx.data is None:
+                raise KshrinkError("structured_prune: taylor importance needs data: pass "
+                                   "data=(x, y) to compress")
+            producers = {name for g in free for name in g.space}
+            x, y = (part[:config.calibration_samples] for part in ctx.data)
+            taylor = taylor_scores(model, producers, x, y)
+        scores = {id(g): _importance(g, layers, config.importance, taylor) for g in free}
         dead = {id(g) for g in free if _is_dead(g, layers)}
         remove = _choose(free, scores, dead, config)
         _report(model, groups, remove, ctx)
@@ -64,7 +75,9 @@ def _column(layer, c: int) -> np.ndarray:
     return as_matrix(values, -2 if isinstance(layer, _TRANSPOSED) else -1)[:, c]
 
 
-def _importance(group: Group, layers: dict, kind: str) -> float:
+def _importance(group: Group, layers: dict, kind: str, taylor: dict | None = None) -> float:
+    if kind == "taylor":
+        return float(sum(taylor[name][c] for name, c in group.producers))
     if kind == "bn_gamma":
         gammas = [abs(float(keras.ops.convert_to_numpy(layers[name].gamma)[c]))
                   for name, c in group.per_channel
@@ -75,6 +88,39 @@ def _importance(group: Group, layers: dict, kind: str) -> float:
     order = 1 if kind == "l1" else 2
     return float(sum(np.linalg.norm(_column(layers[name], c), order)
                      for name, c in group.producers))
+
+
+class _ChannelGate(keras.layers.Wrapper):
+    """Multiplies a layer's output channels by trainable gates, all 1: the gradient of the
+    loss with respect to gate c is the sum of activation x gradient over channel c."""
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        channels = self.layer.compute_output_shape(input_shape)[-1]
+        self.gate = self.add_weight(name="gate", shape=(channels,), initializer="ones")
+        self.built = True
+
+    def call(self, inputs):
+        return self.layer(inputs) * self.gate
+
+
+def taylor_scores(model, producers: set[str], x, y) -> dict[str, np.ndarray]:
+    """First-order Taylor importance (Molchanov et al., 2017) of every output channel of the
+    `producers`: |sum of activation x gradient of the loss| over `x`.
+
+    Computed without backend code: a copy of the model gets a gate on each producer's output,
+    only the gates train, one epoch of plain SGD with a tiny step moves each gate by the step
+    times the accumulated gradient, and the move is read back.
+    """
+    gated = replace_layers(copy_model(model),
+                           lambda l: _ChannelGate(l) if l.name in producers else l)
+    for layer in leaf_layers(gated):
+        layer.trainable = isinstance(layer, _ChannelGate)
+    gated.compile(optimizer=keras.optimizers.SGD(_GATE_STEP), loss=task_loss(model, y))
+    gated.fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
+    return {layer.layer.name: np.abs(1 - keras.ops.convert_to_numpy(layer.gate)) / _GATE_STEP
+            for layer in leaf_layers(gated) if isinstance(layer, _ChannelGate)}
 
 
 def _is_dead(group: Group, layers: dict) -> bool:
@@ -187,11 +233,13 @@ class StructuredPrune(Technique):
         ratio: share of the channels to remove: of each layer's (`scope: layer`) or of all
             prunable channels, least important first (`scope: global`, importance relative to
             the layer's mean).
-        importance: `"l1"` or `"l2"` norm of the weights computing a channel, or `"bn_gamma"`
-            (|gamma| of the BatchNorm after it; l2 where there is none).
+        importance: `"l1"` or `"l2"` norm of the weights computing a channel, `"bn_gamma"`
+            (|gamma| of the BatchNorm after it; l2 where there is none), or `"taylor"`:
+            |activation x gradient| of the loss on `calibration_samples` of `data`.
         scope: `"layer"` or `"global"`.
         round_to: keep a multiple of this many channels per layer (e.g. 8 for fast kernels).
         min_channels: never keep fewer channels than this in a layer.
+        calibration_samples: examples of `data` used by taylor importance.
         layers: the layers whose output channels may be removed (default: all).
         exclude: layers whose output channels stay.
 
@@ -206,10 +254,11 @@ class StructuredPrune(Technique):
     """
 
     ratio: float = option(0.5, "share of channels to remove")
-    importance: str = option("l1", "l1, l2 or bn_gamma")
+    importance: str = option("l1", "l1, l2, bn_gamma or taylor")
     scope: str = option("layer", "layer or global")
     round_to: int = option(1, "keep a multiple of this many channels per layer")
     min_channels: int = option(1, "fewest channels a layer keeps")
+    calibration_samples: int = option(2048, "examples used by taylor importance")
     layers: Select | None = option(None, "layers whose channels may be removed (default: all)")
     exclude: Select | None = option(None, "layers whose channels stay")
 
@@ -219,3 +268,4 @@ class StructuredPrune(Technique):
         check_choice(self.name, "scope", self.scope, SCOPES)
         check_int(self.name, "round_to", self.round_to, low=1)
         check_int(self.name, "min_channels", self.min_channels, low=1)
+        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

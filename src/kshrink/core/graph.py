@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import keras
-import numpy as np
 
 from kshrink.errors import UnsupportedModelError
 
@@ -118,41 +117,47 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
                                     call_function=call)
 
 
+def graph_calls(model: keras.Model) -> tuple[list, list, list]:
+    """`(calls, inputs, outputs)` of this model's own graph, with fresh symbolic tensors.
+
+    `calls` lists `(layer, input tensors, output tensors)` in execution order. The layers are
+    called anew on symbolic inputs because a layer may also belong to earlier versions of the
+    model, whose nodes `layer.input` / `layer.output` would return.
+    """
+    calls = []
+    if isinstance(model, keras.Sequential):
+        source = model.inputs[0]
+        x = inputs = keras.Input(source.shape[1:], dtype=source.dtype)
+        for layer in model.layers:
+            y = layer(x)
+            calls.append((layer, [x], [y]))
+            x = y
+        return calls, [inputs], [x]
+
+    def record(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        calls.append((layer, keras.tree.flatten((args, kwargs)), keras.tree.flatten(outputs)))
+        return outputs
+
+    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                       call_function=record)
+    tensors = [(layer, [t for t in ins if isinstance(t, keras.KerasTensor)], outs)
+               for layer, ins, outs in calls]
+    return tensors, list(rebuilt.inputs), list(rebuilt.outputs)
+
+
 def layer_inputs(model: keras.Model, x, wanted: set, batch_size: int = 128) -> list:
     """(layer, its input on `x`) for each top-level layer of `model` whose id is in `wanted`
-    or that is a nested model holding such a layer.
-
-    Layers may be shared with earlier versions of the model (techniques rebuild graphs), so
-    their first call is not necessarily this model's: inputs are captured while the graph is
-    rebuilt (functional) or the layers are run in order (Sequential).
-    """
+    or that is a nested model holding such a layer."""
     def needed(layer):
         return id(layer) in wanted or (isinstance(layer, keras.Model)
                                        and any(id(l) in wanted for l in _all_layers(layer)))
 
-    if isinstance(model, keras.Sequential):
-        found = {}
-        for start in range(0, len(x), batch_size):
-            values = x[start:start + batch_size]
-            for layer in model.layers:
-                if needed(layer):
-                    found.setdefault(id(layer), (layer, []))[1].append(
-                        keras.ops.convert_to_numpy(values))
-                values = layer(values, training=False)
-        return [(layer, np.concatenate(parts)) for layer, parts in found.values()]
-
-    captured = []
-
-    def record(layer, *args, **kwargs):
-        if needed(layer):
-            captured.append((layer, args[0]))
-        return layer(*args, **kwargs)
-
-    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
-                                       call_function=record)
+    calls, inputs, _ = graph_calls(model)
+    captured = [(layer, ins[0]) for layer, ins, _ in calls if needed(layer)]
     if not captured:
         return []
-    probe = keras.Model(rebuilt.inputs, [tensor for _, tensor in captured])
+    probe = keras.Model(inputs, [tensor for _, tensor in captured])
     outputs = probe.predict(x, batch_size=batch_size, verbose=0)
     if len(captured) == 1:
         outputs = [outputs]

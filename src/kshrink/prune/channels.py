@@ -21,7 +21,7 @@ from collections import defaultdict
 import keras
 import numpy as np
 
-from kshrink.core.graph import is_functional
+from kshrink.core.graph import graph_calls, is_functional
 
 L = keras.layers
 # A new set of channels from the last axis of the input: (kernel output axis).
@@ -79,34 +79,6 @@ class _UnionFind:
 
     def union(self, a, b):
         self.parent[self.find(a)] = self.find(b)
-
-
-def graph_calls(model: keras.Model) -> tuple[list, list, list]:
-    """`(calls, inputs, outputs)` of this model's own graph, with fresh symbolic tensors.
-
-    `calls` lists `(layer, input tensors, output tensors)` in execution order. The graph is
-    traced anew because a layer may also belong to earlier versions of the model.
-    """
-    calls = []
-    if isinstance(model, keras.Sequential):
-        source = model.inputs[0]
-        x = inputs = keras.Input(source.shape[1:], dtype=source.dtype)
-        for layer in model.layers:
-            y = layer(x)
-            calls.append((layer, [x], [y]))
-            x = y
-        return calls, [inputs], [x]
-
-    def record(layer, *args, **kwargs):
-        outputs = layer(*args, **kwargs)
-        calls.append((layer, keras.tree.flatten((args, kwargs)), keras.tree.flatten(outputs)))
-        return outputs
-
-    rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
-                                       call_function=record)
-    tensors = [(layer, [t for t in ins if isinstance(t, keras.KerasTensor)], outs)
-               for layer, ins, outs in calls]
-    return tensors, list(rebuilt.inputs), list(rebuilt.outputs)
 
 
 def channel_groups(model: keras.Model) -> list[Group]:

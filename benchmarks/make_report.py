@@ -173,8 +173,10 @@ def load_large_section(data):
     return "\n\n".join([
         "## Loading ~25M-parameter models",
         f"`benchmarks/load_large.py`: medians of {runs} fresh processes; memory is the increase "
-        "over a process that only imported Keras. int8 covers Dense layers (through Keras) and "
-        "convolutions (kshrink's quantized layers); both stay int8 in memory.",
+        "over a process that only imported Keras. The int8 models are what "
+        "`kshrink.Quantize(mode=\"int8\")` returns: Dense layers quantized by Keras, "
+        "convolutions by kshrink's quantized layers (both stay int8 in memory), BatchNorm "
+        "folded into the convolutions, so ResNet-50 also has fewer layers to rebuild.",
         table(("model", "parameters", "file", "size", "load time", "vs float", "peak memory",
                "vs float", "resident after load"), rows),
         environment_line(data["environment"]),

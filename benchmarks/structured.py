@@ -21,30 +21,16 @@ from common import median, replace_rows, write_rows
 
 import kshrink
 from kshrink.measure import evaluate, latency, macs, weight_stats
+from kshrink.zoo.models import conv_bn_relu, residual_stages
 
 
 def resnet_style(widths=(32, 64, 128, 256), blocks=2, size=64, classes=100):
     """A ResNet-18-like network: stem, then `blocks` basic blocks per stage."""
-    layers = keras.layers
     inputs = keras.Input((size, size, 3))
-    x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
-    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
-    for stage, width in enumerate(widths):
-        for block in range(blocks):
-            stride = 2 if stage > 0 and block == 0 else 1
-            name = f"s{stage}b{block}"
-            y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
-                              name=f"{name}_conv1")(x)
-            y = layers.ReLU()(layers.BatchNormalization(name=f"{name}_bn1")(y))
-            y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-            y = layers.BatchNormalization(name=f"{name}_bn2")(y)
-            if stride != 1 or x.shape[-1] != width:
-                x = layers.Conv2D(width, 1, strides=stride, use_bias=False,
-                                  name=f"{name}_proj")(x)
-                x = layers.BatchNormalization(name=f"{name}_proj_bn")(x)
-            x = layers.ReLU()(layers.Add()([x, y]))
-    x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(classes, name="classifier")(x), name="resnet_style")
+    x = residual_stages(conv_bn_relu(inputs, widths[0], 3, 1, "stem"), widths, blocks)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="resnet_style")
 
 
 def timed(models: dict, x, rounds: int, runs: int) -> dict:

@@ -56,25 +56,39 @@ def resnet_fashion(widths=(16, 32, 64)) -> keras.Model:
     inputs = keras.Input((28, 28), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
     x = layers.Reshape((28, 28, 1), name="to_channels")(x)
-    x = _conv_bn_relu(x, widths[0], 3, 1, "stem")
-    for stage, width in enumerate(widths, 1):
-        stride = 1 if stage == 1 else 2
-        shortcut = x
-        y = _conv_bn_relu(x, width, 3, stride, f"s{stage}_a")
-        y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"s{stage}_b_conv")(y)
-        y = layers.BatchNormalization(name=f"s{stage}_b_bn")(y)
-        if stride != 1 or shortcut.shape[-1] != width:
-            shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False,
-                                     name=f"s{stage}_proj_conv")(shortcut)
-            shortcut = layers.BatchNormalization(name=f"s{stage}_proj_bn")(shortcut)
-        x = layers.Add(name=f"s{stage}_add")([y, shortcut])
-        x = layers.ReLU(name=f"s{stage}_out")(x)
+    x = conv_bn_relu(x, widths[0], 3, 1, "stem")
+    x = residual_stages(x, widths)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(10, activation="softmax", name="classifier")(x)
     return keras.Model(inputs, outputs, name="resnet_fashion")
 
 
-def _conv_bn_relu(x, width, kernel, stride, name):
+def residual_stages(x, widths, blocks: int = 1):
+    """ResNet basic blocks: `blocks` per stage, one stage per width, each stage after the
+    first starting with stride 2; a 1x1 projection where the shortcut changes shape.
+
+    Layers are named `s<stage>_...`, or `s<stage>b<block>_...` with several blocks per stage.
+    """
+    for stage, width in enumerate(widths, 1):
+        for block in range(blocks):
+            stride = 2 if stage > 1 and block == 0 else 1
+            name = f"s{stage}" if blocks == 1 else f"s{stage}b{block}"
+            shortcut = x
+            y = conv_bn_relu(x, width, 3, stride, f"{name}_a")
+            y = layers.Conv2D(width, 3, padding="same", use_bias=False,
+                              name=f"{name}_b_conv")(y)
+            y = layers.BatchNormalization(name=f"{name}_b_bn")(y)
+            if stride != 1 or shortcut.shape[-1] != width:
+                shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False,
+                                         name=f"{name}_proj_conv")(shortcut)
+                shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+            x = layers.Add(name=f"{name}_add")([y, shortcut])
+            x = layers.ReLU(name=f"{name}_out")(x)
+    return x
+
+
+def conv_bn_relu(x, width, kernel, stride, name):
+    """Conv2D (no bias) -> BatchNormalization -> ReLU, named `<name>_conv/_bn/_relu`."""
     x = layers.Conv2D(width, kernel, strides=stride, padding="same", use_bias=False,
                       name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)

@@ -1,7 +1,8 @@
 """Physically smaller models: structured channel pruning + BatchNorm folding, and low-rank.
 
-1. The residual Fashion-MNIST CNN (trained): original, BN folded, and structured pruning at
-   each `--ratios` (fine-tuned `--epochs` epochs with distillation, then BN folded).
+1. The residual Fashion-MNIST CNN (trained): original, BN folded, structured pruning at
+   each `--ratios`, and depth pruning (one residual block) with `--depth-ratio` of the
+   channels, each fine-tuned `--epochs` epochs in all with distillation, then BN folded.
 2. A ResNet-style CNN with four residual stages (random weights: speed only), same variants
    without fine-tuning.
 3. LeNet-300-100 low-rank at several output-error tolerances (the 10-way output layer left
@@ -62,16 +63,28 @@ def rows_for(label, models: dict, x, accuracy: dict, args, epochs=None) -> list:
     return rows
 
 
-def structured_variants(model, ratios, data, epochs):
+def structured_variants(model, ratios, data, epochs, depth_ratio, train=True):
+    """The original, BN folded, each channel ratio, and one residual block removed plus
+    `depth_ratio` of the channels. With `train`, fine-tuned `epochs` epochs in all (the depth
+    variant trains after each of its two pruning steps, half the epochs each)."""
+    def tune(epochs):
+        return kshrink.FineTune(epochs=epochs, learning_rate=1e-3, distill=True,
+                                verbose=False) if train else None
+
     variants = {"original": model, "BN folded": kshrink.compress(model, kshrink.Fold())[0]}
     for ratio in ratios:
-        tune = None if data is None else kshrink.FineTune(
-            epochs=epochs, learning_rate=1e-3, distill=True, verbose=False)
         keras.utils.set_random_seed(0)
         small, _ = kshrink.compress(
             model, [kshrink.StructuredPrune(ratio=ratio, round_to=4), kshrink.Fold()],
-            data=data, fine_tune=tune)
+            data=data, fine_tune=tune(epochs))
         variants[f"{int(ratio * 100)}% channels removed + BN folded"] = small
+    keras.utils.set_random_seed(0)
+    recipe = [kshrink.DepthPrune(blocks=1),
+              kshrink.StructuredPrune(ratio=depth_ratio, round_to=4), kshrink.Fold()]
+    small, report = kshrink.compress(model, recipe, data=data,
+                                     fine_tune=tune(max(1, epochs // 2)))
+    print(report.steps[0])
+    variants[f"1 block + {int(depth_ratio * 100)}% channels removed + BN folded"] = small
     return variants
 
 
@@ -80,6 +93,8 @@ def main():
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.7])
     parser.add_argument("--epochs", type=int, default=10,
                         help="fine-tuning epochs (low rank uses at most 4)")
+    parser.add_argument("--depth-ratio", type=float, default=0.5,
+                        help="channel ratio removed along with one residual block")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--tolerances", type=float, nargs="*", default=[0.2, 0.3, 0.4])
@@ -89,7 +104,8 @@ def main():
     if not args.only or "resnet_fashion" in args.only:
         fashion = kshrink.datasets.load("fashion_mnist")
         model = kshrink.zoo.pretrained("resnet_fashion")
-        variants = structured_variants(model, args.ratios, fashion.train, args.epochs)
+        variants = structured_variants(model, args.ratios, fashion.train, args.epochs,
+                                       args.depth_ratio)
         accuracy = {n: evaluate(m, *fashion.test)["accuracy"] for n, m in variants.items()}
         rows += rows_for("resnet_fashion", variants, fashion.test[0][:64], accuracy, args,
                          epochs=args.epochs)
@@ -97,8 +113,10 @@ def main():
         keras.utils.set_random_seed(0)
         model = resnet_style()
         x = np.random.default_rng(0).random((64, 64, 64, 3), dtype=np.float32)
+        calibration = (x, np.zeros(len(x), "int64"))  # depth pruning compares outputs on x
         rows += rows_for("resnet_style (random weights)",
-                         structured_variants(model, args.ratios, None, 0), x, {}, args)
+                         structured_variants(model, args.ratios, calibration, 0, args.depth_ratio,
+                                             train=False), x, {}, args)
     if not args.only or "low_rank" in args.only:
         mnist = kshrink.datasets.load("mnist")
         model = kshrink.zoo.pretrained("lenet_300_100")

@@ -38,6 +38,7 @@ _EXPORTS = {
     "FineTune": "kshrink.core.training",
     "KshrinkError": "kshrink.errors",
     "Cluster": "kshrink.cluster",
+    "DepthPrune": "kshrink.prune",
     "Fold": "kshrink.fold",
     "LowRank": "kshrink.lowrank",
     "Prune": "kshrink.prune",

@@ -1,7 +1,8 @@
 """The contract every registered technique passes, on every backend (KERAS_BACKEND).
 
 A new technique is picked up here automatically; it only has to add its case below: a config
-to apply to a small untrained CNN, and how far that may move the outputs.
+to apply to a small untrained CNN (with a little random calibration data), and how far that
+may move the outputs.
 """
 
 import keras
@@ -16,6 +17,7 @@ from conftest import small_cnn, weights_of
 # (config, largest output change allowed relative to the largest output magnitude)
 CASES = {
     "cluster": (kshrink.Cluster(clusters=16), 0.25),
+    "depth_prune": (kshrink.DepthPrune(blocks=1), 2.0),  # random weights: half the signal goes
     "fold": (kshrink.Fold(), 1e-5),
     "low_rank": (kshrink.LowRank(rank=4), 1.0),  # random weights: no low-rank structure
     "quantize": (kshrink.Quantize(), 0.05),
@@ -31,9 +33,14 @@ def technique(request):
     return CASES[request.param][0]
 
 
+# Calibration data for the techniques that need some (the others ignore it).
+_rng = np.random.default_rng(1)
+DATA = (_rng.integers(0, 256, size=(32, 8, 8)).astype("float32"), _rng.integers(0, 10, size=32))
+
+
 @pytest.fixture(scope="module")
 def inputs():
-    return np.random.default_rng(1).integers(0, 256, size=(32, 8, 8)).astype("float32")
+    return DATA[0]
 
 
 def outputs(model, x):
@@ -47,7 +54,7 @@ def test_every_technique_has_a_case():
 
 def test_outputs_stay_within_tolerance(technique, inputs):
     model = small_cnn()
-    small, _ = kshrink.compress(model, technique)
+    small, _ = kshrink.compress(model, technique, data=DATA)
     reference = outputs(model, inputs)
     diff = np.abs(outputs(small, inputs) - reference).max()
     assert diff <= CASES[technique.name][1] * np.abs(reference).max()
@@ -55,7 +62,7 @@ def test_outputs_stay_within_tolerance(technique, inputs):
 
 def test_report_accounts_for_every_layer_with_weights_once(technique):
     model = small_cnn()
-    small, report = kshrink.compress(model, technique)
+    small, report = kshrink.compress(model, technique, data=DATA)
     (step,) = report.steps
     reported = [r.layer for r in step.layers]
     weighted = [layer.name for layer in leaf_layers(model) if layer.weights]
@@ -67,7 +74,7 @@ def test_report_accounts_for_every_layer_with_weights_once(technique):
 
 
 def test_keras_round_trip_gives_identical_outputs(technique, inputs, tmp_path):
-    small, _ = kshrink.compress(small_cnn(), technique)
+    small, _ = kshrink.compress(small_cnn(), technique, data=DATA)
     path = tmp_path / "small.keras"
     small.save(path)
     loaded = keras.saving.load_model(path)
@@ -77,14 +84,14 @@ def test_keras_round_trip_gives_identical_outputs(technique, inputs, tmp_path):
 def test_input_model_is_untouched(technique, inputs):
     model = small_cnn()
     weights, reference = weights_of(model), outputs(model, inputs)
-    kshrink.compress(model, technique)
+    kshrink.compress(model, technique, data=DATA)
     for a, b in zip(weights, weights_of(model)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(outputs(model, inputs), reference)
 
 
 def test_compact_file_round_trip_gives_identical_outputs(technique, inputs, tmp_path):
-    small, _ = kshrink.compress(small_cnn(), technique)
+    small, _ = kshrink.compress(small_cnn(), technique, data=DATA)
     path = tmp_path / "small.kshrink"
     kshrink.save(small, path)
     np.testing.assert_array_equal(outputs(kshrink.load(path), inputs), outputs(small, inputs))

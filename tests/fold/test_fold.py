@@ -99,3 +99,17 @@ def test_sequential_models_fold_too():
 def test_bad_options_are_refused(bad):
     with pytest.raises(kshrink.KshrinkError, match="must be true or false"):
         kshrink.Fold.from_config(bad)
+
+
+def test_a_relu_of_a_relu_output_goes_and_a_capped_one_stays():
+    inputs = keras.Input((6,))
+    a = layers.Dense(4, activation="relu", name="fc")(inputs)
+    b = layers.ReLU(name="again")(a)
+    c = layers.Activation("relu", name="and_again")(b)
+    d = layers.ReLU(max_value=1.0, name="capped")(c)
+    model = keras.Model(inputs, layers.Concatenate()([c, d]))
+    folded, _ = kshrink.compress(model, kshrink.Fold())
+    assert {"again", "and_again"}.isdisjoint(layer.name for layer in folded.layers)
+    assert "capped" in {layer.name for layer in folded.layers}
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    np.testing.assert_array_equal(outputs(folded, x), outputs(model, x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import keras
@@ -80,13 +81,22 @@ def replace_layers(model: keras.Model, replace) -> keras.Model:
     return keras.models.clone_model(model, clone_function=replace, recursive=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bypass:
+    """For `rewrite`: the layer is removed and its input number `operand` passed on instead,
+    e.g. a residual Add reduced to its shortcut."""
+
+    operand: int = 0
+
+
 def rewrite(model: keras.Model, replace) -> keras.Model:
     """The same graph with each top-level layer `l` replaced by `replace(l)`:
 
     - `l` itself: kept (shared, weights and all);
     - another layer: used instead (it must take the same inputs);
     - a list of layers: applied in a chain, e.g. a factorized Dense as two Dense layers;
-    - an empty list: removed, its input passed on (a single-input layer only).
+    - an empty list: removed, its input passed on (a single-input layer only);
+    - `Bypass(i)`: removed, its i-th input passed on. Layers that then feed nothing drop out.
 
     Works on Sequential and functional models through public Keras API (`clone_model` with a
     `call_function`), without tracing. Nested models are kept as they are.
@@ -95,9 +105,13 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
 
     def chain(layer):
         found = replacements.get(id(layer), layer)
+        if isinstance(found, Bypass):
+            return found
         return found if isinstance(found, list) else [found]
 
     if isinstance(model, keras.Sequential):
+        if any(isinstance(found, Bypass) for found in replacements.values()):
+            raise ValueError("Bypass applies to multi-input layers, which Sequential lacks")
         layers = [new for layer in model.layers for new in chain(layer)]
         source = model.inputs[0]
         return keras.Sequential([keras.Input(source.shape[1:], dtype=source.dtype)] + layers,
@@ -105,6 +119,8 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
 
     def call(layer, *args, **kwargs):
         layers = chain(layer)
+        if isinstance(layers, Bypass):
+            return keras.tree.flatten((args, kwargs))[layers.operand]
         if not layers:
             return args[0]
         outputs = layers[0](*args, **kwargs)

@@ -4,7 +4,8 @@ A BatchNormalization that directly follows a Conv/Dense/Depthwise layer (with no
 between, and nothing else reading that layer's output) computes, at inference,
 `gamma * (z - mean) / sqrt(var + eps) + beta` of `z = x @ W + b`: the same affine map can be
 written into W and b. The BN layer then disappears from the graph. Dropout, Identity and
-linear Activation layers do nothing at inference and disappear too.
+linear Activation layers do nothing at inference and disappear too, as does a ReLU applied to
+what is already a ReLU's output (e.g. after a residual block was removed).
 
 The graph is rebuilt through public Keras API only (`core.graph.rewrite`), so it works on
 every backend without tracing.
@@ -13,11 +14,12 @@ every backend without tracing.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import keras
 import numpy as np
 
-from kshrink.core.graph import is_functional, rewrite
+from kshrink.core.graph import graph_calls, is_functional, rewrite
 
 # Layer classes whose kernel's last axis (or last two, for Depthwise) indexes output channels.
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
@@ -50,62 +52,52 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
     """Which BN layers fold into which producer and which no-op layers go, for the top level
     of `model` (layers inside nested models are refused with the reason)."""
     plan = FoldPlan()
-    sequential = isinstance(model, keras.Sequential)
-    if not (sequential or is_functional(model)):
+    if not (isinstance(model, keras.Sequential) or is_functional(model)):
         return plan
-    layers = model.layers
-    for index, layer in enumerate(layers):
+    calls, _, outputs = graph_calls(model)
+    producer = {id(t): layer for layer, _, outs in calls for t in outs}
+    readers = Counter(id(t) for _, ins, _ in calls for t in ins)
+    readers.update(id(t) for t in outputs)
+    times_called = Counter(id(layer) for layer, _, _ in calls)
+    for layer, ins, _ in calls:
         if isinstance(layer, keras.Model):
             for inner in layer.layers:
                 if isinstance(inner, keras.layers.BatchNormalization) or (noops and is_noop(inner)):
                     plan.refused[inner.name] = f"inside nested model {layer.name!r}"
             continue
-        if noops and is_noop(layer):
+        source = producer.get(id(ins[0])) if len(ins) == 1 else None
+        repeated_relu = (_is_relu(layer) and _outputs_relu(source)
+                         and times_called[id(layer)] == 1)
+        if noops and (is_noop(layer) or repeated_relu):
             plan.removed.append(layer.name)
         elif batchnorm and isinstance(layer, keras.layers.BatchNormalization):
-            producer = layers[index - 1] if sequential and index > 0 else None
-            if not sequential:
-                producer = _producer(model, layer)
-            reason = _refusal(model, layer, producer)
+            reason = _refusal(layer, source, ins[0], readers[id(ins[0])])
+            if times_called[id(layer)] > 1 or (source and times_called[id(source)] > 1):
+                reason = "a layer called more than once (shared) is not folded"
             if reason:
                 plan.refused[layer.name] = reason
             else:
-                plan.folds[layer.name] = producer.name
+                plan.folds[layer.name] = source.name
     return plan
 
 
-def _producer(model, bn):
-    try:
-        source = bn.input
-    except (AttributeError, ValueError):
-        return None  # called more than once: shared layer
-    for layer in model.layers:
-        if layer is not bn and _single_output(layer) is source:
-            return layer
-    return None
+def _is_relu(layer) -> bool:
+    """A plain ReLU (no cap, slope or threshold): applying it twice equals applying it once."""
+    if isinstance(layer, keras.layers.ReLU):
+        config = layer.get_config()
+        return (config["max_value"] is None and not config["negative_slope"]
+                and not config["threshold"])
+    return isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu"
 
 
-def _single_output(layer):
-    try:
-        return layer.output
-    except (AttributeError, ValueError):
-        return None
+def _outputs_relu(layer) -> bool:
+    """Whether `layer`'s output has been through a plain ReLU already."""
+    if layer is None or type(layer).__module__.split(".")[0] != "keras":
+        return False
+    return _is_relu(layer) or layer.get_config().get("activation") == "relu"
 
 
-def _readers(model, tensor) -> int:
-    count = sum(any(t is tensor for t in keras.tree.flatten(_inputs(layer)))
-                for layer in model.layers)
-    return count + sum(t is tensor for t in model.outputs)
-
-
-def _inputs(layer):
-    try:
-        return layer.input
-    except (AttributeError, ValueError):
-        return []
-
-
-def _refusal(model, bn, producer) -> str | None:
+def _refusal(bn, producer, source, readers: int) -> str | None:
     if producer is None:
         return "no single layer with weights directly before it"
     if isinstance(producer, _TRANSPOSED) or not isinstance(producer, _FOLDABLE):
@@ -116,12 +108,12 @@ def _refusal(model, bn, producer) -> str | None:
     if producer.get_config().get("activation") not in ("linear", None):
         return f"{producer.name!r} applies an activation before it"
     axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    rank = len(producer.output.shape)
+    rank = len(source.shape)
     if axis is None or axis % rank != rank - 1:
         return "normalizes over an axis other than the last (channels_last) one"
     if getattr(producer, "data_format", "channels_last") != "channels_last":
         return "channels_first layouts are not folded"
-    if not isinstance(model, keras.Sequential) and _readers(model, producer.output) != 1:
+    if readers != 1:
         return f"{producer.name!r}'s output is also read elsewhere"
     return None
 

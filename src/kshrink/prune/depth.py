@@ -1,0 +1,198 @@
+"""Depth pruning: whole residual blocks removed, `Add([branch(x), shortcut(x)])` -> `shortcut(x)`.
+
+Fewer channels cut the arithmetic, but at batch 1 on a CPU a small network's time goes mostly
+to fixed per-operation costs, which only fewer layers remove. A residual block can go as a
+whole because the shortcut alone already carries a usable signal: the blocks whose removal
+changes the model's outputs least on calibration data go first, then fine-tuning recovers.
+
+A block is an `Add` of two inputs of equal shape where one input (the branch) is computed by
+layers that feed nothing but that Add. In a projection block both inputs qualify; the branch
+is the one with more MACs and the projection stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.core.graph import Bypass, graph_calls, leaf_layers, rewrite
+from kshrink.core.select import Select
+from kshrink.core.technique import (
+    Handler,
+    StepContext,
+    Technique,
+    check_int,
+    option,
+    register_technique,
+)
+from kshrink.errors import KshrinkError
+from kshrink.measure.macs import layer_macs
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A removable residual block: its `Add` layer, the operand that stays, the layers of the
+    branch that goes (in graph order) and the branch's MACs per example."""
+
+    merge: str
+    kept: int
+    branch: tuple[str, ...]
+    macs: int
+
+
+def residual_blocks(model: keras.Model) -> list[Block]:
+    """The residual blocks of `model`'s top-level graph that can be removed, in graph order."""
+    if isinstance(model, keras.Sequential):
+        return []
+    calls, _, outputs = graph_calls(model)
+    producer = {id(t): i for i, (_, _, outs) in enumerate(calls) for t in outs}
+    readers: dict[int, set[int]] = {}
+    for i, (_, ins, _) in enumerate(calls):
+        for t in ins:
+            readers.setdefault(id(t), set()).add(i)
+    model_outputs = {id(t) for t in outputs}
+
+    def ancestors(tensor) -> set[int]:
+        seen, stack = set(), [tensor]
+        while stack:
+            i = producer.get(id(stack.pop()))
+            if i is not None and i not in seen:
+                seen.add(i)
+                stack.extend(calls[i][1])
+        return seen
+
+    def feeds_only(branch: set[int], merge: int) -> bool:
+        return all(id(t) not in model_outputs and readers.get(id(t), set()) <= branch | {merge}
+                   for i in branch for t in calls[i][2])
+
+    blocks = []
+    for index, (layer, ins, outs) in enumerate(calls):
+        if (type(layer) is not keras.layers.Add or len(ins) != 2
+                or any(tuple(t.shape) != tuple(outs[0].shape) for t in ins)):
+            continue
+        found = []
+        for removed in (0, 1):
+            branch = ancestors(ins[removed]) - ancestors(ins[1 - removed])
+            if branch and feeds_only(branch, index):
+                order = sorted(branch)
+                cost = sum(layer_macs(calls[i][0]) or 0 for i in order)
+                names = tuple(calls[i][0].name for i in order)
+                found.append(Block(layer.name, 1 - removed, names, cost))
+        if found:
+            blocks.append(max(found, key=lambda block: block.macs))
+    return blocks
+
+
+def without(model: keras.Model, blocks) -> keras.Model:
+    """`model` with `blocks` removed; the remaining layers are shared, weights and all."""
+    kept = {block.merge: Bypass(block.kept) for block in blocks}
+    return rewrite(model, lambda layer: kept.get(layer.name, layer))
+
+
+def output_change(model: keras.Model, x, reference: list) -> float:
+    """Relative L2 change of `model`'s outputs on `x` from `reference` (a list of arrays)."""
+    outputs = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
+    error = sum(float(np.sum((a - b) ** 2)) for a, b in zip(outputs, reference))
+    scale = sum(float(np.sum(b ** 2)) for b in reference)
+    return float(np.sqrt(error / max(scale, 1e-30)))
+
+
+class DepthPruneHandler(Handler):
+    trains = True
+
+    def prepare(self, model, config: DepthPrune, ctx: StepContext):
+        candidates = _selected(model, residual_blocks(model), config)
+        if config.blocks > len(candidates):
+            names = ", ".join(block.merge for block in candidates) or "none"
+            raise KshrinkError(
+                f"depth_prune: blocks={config.blocks}, but {model.name!r} has "
+                f"{len(candidates)} removable residual blocks (named by their Add: {names})")
+        if ctx.data is None:
+            raise KshrinkError("depth_prune ranks blocks by how much removing them changes "
+                               "the outputs on data: pass data=(x, y) to compress")
+        x = ctx.data[0][:config.calibration_samples]
+        reference = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
+        removed, scores = [], {}
+        for _ in range(config.blocks):  # greedy: rescore the rest after each removal
+            for block in candidates:
+                scores[block.merge] = output_change(without(model, removed + [block]), x,
+                                                    reference)
+            best = min(candidates, key=lambda block: scores[block.merge])
+            removed.append(best)
+            candidates.remove(best)
+        _report(model, removed, candidates, scores, ctx)
+        return without(model, removed)
+
+
+def _report(model, removed, kept, scores, ctx: StepContext) -> None:
+    """One line per layer with weights: removed with its block, kept with its block's score,
+    or outside any removable block."""
+    outcome = {}
+    for block in removed:
+        for name in block.branch:
+            outcome[name] = (True, f"removed with residual block {block.merge!r} "
+                                   f"({block.macs:,} MACs; outputs changed by "
+                                   f"{scores[block.merge]:.2%})")
+    for block in kept:
+        for name in block.branch:
+            outcome[name] = (False, f"residual block {block.merge!r} kept: removing it changes "
+                                    f"the outputs by {scores[block.merge]:.2%}")
+    for layer in leaf_layers(model):
+        if not layer.weights:
+            continue
+        applied, detail = outcome.get(layer.name, (False, "not in a removable residual block"))
+        (ctx.applied if applied else ctx.skipped)(layer, detail)
+
+
+def _selected(model, blocks, config) -> list[Block]:
+    """The blocks with a layer (their Add or a branch layer) chosen by `config.layers` and
+    none chosen by `config.exclude`."""
+    def names(select):
+        return {layer.name for layer in select.resolve(leaf_layers(model))}
+
+    include = names(config.layers) if config.layers is not None else None
+    exclude = names(config.exclude) if config.exclude is not None else set()
+    chosen = []
+    for block in blocks:
+        members = {block.merge, *block.branch}
+        if (include is None or members & include) and not members & exclude:
+            chosen.append(block)
+    return chosen
+
+
+@register_technique("depth_prune", handler=DepthPruneHandler(), stage=20)
+@dataclasses.dataclass(frozen=True)
+class DepthPrune(Technique):
+    """Removes whole residual blocks: fewer layers, which is what batch-1 CPU latency needs.
+
+    Every `Add` of a branch and a shortcut of the same shape, whose branch layers feed nothing
+    else, is a candidate. The `blocks` candidates whose removal changes the model's outputs least (relative L2
+    change on `calibration_samples` of `data`) go, chosen greedily (the rest are rescored after each
+    removal); the Add then passes its shortcut on. Fine-tune afterwards, ideally with
+    distillation. Combine with `structured_prune` for fewer channels in the layers that stay.
+
+    Args:
+        blocks: how many residual blocks to remove.
+        calibration_samples: examples of `data` the output change is measured on.
+        layers: blocks to consider, by any of their layers (default: all).
+        exclude: blocks to keep, by any of their layers.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(
+        model, [kshrink.DepthPrune(blocks=1), kshrink.StructuredPrune(ratio=0.5)],
+        data=(x, y), fine_tune=kshrink.FineTune(epochs=10, distill=True))
+    ```
+    """
+
+    blocks: int = option(1, "how many residual blocks to remove")
+    calibration_samples: int = option(2048, "examples the output change is measured on")
+    layers: Select | None = option(None, "blocks to consider, by any of their layers")
+    exclude: Select | None = option(None, "blocks to keep, by any of their layers")
+
+    def __post_init__(self):
+        check_int(self.name, "blocks", self.blocks, low=1)
+        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

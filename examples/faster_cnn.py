@@ -1,7 +1,9 @@
-"""Make the residual CNN physically faster: remove half of its channels (the graph decides
-which channels go together), fine-tune, fold BatchNorm, and measure MACs and latency.
+"""Make the residual CNN physically faster: remove its first residual block (the 28x28 stage,
+whose convolutions cost the most at batch 1), then half of the remaining channels (the graph
+decides which channels go together), fine-tune after each step, fold BatchNorm, and measure
+MACs and latency.
 
-Run: .venv/bin/python examples/faster_cnn.py   (trains the reference model once, ~10 min)
+Run: .venv/bin/python examples/faster_cnn.py   (trains the reference model once; ~30 min)
 """
 
 import kshrink
@@ -11,10 +13,14 @@ fashion = kshrink.datasets.load("fashion_mnist")
 
 faster, report = kshrink.compress(
     model,
-    [kshrink.StructuredPrune(ratio=0.5, round_to=4), kshrink.Fold()],
+    [
+        kshrink.DepthPrune(blocks=1, layers=kshrink.Select(names=("s1_add",))),
+        kshrink.StructuredPrune(ratio=0.5, round_to=4),
+        kshrink.Fold(),  # BatchNorm into the convolutions, and the ReLU left on a ReLU output
+    ],
     data=fashion.train,
-    fine_tune=kshrink.FineTune(epochs=10, distill=True),  # 4 epochs: about -2.4 pp; 10: -0.9
+    fine_tune=kshrink.FineTune(epochs=15, distill=True),  # after each of the two pruning steps
 )
 print(report)
-faster.save("resnet-faster.keras")  # stock Keras layers, narrower: loads without kshrink
+faster.save("resnet-faster.keras")  # stock Keras layers, fewer and narrower: no kshrink needed
 print(kshrink.measure.compare(model, faster, fashion.test, load_runs=3))

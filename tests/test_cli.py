@@ -186,3 +186,14 @@ def test_sensitivity_ranks_every_layer_as_json(lenet, capsys):
     assert sorted(e["layer"] for e in result["layers"]) == ["fc1", "fc2", "fc3"]
     drops = [e["accuracy_drop"] for e in result["layers"]]
     assert drops == sorted(drops, reverse=True)
+
+
+def test_export_writes_a_checked_litert_file_and_refuses_bad_output(lenet, tmp_path, capsys):
+    target = tmp_path / "lenet.tflite"
+    code, stdout, _ = run_cli(capsys, "export", lenet, target, "--data", "mnist",
+                              "--quantization", "int8", "--samples", "64")
+    assert code == 0 and "quantization int8" in stdout and "top-1 agreement" in stdout
+    assert 0 < target.stat().st_size < lenet.stat().st_size / 3
+    code, _, err = run_cli(capsys, "export", lenet, tmp_path / "lenet.pt")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown file type" in err
+    assert not (tmp_path / "lenet.pt").exists()

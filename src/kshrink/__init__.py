@@ -37,6 +37,8 @@ _EXPORTS = {
     "registered_techniques": "kshrink.core.technique",
     "FineTune": "kshrink.core.training",
     "KshrinkError": "kshrink.errors",
+    "export": "kshrink.deploy",
+    "ExportReport": "kshrink.deploy",
     "Cluster": "kshrink.cluster",
     "DepthPrune": "kshrink.prune",
     "Fold": "kshrink.fold",

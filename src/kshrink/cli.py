@@ -1,4 +1,4 @@
-"""The `kshrink` command: compress, measure, techniques, demo.
+"""The `kshrink` command: compress, measure, convert, sensitivity, export, techniques, demo.
 
 Bad input exits with code 2 and one line on stderr; existing files are never touched.
 """
@@ -122,6 +122,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.set_defaults(run=_sensitivity)
 
+    p = sub.add_parser("export", help="write a model for LiteRT (.tflite) or ONNX (.onnx), "
+                                      "checked against Keras")
+    p.add_argument("model", help=".keras or .kshrink file")
+    p.add_argument("output", help="output .tflite or .onnx file")
+    p.add_argument("--quantization", choices=("auto", "none", "dynamic", "int8"), default="auto",
+                   help="auto: int8 weights if the model has integer layers (default); "
+                        "int8: weights and activations, calibrated on --data (LiteRT)")
+    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz: calibration and "
+                                  "check inputs (default for the check: random inputs)")
+    p.add_argument("--samples", type=int, default=256, help="examples to calibrate and check")
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("techniques", help="list the registered techniques and their options")
     p.set_defaults(run=_techniques)
 
@@ -205,6 +217,23 @@ def _sensitivity(args) -> int:
         report = sensitivity(model, data.test, mode=args.mode, group_size=args.group_size,
                              samples=args.samples, seed=args.seed)
     _print(report, args.format)
+    return 0
+
+
+def _export(args) -> int:
+    from kshrink.deploy import export
+    from kshrink.errors import KshrinkError
+    from kshrink.io import load_model_file
+
+    source, target = Path(args.model), Path(args.output)
+    if target.exists() and source.exists() and target.samefile(source):
+        raise KshrinkError(f"output {target} would overwrite the input; choose another path")
+    model = load_model_file(source)
+    data = _data(args.data, model).train if args.data else None
+    with _status(f"exporting to {target.suffix}"):
+        report = export(model, target, quantization=args.quantization, data=data,
+                        samples=args.samples)
+    print(report)
     return 0
 
 

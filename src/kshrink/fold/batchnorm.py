@@ -65,19 +65,19 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
                 if isinstance(inner, keras.layers.BatchNormalization) or (noops and is_noop(inner)):
                     plan.refused[inner.name] = f"inside nested model {layer.name!r}"
             continue
-        source = producer.get(id(ins[0])) if len(ins) == 1 else None
-        repeated_relu = (_is_relu(layer) and _outputs_relu(source)
+        before = producer.get(id(ins[0])) if len(ins) == 1 else None
+        repeated_relu = (_is_relu(layer) and _outputs_relu(before)
                          and times_called[id(layer)] == 1)
         if noops and (is_noop(layer) or repeated_relu):
             plan.removed.append(layer.name)
         elif batchnorm and isinstance(layer, keras.layers.BatchNormalization):
-            reason = _refusal(layer, source, ins[0], readers[id(ins[0])])
-            if times_called[id(layer)] > 1 or (source and times_called[id(source)] > 1):
+            reason = _refusal(layer, before, ins[0], readers[id(ins[0])])
+            if times_called[id(layer)] > 1 or (before and times_called[id(before)] > 1):
                 reason = "a layer called more than once (shared) is not folded"
             if reason:
                 plan.refused[layer.name] = reason
             else:
-                plan.folds[layer.name] = source.name
+                plan.folds[layer.name] = before.name
     return plan
 
 
@@ -97,7 +97,8 @@ def _outputs_relu(layer) -> bool:
     return _is_relu(layer) or layer.get_config().get("activation") == "relu"
 
 
-def _refusal(bn, producer, source, readers: int) -> str | None:
+def _refusal(bn, producer, tensor, readers: int) -> str | None:
+    """Why `bn` cannot fold into `producer`, whose output `tensor` has `readers` readers."""
     if producer is None:
         return "no single layer with weights directly before it"
     if isinstance(producer, _TRANSPOSED) or not isinstance(producer, _FOLDABLE):
@@ -108,7 +109,7 @@ def _refusal(bn, producer, source, readers: int) -> str | None:
     if producer.get_config().get("activation") not in ("linear", None):
         return f"{producer.name!r} applies an activation before it"
     axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    rank = len(source.shape)
+    rank = len(tensor.shape)
     if axis is None or axis % rank != rank - 1:
         return "normalizes over an axis other than the last (channels_last) one"
     if getattr(producer, "data_format", "channels_last") != "channels_last":

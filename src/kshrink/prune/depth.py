@@ -106,9 +106,11 @@ class DepthPruneHandler(Handler):
         candidates = _selected(model, residual_blocks(model), config)
         if config.blocks > len(candidates):
             names = ", ".join(block.merge for block in candidates) or "none"
+            chosen = " selected" if config.layers or config.exclude else ""
             raise KshrinkError(
                 f"depth_prune: blocks={config.blocks}, but {model.name!r} has "
-                f"{len(candidates)} removable residual blocks (named by their Add: {names})")
+                f"{len(candidates)}{chosen} removable residual blocks (named by their Add: "
+                f"{names})")
         if ctx.data is None:
             raise KshrinkError("depth_prune ranks blocks by how much removing them changes "
                                "the outputs on data: pass data=(x, y) to compress")
@@ -168,10 +170,16 @@ class DepthPrune(Technique):
     """Removes whole residual blocks: fewer layers, which is what batch-1 CPU latency needs.
 
     Every `Add` of a branch and a shortcut of the same shape, whose branch layers feed nothing
-    else, is a candidate. The `blocks` candidates whose removal changes the model's outputs least (relative L2
-    change on `calibration_samples` of `data`) go, chosen greedily (the rest are rescored after each
-    removal); the Add then passes its shortcut on. Fine-tune afterwards, ideally with
-    distillation. Combine with `structured_prune` for fewer channels in the layers that stay.
+    else, is a candidate. The `blocks` candidates whose removal changes the model's outputs
+    least (relative L2 change on `calibration_samples` of `data`) go, chosen greedily (the rest
+    are rescored after each removal); the Add then passes its shortcut on. Fine-tune
+    afterwards, ideally with distillation. Combine with `structured_prune` for fewer channels
+    in the layers that stay, and end with `fold`: it also drops the ReLU left applied to a
+    ReLU's output.
+
+    The output change does not know what a block costs in time. At batch 1 on a CPU the
+    blocks at the highest resolution cost the most per layer; to remove those, name them with
+    `layers`.
 
     Args:
         blocks: how many residual blocks to remove.

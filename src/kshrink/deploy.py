@@ -1,0 +1,195 @@
+"""Export to deployment runtimes: LiteRT (`.tflite`) and ONNX (`.onnx`), checked on export.
+
+Keras writes the file (`model.export`, TensorFlow backend); kshrink chooses the converter
+options, writes through a temporary file (an existing file is replaced only by a finished
+export), then runs the file in its own runtime (LiteRT's interpreter, ONNX Runtime) on sample
+inputs and reports its size and how far its outputs are from Keras'.
+
+Quantization:
+- `"none"`: float weights and activations.
+- `"dynamic"`: int8 weights, float activations (LiteRT's dynamic range quantization, ONNX
+  Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
+  same per-channel grid, so they stay what they were.
+- `"int8"`: int8 weights and activations, ranges calibrated on `data` (LiteRT only, from a
+  float model: the converter does the quantizing).
+- `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
+  keeps them small, else `"none"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kshrink.errors import KshrinkError
+
+FORMATS = {".tflite": "litert", ".onnx": "onnx"}
+QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What `export` wrote and how closely the runtime follows Keras on the check inputs.
+
+    Attributes:
+        path: the file written.
+        format: `"litert"` or `"onnx"`.
+        quantization: `"none"`, `"dynamic"` or `"int8"`.
+        file_bytes: its size.
+        samples: check inputs run through both Keras and the runtime.
+        max_abs_diff: largest absolute output difference from Keras.
+        agreement: share of samples whose arg-max output agrees with Keras (None for a
+            single output value per sample).
+    """
+
+    path: Path
+    format: str
+    quantization: str
+    file_bytes: int
+    samples: int
+    max_abs_diff: float
+    agreement: float | None
+
+    def __str__(self) -> str:
+        agreement = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
+        return (f"wrote {self.path} ({self.format}, quantization {self.quantization}): "
+                f"{self.file_bytes:,} bytes; on {self.samples} samples the outputs differ from "
+                f"Keras' by at most {self.max_abs_diff:.3g}{agreement}")
+
+
+def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
+           samples: int = 256) -> ExportReport:
+    """Writes `model` for a deployment runtime, chosen by the suffix of `path`, and checks it.
+
+    Args:
+        model: a Keras model (kshrink's quantized layers included).
+        path: `.tflite` (LiteRT) or `.onnx` (ONNX).
+        quantization: `"auto"`, `"none"`, `"dynamic"` or `"int8"` (see the module doc).
+        data: example inputs `x` or `(x, y)`: calibration for `"int8"` and the check inputs
+            (default for the check: random inputs shaped like the model's).
+        samples: how many examples calibrate and check.
+
+    Returns:
+        An `ExportReport`.
+
+    Raises:
+        KshrinkError: an unknown suffix or quantization, `"int8"` without data or for ONNX,
+            a backend other than TensorFlow, or a model with more than one input.
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise KshrinkError(f"export: unknown file type {path.suffix!r}; use "
+                           f"{' or '.join(FORMATS)}. Received: {path}")
+    if quantization not in QUANTIZATIONS:
+        raise KshrinkError(f"export: quantization must be one of {', '.join(QUANTIZATIONS)}. "
+                           f"Received: {quantization!r}")
+    if keras.backend.backend() != "tensorflow":
+        raise KshrinkError("export runs the TensorFlow converters: set KERAS_BACKEND=tensorflow "
+                           "(a .keras file saved under any backend loads there)")
+    if len(model.inputs) != 1:
+        raise KshrinkError(f"export: models with one input are supported; {model.name!r} has "
+                           f"{len(model.inputs)}")
+    x = _inputs(model, data, samples)
+    integer = _has_integer_layers(model)
+    if quantization == "auto":
+        quantization = "dynamic" if integer else "none"
+    if quantization == "int8" and (fmt == "onnx" or data is None):
+        raise KshrinkError("export: quantization='int8' calibrates activations on data, for "
+                           "LiteRT: pass data and a .tflite path (or use 'dynamic')")
+    if quantization == "int8" and integer:
+        raise KshrinkError(
+            "export: quantization='int8' quantizes in the converter, which cannot take layers "
+            "that are already integer: export the float model (it lands on the same "
+            "per-channel weight grid), or use 'dynamic' to keep these int8 weights")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(suffix=path.suffix, dir=path.parent,
+                                             prefix=f".{path.stem}-")
+    os.close(descriptor)
+    try:
+        if fmt == "litert":
+            _write_litert(model, temporary, quantization, x)
+            outputs = _run_litert(temporary, x)
+        else:
+            _write_onnx(model, temporary, quantization)
+            outputs = _run_onnx(temporary, x)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    outputs = outputs.reshape(expected.shape)
+    agreement = None
+    if expected.ndim == 2 and expected.shape[1] > 1:
+        agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
+    return ExportReport(path, fmt, quantization, path.stat().st_size, len(x),
+                        float(np.max(np.abs(outputs - expected))), agreement)
+
+
+def _inputs(model, data, samples: int) -> np.ndarray:
+    spec = model.inputs[0]
+    if data is None:
+        shape = tuple(samples if d is None else d for d in spec.shape)
+        return np.random.default_rng(0).random(shape).astype(spec.dtype or "float32")
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    return np.asarray(x[:samples], dtype=spec.dtype or "float32")
+
+
+def _has_integer_layers(model) -> bool:
+    from kshrink.core.graph import leaf_layers
+
+    return any(getattr(layer, "quantization_mode", None) in ("int8", "int4")
+               or getattr(layer, "mode", None) in ("int8", "int4")
+               for layer in leaf_layers(model))
+
+
+def _write_litert(model, path, quantization, x) -> None:
+    import tensorflow as tf
+
+    options = {}
+    if quantization in ("dynamic", "int8"):
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if quantization == "int8":
+        def representative():
+            for i in range(len(x)):
+                yield [x[i:i + 1]]
+
+        options["representative_dataset"] = representative
+    model.export(path, format="litert", verbose=False, **options)
+
+
+def _run_litert(path, x) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(source["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], x)
+    interpreter.invoke()
+    return np.asarray(interpreter.get_tensor(target["index"]))
+
+
+def _write_onnx(model, path, quantization) -> None:
+    if quantization == "none":
+        model.export(path, format="onnx", verbose=False)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as work:
+        float_path = Path(work) / "float.onnx"
+        model.export(float_path, format="onnx", verbose=False)
+        quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
+
+
+def _run_onnx(path, x) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (source,) = session.get_inputs()
+    return np.asarray(session.run(None, {source.name: x})[0])

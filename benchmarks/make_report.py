@@ -230,6 +230,25 @@ def structured_section(data):
     return "\n\n".join(parts)
 
 
+def export_section(data):
+    rows = [(r["model"], r["variant"], f"{r['file_bytes']:,}",
+             f"{100 * r['test_accuracy']:.2f}%",
+             f"{r['latency_b1_ms']:.3f} ms", f"{r['speedup_b1']:.2f}x",
+             f"{r['latency_b32_ms']:.3f} ms", f"{r['speedup_b32']:.2f}x")
+            for r in data["rows"]]
+    return "\n\n".join([
+        "## Export: Keras, LiteRT and ONNX Runtime",
+        "`benchmarks/export.py`: each model exported with `kshrink.export` and run in its "
+        "runtime (LiteRT interpreter, ONNX Runtime CPU); test accuracy over the whole test set "
+        "through the runtime; latency timed in turns with the Keras model, median over "
+        "rounds, speed-up against Keras float32 `predict_on_batch` in the same run. The "
+        "Keras row's size is its `.keras` file.",
+        table(("model", "variant", "file bytes", "test accuracy", "batch 1", "speed-up",
+               "batch 32", "speed-up"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
 def main():
     sections = ["# Benchmarks",
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
@@ -239,6 +258,7 @@ def main():
                          ("prune_lenet", prune_section),
                          ("deep_compression", deep_compression_section),
                          ("structured", structured_section),
+                         ("export", export_section),
                          ("load_large", load_large_section),
                          ("fuzz_loader", fuzz_section)):
         data = load(name)

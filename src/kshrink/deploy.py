@@ -114,10 +114,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     try:
         if fmt == "litert":
             _write_litert(model, temporary, quantization, x)
-            outputs = _run_litert(temporary, x)
         else:
             _write_onnx(model, temporary, quantization)
-            outputs = _run_onnx(temporary, x)
+        outputs = Runtime(temporary)(x)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -163,18 +162,6 @@ def _write_litert(model, path, quantization, x) -> None:
     model.export(path, format="litert", verbose=False, **options)
 
 
-def _run_litert(path, x) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
-    interpreter.resize_tensor_input(source["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(source["index"], x)
-    interpreter.invoke()
-    return np.asarray(interpreter.get_tensor(target["index"]))
-
-
 def _write_onnx(model, path, quantization) -> None:
     if quantization == "none":
         model.export(path, format="onnx", verbose=False)
@@ -187,9 +174,54 @@ def _write_onnx(model, path, quantization) -> None:
         quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
 
 
-def _run_onnx(path, x) -> np.ndarray:
-    import onnxruntime
+# ONNX Runtime's input type names -> NumPy dtypes.
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
+               "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+               "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (source,) = session.get_inputs()
-    return np.asarray(session.run(None, {source.name: x})[0])
+
+class Runtime:
+    """An exported file loaded in its runtime: `runtime(x)` returns the first output as NumPy.
+
+    `predict_on_batch` is the same call, so `kshrink.measure.latency(runtime, x)` times it
+    like a Keras model.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        fmt = FORMATS.get(self.path.suffix.lower())
+        if fmt == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interpreter = Interpreter(model_path=str(self.path))
+            (self._input,) = self._interpreter.get_input_details()
+            (self._output,) = self._interpreter.get_output_details()
+            self._shape = None
+        elif fmt == "onnx":
+            import onnxruntime
+
+            self._session = onnxruntime.InferenceSession(str(self.path),
+                                                         providers=["CPUExecutionProvider"])
+            (source,) = self._session.get_inputs()
+            self._input_name = source.name
+            self._input_dtype = _ONNX_TYPES.get(source.type, "float32")
+        else:
+            raise KshrinkError(f"Runtime: unknown file type {self.path.suffix!r}; use "
+                               f"{' or '.join(FORMATS)}")
+        self.format = fmt
+
+    def __call__(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if self.format == "onnx":
+            x = x.astype(self._input_dtype, copy=False)
+            return np.asarray(self._session.run(None, {self._input_name: x})[0])
+        x = x.astype(self._input["dtype"], copy=False)
+        if x.shape != self._shape:
+            self._interpreter.resize_tensor_input(self._input["index"], x.shape)
+            self._interpreter.allocate_tensors()
+            self._shape = x.shape
+        self._interpreter.set_tensor(self._input["index"], x)
+        self._interpreter.invoke()
+        return np.array(self._interpreter.get_tensor(self._output["index"]))
+
+    predict_on_batch = __call__

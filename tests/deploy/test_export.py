@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import kshrink
-from kshrink.deploy import export
+from kshrink.deploy import Runtime, export
+from kshrink.measure import latency
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="the LiteRT and ONNX converters run on TensorFlow")
@@ -25,6 +26,10 @@ def test_float_export_reproduces_keras(trained, digits, tmp_path, suffix):
     assert report.max_abs_diff <= 1e-4 * scale and report.agreement == 1.0
     assert report.path.stat().st_size == report.file_bytes
     assert [p.name for p in tmp_path.iterdir()] == [f"model{suffix}"]  # no temporary left
+    runtime = Runtime(report.path)
+    x = digits.test[0][:5].astype("float64")  # any batch size, converted to the input dtype
+    np.testing.assert_allclose(runtime(x), trained.predict(x, verbose=0), atol=1e-4 * scale)
+    assert all(t.median_ms > 0 for t in latency(runtime, x, runs=3))
 
 
 @pytest.mark.parametrize("suffix", [".tflite", ".onnx"])

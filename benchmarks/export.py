@@ -1,0 +1,91 @@
+"""Deployment runtimes: the same models in Keras, LiteRT and ONNX Runtime.
+
+For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float model:
+- Keras float32 (`predict_on_batch`, TensorFlow backend): the reference;
+- LiteRT float, LiteRT with kshrink's int8 weights kept (export quantization "auto" of a
+  `Quantize(mode="int8")` model), LiteRT full int8 (calibrated on `--calibration` training
+  images);
+- ONNX Runtime float, and with kshrink's int8 weights (ONNX Runtime's dynamic quantization).
+
+Reports file size, test accuracy (the whole test set through the runtime) and latency at batch
+1 and 32: the variants of a model are timed in turns (`--rounds` rounds of `--runs` calls),
+each figure the median over rounds, with ratios against Keras float in the same run.
+Run: .venv/bin/python benchmarks/export.py [--rounds 5] [--runs 50]
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import median, write_rows
+
+import kshrink
+from kshrink.deploy import Runtime, export
+from kshrink.measure import evaluate, file_size, latency
+
+MODELS = {"lenet5": "mnist", "resnet_fashion": "fashion_mnist"}
+
+
+def accuracy(runtime, x, y, batch=500) -> float:
+    predictions = np.concatenate([runtime(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return float(np.mean(predictions.argmax(1) == y))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--calibration", type=int, default=512)
+    args = parser.parse_args()
+    rows = []
+    for name, dataset in MODELS.items():
+        data = kshrink.datasets.load(dataset)
+        model = kshrink.zoo.pretrained(name)
+        int8, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+        x_test, y_test = data.test
+        with tempfile.TemporaryDirectory() as tmp:
+            exports = {
+                "LiteRT float": (model, "float.tflite", "none"),
+                "LiteRT, kshrink int8 weights": (int8, "int8w.tflite", "auto"),
+                "LiteRT full int8": (model, "int8.tflite", "int8"),
+                "ONNX Runtime float": (model, "float.onnx", "none"),
+                "ONNX Runtime, kshrink int8 weights": (int8, "int8w.onnx", "auto"),
+            }
+            model.save(Path(tmp) / "float.keras")
+            runners, reports = {"Keras float": model}, {}
+            sizes = {"Keras float": file_size(Path(tmp) / "float.keras").bytes}
+            for variant, (source, file, quantization) in exports.items():
+                report = export(source, Path(tmp) / file, quantization=quantization,
+                                data=data.train, samples=args.calibration)
+                print(report, flush=True)
+                runners[variant], sizes[variant] = Runtime(report.path), report.file_bytes
+                reports[variant] = report
+            samples = {variant: {1: [], 32: []} for variant in runners}
+            for _ in range(args.rounds):
+                for variant, runner in runners.items():
+                    for t in latency(runner, x_test[:64], runs=args.runs):
+                        samples[variant][t.batch_size].append(t.median_ms)
+            times = {v: {b: median(s) for b, s in by.items()} for v, by in samples.items()}
+            base = times["Keras float"]
+            for variant, runner in runners.items():
+                if variant == "Keras float":
+                    acc = evaluate(model, x_test, y_test)["accuracy"]
+                else:
+                    acc = accuracy(runner, x_test, y_test)
+                rows.append({
+                    "model": name, "variant": variant,
+                    "file_bytes": sizes[variant],
+                    "quantization": reports[variant].quantization if variant in reports else None,
+                    "test_accuracy": acc,
+                    "latency_b1_ms": round(times[variant][1], 4),
+                    "latency_b32_ms": round(times[variant][32], 4),
+                    "speedup_b1": round(base[1] / times[variant][1], 2),
+                    "speedup_b32": round(base[32] / times[variant][32], 2),
+                })
+                print(rows[-1], flush=True)
+    write_rows("export", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,8 +9,8 @@ import kshrink
 from kshrink.deploy import Runtime, export
 from kshrink.measure import latency
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="the LiteRT and ONNX converters run on TensorFlow")
+on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                   reason="the LiteRT and ONNX converters run on TensorFlow")
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,7 @@ def int8_model(trained):
     return kshrink.compress(trained, kshrink.Quantize(mode="int8"))[0]
 
 
+@on_tensorflow
 @pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
 def test_float_export_reproduces_keras(trained, digits, tmp_path, suffix):
     report = export(trained, tmp_path / f"model{suffix}", data=digits.test)
@@ -32,6 +33,7 @@ def test_float_export_reproduces_keras(trained, digits, tmp_path, suffix):
     assert all(t.median_ms > 0 for t in latency(runtime, x, runs=3))
 
 
+@on_tensorflow
 @pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
 def test_integer_weights_stay_integer(trained, int8_model, digits, tmp_path, suffix):
     float_file = export(trained, tmp_path / f"float{suffix}").file_bytes
@@ -41,6 +43,7 @@ def test_integer_weights_stay_integer(trained, int8_model, digits, tmp_path, suf
     assert report.agreement >= 0.97
 
 
+@on_tensorflow
 def test_litert_weights_land_on_kshrinks_grid(int8_model, digits, tmp_path):
     """LiteRT's per-channel int8 of kshrink's dequantized weights gives back the same
     integers, so the file computes what the Keras model computes."""
@@ -49,6 +52,7 @@ def test_litert_weights_land_on_kshrinks_grid(int8_model, digits, tmp_path):
     assert report.max_abs_diff <= 1e-4 * scale
 
 
+@on_tensorflow
 def test_full_integer_litert_from_a_float_model(trained, digits, tmp_path):
     float_file = export(trained, tmp_path / "float.tflite").file_bytes
     report = export(trained, tmp_path / "int8.tflite", quantization="int8", data=digits.train)
@@ -58,6 +62,7 @@ def test_full_integer_litert_from_a_float_model(trained, digits, tmp_path):
     assert report.agreement >= 0.9 and keras_accuracy > 0.8
 
 
+@on_tensorflow
 @pytest.mark.parametrize("name, options, message", [
     ("model.pb", {}, "unknown file type '.pb'"),
     ("model.tflite", {"quantization": "int3"}, "quantization must be one of"),
@@ -72,6 +77,15 @@ def test_bad_requests_leave_an_existing_file_alone(trained, tmp_path, name, opti
     assert target.read_bytes() == b"keep me"
 
 
+@on_tensorflow
 def test_int8_of_an_already_integer_model_is_refused(int8_model, digits, tmp_path):
     with pytest.raises(kshrink.KshrinkError, match="export the float model"):
         export(int8_model, tmp_path / "m.tflite", quantization="int8", data=digits.train)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="checks the other backends")
+def test_other_backends_are_told_to_use_tensorflow(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(kshrink.KshrinkError, match="KERAS_BACKEND=tensorflow"):
+        export(model, tmp_path / "m.tflite")
+    assert not list(tmp_path.iterdir())

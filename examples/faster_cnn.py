@@ -19,7 +19,9 @@ faster, report = kshrink.compress(
         kshrink.Fold(),  # BatchNorm into the convolutions, and the ReLU left on a ReLU output
     ],
     data=fashion.train,
-    fine_tune=kshrink.FineTune(epochs=15, distill=True),  # after each of the two pruning steps
+    # After each of the two pruning steps. Measured (benchmarks/structured.py): 90.86% against
+    # 91.42%, 1.64x faster at batch 1 and 3.47x at batch 32.
+    fine_tune=kshrink.FineTune(epochs=15, distill=True),
 )
 print(report)
 faster.save("resnet-faster.keras")  # stock Keras layers, fewer and narrower: no kshrink needed

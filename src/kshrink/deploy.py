@@ -9,9 +9,10 @@ Quantization:
 - `"none"`: float weights and activations.
 - `"dynamic"`: int8 weights, float activations (LiteRT's dynamic range quantization, ONNX
   Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
-  same per-channel grid, so they stay what they were.
+  same per-channel grid, so they stay what they were. Small files, but the hybrid kernels run
+  slower than float on CPU (benchmarks/export.py).
 - `"int8"`: int8 weights and activations, ranges calibrated on `data` (LiteRT only, from a
-  float model: the converter does the quantizing).
+  float model: the converter does the quantizing). Small and fast.
 - `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
   keeps them small, else `"none"`.
 """

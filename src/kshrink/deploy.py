@@ -27,6 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kshrink.core.graph import leaf_layers
 from kshrink.errors import KshrinkError
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
@@ -80,7 +81,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
 
     Raises:
         KshrinkError: an unknown suffix or quantization, `"int8"` without data or for ONNX,
-            a backend other than TensorFlow, or a model with more than one input.
+            a backend other than TensorFlow, or a model with several inputs or outputs.
     """
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
@@ -93,9 +94,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if keras.backend.backend() != "tensorflow":
         raise KshrinkError("export runs the TensorFlow converters: set KERAS_BACKEND=tensorflow "
                            "(a .keras file saved under any backend loads there)")
-    if len(model.inputs) != 1:
-        raise KshrinkError(f"export: models with one input are supported; {model.name!r} has "
-                           f"{len(model.inputs)}")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise KshrinkError(f"export: models with one input and one output are supported; "
+                           f"{model.name!r} has {len(model.inputs)} and {len(model.outputs)}")
     x = _inputs(model, data, samples)
     integer = _has_integer_layers(model)
     if quantization == "auto":
@@ -141,8 +142,6 @@ def _inputs(model, data, samples: int) -> np.ndarray:
 
 
 def _has_integer_layers(model) -> bool:
-    from kshrink.core.graph import leaf_layers
-
     return any(getattr(layer, "quantization_mode", None) in ("int8", "int4")
                or getattr(layer, "mode", None) in ("int8", "int4")
                for layer in leaf_layers(model))

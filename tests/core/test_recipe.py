@@ -68,3 +68,12 @@ def test_registry_lists_quantize_with_its_options():
                        "calibration_samples": 512, "qat": False, "fold_batchnorm": True,
                        "overrides": (),
                        "layers": None, "exclude": None}
+
+
+def test_every_example_recipe_parses():
+    from pathlib import Path
+
+    examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        assert len(Recipe.from_file(path)) >= 1, path

@@ -1,6 +1,7 @@
 """Export to deployment runtimes: LiteRT (`.tflite`) and ONNX (`.onnx`), checked on export.
 
-Keras writes the file (`model.export`, TensorFlow backend); kshrink chooses the converter
+Keras writes the file (`model.export`: LiteRT on the TensorFlow backend, ONNX on TensorFlow
+or torch); kshrink chooses the converter
 options, writes through a temporary file (an existing file is replaced only by a finished
 export), then runs the file in its own runtime (LiteRT's interpreter, ONNX Runtime) on sample
 inputs and reports its size and how far its outputs are from Keras'.
@@ -31,6 +32,8 @@ from kshrink.core.graph import leaf_layers
 from kshrink.errors import KshrinkError
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
+# Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
+BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
 
 
@@ -91,9 +94,10 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization not in QUANTIZATIONS:
         raise KshrinkError(f"export: quantization must be one of {', '.join(QUANTIZATIONS)}. "
                            f"Received: {quantization!r}")
-    if keras.backend.backend() != "tensorflow":
-        raise KshrinkError("export runs the TensorFlow converters: set KERAS_BACKEND=tensorflow "
-                           "(a .keras file saved under any backend loads there)")
+    if keras.backend.backend() not in BACKENDS[fmt]:
+        raise KshrinkError(
+            f"export to {path.suffix} runs on the {' or '.join(BACKENDS[fmt])} backend: set "
+            f"KERAS_BACKEND=tensorflow (a .keras file saved under any backend loads there)")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise KshrinkError(f"export: models with one input and one output are supported; "
                            f"{model.name!r} has {len(model.inputs)} and {len(model.outputs)}")
@@ -104,11 +108,17 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization == "int8" and (fmt == "onnx" or data is None):
         raise KshrinkError("export: quantization='int8' calibrates activations on data, for "
                            "LiteRT: pass data and a .tflite path (or use 'dynamic')")
+    if integer and keras.backend.backend() != "tensorflow":
+        raise KshrinkError("export: models with integer layers export on the tensorflow "
+                           "backend (torch's ONNX exporter cannot trace them): set "
+                           "KERAS_BACKEND=tensorflow")
     if quantization == "int8" and integer:
         raise KshrinkError(
             "export: quantization='int8' quantizes in the converter, which cannot take layers "
             "that are already integer: export the float model (it lands on the same "
             "per-channel weight grid), or use 'dynamic' to keep these int8 weights")
+    # Keras' own outputs first: the torch exporter also wants a model that has been called.
+    expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(suffix=path.suffix, dir=path.parent,
                                              prefix=f".{path.stem}-")
@@ -123,7 +133,6 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
     outputs = outputs.reshape(expected.shape)
     agreement = None
     if expected.ndim == 2 and expected.shape[1] > 1:

@@ -62,9 +62,13 @@ class ExportReport:
 
     def __str__(self) -> str:
         agreement = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
+        hint = ""
+        if self.quantization == "dynamic":
+            hint = ("\nint8 weights with float activations: a small file, but slower than float "
+                    "on CPU; for speed, export the float model with quantization 'int8'")
         return (f"wrote {self.path} ({self.format}, quantization {self.quantization}): "
                 f"{self.file_bytes:,} bytes; on {self.samples} samples the outputs differ from "
-                f"Keras' by at most {self.max_abs_diff:.3g}{agreement}")
+                f"Keras' by at most {self.max_abs_diff:.3g}{agreement}{hint}")
 
 
 def export(model: keras.Model, path, *, quantization: str = "auto", data=None,

@@ -18,7 +18,7 @@ from peers import run as run_peer
 
 import kshrink
 from kshrink.measure import evaluate, file_size
-from kshrink.core.kernels import kernel_weights
+from kshrink.layers import kernel_weights
 
 PLAN = {  # model: (sparsities, fine-tune epochs)
     "lenet_300_100": ((0.8, 0.9, 0.92, 0.95, 0.97), 10),

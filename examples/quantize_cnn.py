@@ -10,7 +10,7 @@ model = kshrink.zoo.pretrained("resnet_fashion")
 fashion = kshrink.datasets.load("fashion_mnist")
 
 # Which layers suffer most at int4? Quantize one at a time and measure.
-sensitivity = kshrink.quantize.sensitivity(model, fashion.test, mode="int4", group_size=None)
+sensitivity = kshrink.analysis.sensitivity(model, fashion.test, mode="int4", group_size=None)
 print(sensitivity.table().to_text())
 keep_at_int8 = sensitivity.most_sensitive(2)
 

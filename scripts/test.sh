@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: everything on the TensorFlow backend, then the contract, pruning, clustering,
-# quantization, folding, low-rank and export tests on JAX and torch.
+# quantization, folding, low-rank, export and layer-spec tests on JAX and torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -9,5 +9,5 @@ KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 "$@" tests
 for backend in jax torch; do
   echo "== contract, pruning, clustering, quantization, folding, low-rank, export tests on $backend"
   KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 "$@" tests/contract tests/prune \
-    tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy
+    tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy tests/layers
 done

@@ -12,13 +12,49 @@ data = kshrink.datasets.load("mnist")
 print(kshrink.measure.compare(model, small, data.test))
 ```
 
-Names are imported on first use, so `import kshrink` stays cheap until Keras is needed (the
-command line starts Keras itself, quietly).
+`import kshrink` registers kshrink's layer classes with Keras (`kshrink.layers`, which needs
+only keras and numpy), so `keras.saving.load_model` reads a quantized model after it; every
+other name is imported on first use.
 """
 
 import importlib
+import os
+import re
+import sys
+import tempfile
 
 __version__ = "0.1.0"
+
+# What TensorFlow prints when it starts, whatever TF_CPP_MIN_LOG_LEVEL says; nothing to act on.
+_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cpu_feature_guard|"
+    r"To enable the following instructions|rebuild TensorFlow with"
+)
+
+
+def _start_keras_quietly(run_op: bool = False) -> None:
+    """Imports Keras (and with `run_op` starts its backend) with file descriptor 2 captured,
+    then replays everything but TensorFlow's start-up notices."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+
+            if run_op:
+                keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not _STARTUP_NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
+if "keras" not in sys.modules:
+    _start_keras_quietly()
+from kshrink import layers  # noqa: E402  registers kshrink's layer classes with Keras
 
 _EXPORTS = {
     "compress": "kshrink.api",
@@ -48,9 +84,10 @@ _EXPORTS = {
     "StructuredPrune": "kshrink.prune",
     "Override": "kshrink.quantize",
 }
-_SUBMODULES = ("cluster", "datasets", "fold", "lowrank", "measure", "prune", "quantize", "zoo")
+_SUBMODULES = ("analysis", "cluster", "datasets", "fold", "lowrank", "measure", "prune",
+               "quantize", "zoo")
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["layers"]
 
 
 def __getattr__(name):

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,13 +22,6 @@ steps:
   - cluster: {clusters: 16}
 fine_tune: {epochs: 4, distill: true}
 """
-
-# What TensorFlow prints at start-up whatever TF_CPP_MIN_LOG_LEVEL says; nothing a user can act on.
-_STARTUP_NOISE = re.compile(
-    r"absl::InitializeLog|oneDNN custom operations|cpu_feature_guard|"
-    r"To enable the following instructions|rebuild TensorFlow with"
-)
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
@@ -51,8 +42,10 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    _start_backend_quietly()
+    from kshrink import _start_keras_quietly
     from kshrink.errors import KshrinkError
+
+    _start_keras_quietly(run_op=True)
 
     try:
         return args.run(args) or 0
@@ -62,24 +55,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kshrink: interrupted", file=sys.stderr)
         return 130
-
-
-def _start_backend_quietly() -> None:
-    """Imports Keras and starts its backend with stderr captured, then replays all but noise."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import keras
-
-            keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines():
-                if not _STARTUP_NOISE.search(line):
-                    print(line, file=sys.stderr)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -209,7 +184,7 @@ def _convert(args) -> int:
 
 def _sensitivity(args) -> int:
     from kshrink.io import load_model_file
-    from kshrink.quantize import sensitivity
+    from kshrink.analysis import sensitivity
 
     model = load_model_file(args.model)
     data = _data(args.data, model)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import keras
 
+from kshrink.core.atomic import atomic_output
 from kshrink.errors import ModelFileError
 
 
@@ -31,7 +29,6 @@ def load_model_file(path) -> keras.Model:
         raise ModelFileError(f"expected a .keras or .kshrink model file. Received: {path.name}")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is not a Keras model file (not a zip archive)")
-    import kshrink.quantize.layers  # noqa: F401  registers kshrink's quantized layers
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -81,18 +78,3 @@ def save_model_atomic(model: keras.Model, path) -> Path:
     with atomic_output(path) as tmp:
         model.save(tmp)
     return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path):
-    """Yields a temporary path beside `path` (same suffix); renames it to `path` on success,
-    removes it on failure, so `path` is never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix,
-                               dir=path.parent or ".")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,8 +8,8 @@ import pytest
 import kshrink
 from kshrink import Cluster, FineTune, Prune
 from kshrink.cluster import ClusterWrapper, kmeans_1d
-from kshrink.core.kernels import kernel_weights
 from kshrink.errors import RecipeError
+from kshrink.layers import as_matrix, kernel_weights
 from kshrink.measure import evaluate
 
 from conftest import small_cnn
@@ -79,6 +79,28 @@ def test_channel_granularity_gives_a_codebook_per_output_channel(trained):
     kernel = kernels(small)["fc1"]
     assert all(len(np.unique(kernel[:, c])) <= 2 for c in range(kernel.shape[1]))
     assert len(np.unique(kernel)) > 2
+
+
+@pytest.mark.parametrize("layer", [
+    keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw"),
+    keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, name="dw"),
+    keras.layers.Conv2DTranspose(6, 3, name="dw"),
+])
+def test_channel_codebooks_follow_the_layers_output_channels(layer):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((9, 9, 4)), layer, keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    small, _ = kshrink.compress(model, Cluster(clusters=4, granularity="channel",
+                                               layers=kshrink.Select(names=("dw",))))
+    spec = kshrink.layers.spec_for(small.get_layer("dw"))
+    for weight in spec.kernels:
+        values = keras.ops.convert_to_numpy(
+            next(v for v in small.get_layer("dw").weights if v.name == weight.name).value)
+        columns = as_matrix(values, weight.output_axes).T  # one row per output channel
+        assert len(columns) == np.prod([values.shape[a] for a in weight.output_axes]) > 1
+        assert all(len(np.unique(c)) <= 4 for c in columns)
+        codebooks = {tuple(np.unique(c)) for c in columns}
+        assert len(codebooks) == len(columns)  # random weights: no two channels share one
 
 
 def test_clustered_file_loads_without_kshrink(trained, tmp_path):

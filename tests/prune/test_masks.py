@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kshrink.errors import RecipeError
-from kshrink.core.kernels import as_matrix, from_matrix
+from kshrink.layers import as_matrix, from_matrix
 from kshrink.prune.masks import Pattern, check_fits, magnitude_masks
 
 rng = np.random.default_rng(0)
@@ -72,9 +72,9 @@ def test_matrix_view_round_trips_and_puts_outputs_last():
     assert m.shape == (36, 8)
     np.testing.assert_array_equal(from_matrix(m, conv.shape), conv)
     transposed = rng.normal(size=(3, 3, 8, 4))  # Conv2DTranspose: (kh, kw, out, in)
-    m = as_matrix(transposed, output_axis=-2)
+    m = as_matrix(transposed, (-2,))
     assert m.shape == (36, 8)
-    np.testing.assert_array_equal(from_matrix(m, transposed.shape, output_axis=-2), transposed)
+    np.testing.assert_array_equal(from_matrix(m, transposed.shape, (-2,)), transposed)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -96,7 +96,7 @@ def test_bad_patterns(text, message):
 
 def test_fit_checks_name_the_layer():
     with pytest.raises(RecipeError, match=r"block 3x1 does not divide layer 'fc' .*10x5"):
-        check_fits(Pattern(block=(3, 1)), (10, 5), -1, "layer 'fc'")
+        check_fits(Pattern(block=(3, 1)), (10, 5), (-1,), "layer 'fc'")
     with pytest.raises(RecipeError, match="multiple of 4; it is 25"):
-        check_fits(Pattern(n=2, m=4), (5, 5, 1, 20), -1, "layer 'conv1'")
-    check_fits(Pattern(n=2, m=4), (5, 5, 20, 50), -1, "layer 'conv2'")
+        check_fits(Pattern(n=2, m=4), (5, 5, 1, 20), (-1,), "layer 'conv1'")
+    check_fits(Pattern(n=2, m=4), (5, 5, 20, 50), (-1,), "layer 'conv2'")

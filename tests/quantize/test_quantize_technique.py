@@ -8,7 +8,7 @@ import kshrink
 from kshrink import Override, Quantize, Select
 from kshrink.errors import RecipeError, SelectionError
 from kshrink.quantize.calibrate import clip_range, fake_quantize
-from kshrink.quantize.qat import QuantizeAwareWrapper
+from kshrink.layers import QuantizeAwareWrapper
 
 
 def numpy(tensor):
@@ -99,16 +99,16 @@ def test_qat_wrapper_rounds_kernels_to_the_deployed_grid(cnn, images):
     wrapper = QuantizeAwareWrapper(layer, mode="int8")
     wrapper.build(layer.input.shape)
     (fake,) = wrapper.substitutes().values()
-    from kshrink.quantize.layers import quantize_layer
+    from kshrink.layers import quantize_layer
 
     deployed = quantize_layer(layer, "int8")
     np.testing.assert_allclose(numpy(fake), numpy(deployed.dequantized("kernel")), atol=1e-7)
 
 
 def test_sensitivity_ranks_layers_reproducibly(trained, digits):
-    first = kshrink.quantize.sensitivity(trained, digits.test, mode="int4", group_size=None,
+    first = kshrink.analysis.sensitivity(trained, digits.test, mode="int4", group_size=None,
                                          samples=200, seed=3)
-    again = kshrink.quantize.sensitivity(trained, digits.test, mode="int4", group_size=None,
+    again = kshrink.analysis.sensitivity(trained, digits.test, mode="int4", group_size=None,
                                          samples=200, seed=3)
     assert first == again
     assert sorted(e.layer for e in first.layers) == ["conv1", "conv2", "fc1", "fc2"]

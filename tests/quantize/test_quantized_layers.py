@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kshrink
-from kshrink.quantize.layers import QUANTIZED_CLASSES, quantize_layer, quantize_matrix
+from kshrink.layers import QUANTIZED_CLASSES, quantize_layer, quantize_matrix
 
 LAYERS = {
     "Conv1D": (lambda: keras.layers.Conv1D(6, 3, padding="causal"), (2, 9, 4)),
@@ -120,3 +120,25 @@ def test_weight_stats_count_packed_int4_as_half_a_byte(cnn):
     conv2 = next(l for l in kshrink.measure.weight_stats(small).layers if l.name == "conv2")
     assert conv2.bytes_by_dtype["int4"] == 3 * 3 * 8 * 8 // 2
     assert conv2.parameters >= 3 * 3 * 8 * 8
+
+
+def test_import_kshrink_is_enough_to_load_a_quantized_file(cnn, images, tmp_path):
+    """A fresh process, as a user writes it: `import kshrink, keras`, then Keras' own loader."""
+    import os
+    import subprocess
+    import sys
+
+    small, _ = kshrink.compress(cnn, kshrink.Quantize(mode="int8"))
+    path = tmp_path / "int8-cnn.keras"
+    small.save(path)
+    np.save(tmp_path / "x.npy", images)
+    probe = ("import sys, numpy as np, kshrink, keras\n"
+             "model = keras.saving.load_model(sys.argv[1])\n"
+             "print(type(model.get_layer('conv1')).__name__)\n"
+             "np.save(sys.argv[2], keras.ops.convert_to_numpy(model(np.load(sys.argv[3]))))\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(path), str(tmp_path / "y.npy"),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": keras.backend.backend()})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "QuantizedConv2D"
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), numpy(small(images)))

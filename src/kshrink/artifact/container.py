@@ -19,10 +19,10 @@ import safetensors
 import safetensors.numpy
 
 from kshrink.artifact.encodings import EncodingError, compress, decode, decompress, encode
+from kshrink.core.atomic import atomic_output
 from kshrink.core.graph import ensure_supported
 from kshrink.errors import KshrinkError
-from kshrink.io import atomic_output
-from kshrink.quantize import layers as _quantized_layers  # noqa: F401  registers them
+from kshrink import layers as _layers  # noqa: F401  registers kshrink's layer classes
 
 FORMAT = "kshrink"
 VERSION = 1

@@ -16,7 +16,7 @@ import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
 from kshrink.core.graph import leaf_layers, replace_layers
-from kshrink.core.kernels import as_matrix, from_matrix, kernel_weights, output_axis
+from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -28,58 +28,15 @@ from kshrink.core.technique import (
     option,
     register_technique,
 )
-from kshrink.core.wrapping import SubstituteWrapper
 from kshrink.errors import KshrinkError
+from kshrink.layers.wrappers import ClusterWrapper
 
 GRANULARITIES = ("layer", "channel")
 
 
-@keras.saving.register_keras_serializable(package="kshrink")
-class ClusterWrapper(SubstituteWrapper):
-    """Wraps a layer whose kernels read their values from trainable centroids.
-
-    Per kernel: `centroids` (groups x clusters, trainable), `assignment` (the flat centroid
-    index of every weight) and `keep` (0 where a weight is held at zero).
-    """
-
-    def __init__(self, layer, clusters: int = 16, groups: tuple = (), **kwargs):
-        kwargs.setdefault("name", f"cluster_{layer.name}")
-        super().__init__(layer, **kwargs)
-        self.clusters = clusters
-        self.groups = tuple(groups)
-
-    def build(self, input_shape=None):
-        if not self.layer.built:
-            self.layer.build(input_shape)
-        self.kernels = kernel_weights(self.layer)
-        groups = self.groups or (1,) * len(self.kernels)
-        self.centroids, self.assignment, self.keep = [], [], []
-        for kernel, count in zip(self.kernels, groups):
-            self.centroids.append(self.add_weight(
-                shape=(count, self.clusters), initializer="zeros", name=f"{kernel.name}_centroids",
-                dtype=kernel.dtype))
-            self.assignment.append(self.add_weight(
-                shape=kernel.shape, initializer="zeros", trainable=False, dtype="int32",
-                name=f"{kernel.name}_assignment"))
-            self.keep.append(self.add_weight(
-                shape=kernel.shape, initializer="ones", trainable=False, dtype=kernel.dtype,
-                name=f"{kernel.name}_keep"))
-        self.built = True
-
-    def substitutes(self) -> dict:
-        return {
-            id(kernel): keras.ops.multiply(
-                keras.ops.take(keras.ops.reshape(c.value, (-1,)), a.value), k.value)
-            for kernel, c, a, k in zip(self.kernels, self.centroids, self.assignment, self.keep)
-        }
-
-    def get_config(self):
-        return {**super().get_config(), "clusters": self.clusters, "groups": list(self.groups)}
-
-
-def cluster_kernel(values: np.ndarray, axis: int, config: Cluster):
+def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster):
     """k-means of one kernel: (centroids [groups, k], flat assignment, keep mask)."""
-    matrix = as_matrix(values, axis)
+    matrix = as_matrix(values, axes)
     keep = np.ones_like(matrix) if not config.preserve_sparsity else (matrix != 0).astype(
         matrix.dtype)
     columns = [matrix] if config.granularity == "layer" else [
@@ -100,7 +57,7 @@ def cluster_kernel(values: np.ndarray, axis: int, config: Cluster):
         else:
             assignment[:, [g]] = flat
     shape = values.shape
-    return centroids, from_matrix(assignment, shape, axis), from_matrix(keep, shape, axis)
+    return centroids, from_matrix(assignment, shape, axes), from_matrix(keep, shape, axes)
 
 
 class ClusterHandler(Handler):
@@ -110,7 +67,7 @@ class ClusterHandler(Handler):
         def skip_reason(layer):
             if getattr(layer, "quantization_mode", None):
                 return "quantized layers keep their integer weights"
-            if not kernel_weights(layer):
+            if not kernel_specs(layer):
                 return f"{type(layer).__name__}: no kernel to share"
             return None
 
@@ -122,8 +79,8 @@ class ClusterHandler(Handler):
 
     @staticmethod
     def _wrap(layer, config: Cluster) -> ClusterWrapper:
-        results = [cluster_kernel(keras.ops.convert_to_numpy(w.value), output_axis(layer), config)
-                   for w in kernel_weights(layer)]
+        results = [cluster_kernel(keras.ops.convert_to_numpy(w.value), spec.output_axes, config)
+                   for w, spec in kernel_specs(layer)]
         wrapper = ClusterWrapper(layer, clusters=config.clusters,
                                  groups=tuple(len(r[0]) for r in results))
         wrapper.build(None)

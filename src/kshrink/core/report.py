@@ -35,6 +35,7 @@ class StepReport:
     technique: str
     options: dict
     layers: tuple[LayerResult, ...]
+    summary: str | None = None
 
     @property
     def applied(self) -> tuple[LayerResult, ...]:
@@ -45,8 +46,9 @@ class StepReport:
         return tuple(r for r in self.layers if r.action == SKIPPED)
 
     def table(self) -> Table:
+        title = f"{self.technique}: {len(self.applied)} applied, {len(self.skipped)} skipped"
         return Table(
-            title=f"{self.technique}: {len(self.applied)} applied, {len(self.skipped)} skipped",
+            title=title + (f"; {self.summary}" if self.summary else ""),
             columns=("layer", "type", "action", "detail"),
             rows=[(r.layer, r.layer_type, r.action, r.detail) for r in self.layers],
         )

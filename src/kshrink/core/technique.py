@@ -149,6 +149,7 @@ class StepContext:
             fine-tuning), for techniques whose schedules span the training.
         results: per-layer outcomes the handler records with `applied`/`skipped`.
         state: anything the handler carries from `prepare` to `finalize`.
+        summary: one line on the whole step, e.g. the sparsity reached against the target.
     """
 
     original: keras.Model
@@ -157,6 +158,7 @@ class StepContext:
     train_steps: int | None = None
     results: list[LayerResult] = dataclasses.field(default_factory=list)
     state: dict = dataclasses.field(default_factory=dict)
+    summary: str | None = None
 
     def applied(self, layer: keras.layers.Layer, detail: str) -> None:
         self.results.append(LayerResult(layer.name, type(layer).__name__, APPLIED, detail))
@@ -223,7 +225,7 @@ class Handler:
         return model
 
     def report(self, model: keras.Model, config: Technique, ctx: StepContext) -> StepReport:
-        return StepReport(config.name, config.get_config(), tuple(ctx.results))
+        return StepReport(config.name, config.get_config(), tuple(ctx.results), ctx.summary)
 
 
 _BY_NAME: dict[str, type[Technique]] = {}

@@ -1,9 +1,10 @@
 """BatchNorm folding and no-op removal: the inference form of a model, with fewer layers.
 
-A BatchNormalization that directly follows a Conv/Dense/Depthwise layer (with no activation in
-between, and nothing else reading that layer's output) computes, at inference,
-`gamma * (z - mean) / sqrt(var + eps) + beta` of `z = x @ W + b`: the same affine map can be
-written into W and b. The BN layer then disappears from the graph. Dropout, Identity and
+A BatchNormalization that directly follows a Conv/Dense/Depthwise/Separable/transposed layer
+(with no activation in between, and nothing else reading that layer's output) computes, at
+inference, `gamma * (z - mean) / sqrt(var + eps) + beta` of `z = x @ W + b`: the same affine map
+can be written into W and b (for a SeparableConv, into its pointwise kernel; which kernel takes
+it is the layer's `LayerSpec.fold_into`). The BN layer then disappears from the graph. Dropout, Identity and
 linear Activation layers do nothing at inference and disappear too, as does a ReLU applied to
 what is already a ReLU's output (e.g. after a residual block was removed).
 
@@ -20,12 +21,7 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional, rewrite
-
-# Layer classes whose kernel's last axis (or last two, for Depthwise) indexes output channels.
-_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
-             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-               keras.layers.Conv3DTranspose)
+from kshrink.layers.specs import scale_output_channels, spec_for
 
 
 @dataclasses.dataclass
@@ -101,11 +97,12 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
     """Why `bn` cannot fold into `producer`, whose output `tensor` has `readers` readers."""
     if producer is None:
         return "no single layer with weights directly before it"
-    if isinstance(producer, _TRANSPOSED) or not isinstance(producer, _FOLDABLE):
-        kind = type(producer).__name__
-        return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if type(producer).__module__.split(".")[0] != "keras":
         return f"follows the custom layer {producer.name!r}"
+    spec = spec_for(producer)
+    if spec is None or spec.fold_into is None or getattr(producer, "is_quantized", False):
+        kind = type(producer).__name__
+        return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if producer.get_config().get("activation") not in ("linear", None):
         return f"{producer.name!r} applies an activation before it"
     axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
@@ -119,22 +116,22 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
     return None
 
 
-def folded_weights(producer, bn) -> tuple[np.ndarray, np.ndarray]:
-    """The producer's (kernel, bias) with `bn`'s inference transform written into them."""
+def folded_weights(producer, bn) -> dict[str, np.ndarray]:
+    """The producer's weights by name, with `bn`'s inference transform written into the
+    kernel its spec names (`fold_into`) and into the bias."""
     numpy = keras.ops.convert_to_numpy
     gamma = numpy(bn.gamma.value) if bn.scale else 1.0
     beta = numpy(bn.beta.value) if bn.center else 0.0
     mean, variance = numpy(bn.moving_mean.value), numpy(bn.moving_variance.value)
     scale = (gamma / np.sqrt(variance + bn.epsilon)).astype("float64")
-    kernel = numpy(producer.kernel.value if hasattr(producer.kernel, "value")
-                   else producer.kernel).astype("float64")
-    bias = numpy(producer.bias.value).astype("float64") if producer.use_bias else 0.0
-    if isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-        kernel = kernel * scale.reshape(kernel.shape[-2:])
-    else:
-        kernel = kernel * scale
-    bias = (bias - mean) * scale + beta
-    return kernel.astype("float32"), np.broadcast_to(bias, scale.shape).astype("float32")
+    weights = {v.name: numpy(v.value) for v in producer.weights}
+    name = spec_for(producer).fold_into
+    kernel = weights[name].astype("float64")
+    weights[name] = scale_output_channels(kernel, scale, spec_for(producer).weight(name)
+                                          .output_axes).astype("float32")
+    bias = weights.get("bias", np.zeros(scale.shape)).astype("float64")
+    weights["bias"] = np.broadcast_to((bias - mean) * scale + beta, scale.shape).astype("float32")
+    return weights
 
 
 def fold(model: keras.Model, plan: FoldPlan) -> keras.Model:
@@ -148,11 +145,11 @@ def fold(model: keras.Model, plan: FoldPlan) -> keras.Model:
             return []
         if layer.name not in bn_by_producer:
             return layer
-        kernel, bias = folded_weights(layer, layers[bn_by_producer[layer.name]])
+        weights = folded_weights(layer, layers[bn_by_producer[layer.name]])
         new = type(layer).from_config({**layer.get_config(), "use_bias": True})
         new.build_from_config(layer.get_build_config())
-        new.kernel.assign(kernel)
-        new.bias.assign(bias)
+        for variable in new.weights:
+            variable.assign(weights[variable.name])
         return new
 
     return rewrite(model, replace)

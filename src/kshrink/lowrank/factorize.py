@@ -19,7 +19,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from kshrink.core.kernels import as_matrix
+from kshrink.layers.specs import as_matrix
 
 
 @dataclasses.dataclass(frozen=True)

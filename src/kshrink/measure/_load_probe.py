@@ -40,7 +40,7 @@ def main(path, loader):
         load = kshrink.load
     else:
         if _needs_kshrink_layers(path):
-            import kshrink.quantize  # noqa: F401  registers the quantized layer classes
+            import kshrink  # noqa: F401  registers kshrink's layer classes
         load = keras.saving.load_model
     rss_before = _status_kib("VmRSS")
     _reset_peak()

@@ -7,7 +7,7 @@ from kshrink.prune.magnitude import Prune, PruningCallback, strip, update_masks,
 from kshrink.prune.masks import Pattern
 from kshrink.prune.schedule import Schedule
 from kshrink.prune.structured import StructuredPrune
-from kshrink.prune.wrapper import PruneWrapper
+from kshrink.layers import PruneWrapper
 
 __all__ = ["Block", "DepthPrune", "Group", "Pattern", "Prune", "PruneWrapper", "PruningCallback",
            "Schedule", "StructuredPrune", "channel_groups", "narrowed", "residual_blocks", "strip",

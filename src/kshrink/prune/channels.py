@@ -22,24 +22,16 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional
+from kshrink.layers import specs
 
 L = keras.layers
-# A new set of channels from the last axis of the input: (kernel output axis).
-PRODUCERS = (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.SeparableConv1D, L.SeparableConv2D,
-             L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-# Output channel c is a function of input channel c alone (parameters sliced per channel).
-PER_CHANNEL = (L.BatchNormalization, L.DepthwiseConv1D, L.DepthwiseConv2D)
-# Output channel c is input channel c, and nothing to slice.
-PASS_THROUGH = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Softmax, L.Dropout,
-                L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
-                L.GaussianDropout, L.AlphaDropout, L.Identity, L.MaxPooling1D, L.MaxPooling2D,
-                L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
-                L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-                L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
-                L.GlobalAveragePooling3D, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
-                L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.Cropping1D, L.Cropping2D,
-                L.Cropping3D)
-MERGES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+_KNOWN = (specs.PRODUCER, specs.PER_CHANNEL, specs.PASS_THROUGH, specs.MERGE,
+          specs.CONCATENATE, specs.FLATTEN)
+
+
+def _role(layer) -> str | None:
+    spec = specs.spec_for(layer)
+    return spec.channels if spec is not None else None
 
 
 @dataclasses.dataclass
@@ -111,29 +103,30 @@ def channel_groups(model: keras.Model) -> list[Group]:
             for tensor in ins + outs:
                 pin(tensor, f"{layer.name} ({why})")
             continue
-        if isinstance(layer, PRODUCERS):
+        role = _role(layer)
+        if role == specs.PRODUCER:
             (x,), (y,) = ins, outs
             for element in elements(x):
                 members[element][1].append((layer.name, element[1]))
             for element in elements(y):
                 members[element][0].append((layer.name, element[1]))
-        elif isinstance(layer, PER_CHANNEL + PASS_THROUGH):
+        elif role in (specs.PER_CHANNEL, specs.PASS_THROUGH):
             (x,), (y,) = ins, outs
             for a, b in zip(elements(x), elements(y)):
                 uf.union(a, b)
-                if isinstance(layer, PER_CHANNEL):
+                if role == specs.PER_CHANNEL:
                     members[a][2].append((layer.name, a[1]))
-        elif isinstance(layer, MERGES):
+        elif role == specs.MERGE:
             for x in ins:
                 for a, b in zip(elements(x), elements(outs[0])):
                     uf.union(a, b)
-        elif isinstance(layer, L.Concatenate):
+        elif role == specs.CONCATENATE:
             offset = 0
             for x in ins:
                 for (_, c) in elements(x):
                     uf.union((id(x), c), (id(outs[0]), offset + c))
                 offset += width(x)
-        elif isinstance(layer, L.Flatten):
+        elif role == specs.FLATTEN:
             (x,), (y,) = ins, outs
             channels = width(x)
             for (_, j) in elements(y):
@@ -160,14 +153,14 @@ def _cannot_see_through(layer, ins, outs) -> str | None:
         return "a nested model"
     if type(layer).__module__.split(".")[0] != "keras":
         return "a custom layer"
-    known = PRODUCERS + PER_CHANNEL + PASS_THROUGH + MERGES + (L.Concatenate, L.Flatten)
-    if not isinstance(layer, known):
+    role = _role(layer)
+    if role not in _KNOWN:
         return f"{type(layer).__name__} is not analysed"
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return "channels_first"
     if any(len(t.shape) < 2 or not isinstance(t.shape[-1], int) for t in ins + outs):
         return "a tensor without a known channel axis"
-    single = isinstance(layer, PRODUCERS + PER_CHANNEL + PASS_THROUGH + (L.Flatten,))
+    single = role in (specs.PRODUCER, specs.PER_CHANNEL, specs.PASS_THROUGH, specs.FLATTEN)
     if single and (len(ins) != 1 or len(outs) != 1):
         return "called with several inputs"
     if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and layer.groups != 1:
@@ -178,15 +171,16 @@ def _cannot_see_through(layer, ins, outs) -> str | None:
     if isinstance(layer, L.BatchNormalization) and layer.axis not in (-1, len(ins[0].shape) - 1,
                                                                       [-1]):
         return "normalizes another axis"
-    if isinstance(layer, MERGES) and len({t.shape[-1] for t in ins + outs}) != 1:
+    if role == specs.MERGE and len({t.shape[-1] for t in ins + outs}) != 1:
         return "broadcasts over channels"
-    if isinstance(layer, L.Concatenate) and layer.axis not in (-1, len(outs[0].shape) - 1):
+    if role == specs.CONCATENATE and layer.axis not in (-1, len(outs[0].shape) - 1):
         return "concatenates another axis"
     last = (-1, [-1], len(outs[0].shape) - 1, [len(outs[0].shape) - 1])
     if isinstance(layer, L.Softmax) and layer.axis in last or (
             isinstance(layer, L.Activation) and layer.get_config()["activation"] == "softmax"):
         return "normalizes across channels"
-    if isinstance(layer, L.PReLU) and layer.shared_axes is None:
+    if isinstance(layer, L.PReLU) and len(layer.alpha.shape) != 1 and any(
+            d != 1 for d in layer.alpha.shape[:-1]):
         return "per-position parameters"
     return None
 
@@ -207,8 +201,7 @@ def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
         config = layer.get_config()
         removed = len(drop_out.get(layer.name, ()))
         if removed:
-            key = "units" if isinstance(layer, L.Dense) else "filters"
-            config[key] -= removed
+            config[specs.spec_for(layer).width] -= removed
         return type(layer).from_config(config)
 
     rebuilt = keras.models.clone_model(model, clone_function=clone)
@@ -224,31 +217,10 @@ def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
 
 def _slice(layer, variable, drop_in: set, drop_out: set, drop_per: set) -> np.ndarray:
     values = keras.ops.convert_to_numpy(variable.value)
-    name = variable.name
-
-    def keep(array, axis, dropped):
-        if not dropped:
-            return array
-        kept = [i for i in range(array.shape[axis]) if i not in dropped]
-        return np.take(array, kept, axis=axis)
-
-    if isinstance(layer, PER_CHANNEL):  # BN parameters, depthwise kernel (.., in, 1) and bias
-        axis = -2 if name == "kernel" else -1
-        return keep(values, axis, drop_per)
-    if isinstance(layer, (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)):
-        if name == "kernel":
-            return keep(keep(values, -1, drop_in), -2, drop_out)
-        return keep(values, -1, drop_out)
-    if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
-        if name == "depthwise_kernel":
-            return keep(values, -2, drop_in)
-        if name == "pointwise_kernel":
-            return keep(keep(values, -2, drop_in), -1, drop_out)
-        return keep(values, -1, drop_out)
-    if name == "kernel":
-        if isinstance(layer, L.Dense) and values.ndim == 2:
-            return keep(keep(values, 0, drop_in), 1, drop_out)
-        return keep(keep(values, -2, drop_in), -1, drop_out)
-    if name == "bias":
-        return keep(values, -1, drop_out)
-    return values
+    spec = specs.spec_for(layer)
+    weight = spec.weight(variable.name) if spec is not None else None
+    if weight is None:
+        return values
+    if spec.channels == specs.PER_CHANNEL:  # BN parameters, a depthwise kernel and its bias
+        drop_in = drop_out = drop_per
+    return specs.slice_channels(values, weight, drop_in, drop_out)

@@ -28,7 +28,7 @@ from kshrink.core.technique import (
     register_technique,
 )
 from kshrink.errors import KshrinkError
-from kshrink.measure.macs import layer_macs
+from kshrink.layers.specs import layer_macs
 
 
 @dataclasses.dataclass(frozen=True)

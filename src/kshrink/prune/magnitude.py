@@ -5,8 +5,8 @@ training loop:
 
 ```python
 pruned = kshrink.prune.wrap(model, kshrink.Prune(sparsity=0.9, end_step=2000))
-pruned.compile(...)
-pruned.fit(x, y, callbacks=[kshrink.prune.PruningCallback(pruned)])
+pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+pruned.fit(x, y, callbacks=[kshrink.prune.PruningCallback(pruned)])  # 90% from step 2000
 model = kshrink.prune.strip(pruned)  # stock layers, zeros baked in, same layer names
 ```
 """
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import copy_model, leaf_layers, replace_layers
-from kshrink.core.kernels import as_matrix, from_matrix, kernel_weights, output_axis
+from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -35,7 +35,6 @@ from kshrink.core.technique import (
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.prune import masks as masklib
 from kshrink.prune.schedule import SCHEDULES, Schedule
-from kshrink.prune.wrapper import PruneWrapper
 
 SCOPES = ("layer", "global")
 DEFAULT_SPARSITY = 0.5
@@ -45,54 +44,95 @@ class PruneHandler(Handler):
     trains = True
 
     def prepare(self, model, config: Prune, ctx: StepContext):
-        chosen = _choose_layers(model, config, ctx)
-        wrapped = wrap(model, config, layers=chosen, copy=False)
-        ctx.state["schedule"] = config.schedule_for(ctx.train_steps)
+        chosen, effective = _choose_layers(model, config, ctx)
+        wrapped = wrap(model, effective, layers=chosen, copy=False)
+        ctx.state.update(config=effective, schedule=effective.schedule_for(ctx.train_steps))
         return wrapped
 
     def callbacks(self, model, config: Prune, ctx: StepContext):
-        return [PruningCallback(model, config, schedule=ctx.state["schedule"])]
+        return [PruningCallback(model, ctx.state["config"], schedule=ctx.state["schedule"])]
 
     def finalize(self, model, config: Prune, ctx: StepContext):
-        stripped = strip(model, config)
+        stripped = strip(model, ctx.state["config"])
+        zeros_total = size_total = 0
         for layer in leaf_layers(stripped):
-            if layer.name in ctx.state["pruned"]:
+            if layer.name in ctx.state["counted"]:
                 weights = [np.asarray(keras.ops.convert_to_numpy(w.value))
                            for w in kernel_weights(layer)]
                 size = sum(w.size for w in weights)
                 zeros = sum(int(np.sum(w == 0)) for w in weights)
-                target = "global target" if config.scope == "global" else "target"
-                ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target} "
-                                   f"{config.target_sparsity:.3f}, {config.pattern})")
+                zeros_total, size_total = zeros_total + zeros, size_total + size
+                if layer.name in ctx.state["pruned"]:
+                    target = ("global threshold" if config.scope == "global" else
+                              f"target {ctx.state['config'].target_sparsity:.3f}")
+                    ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
+                                       f"{config.pattern})")
         ctx.sort_results(stripped)
+        ctx.summary = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
+                       f"weights of {len(ctx.state['counted'])} layers "
+                       f"(target {config.target_sparsity:.3f}, {config.scope} scope)")
         return stripped
 
 
-def _choose_layers(model, config: Prune, ctx: StepContext) -> list:
-    # The model's first and last prunable layers, kept dense unless the user chose layers.
-    ends = {}
+def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]:
+    """The layers to prune, and the options that make the target hold over every weight the
+    step may touch: when the first/last layers stay dense, the others prune further."""
     everything = [l for l in leaf_layers(model) if kernel_weights(l)]
-    if config.skip_first_last and config.layers is None and len(everything) > 2:
-        ends = {id(everything[0]): "first", id(everything[-1]): "last"}
 
     def skip_reason(layer):
         if getattr(layer, "quantization_mode", None):
             return "quantized layers are not pruned; prune before quantize"
         if not kernel_weights(layer):
             return f"{type(layer).__name__}: no prunable weights"
-        if id(layer) in ends:
-            return f"{ends[id(layer)]} prunable layer kept dense (skip_first_last)"
         return None
 
     chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
+    ctx.state["counted"] = {l.name for l in chosen}
+    effective = config
+    if config.skip_first_last and config.layers is None and len(everything) > 2:
+        ends = _ends_kept_dense(chosen, everything, config)
+        total = sum(map(_size, chosen))
+        for layer, which in ends:
+            ctx.skipped(layer, f"{which} prunable layer kept dense (skip_first_last; it holds "
+                               f"{_size(layer) / total:.1%} of the weights)")
+        dense = {id(layer) for layer, _ in ends}
+        chosen = [l for l in chosen if id(l) not in dense]
+        if ends and chosen and not config.pattern_spec.is_n_of_m:
+            scale = total / sum(map(_size, chosen))
+            effective = dataclasses.replace(config, sparsity=config.target_sparsity * scale,
+                                            initial_sparsity=config.initial_sparsity * scale)
     if not chosen:
         raise KshrinkError("prune: no layer left to prune after selection and exclusions")
     for layer in chosen:
         for w in kernel_weights(layer):
-            masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axis(layer),
+            masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axes(layer, w.name),
                                f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
     ctx.state["pruned"] = {l.name for l in chosen}
-    return chosen
+    return chosen, effective
+
+
+def _size(layer) -> int:
+    return sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
+
+
+def _ends_kept_dense(chosen: list, everything: list, config: Prune) -> list:
+    """The model's first and last prunable layers, if chosen, that can stay dense while the
+    others reach the target at a sensible sparsity: pruned no further than a quarter of the
+    way from the target to 1 (so they keep at least 3/4 of the density the target allows).
+    A first or last layer holding much of the weights (LeNet-300-100's fc1: 88%) is pruned."""
+    total = sum(map(_size, chosen))
+    target = config.target_sparsity
+    ceiling = min(target + (1 - target) / 4, config.max_layer_sparsity)
+    ends, dense = [], 0
+    chosen_ids = {id(layer) for layer in chosen}
+    for layer, which in ((everything[0], "first"), (everything[-1], "last")):
+        if id(layer) not in chosen_ids:
+            continue
+        needed = target * total / max(total - dense - _size(layer), 1)
+        if config.pattern_spec.is_n_of_m or needed <= ceiling:
+            ends.append((layer, which))
+            dense += _size(layer)
+    return ends
 
 
 def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -> keras.Model:
@@ -103,14 +143,16 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
         model: a Sequential or functional model.
         config: the pruning options.
         layers: the layers to wrap (default: every layer with prunable weights that
-            `config.layers`/`exclude`/`skip_first_last` allow).
+            `config.layers`/`exclude`/`skip_first_last` allow; the others then prune further
+            where the first/last layers stay dense, so the target holds over all of them).
     """
     if copy:
         model = copy_model(model)
     if layers is None:
-        layers = _choose_layers(model, config, StepContext(original=model))
+        layers, config = _choose_layers(model, config, StepContext(original=model))
     ids = {id(l) for l in layers}
     wrapped = replace_layers(model, lambda l: PruneWrapper(l) if id(l) in ids else l)
+    wrapped._kshrink_pruning = config  # what PruningCallback and strip use by default
     if config.schedule == "one_shot" or config.pattern_spec.is_n_of_m:
         update_masks(_wrappers(wrapped), config.target_sparsity, config)
     return wrapped
@@ -134,7 +176,7 @@ def strip(model: keras.Model, config: Prune | None = None) -> keras.Model:
 
 def update_masks(wrappers, sparsity: float, config: Prune) -> None:
     """Recomputes every mask at `sparsity` from current magnitudes and zeroes pruned weights."""
-    entries = [(w, mask, output_axis(wrapper.layer))
+    entries = [(w, mask, output_axes(wrapper.layer, w.name))
                for wrapper in wrappers for w, mask in zip(wrapper.pruned, wrapper.masks)]
     if not entries:
         return
@@ -165,7 +207,7 @@ class PruningCallback(keras.callbacks.Callback):
 
     Args:
         model: the model returned by `wrap` (the one being trained, or a Distiller's student).
-        config: the pruning options (default: the ones `wrap` was given).
+        config: the pruning options (default: the ones `wrap` pruned with).
         schedule: an explicit `Schedule` (default: `config.schedule_for(None)`).
     """
 
@@ -176,7 +218,10 @@ class PruningCallback(keras.callbacks.Callback):
         if not self._wrappers:
             raise KshrinkError("PruningCallback: the model has no pruned layers; "
                                "wrap it with kshrink.prune.wrap first")
-        self._config = config or Prune()
+        self._config = config or getattr(model, "_kshrink_pruning", None)
+        if self._config is None:
+            raise KshrinkError("PruningCallback: pass config=kshrink.Prune(...); the model was "
+                               "not made by kshrink.prune.wrap")
         self._schedule = schedule or self._config.schedule_for(None)
         self.step = 0
 

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from kshrink.core.kernels import as_matrix
+from kshrink.layers.specs import as_matrix
 from kshrink.errors import RecipeError
 
 
@@ -63,9 +63,9 @@ class Pattern:
         return "unstructured" if self.block == (1, 1) else f"{self.block[0]}x{self.block[1]}"
 
 
-def check_fits(pattern: Pattern, shape: tuple, output_axis: int, where: str) -> None:
+def check_fits(pattern: Pattern, shape: tuple, output_axes: tuple, where: str) -> None:
     """Raises `RecipeError` if `pattern` does not tile a weight of this shape."""
-    rows, cols = as_matrix(np.empty(shape, dtype=np.int8), output_axis).shape
+    rows, cols = as_matrix(np.empty(shape, dtype=np.int8), output_axes).shape
     if pattern.is_n_of_m:
         if rows % pattern.m:
             raise RecipeError(

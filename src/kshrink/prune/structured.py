@@ -11,7 +11,6 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import copy_model, leaf_layers, replace_layers
-from kshrink.core.kernels import as_matrix
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -25,13 +24,12 @@ from kshrink.core.technique import (
 )
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
+from kshrink.layers.specs import as_matrix, spec_for
 from kshrink.prune.channels import Group, channel_groups, narrowed
 
 IMPORTANCES = ("l1", "l2", "bn_gamma", "taylor")
 _GATE_STEP = 1e-3  # SGD step on the channel gates; small enough to leave the model as it is
 SCOPES = ("layer", "global")
-_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-               keras.layers.Conv3DTranspose)
 
 
 class StructuredPruneHandler(Handler):
@@ -69,10 +67,11 @@ def _chosen_producers(model, config) -> set[str]:
 
 
 def _column(layer, c: int) -> np.ndarray:
-    """The weights that compute output channel `c` of a producer."""
-    kernel = layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
-    values = keras.ops.convert_to_numpy(kernel)
-    return as_matrix(values, -2 if isinstance(layer, _TRANSPOSED) else -1)[:, c]
+    """The weights that compute output channel `c` of a producer (a Separable's pointwise
+    kernel: its depthwise kernel computes no new channels)."""
+    weight = next(w for w in spec_for(layer).kernels if len(w.output_axes) == 1)
+    variable = next(v for v in layer.weights if v.name == weight.name)
+    return as_matrix(keras.ops.convert_to_numpy(variable.value), weight.output_axes)[:, c]
 
 
 def _importance(group: Group, layers: dict, kind: str, taylor: dict | None = None) -> float:
@@ -139,7 +138,7 @@ def _is_dead(group: Group, layers: dict) -> bool:
                 numpy(layer.moving_variance)[c] + layer.epsilon)
             if shift != 0:
                 return False
-        elif layer.use_bias and numpy(layer.bias)[c] != 0:
+        elif getattr(layer, "use_bias", False) and numpy(layer.bias)[c] != 0:
             return False
     return True
 

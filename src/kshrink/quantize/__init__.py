@@ -1,12 +1,9 @@
-"""Quantization: the `quantize` technique, kshrink's quantized layers, calibration, QAT.
+"""Quantization: the `quantize` technique, calibration and quantization-aware training.
 
-Importing this package registers kshrink's quantized layer classes with Keras, so that
-`keras.saving.load_model` can load a model that holds them.
+kshrink's quantized layer classes live in `kshrink.layers` (registered by `import kshrink`).
 """
 
-from kshrink.quantize import layers
 from kshrink.quantize.calibrate import input_ranges
-from kshrink.quantize.sensitivity import SensitivityReport, sensitivity
 from kshrink.quantize.technique import Override, Quantize
 
-__all__ = ["Override", "Quantize", "SensitivityReport", "input_ranges", "layers", "sensitivity"]
+__all__ = ["Override", "Quantize", "input_ranges"]

@@ -10,8 +10,6 @@ import warnings
 
 import keras
 
-KERAS_QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
-
 
 def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None,
                    activation_bits: int | None) -> None:

@@ -25,17 +25,18 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.fold.batchnorm import fold, plan_folds
-from kshrink.quantize.calibrate import METHODS, input_ranges
-from kshrink.quantize.keras_native import KERAS_QUANTIZABLE, keras_quantize
-from kshrink.quantize.layers import (
+from kshrink.layers import (
     FLOAT_MODES,
     INTEGER_MODES,
+    KERAS_INTEGER_LAYERS,
     MODES,
+    QuantizeAwareWrapper,
     QuantizedKernels,
     keras_base,
     quantize_layer,
 )
-from kshrink.quantize.qat import QuantizeAwareWrapper
+from kshrink.quantize.calibrate import METHODS, input_ranges
+from kshrink.quantize.keras_native import keras_quantize
 
 KEEP_FLOAT = "float"
 
@@ -183,7 +184,7 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
         plan = plans.get(layer.name)
         if plan is None:
             continue
-        if plan.mode in INTEGER_MODES and isinstance(layer, KERAS_QUANTIZABLE):
+        if plan.mode in INTEGER_MODES and isinstance(layer, KERAS_INTEGER_LAYERS):
             key = (plan.mode, _group(plan), _activation_bits(layer, config))
             by_keras.setdefault(key, []).append(layer.name)
         else:

@@ -12,8 +12,8 @@ output channel (int8, int4), or per group of `group_size` inputs and output chan
 With `activation_bits`, the layer also fake-quantizes its input to that many bits between a
 calibrated (or learned) `input_min` and `input_max`: a W8A8 simulation in plain Keras.
 
-The classes are registered as `kshrink>Quantized<Keras class>`: importing `kshrink.quantize`
-before `keras.saving.load_model` lets plain Keras load a model that holds them.
+The classes are registered as `kshrink>Quantized<Keras class>`: after `import kshrink`,
+`keras.saving.load_model` loads a model that holds them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ import math
 import keras
 import numpy as np
 from keras import ops
+
+from kshrink.layers.specs import (
+    as_matrix,
+    matrix_shape,
+    moved_axes,
+    quantizable_classes,
+    spec_for_class,
+)
 
 INTEGER_MODES = {"int8": 127, "int4": 7}  # mode -> largest stored magnitude
 FLOAT_MODES = ("float16", "bfloat16")
@@ -60,7 +68,7 @@ class QuantizedKernels:
         if self.mode in FLOAT_MODES:
             return super().add_weight(name=name, shape=shape, dtype=self.mode,
                                       initializer="zeros", trainable=False)
-        rows, columns = _matrix_shape(shape, self.KERNELS[name][1])
+        rows, columns = matrix_shape(shape, self.KERNELS[name][1])
         stored_rows = (rows + 1) // 2 if self.mode == "int4" else rows
         groups = math.ceil(rows / self.group_size) if self.group_size else 1
         stored = super().add_weight(name=name, shape=(stored_rows, columns), dtype="int8",
@@ -101,7 +109,7 @@ class QuantizedKernels:
         stored = self.stored_kernel(name).value
         if self.mode in FLOAT_MODES:
             return ops.cast(stored, self.compute_dtype)
-        rows, columns = _matrix_shape(shape, self.KERNELS[name][1])
+        rows, columns = matrix_shape(shape, self.KERNELS[name][1])
         if self.mode == "int4":
             stored = keras.quantizers.unpack_int4(stored, rows, axis=0)
         matrix = ops.cast(stored, "float32")
@@ -124,7 +132,7 @@ class QuantizedKernels:
         if self.mode in FLOAT_MODES:
             self.stored_kernel(name).assign(values)
             return
-        stored, scale = quantize_matrix(_as_matrix(values, self.KERNELS[name][1]),
+        stored, scale = quantize_matrix(as_matrix(values, self.KERNELS[name][1]),
                                         INTEGER_MODES[self.mode], self.group_size)
         if self.mode == "int4":
             stored = keras.ops.convert_to_numpy(keras.quantizers.pack_int4(stored, axis=0)[0])
@@ -168,8 +176,8 @@ def fake_quantize_kernel(kernel, output_axes: tuple, qmax: int, group_size: int 
     quantization-aware training: the gradient passes straight through the rounding."""
     shape = tuple(kernel.shape)
     kernel = ops.reshape(kernel, shape)  # a tensor, also when given a variable's value
-    source, target = _moved_axes(shape, output_axes)
-    rows, columns = _matrix_shape(shape, output_axes)
+    source, target = moved_axes(len(shape), output_axes)
+    rows, columns = matrix_shape(shape, output_axes)
     matrix = ops.reshape(ops.moveaxis(kernel, source, target), (rows, columns))
     size = group_size or rows
     groups = math.ceil(rows / size)
@@ -183,25 +191,9 @@ def fake_quantize_kernel(kernel, output_axes: tuple, qmax: int, group_size: int 
     return _from_matrix(matrix, shape, output_axes)
 
 
-def _matrix_shape(shape: tuple, output_axes: tuple) -> tuple[int, int]:
-    columns = math.prod(shape[a] for a in output_axes)
-    return math.prod(shape) // max(columns, 1), columns
-
-
-def _moved_axes(shape: tuple, output_axes: tuple):
-    n = len(shape)
-    source = [a % n for a in output_axes]
-    return source, list(range(n - len(source), n))
-
-
-def _as_matrix(values: np.ndarray, output_axes: tuple) -> np.ndarray:
-    source, target = _moved_axes(values.shape, output_axes)
-    moved = np.moveaxis(values, source, target)
-    return moved.reshape(_matrix_shape(values.shape, output_axes))
-
-
 def _from_matrix(matrix, shape: tuple, output_axes: tuple):
-    source, target = _moved_axes(shape, output_axes)
+    """`specs.from_matrix` in keras.ops, for tensors inside `call`."""
+    source, target = moved_axes(len(shape), output_axes)
     moved_shape = [d for i, d in enumerate(shape) if i not in source] + [shape[i] for i in source]
     moved = ops.reshape(matrix, moved_shape)
     return ops.moveaxis(moved, target, source) if source != target else moved
@@ -219,63 +211,30 @@ def _stored_attribute(name: str) -> property:
     return property(get, set, doc=f"The dequantized {name}.")
 
 
-_OUTPUT_CHANNELS = (-1,)
-_TRANSPOSED = (-2,)
-_DEPTHWISE = (-2, -1)  # (..., input channels, multiplier): every pair is an output channel
-
-# Keras class -> {weight name: (attribute Keras assigns it to, output-channel axes)}
-_LAYOUTS = {
-    keras.layers.Conv1D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.Conv2D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.Conv3D: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.Conv1DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
-    keras.layers.Conv2DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
-    keras.layers.Conv3DTranspose: {"kernel": ("kernel", _TRANSPOSED)},
-    keras.layers.DepthwiseConv1D: {"kernel": ("kernel", _DEPTHWISE)},
-    keras.layers.DepthwiseConv2D: {"kernel": ("kernel", _DEPTHWISE)},
-    keras.layers.SeparableConv1D: {"depthwise_kernel": ("depthwise_kernel", _DEPTHWISE),
-                                   "pointwise_kernel": ("pointwise_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.SeparableConv2D: {"depthwise_kernel": ("depthwise_kernel", _DEPTHWISE),
-                                   "pointwise_kernel": ("pointwise_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.Dense: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.EinsumDense: {"kernel": ("_kernel", _OUTPUT_CHANNELS)},
-    keras.layers.Embedding: {"embeddings": ("_embeddings", _OUTPUT_CHANNELS)},
-}
 # Keras quantizes these to int8/int4 itself; kshrink only adds float16/bfloat16 storage.
 KERAS_INTEGER_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
 
 def _quantized_class(base: type) -> type:
-    kernels = _LAYOUTS[base]
+    kernels = {k.name: (k.attribute, k.output_axes) for k in spec_for_class(base).kernels}
     namespace = {
-        "KERNELS": {name: layout for name, layout in kernels.items()},
+        "KERNELS": kernels,
         "__module__": __name__,
         "__doc__": f"`keras.layers.{base.__name__}` with quantized kernels "
-                   "(see `kshrink.quantize.layers`).",
+                   "(see `kshrink.layers.quantized`).",
         **{attribute: _stored_attribute(name) for name, (attribute, _) in kernels.items()},
     }
     cls = type(f"Quantized{base.__name__}", (QuantizedKernels, base), namespace)
     return keras.saving.register_keras_serializable(package="kshrink")(cls)
 
 
-QUANTIZED_CLASSES = {base: _quantized_class(base) for base in _LAYOUTS}
+QUANTIZED_CLASSES = {base: _quantized_class(base) for base in quantizable_classes()}
 globals().update({cls.__name__: cls for cls in QUANTIZED_CLASSES.values()})
 
 
-def kernel_layout(layer, name: str) -> tuple[int, ...]:
-    """The axes of kernel `name` of `layer` that index output channels (default: the last)."""
-    for cls in type(layer).__mro__:
-        if name in _LAYOUTS.get(cls, {}):
-            return _LAYOUTS[cls][name][1]
-    return _OUTPUT_CHANNELS
-
-
 def keras_base(layer) -> type | None:
-    """The Keras class in `_LAYOUTS` that `layer` is an instance of (exactly), or None."""
-    for cls in type(layer).__mro__:
-        if cls in _LAYOUTS:
-            return cls if cls.__module__.startswith("keras.") and type(layer) is cls else None
-    return None
+    """The Keras class with a quantized form that `layer` is exactly an instance of, or None."""
+    return type(layer) if type(layer) in QUANTIZED_CLASSES else None
 
 
 def quantize_layer(layer, mode: str, group_size: int | None = None,

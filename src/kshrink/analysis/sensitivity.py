@@ -3,7 +3,7 @@
 Example:
 
 ```python
-report = kshrink.quantize.sensitivity(model, (x_val, y_val), mode="int4")
+report = kshrink.analysis.sensitivity(model, (x_val, y_val), mode="int4")
 print(report.table().to_text())
 keep = report.most_sensitive(2)   # e.g. keep these at int8 with a Quantize override
 ```

@@ -1,0 +1,88 @@
+"""The package's layering (DESIGN.md): arrows only point down.
+
+cli/analysis -> api -> techniques -> core -> layers; artifact, measure and deploy read models
+and `layers`, never a technique. Read from the source with `ast`, imports inside functions
+included, so a lazy import cannot hide an upward arrow.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "kshrink"
+TECHNIQUES = {"prune", "quantize", "cluster", "lowrank", "fold"}
+ABOVE_TECHNIQUES = {"api", "analysis", "cli"}
+
+
+def _unit(module: str) -> str:
+    """`kshrink.prune.masks` -> `prune`; `kshrink.io` -> `io`; `kshrink` -> `kshrink`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "kshrink"
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module name -> the kshrink modules it imports."""
+    found = {}
+    for path in SOURCE.rglob("*.py"):
+        relative = path.relative_to(SOURCE.parent).with_suffix("")
+        parts = list(relative.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        module = ".".join(parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("kshrink")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.startswith("kshrink"):
+                    targets.add(node.module)
+                    if node.module == "kshrink":  # `from kshrink import layers`
+                        targets |= {f"kshrink.{a.name}" for a in node.names}
+        found[module] = targets
+    return found
+
+
+IMPORTS = _imports()
+
+
+def _unit_imports(unit: str) -> set[str]:
+    return {_unit(t) for m, targets in IMPORTS.items() if _unit(m) == unit
+            for t in targets} - {unit}
+
+
+def test_layers_is_a_leaf():
+    assert _unit_imports("layers") == set()
+    for module, targets in IMPORTS.items():
+        if _unit(module) == "layers":
+            assert all(t.startswith("kshrink.layers") for t in targets), module
+
+
+@pytest.mark.parametrize("unit", ["artifact", "measure", "deploy", "io", "core"])
+def test_storage_measurement_and_core_never_import_a_technique(unit):
+    wrong = _unit_imports(unit) & (TECHNIQUES | ABOVE_TECHNIQUES)
+    assert not wrong, f"{unit} imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("unit", sorted(TECHNIQUES))
+def test_no_technique_imports_what_sits_above_it(unit):
+    wrong = _unit_imports(unit) & ABOVE_TECHNIQUES
+    assert not wrong, f"{unit} imports {sorted(wrong)}"
+
+
+def test_no_import_cycle_between_parts():
+    graph = {unit: _unit_imports(unit) - {"kshrink", "errors", "render"}
+             for unit in {_unit(m) for m in IMPORTS}}
+    state = {}
+
+    def visit(unit, path):
+        if state.get(unit) == "done":
+            return
+        assert state.get(unit) != "open", f"import cycle: {' -> '.join(path + [unit])}"
+        state[unit] = "open"
+        for target in sorted(graph.get(unit, ())):
+            visit(target, path + [unit])
+        state[unit] = "done"
+
+    for unit in sorted(graph):
+        visit(unit, [])

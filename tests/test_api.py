@@ -109,3 +109,47 @@ def test_compressed_model_is_uncompiled_and_carries_no_optimizer(digits, tmp_pat
     small.save(small_path)
     weights, overhead = 4 * model.count_params(), 20_000  # config, HDF5 structure
     assert small_path.stat().st_size < weights + overhead < trained_path.stat().st_size
+
+
+def _xy(n=32, classes=10):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 8, 8)).astype("float32"), rng.integers(0, classes, n)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 70, np.nan, x), y),
+     r"data x holds NaN or Inf: the first at index \(1, 0, 6\)"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, 1000, y)), "class label 1000"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, -5, y)), "class label -5"),
+    (lambda x, y: (np.float32(1.0), y), "0-d"),
+    (lambda x, y: (x[:0], y[:0]), "no examples"),
+    (lambda x, y: (x, y[:5]), "differ in length"),
+])
+def test_unusable_data_is_refused_with_one_line(make, message):
+    from conftest import small_cnn
+
+    data = make(*_xy())
+    with pytest.raises(kshrink.KshrinkError, match=message):
+        kshrink.compress(small_cnn(), kshrink.Prune(), data=data,
+                         fine_tune=kshrink.FineTune(epochs=1))
+
+
+@pytest.mark.parametrize("technique", [kshrink.Prune(), kshrink.Cluster(), kshrink.Fold(),
+                                       kshrink.LowRank(rank=2)])
+def test_a_model_with_non_finite_weights_is_refused_by_every_technique(technique):
+    from conftest import small_cnn
+
+    model = small_cnn()
+    kernel = keras.ops.convert_to_numpy(model.get_layer("fc1").kernel)
+    kernel[0, 0] = np.inf
+    model.get_layer("fc1").kernel.assign(kernel)
+    with pytest.raises(kshrink.KshrinkError, match="layer 'fc1': weight 'kernel' holds NaN or Inf"):
+        kshrink.compress(model, technique)
+
+
+def test_a_diverging_fine_tune_stops_and_keeps_nothing():
+    x, y = _xy(64)
+    with pytest.raises(kshrink.KshrinkError, match="diverged.*NaN or Inf"):
+        kshrink.compress(small_mlp(), kshrink.Prune(), data=(x * 1e30, y),
+                         fine_tune=kshrink.FineTune(epochs=2, learning_rate=10.0,
+                                                    optimizer="sgd", verbose=False))

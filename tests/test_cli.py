@@ -76,6 +76,16 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
     fine_tunes = tmp_path / "ft.yaml"
     fine_tunes.write_text("steps: [prune]\nfine_tune: {epochs: 1}\n")
     out = tmp_path / "out.keras"
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((16, 28, 28)).astype("float32"), rng.integers(0, 10, 16)
+    nan_data, bad_labels = tmp_path / "nan.npz", tmp_path / "labels.npz"
+    np.savez(nan_data, x=np.where(images > 0.999, np.nan, images), y=labels)
+    np.savez(bad_labels, x=images, y=np.where(labels == labels[0], 1000, labels))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("- quantize: {mode: int8}  # caf\xe9".encode("latin-1"))
+    folder, onnx_folder = tmp_path / "folder.keras", tmp_path / "folder.onnx"
+    folder.mkdir()
+    onnx_folder.mkdir()
     return {
         "missing file": (["compress", tmp_path / "nope.keras", "--recipe", int8_recipe, "-o", out],
                          "model file not found"),
@@ -103,6 +113,23 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
         "fine-tune without data": (["compress", lenet, "--recipe", fine_tunes, "-o", out],
                                    "needs --data"),
         "bad flag": (["compress", lenet], "required"),
+        "output is a directory": (["compress", lenet, "--recipe", int8_recipe, "-o", folder],
+                                  "is a directory"),
+        "convert into a directory": (["convert", lenet, folder], "is a directory"),
+        "export into a directory": (["export", lenet, onnx_folder], "is a directory"),
+        "load runs 0": (["measure", lenet, "--load-runs", "0"], "must be a positive integer"),
+        "load runs -1": (["measure", lenet, "--load-runs", "-1"], "must be a positive integer"),
+        "latency runs 0": (["measure", lenet, "--latency-runs", "0"],
+                           "must be a positive integer"),
+        "bad baseline": (["measure", lenet, "--baseline", text], "not a zip archive"),
+        "export samples 0": (["export", lenet, tmp_path / "m.onnx", "--samples", "0"],
+                             "must be a positive integer"),
+        "sensitivity samples 0": (["sensitivity", lenet, "--data", "mnist", "--samples", "0"],
+                                  "must be a positive integer"),
+        "NaN in data": (["compress", lenet, "--recipe", int8_recipe, "-o", out, "--data",
+                         nan_data], "holds NaN or Inf"),
+        "labels out of range": (["sensitivity", lenet, "--data", bad_labels], "class label 1000"),
+        "recipe not UTF-8": (["compress", lenet, "--recipe", latin, "-o", out], "not UTF-8"),
     }
 
 
@@ -110,7 +137,10 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
     "missing file", "not a keras file", "corrupt zip", "zip without config", "unknown technique",
     "bad option", "data shape", "overwrite input", "bad output suffix", "missing recipe",
     "missing output dir",
-    "unknown dataset", "fine-tune without data", "bad flag",
+    "unknown dataset", "fine-tune without data", "bad flag", "output is a directory",
+    "convert into a directory", "export into a directory", "load runs 0", "load runs -1",
+    "latency runs 0", "bad baseline", "export samples 0", "sensitivity samples 0",
+    "NaN in data", "labels out of range", "recipe not UTF-8",
 ])
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, lenet, int8_recipe,
                                                              capsys):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import keras
 
+from kshrink.core.data import check_data
 from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport
 from kshrink.core.technique import StepContext, handler_for
-from kshrink.core.training import FineTune, fine_tune as run_fine_tune
+from kshrink.core.training import FineTune, check_finite_weights
+from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
 from kshrink.measure.weights import weight_stats
 
@@ -38,9 +40,12 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     """
     recipe = Recipe.coerce(recipe)
     fine_tune = fine_tune or recipe.fine_tune
+    check_data(data, model, "data")
+    check_data(validation_data, model, "validation_data")
     if fine_tune is not None and data is None:
         raise KshrinkError("fine-tuning needs training data: pass data=(x, y)")
     work = copy_model(model)
+    check_finite_weights(work, "in the model to compress")
     before = weight_stats(work)
     steps = []
     for technique in recipe:

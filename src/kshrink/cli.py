@@ -23,6 +23,17 @@ steps:
 fine_tune: {epochs: 4, distill: true}
 """
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or len(text) > 12:
+        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text[:20]!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
         raise _UsageError(f"{self.prog}: {message}")
@@ -76,8 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="the original model file to compare against")
     p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
-    p.add_argument("--load-runs", type=int, default=3, help="fresh processes for load figures")
-    p.add_argument("--latency-runs", type=int, default=50, help="timed calls per batch size")
+    p.add_argument("--load-runs", type=_positive, default=3,
+                   help="fresh processes for load figures")
+    p.add_argument("--latency-runs", type=_positive, default=50,
+                   help="timed calls per batch size")
     p.set_defaults(run=_measure)
 
     p = sub.add_parser("convert", help="convert between .keras and the compact .kshrink")
@@ -90,9 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=".keras or .kshrink file (float)")
     p.add_argument("--data", required=True, help="mnist, fashion_mnist, digits or FILE.npz")
     p.add_argument("--mode", choices=("int8", "int4", "float16", "bfloat16"), default="int8")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=_positive, default=None,
                    help="int4: inputs per scale group (default: one scale per channel)")
-    p.add_argument("--samples", type=int, default=2000, help="test examples used")
+    p.add_argument("--samples", type=_positive, default=2000, help="test examples used")
     p.add_argument("--seed", type=int, default=0, help="which examples are drawn")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.set_defaults(run=_sensitivity)
@@ -106,7 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "int8: weights and activations, calibrated on --data (LiteRT)")
     p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz: calibration and "
                                   "check inputs (default for the check: random inputs)")
-    p.add_argument("--samples", type=int, default=256, help="examples to calibrate and check")
+    p.add_argument("--samples", type=_positive, default=256,
+                   help="examples to calibrate and check")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("techniques", help="list the registered techniques and their options")

@@ -21,13 +21,14 @@ Quantization:
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from kshrink.core.atomic import atomic_output
+from kshrink.core.data import check_data
 from kshrink.core.graph import leaf_layers
 from kshrink.errors import KshrinkError
 
@@ -95,6 +96,10 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if fmt is None:
         raise KshrinkError(f"export: unknown file type {path.suffix!r}; use "
                            f"{' or '.join(FORMATS)}. Received: {path}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise KshrinkError(f"export: samples must be a positive integer. Received: "
+                           f"samples={samples!r}")
+    check_data(data, model)
     if quantization not in QUANTIZATIONS:
         raise KshrinkError(f"export: quantization must be one of {', '.join(QUANTIZATIONS)}. "
                            f"Received: {quantization!r}")
@@ -123,20 +128,16 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             "per-channel weight grid), or use 'dynamic' to keep these int8 weights")
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
     expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(suffix=path.suffix, dir=path.parent,
-                                             prefix=f".{path.stem}-")
-    os.close(descriptor)
-    try:
+    if not path.parent.is_dir():
+        raise KshrinkError(f"export: output directory does not exist: {path.parent}")
+    if path.is_dir():
+        raise KshrinkError(f"export: output {path} is a directory; name a file")
+    with atomic_output(path) as temporary:
         if fmt == "litert":
             _write_litert(model, temporary, quantization, x)
         else:
             _write_onnx(model, temporary, quantization)
-        outputs = Runtime(temporary)(x)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        outputs = Runtime(temporary)(x)  # renamed into place only once it has run
     outputs = outputs.reshape(expected.shape)
     agreement = None
     if expected.ndim == 2 and expected.shape[1] > 1:

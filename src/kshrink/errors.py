@@ -4,6 +4,18 @@ Every message is one line that names what is wrong and what is allowed, so the C
 as it is and exit with code 2.
 """
 
+import reprlib
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 4, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short(value) -> str:
+    """`repr(value)`, bounded: an error message never formats an unbounded value (a recipe
+    whose aliases expand to a billion strings, a 5,000-digit number)."""
+    return _SHORT.repr(value)
+
 
 class KshrinkError(ValueError):
     """Bad input to kshrink: a model, recipe, option, dataset or file it cannot accept."""
@@ -27,3 +39,8 @@ class DatasetUnavailableError(KshrinkError):
 
 class ModelFileError(KshrinkError):
     """A path that is not a readable Keras model file, or an output path that is not allowed."""
+
+
+class MeasurementError(KshrinkError):
+    """A measurement that cannot be made: bad counts, a model file that fails to load in a
+    fresh process, inputs that cannot be made up for the model."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def check_output_path(path) -> Path:
         raise ModelFileError(f"output must end in .keras or .kshrink. Received: {path.name}")
     if not path.parent.is_dir():
         raise ModelFileError(f"output directory does not exist: {path.parent}")
+    if path.is_dir():
+        raise ModelFileError(f"output {path} is a directory; name a file")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ModelFileError(f"output directory is not writable: {path.parent}")
     return path
 
 

@@ -64,11 +64,24 @@ def smaller(before: float, after: float) -> str:
     """"3.96x smaller" / "1.02x larger" for a before/after pair of sizes."""
     if before <= 0 or after <= 0:
         return "-"
+    if before == after:
+        return "same"
     return f"{before / after:.2f}x smaller" if before >= after else f"{after / before:.2f}x larger"
 
 
-def faster(before: float, after: float) -> str:
-    """"2.10x faster" / "1.05x slower" for a before/after pair of durations."""
+NO_CHANGE = "no measurable change"
+
+
+def faster(before: float, after: float, before_spread=None, after_spread=None,
+           least: float = 1.05) -> str:
+    """"2.10x faster" / "1.15x slower" for a before/after pair of durations, or "no measurable
+    change" when the ratio is under `least` or the two spreads ((low, high) each, e.g. the
+    quartiles of repeated timings) overlap: a difference run-to-run noise can explain."""
     if before <= 0 or after <= 0:
         return "-"
-    return f"{before / after:.2f}x faster" if before >= after else f"{after / before:.2f}x slower"
+    ratio = max(before, after) / min(before, after)
+    overlap = (before_spread is not None and after_spread is not None
+               and before_spread[0] <= after_spread[1] and after_spread[0] <= before_spread[1])
+    if ratio < least or overlap:
+        return NO_CHANGE
+    return f"{ratio:.2f}x faster" if before >= after else f"{ratio:.2f}x slower"

@@ -10,6 +10,7 @@ import safetensors.numpy
 
 import kshrink
 from kshrink.artifact import ArtifactError, load, save
+from kshrink.io import save_model_file
 from kshrink.artifact.encodings import compress
 
 from conftest import small_cnn, small_mlp
@@ -166,3 +167,24 @@ def test_hostile_headers_are_refused_before_allocating(edit, message, compressed
     rewrite(path, edit)
     with pytest.raises(ArtifactError, match=message):
         load(path)
+
+
+def test_outputs_keep_the_mode_of_the_file_they_replace_or_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    shared = tmp_path / "shared.kshrink"
+    shared.write_bytes(b"old")
+    os.chmod(shared, 0o644)
+    kshrink.save(model, shared)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o644
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.kshrink"
+        kshrink.save(model, fresh)
+        save_model_file(model, tmp_path / "fresh.keras")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "fresh.keras").st_mode) == 0o644

@@ -77,3 +77,38 @@ def test_every_example_recipe_parses():
     assert examples
     for path in examples:
         assert len(Recipe.from_file(path)) >= 1, path
+
+
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    + ["steps: *i"])
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, "more than 100,000 values"),
+    ("[" * 100_000 + "]" * 100_000, "nested"),
+    ("- prune: {sparsity: " + "9" * 5000 + "}", "cannot be read"),
+    ("- prune: {layers: {pattern: 5}}", "pattern must be a string"),
+    ("- prune: {layers: {names: 5}}", "names must be a list of strings"),
+    ("- prune: {layers: {types: 5}}", "types must be a list of strings"),
+])
+def test_hostile_recipes_end_in_one_short_recipe_error(text, message):
+    with pytest.raises(kshrink.KshrinkError, match=message) as caught:
+        kshrink.Recipe.from_yaml(text)
+    assert len(str(caught.value)) < 400 and "\n" not in str(caught.value)
+
+
+def test_deep_json_and_non_utf8_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(kshrink.KshrinkError, match="nested"):
+        kshrink.Recipe.from_file(deep)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("- prune: {sparsity: 0.5}  # caf\xe9".encode("latin-1"))
+    with pytest.raises(kshrink.KshrinkError, match="not UTF-8"):
+        kshrink.Recipe.from_file(latin)
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(kshrink.KshrinkError, match="at most"):
+        kshrink.Recipe.from_file(huge)

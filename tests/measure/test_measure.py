@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import kshrink
+import kshrink.core.graph
 from kshrink.measure import (compare, fidelity, file_size, latency, load_cost, top1_accuracy)
 
 from conftest import small_mlp
@@ -57,7 +58,7 @@ def test_load_cost_grows_with_the_model(tmp_path):
 def test_load_cost_reports_a_bad_file(tmp_path):
     path = tmp_path / "broken.keras"
     path.write_bytes(b"not a zip")
-    with pytest.raises(RuntimeError, match="fresh process failed"):
+    with pytest.raises(kshrink.KshrinkError, match="fresh process failed"):
         load_cost(path, runs=1)
 
 
@@ -76,3 +77,20 @@ def test_compare_puts_both_models_side_by_side(mlp, digits):
     assert 0 <= result.fidelity.top1_agreement <= 1
     assert messages and "accuracy" in messages
     assert '"fidelity"' in result.to_json()
+
+
+def test_a_change_inside_the_spread_is_no_measurable_change():
+    from kshrink.render import NO_CHANGE, faster
+
+    assert faster(2.0, 1.0, (1.9, 2.1), (0.9, 1.1)) == "2.00x faster"
+    assert faster(2.0, 1.0, (1.2, 2.5), (0.9, 1.3)) == NO_CHANGE  # the spreads overlap
+    assert faster(1.0, 1.03) == NO_CHANGE  # under 5%
+    assert faster(1.0, 1.5) == "1.50x slower"
+
+
+def test_comparing_a_model_with_its_copy_claims_no_speed_up(mlp, images):
+    copy = kshrink.core.graph.copy_model(mlp)
+    text = compare(mlp, copy, load_runs=1, latency_runs=30).to_text()
+    rows = [line for line in text.splitlines() if "latency" in line or "load time" in line]
+    assert rows and all("faster" not in r and "slower" not in r for r in rows), text
+    assert "no measurable change" in text

@@ -91,15 +91,19 @@ def test_an_outlier_costs_only_its_own_channel_or_group():
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_inf_weights_are_refused_naming_the_layer(cnn, bad):
     kernel = np.array(cnn.get_layer("conv2").kernel)
+    good = kernel.copy()
     kernel[0, 0, 0, 0] = bad
     cnn.get_layer("conv2").kernel.assign(kernel)
     with pytest.raises(kshrink.KshrinkError, match="layer 'conv2'.*NaN or Inf"):
-        kshrink.compress(cnn, kshrink.Quantize())
+        kshrink.compress(cnn, kshrink.Quantize(exclude=kshrink.Select(names=("conv2",))))
+    with pytest.raises(ValueError, match="layer 'conv2'.*NaN or Inf"):
+        quantize_layer(cnn.get_layer("conv2"), "int8")
+    cnn.get_layer("conv2").kernel.assign(good)
     dense = np.array(cnn.get_layer("fc1").kernel)
     dense[0, 0] = bad
     cnn.get_layer("fc1").kernel.assign(dense)
     with pytest.raises(kshrink.KshrinkError, match="layer 'fc1'.*NaN or Inf"):
-        kshrink.compress(cnn, kshrink.Quantize(exclude=kshrink.Select(names=("conv2",))))
+        kshrink.compress(cnn, kshrink.Quantize())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "float16"])

@@ -17,8 +17,9 @@ import keras
 import numpy as np
 
 from kshrink.api import compress
+from kshrink.core.data import check_data
 from kshrink.core.select import Select
-from kshrink.core.technique import StepContext
+from kshrink.core.technique import StepContext, check_int
 from kshrink.measure.accuracy import predict, top1_accuracy
 from kshrink.quantize.technique import Quantize, skip_reason
 from kshrink.render import Table
@@ -85,6 +86,8 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
         A `SensitivityReport`, most sensitive layer first.
     """
     x, y = data if isinstance(data, (tuple, list)) else (data, None)
+    check_int("sensitivity", "samples", samples, low=1, allow_none=True)
+    check_data(data, model)
     if samples is not None and samples < len(x):
         chosen = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
         x = x[chosen]

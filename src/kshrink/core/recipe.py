@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from kshrink.core.technique import Technique, technique_class
-from kshrink.errors import RecipeError
+from kshrink.errors import RecipeError, short
 
 
 class Recipe:
@@ -76,16 +76,17 @@ class Recipe:
         `{"steps": [...], "fine_tune": {...}}`."""
         from kshrink.core.training import FineTune
 
+        _check_size(data)
         fine_tune = None
         if isinstance(data, Mapping):
             unknown = sorted(set(data) - {"steps", "fine_tune"})
             if unknown:
                 raise RecipeError(
-                    f"unknown recipe key {unknown[0]!r}. Allowed: steps, fine_tune")
+                    f"unknown recipe key {short(unknown[0])}. Allowed: steps, fine_tune")
             if "fine_tune" in data:
                 options = data["fine_tune"]
                 if options is not None and not isinstance(options, Mapping):
-                    raise RecipeError(f"fine_tune must be a mapping. Received: {options!r}")
+                    raise RecipeError(f"fine_tune must be a mapping. Received: {short(options)}")
                 fine_tune = FineTune.from_config(options)
             data = data.get("steps")
         if not isinstance(data, list):
@@ -100,30 +101,23 @@ class Recipe:
             if not isinstance(entry, Mapping) or len(entry) != 1:
                 raise RecipeError(
                     f"recipe step {i} must be a one-key mapping {{technique: {{options}}}}. "
-                    f"Received: {entry!r}"
+                    f"Received: {short(entry)}"
                 )
             (name, options), = entry.items()
             if options is not None and not isinstance(options, Mapping):
                 raise RecipeError(
-                    f"recipe step {i} ({name}): options must be a mapping. Received: {options!r}"
+                    f"recipe step {i} ({short(name)}): options must be a mapping. Received: {short(options)}"
                 )
             steps.append(technique_class(str(name)).from_config(options))
         return cls(steps, fine_tune)
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        try:
-            return cls.from_data(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"recipe is not valid JSON: {e}") from None
+        return cls.from_data(_parse(text, "JSON", json.loads, json.JSONDecodeError))
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        try:
-            return cls.from_data(yaml.safe_load(text))
-        except yaml.YAMLError as e:
-            detail = " ".join(str(e).split())
-            raise RecipeError(f"recipe is not valid YAML: {detail}") from None
+        return cls.from_data(_parse(text, "YAML", yaml.safe_load, yaml.YAMLError))
 
     @classmethod
     def from_file(cls, path) -> Recipe:
@@ -131,7 +125,14 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {path.name} is {path.stat().st_size:,} bytes; a "
+                              f"recipe is at most {MAX_RECIPE_BYTES:,}")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {path.name} is not UTF-8 text (byte {e.start})") \
+                from None
         if path.suffix.lower() == ".json":
             return cls.from_json(text)
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -164,3 +165,44 @@ def _stage_order() -> str:
 def _changed_options(options) -> dict:
     defaults = type(options)().get_config()
     return {k: v for k, v in options.get_config().items() if v != defaults[k]}
+
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values in the recipe, counting every use of a YAML alias
+MAX_RECIPE_DEPTH = 64
+
+
+def _parse(text: str, kind: str, load, syntax_error):
+    """`load(text)`, with every way the text can be wrong or too big as one `RecipeError`."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is {len(text):,} characters; at most {MAX_RECIPE_BYTES:,}")
+    try:
+        return load(text)
+    except syntax_error as e:
+        detail = " ".join(str(e).split())[:300]
+        raise RecipeError(f"recipe is not valid {kind}: {detail}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {kind} is nested too deeply (at most "
+                          f"{MAX_RECIPE_DEPTH} levels)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"recipe {kind} holds a value that cannot be read: "
+                          f"{' '.join(str(e).split())[:200]}") from None
+
+
+def _check_size(data) -> None:
+    """Refuses recipe data deeper than `MAX_RECIPE_DEPTH` or with more than
+    `MAX_RECIPE_NODES` values once YAML aliases are expanded, before anything formats it."""
+    count = 0
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES:
+            raise RecipeError(f"recipe holds more than {MAX_RECIPE_NODES:,} values (YAML "
+                              "aliases counted each time they are used)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"recipe is nested more than {MAX_RECIPE_DEPTH} levels deep")
+        if isinstance(value, Mapping):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1) for item in value)

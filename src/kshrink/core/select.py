@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 import keras
 
-from kshrink.errors import SelectionError
+from kshrink.errors import SelectionError, short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,13 @@ class Select:
             value = getattr(self, field)
             if isinstance(value, str):
                 value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise SelectionError(f"selection {field} must be a list of strings. "
+                                     f"Received: {field}={short(value)}")
             object.__setattr__(self, field, tuple(value))
+        if self.pattern is not None and not isinstance(self.pattern, str):
+            raise SelectionError(f"selection pattern must be a string (a regular expression). "
+                                 f"Received: pattern={short(self.pattern)}")
         if not (self.names or self.pattern or self.types):
             raise SelectionError(
                 "a selection needs at least one of names, pattern or types. Received: nothing"
@@ -52,7 +58,7 @@ class Select:
             except re.error as e:
                 raise SelectionError(
                     f"selection pattern is not a valid regular expression ({e}). "
-                    f"Received: pattern={self.pattern!r}"
+                    f"Received: pattern={short(self.pattern)}"
                 ) from None
 
     def matches(self, layer: keras.layers.Layer) -> bool:
@@ -118,12 +124,12 @@ class Select:
             unknown = sorted(set(config) - {"names", "pattern", "types"})
             if unknown:
                 raise SelectionError(
-                    f"unknown selection key {unknown[0]!r}. Allowed: names, pattern, types"
+                    f"unknown selection key {short(unknown[0])}. Allowed: names, pattern, types"
                 )
             return cls(**config)
         raise SelectionError(
             "a selection is a pattern string, a list of layer names, or a mapping with "
-            f"names/pattern/types. Received: {config!r}"
+            f"names/pattern/types. Received: {short(config)}"
         )
 
 

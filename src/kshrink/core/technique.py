@@ -20,7 +20,7 @@ import keras
 from kshrink.core.graph import leaf_layers
 from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.select import Select
-from kshrink.errors import RecipeError
+from kshrink.errors import RecipeError, short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Options:
         for key in config:
             if key not in allowed:
                 raise RecipeError(
-                    f"{cls.name}: unknown option {key!r}. Allowed: {', '.join(allowed)}"
+                    f"{cls.name}: unknown option {short(key)}. Allowed: {', '.join(allowed)}"
                 )
         hints = typing.get_type_hints(cls)
         for key, value in config.items():
@@ -98,7 +98,7 @@ def check_choice(technique: str, key: str, value, allowed) -> None:
     if value not in allowed:
         raise RecipeError(
             f"{technique}: {key} must be one of {', '.join(map(str, allowed))}. "
-            f"Received: {key}={value!r}"
+            f"Received: {key}={short(value)}"
         )
 
 
@@ -112,13 +112,13 @@ def check_range(technique: str, key: str, value, low: float, high: float,
     if not ok:
         interval = f"[{low}, {high}{')' if high_open else ']'}"
         raise RecipeError(
-            f"{technique}: {key} must be a number in {interval}. Received: {key}={value!r}"
+            f"{technique}: {key} must be a number in {interval}. Received: {key}={short(value)}"
         )
 
 
 def check_bool(technique: str, key: str, value) -> None:
     if not isinstance(value, bool):
-        raise RecipeError(f"{technique}: {key} must be true or false. Received: {key}={value!r}")
+        raise RecipeError(f"{technique}: {key} must be true or false. Received: {key}={short(value)}")
 
 
 def check_int(technique: str, key: str, value, low: int | None = None,
@@ -133,7 +133,7 @@ def check_int(technique: str, key: str, value, low: int | None = None,
             bound = f"an integer >= {low}" if low is not None else "an integer"
         raise RecipeError(
             f"{technique}: {key} must be {bound}{' or null' if allow_none else ''}. "
-            f"Received: {key}={value!r}"
+            f"Received: {key}={short(value)}"
         )
 
 
@@ -261,7 +261,7 @@ def technique_class(name: str) -> type[Technique]:
         return _BY_NAME[name]
     except KeyError:
         raise RecipeError(
-            f"unknown technique {name!r}. Registered: {', '.join(sorted(_BY_NAME))}"
+            f"unknown technique {short(name)}. Registered: {', '.join(sorted(_BY_NAME))}"
         ) from None
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from kshrink.core.graph import copy_model
 from kshrink.core.technique import Options, check_bool, check_choice, check_int, check_range, option
+from kshrink.errors import KshrinkError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -120,9 +121,26 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         all_callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
     verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
-    trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=config.shuffle,
-                validation_data=validation_data, callbacks=all_callbacks, verbose=verbose)
+    all_callbacks.append(keras.callbacks.TerminateOnNaN())
+    history = trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
+                          shuffle=config.shuffle, validation_data=validation_data,
+                          callbacks=all_callbacks, verbose=verbose)
+    if not all(np.isfinite(v) for v in history.history.get("loss", [])):
+        raise KshrinkError("fine-tuning diverged: the loss became NaN or Inf, so nothing is "
+                           "kept. Lower the learning rate (FineTune(learning_rate=...)) or "
+                           "check the data")
+    check_finite_weights(model, "after fine-tuning")
     return model
+
+
+def check_finite_weights(model: keras.Model, when: str) -> None:
+    """Raises `KshrinkError` naming the first layer and weight holding NaN or Inf."""
+    for variable in model.weights:
+        values = keras.ops.convert_to_numpy(variable.value)
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            layer, _, name = variable.path.rpartition("/")
+            raise KshrinkError(f"layer {layer!r}: weight {name!r} holds NaN or Inf values "
+                               f"{when}; nothing is written")
 
 
 def _ends_in_softmax(model: keras.Model) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kshrink.core.data import check_data
 from kshrink.errors import DatasetUnavailableError, KshrinkError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -154,6 +155,8 @@ def check_fits(data: Dataset, model) -> None:
     if len(model.inputs) != 1:
         raise KshrinkError(f"data files feed single-input models; {model.name} has "
                            f"{len(model.inputs)} inputs")
+    check_data((data.x_train, data.y_train), model, f"data {data.name!r} (x, y)")
+    check_data((data.x_test, data.y_test), model, f"data {data.name!r} (x_val, y_val)")
     expected = tuple(model.inputs[0].shape[1:])
     for part, x in (("x", data.x_train), ("x_val", data.x_test)):
         got = tuple(x.shape[1:])

@@ -11,9 +11,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kshrink.core.data import check_data
+from kshrink.errors import MeasurementError
 from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
 from kshrink.measure.files import FileSize, file_size
-from kshrink.measure.latency import Latency, latency
+from kshrink.measure.latency import Latency, latency, latency_in_turns
 from kshrink.measure.load import LoadCost, load_cost
 from kshrink.measure.macs import macs
 from kshrink.measure.weights import WeightStats, weight_stats
@@ -86,6 +88,15 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
         progress: called with a short message before each phase.
     """
     say = progress or (lambda message: None)
+    check_data(data, model)
+    untimed = _untimed(model, data, path, load_runs, say)
+    say("latency")
+    x = data[0] if data is not None else example_inputs(model, 32)
+    return dataclasses.replace(untimed, latency=tuple(latency(model, x, runs=latency_runs)))
+
+
+def _untimed(model, data, path, load_runs: int, say) -> Measurement:
+    """Everything but latency."""
     with tempfile.TemporaryDirectory(prefix="kshrink-") as tmp:
         if path is None:
             path = Path(tmp) / f"{model.name}.keras"
@@ -94,20 +105,20 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
         loader = "kshrink" if Path(path).suffix == ".kshrink" else "keras"
         load = load_cost(path, runs=load_runs, loader=loader)
         size = file_size(path)
-    x = data[0] if data is not None else example_inputs(model, 32)
-    say("latency")
-    timings = tuple(latency(model, x, runs=latency_runs))
     metrics = None
     if data is not None:
         say("accuracy")
         metrics = evaluate(model, *data)
-    return Measurement(weight_stats(model), macs(model).total, size, load, timings, metrics)
+    return Measurement(weight_stats(model), macs(model).total, size, load, (), metrics)
 
 
 def compare(original: keras.Model, compressed: keras.Model, data=None, *, original_path=None,
             compressed_path=None, load_runs: int = 3, latency_runs: int = 50,
             progress: Progress | None = None) -> Comparison:
     """Measures both models in the same run and puts them side by side, with ratios.
+
+    Latency is timed in alternating rounds of the two models. A time that changed by less
+    than the run-to-run spread (or by under 5%) is shown as "no measurable change".
 
     Args:
         original: the model before compression.
@@ -122,20 +133,25 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
     print(kshrink.measure.compare(model, small, (x_test, y_test)))
     ```
     """
-    a = measure(original, data, path=original_path, load_runs=load_runs,
-                latency_runs=latency_runs, progress=progress)
-    b = measure(compressed, data, path=compressed_path, load_runs=load_runs,
-                latency_runs=latency_runs, progress=progress)
+    say = progress or (lambda message: None)
+    check_data(data, original)
+    a = _untimed(original, data, original_path, load_runs, say)
+    b = _untimed(compressed, data, compressed_path, load_runs, say)
+    say("latency, both models in turns")
+    inputs = [data[0] if data is not None else example_inputs(m, 32)
+              for m in (original, compressed)]
+    ta, tb = latency_in_turns([original, compressed], inputs, runs=latency_runs)
     fid = None
     if data is not None:
         fid = fidelity(predict(original, data[0]), predict(compressed, data[0]))
-    return Comparison(a, b, fid)
+    return Comparison(dataclasses.replace(a, latency=tuple(ta)),
+                      dataclasses.replace(b, latency=tuple(tb)), fid)
 
 
 def example_inputs(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
     """Random inputs shaped and typed like the model's (single) input."""
     if len(model.inputs) != 1:
-        raise ValueError("example inputs need a single-input model; pass data instead")
+        raise MeasurementError("example inputs need a single-input model; pass data instead")
     spec = model.inputs[0]
     shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
     rng = np.random.default_rng(seed)
@@ -161,20 +177,22 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     row("MACs per example", a.macs, b and b.macs, "{:,}".format, smaller)
     row("file size", a.file.bytes, b and b.file.bytes, mb, smaller)
     row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, smaller)
-    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms", faster)
+    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms",
+        b and (lambda x, y: faster(x, y, a.load.seconds_range, b.load.seconds_range)
+               if min(a.load.runs, b.load.runs) >= 3 else "too few runs to tell"))
     row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, smaller)
     row("load memory, resident", a.load.resident_bytes, b and b.load.resident_bytes, mb,
         smaller)
     for i, t in enumerate(a.latency):
         tb = b.latency[i] if b is not None else None
         row(f"latency, batch {t.batch_size} (median)", t.median_ms, tb and tb.median_ms,
-            lambda v: f"{v:.2f} ms", faster)
+            lambda v: f"{v:.2f} ms",
+            tb and (lambda x, y, t=t, tb=tb: faster(x, y, t.spread_ms, tb.spread_ms)))
         row(f"latency, batch {t.batch_size} (p95)", t.p95_ms, tb and tb.p95_ms,
-            lambda v: f"{v:.2f} ms", faster)
+            lambda v: f"{v:.2f} ms")
     last = a.latency[-1]
     row(f"throughput, batch {last.batch_size}", last.throughput,
-        b and b.latency[-1].throughput, lambda v: f"{v:,.0f}/s",
-        lambda x, y: f"{y / x:.2f}x")
+        b and b.latency[-1].throughput, lambda v: f"{v:,.0f}/s")
     if a.metrics is not None:
         for key, va in a.metrics.items():
             row(key, va, b and b.metrics.get(key), lambda v: f"{v:.4f}",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import keras
 
+from kshrink.errors import MeasurementError
+
 _PROBE = Path(__file__).with_name("_load_probe.py")
 
 
@@ -24,12 +26,14 @@ class LoadCost:
         peak_bytes: peak memory during the load, over a process that only imported Keras.
         resident_bytes: memory still held after the load, over the same baseline.
         runs: how many processes were measured.
+        seconds_range: the fastest and slowest load: the run-to-run spread.
     """
 
     seconds: float
     peak_bytes: int
     resident_bytes: int
     runs: int
+    seconds_range: tuple[float, float] = (0.0, 0.0)
 
 
 def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None = None,
@@ -43,7 +47,9 @@ def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None
         backend: Keras backend of the probe process (default: the current one).
     """
     if loader not in ("keras", "kshrink"):
-        raise ValueError(f"loader must be 'keras' or 'kshrink'. Received: loader={loader!r}")
+        raise MeasurementError(f"loader must be 'keras' or 'kshrink'. Received: loader={loader!r}")
+    if not isinstance(runs, int) or runs < 1:
+        raise MeasurementError(f"runs must be a positive integer. Received: runs={runs!r}")
     env = dict(os.environ, KERAS_BACKEND=backend or keras.backend.backend(),
                TF_CPP_MIN_LOG_LEVEL="3")
     samples = []
@@ -55,11 +61,12 @@ def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None
         lines = [l for l in done.stdout.splitlines() if l.startswith("KSHRINK_PROBE ")]
         if done.returncode != 0 or not lines:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"loading {path} in a fresh process failed: {tail}")
+            raise MeasurementError(f"loading {path} in a fresh process failed: {tail}")
         samples.append(json.loads(lines[-1].split(" ", 1)[1]))
     return LoadCost(
         seconds=statistics.median(s["seconds"] for s in samples),
         peak_bytes=int(statistics.median(s["peak_bytes"] for s in samples)),
         resident_bytes=int(statistics.median(s["resident_bytes"] for s in samples)),
         runs=runs,
+        seconds_range=(min(s["seconds"] for s in samples), max(s["seconds"] for s in samples)),
     )

@@ -242,9 +242,13 @@ class Prune(Technique):
     Masks live in layer state during training and are baked into stock layers at the end;
     the pruned `.keras` file loads with plain Keras and keeps every layer name.
 
-    By default the first and the last prunable layers are kept dense (`skip_first_last`):
-    they hold few of the weights (LeNet-5: 2%) but see the raw input and produce the
-    classes, so pruning them costs the most accuracy for the least saving.
+    `sparsity` is what the step reaches over the kernels of every layer it may touch. By
+    default (`skip_first_last`) the first and last prunable layers stay dense where that is
+    cheap: they see the raw input and produce the classes, so pruning them costs the most
+    accuracy for the least saving (LeNet-5: 2% of the weights); the other layers then prune
+    further so the target still holds. A first or last layer that holds much of the weights
+    (LeNet-300-100's first: 88%) is pruned after all: kept dense, it would push the others more
+    than a quarter of the way from the target to 1.
 
     Args:
         sparsity: target fraction of zeros in [0, 1) (default 0.5); implied by an N:M pattern.
@@ -257,7 +261,8 @@ class Prune(Technique):
         initial_sparsity, begin_step, end_step, frequency: schedule settings; `end_step`
             defaults to two thirds of the fine-tune steps.
         max_layer_sparsity: the per-layer ceiling for global scope.
-        skip_first_last: keep the first and last prunable layers dense.
+        skip_first_last: keep the first and last prunable layers dense where the target can
+            still be met (see above).
         layers, exclude: selections of layers to consider / to leave alone.
 
     Example:
@@ -277,7 +282,7 @@ class Prune(Technique):
     end_step: int | None = option(None, "step the target is reached (default: 2/3 of training)")
     frequency: int = option(100, "steps between mask updates")
     max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
-    skip_first_last: bool = option(True, "keep the first and last prunable layers dense")
+    skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
     layers: Select | None = option(None, "layers to consider (default: all prunable)")
     exclude: Select | None = option(None, "layers to leave dense")
 

@@ -208,18 +208,10 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
     for (mode, group_size, bits), names in by_keras.items():
         chosen = [layers[name] for name in names]
         for layer in chosen:
-            _check_finite(layer)
             ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None, "Keras"))
         keras_quantize(model, chosen, mode, group_size, bits)
     ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
-
-
-def _check_finite(layer) -> None:
-    for variable in layer.weights:
-        if not np.isfinite(keras.ops.convert_to_numpy(variable.value)).all():
-            raise KshrinkError(f"quantize: layer {layer.name!r}: weight {variable.name!r} "
-                               "holds NaN or Inf values, which cannot be quantized")
 
 
 def _describe(plan: _Plan, activation_bits, input_range, by: str) -> str:

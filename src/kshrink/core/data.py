@@ -1,0 +1,68 @@
+"""Checks on the data a user passes: everything that would make training, calibration or
+measurement silently wrong is refused here with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kshrink.errors import KshrinkError
+
+
+def check_data(data, model=None, name: str = "data") -> None:
+    """Raises `KshrinkError` unless `data` (`(x, y)` or `x`; `x` an array or a dict of arrays)
+    is usable: arrays of at least one dimension, at least one example, the same number of
+    examples in every part, finite values, and class labels the model can produce.
+
+    Args:
+        data: what the user passed.
+        model: the model it is for; its output width bounds integer labels.
+        name: what to call it in the message (`"data"`, `"validation_data"`).
+    """
+    if data is None:
+        return
+    x, y = data if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
+    parts = {f"{name} x[{k!r}]": v for k, v in x.items()} if isinstance(x, dict) else {
+        f"{name} x": x}
+    if y is not None:
+        parts[f"{name} y"] = y
+    length = None
+    for label, values in parts.items():
+        values = np.asarray(values)
+        if values.ndim == 0:
+            raise KshrinkError(f"{label} is a single number (0-d); it must hold one row per "
+                               "example")
+        if len(values) == 0:
+            raise KshrinkError(f"{label} holds no examples")
+        if length is not None and len(values) != length:
+            raise KshrinkError(f"{name}: inputs and labels differ in length ({length} vs "
+                               f"{len(values)})")
+        length = len(values)
+        _check_finite(values, label)
+    if y is not None and model is not None:
+        _check_labels(np.asarray(y), model, f"{name} y")
+
+
+def _check_finite(values: np.ndarray, label: str) -> None:
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise KshrinkError(f"{label} holds NaN or Inf: the first at index {index} "
+                           f"({values[index]})")
+
+
+def _check_labels(y: np.ndarray, model, label: str) -> None:
+    """Integer class labels must lie in [0, classes) of a model with a class axis."""
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) != 1 or y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
+                                                or np.all(y == np.round(y))):
+        return
+    classes = outputs[0].shape[-1]
+    if not isinstance(classes, int) or classes < 2:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise KshrinkError(f"{label} holds the class label {bad}, outside the model's "
+                           f"{classes} classes (0 to {classes - 1})")

@@ -11,6 +11,7 @@ import pytest
 
 import kshrink
 from kshrink.core.graph import leaf_layers
+from kshrink.layers import kernel_weights
 
 from conftest import small_cnn, weights_of
 
@@ -95,3 +96,67 @@ def test_compact_file_round_trip_gives_identical_outputs(technique, inputs, tmp_
     path = tmp_path / "small.kshrink"
     kshrink.save(small, path)
     np.testing.assert_array_equal(outputs(kshrink.load(path), inputs), outputs(small, inputs))
+
+
+def _kernels(model):
+    return {layer.name: [keras.ops.convert_to_numpy(w.value) for w in kernel_weights(layer)]
+            for layer in leaf_layers(model) if kernel_weights(layer)}
+
+
+def _prune_reaches_its_target(model, small, step):
+    values = np.concatenate([k.ravel() for ks in _kernels(small).values() for k in ks])
+    return abs(np.mean(values == 0) - 0.2) <= 0.005
+
+
+def _cluster_leaves_at_most_16_values_per_kernel(model, small, step):
+    kernels = _kernels(small)
+    return all(len(np.unique(k)) <= 16 for r in step.applied for k in kernels[r.layer])
+
+
+def _quantize_leaves_integer_kernels(model, small, step):
+    layers = {l.name: l for l in leaf_layers(small)}
+    return all(getattr(layers[r.layer], "quantization_mode", None) == "int8"
+               or getattr(layers[r.layer], "mode", None) == "int8"
+               for r in step.applied if r.layer in layers)
+
+
+def _fold_removes_every_batchnorm(model, small, step):
+    return not any(isinstance(l, keras.layers.BatchNormalization) for l in leaf_layers(small))
+
+
+def _low_rank_factors_have_the_rank(model, small, step):
+    firsts = [l for l in leaf_layers(small) if l.name.endswith("_lowrank")]
+    return firsts and all(
+        (l.units if isinstance(l, keras.layers.Dense) else l.filters) == 4 for l in firsts)
+
+
+def _structured_prune_narrows_by_the_ratio(model, small, step):
+    before = {l.name: l for l in leaf_layers(model)}
+    narrowed = [l for l in leaf_layers(small) if isinstance(l, keras.layers.Conv2D)
+                and l.filters < before[l.name].filters]
+    return narrowed and all(l.filters == before[l.name].filters - before[l.name].filters // 4
+                            for l in narrowed)
+
+
+def _depth_prune_removes_one_block(model, small, step):
+    adds = lambda m: sum(isinstance(l, keras.layers.Add) for l in leaf_layers(m))
+    return adds(small) == adds(model) - 1
+
+
+# The exact property each technique promises on the contract model.
+EXACT = {
+    "prune": _prune_reaches_its_target,
+    "cluster": _cluster_leaves_at_most_16_values_per_kernel,
+    "quantize": _quantize_leaves_integer_kernels,
+    "fold": _fold_removes_every_batchnorm,
+    "low_rank": _low_rank_factors_have_the_rank,
+    "structured_prune": _structured_prune_narrows_by_the_ratio,
+    "depth_prune": _depth_prune_removes_one_block,
+}
+
+
+def test_every_technique_keeps_its_exact_promise(technique):
+    model = small_cnn()
+    small, report = kshrink.compress(model, technique, data=DATA)
+    assert technique.name in EXACT, "add the technique's exact property to EXACT"
+    assert EXACT[technique.name](model, small, report.steps[0])

@@ -227,3 +227,13 @@ def test_export_writes_a_checked_litert_file_and_refuses_bad_output(lenet, tmp_p
     code, _, err = run_cli(capsys, "export", lenet, tmp_path / "lenet.pt")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown file type" in err
     assert not (tmp_path / "lenet.pt").exists()
+
+
+def test_a_keras_file_with_a_huge_config_is_refused_before_keras_reads_it(tmp_path, capsys):
+    bloated = tmp_path / "bloated.keras"
+    with zipfile.ZipFile(bloated, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("metadata.json", "{}")
+        z.writestr("config.json", "{" + " " * (100 << 20) + "}")  # deflates to ~100 KB
+    assert bloated.stat().st_size < 1 << 20
+    code, _, err = run_cli(capsys, "measure", str(bloated))
+    assert code == 2 and "config.json is 104,857,602 bytes" in err

@@ -13,6 +13,7 @@ from kshrink.errors import ModelFileError
 
 
 SUFFIXES = (".keras", ".kshrink")
+MAX_CONFIG_BYTES = 64 << 20
 
 
 def load_model_file(path) -> keras.Model:
@@ -35,6 +36,11 @@ def load_model_file(path) -> keras.Model:
             names = set(archive.namelist())
             if "config.json" not in names:
                 raise ModelFileError(f"{path} is not a Keras model file (no config.json inside)")
+            declared = archive.getinfo("config.json").file_size
+            if declared > MAX_CONFIG_BYTES:
+                raise ModelFileError(
+                    f"{path}: its config.json is {declared:,} bytes; kshrink reads at most "
+                    f"{MAX_CONFIG_BYTES:,} (a model's config is kilobytes to a few megabytes)")
             bad = archive.testzip()
         if bad is not None:
             raise ModelFileError(f"{path} is corrupt: member {bad} fails its checksum")

@@ -76,3 +76,18 @@ def test_payload_larger_than_the_tensor_is_refused_before_decompressing():
     _, blob = encode(np.random.default_rng(0).normal(size=1000).astype(np.float32))
     with pytest.raises(EncodingError, match="larger than its tensor allows"):
         decode({"kind": "raw"}, blob, np.dtype("float32"), 10)
+
+
+def test_a_gap_list_that_overflows_int64_is_an_encoding_error():
+    from kshrink.artifact.encodings import EncodingError, _positions
+
+    big = (1 << 62) + 5
+    varint = bytearray()
+    while True:  # LEB128, as the writer stores gaps
+        byte, big = big & 0x7F, big >> 7
+        varint.append(byte | (0x80 if big else 0))
+        if not big:
+            break
+    data = bytes(varint) * 4  # four gaps of 2^62: their running sum wraps around int64
+    with pytest.raises(EncodingError, match="past the tensor"):
+        _positions("gaps", data, 1000, 4)

@@ -21,7 +21,7 @@ import safetensors.numpy
 from kshrink.artifact.encodings import EncodingError, compress, decode, decompress, encode
 from kshrink.core.atomic import atomic_output
 from kshrink.core.graph import ensure_supported
-from kshrink.errors import KshrinkError
+from kshrink.errors import KshrinkError, short
 from kshrink import layers as _layers  # noqa: F401  registers kshrink's layer classes
 
 FORMAT = "kshrink"
@@ -187,6 +187,9 @@ def _parse_body(text: str, path: Path) -> dict:
         raise ArtifactError(f"{path}: unreadable header ({_one_line(e)})") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a kshrink file")
+    if body.get("version") != VERSION:
+        raise ArtifactError(f"{path}: header format version {short(body.get('version'))}; "
+                            f"this kshrink reads version {VERSION}")
     if not isinstance(body.get("config"), dict) or not isinstance(body.get("tensors"), list):
         raise ArtifactError(f"{path}: header lacks the model config or the tensor list")
     return body

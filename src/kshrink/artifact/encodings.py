@@ -150,6 +150,10 @@ def _positions(kind, data: bytes, size: int, count: int) -> np.ndarray:
         where = np.flatnonzero(bits)
     elif kind == "gaps":
         gaps = _read_varints(data, count)
+        # Bounded before the sum, which could otherwise wrap around int64.
+        _require(count == 0 or (int(gaps.max()) < size
+                                and float(gaps.sum(dtype=np.float64)) + count <= size),
+                 "gap positions run past the tensor")
         where = np.cumsum(gaps + 1) - 1
         _require(count == 0 or int(where[-1]) < size, "gap positions run past the tensor")
     else:

@@ -16,7 +16,8 @@ import safetensors.numpy
 from kshrink.artifact.container import FORMAT, HEADER, _stamp
 from kshrink.artifact.encodings import compress, decompress
 
-MUTATIONS = ("flip", "truncate", "insert", "header_text", "header_number", "payload")
+MUTATIONS = ("flip", "truncate", "insert", "header_text", "header_number", "payload",
+             "version")
 
 
 def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
@@ -39,6 +40,10 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         for _ in range(rng.randint(1, 4)):
             chars[rng.randrange(len(chars))] = rng.choice('{}[]":,0123456789-.eatrufnl ')
         text = "".join(chars)
+    elif kind == "version":  # a file from a format version this kshrink does not know
+        header = json.loads(text)
+        header["version"] = rng.choice([0, 2, 99, "1", None, 2**64])
+        text = json.dumps(header)
     elif kind == "header_number":
         header = json.loads(text)
         _replace_random_number(header, rng)

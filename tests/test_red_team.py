@@ -4,7 +4,6 @@ bounded peak memory (measured with wait4, over a process that only imported Kera
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
 

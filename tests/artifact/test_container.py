@@ -188,3 +188,4 @@ def test_outputs_keep_the_mode_of_the_file_they_replace_or_the_umask(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "fresh.keras").st_mode) == 0o644
+

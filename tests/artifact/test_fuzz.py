@@ -6,7 +6,6 @@ Brief here (KSHRINK_FUZZ_EXAMPLES, default 300); `benchmarks/fuzz_loader.py` run
 import os
 import random
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

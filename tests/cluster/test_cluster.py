@@ -12,7 +12,6 @@ from kshrink.errors import RecipeError
 from kshrink.layers import as_matrix, kernel_weights
 from kshrink.measure import evaluate
 
-from conftest import small_cnn
 
 
 def kernels(model):

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 
@@ -7,7 +6,7 @@ import numpy as np
 import pytest
 
 import kshrink
-from kshrink import FineTune, Prune, Select
+from kshrink import FineTune, Prune
 from kshrink.layers import kernel_weights
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.measure import evaluate, file_size
@@ -77,7 +76,8 @@ def test_global_scope_reaches_the_overall_target(trained):
 def lenet_300_100(seed=0):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((784,)), keras.layers.Dense(300, name="fc1"),
-                             keras.layers.Dense(100, name="fc2"), keras.layers.Dense(10, name="fc3")])
+                             keras.layers.Dense(100, name="fc2"),
+                             keras.layers.Dense(10, name="fc3")])
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

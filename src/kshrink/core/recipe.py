@@ -106,7 +106,8 @@ class Recipe:
             (name, options), = entry.items()
             if options is not None and not isinstance(options, Mapping):
                 raise RecipeError(
-                    f"recipe step {i} ({short(name)}): options must be a mapping. Received: {short(options)}"
+                    f"recipe step {i} ({short(name)}): options must be a mapping. "
+                    f"Received: {short(options)}"
                 )
             steps.append(technique_class(str(name)).from_config(options))
         return cls(steps, fine_tune)

@@ -118,7 +118,8 @@ def check_range(technique: str, key: str, value, low: float, high: float,
 
 def check_bool(technique: str, key: str, value) -> None:
     if not isinstance(value, bool):
-        raise RecipeError(f"{technique}: {key} must be true or false. Received: {key}={short(value)}")
+        raise RecipeError(f"{technique}: {key} must be true or false. "
+                          f"Received: {key}={short(value)}")
 
 
 def check_int(technique: str, key: str, value, low: int | None = None,

@@ -4,9 +4,9 @@ A BatchNormalization that directly follows a Conv/Dense/Depthwise/Separable/tran
 (with no activation in between, and nothing else reading that layer's output) computes, at
 inference, `gamma * (z - mean) / sqrt(var + eps) + beta` of `z = x @ W + b`: the same affine map
 can be written into W and b (for a SeparableConv, into its pointwise kernel; which kernel takes
-it is the layer's `LayerSpec.fold_into`). The BN layer then disappears from the graph. Dropout, Identity and
-linear Activation layers do nothing at inference and disappear too, as does a ReLU applied to
-what is already a ReLU's output (e.g. after a residual block was removed).
+it is the layer's `LayerSpec.fold_into`). The BN layer then disappears from the graph.
+Dropout, Identity and linear Activation layers do nothing at inference and disappear too, as
+does a ReLU applied to what is already a ReLU's output (e.g. after a residual block went).
 
 The graph is rebuilt through public Keras API only (`core.graph.rewrite`), so it works on
 every backend without tracing.

@@ -1,9 +1,10 @@
 """Training-time layer wrappers that run a layer with some of its weights replaced.
 
-Techniques that train (pruning masks, cluster centroids, fake-quantized kernels) keep their state as variables of a
-`keras.layers.Wrapper` and compute the weights the wrapped layer sees in every forward pass,
-through `layer.stateless_call`. State read this way is part of what each compiled step reads,
-so updates take effect on every backend (a `Variable.constraint` is baked in under JAX jit).
+Techniques that train (pruning masks, cluster centroids, fake-quantized kernels) keep their
+state as variables of a `keras.layers.Wrapper` and compute the weights the wrapped layer sees
+in every forward pass, through `layer.stateless_call`. State read this way is part of what
+each compiled step reads, so updates take effect on every backend (a `Variable.constraint` is
+baked in under JAX jit).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class PruneWrapper(SubstituteWrapper):
         self.built = True
 
     def substitutes(self) -> dict:
-        return {id(w): keras.ops.multiply(w.value, m.value) for w, m in zip(self.pruned, self.masks)}
+        return {id(w): keras.ops.multiply(w.value, m.value)
+                for w, m in zip(self.pruned, self.masks)}
 
 
 @keras.saving.register_keras_serializable(package="kshrink")

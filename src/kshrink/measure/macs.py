@@ -2,8 +2,9 @@
 
 Counted from each layer's config and the input shape it was built for (so quantized layers
 count like their float form), by the formula of its `LayerSpec` (`kshrink.layers`): Dense,
-EinsumDense, Conv1D/2D/3D (grouped too), Depthwise, Separable and transposed convolutions. Other layers (pooling, normalization, activations,
-adds) do work too, but little next to these, and are not counted.
+EinsumDense, Conv1D/2D/3D (grouped too), Depthwise, Separable and transposed convolutions.
+Other layers (pooling, normalization, activations, adds) do work too, but little next to
+these, and are not counted.
 """
 
 from __future__ import annotations

@@ -99,8 +99,10 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
         chosen = [l for l in chosen if id(l) not in dense]
         if ends and chosen and not config.pattern_spec.is_n_of_m:
             scale = total / sum(map(_size, chosen))
-            effective = dataclasses.replace(config, sparsity=config.target_sparsity * scale,
-                                            initial_sparsity=config.initial_sparsity * scale)
+            sparsity = config.target_sparsity * scale
+            effective = dataclasses.replace(
+                config, sparsity=sparsity,
+                initial_sparsity=min(config.initial_sparsity * scale, sparsity))
     if not chosen:
         raise KshrinkError("prune: no layer left to prune after selection and exclusions")
     for layer in chosen:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import keras
-import numpy as np
 
 from kshrink.core.graph import leaf_layers, replace_layers
 from kshrink.core.select import Select

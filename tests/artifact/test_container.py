@@ -189,3 +189,27 @@ def test_outputs_keep_the_mode_of_the_file_they_replace_or_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "fresh.keras").st_mode) == 0o644
 
+
+
+def test_a_config_whose_sizes_multiply_past_the_file_is_refused_before_allocating(tmp_path):
+    """Two Dense layers of 2^24 units each: every number is in bounds, their product (a 2^48
+    kernel) is not. The kernels the config implies are counted before Keras builds."""
+    import json
+
+    from kshrink.artifact.container import FORMAT, HEADER, _stamp
+    from kshrink.artifact.encodings import compress, decompress
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"),
+                              keras.layers.Dense(2, name="b")])
+    path = tmp_path / "m.kshrink"
+    save(model, path)
+    blobs = safetensors.numpy.load(path.read_bytes())
+    header = json.loads(decompress(blobs[HEADER].tobytes(), 1 << 26).decode())
+    big = 1 << 24
+    text = json.dumps(header).replace('"units": 3', f'"units": {big}').replace(
+        '"units": 2', f'"units": {big}').replace('"input_shape": [null, 3]',
+                                                  f'"input_shape": [null, {big}]')
+    blobs[HEADER] = np.frombuffer(compress(text.encode()), np.uint8)
+    path.write_bytes(safetensors.numpy.save(blobs, metadata={FORMAT: _stamp(blobs)}))
+    with pytest.raises(ArtifactError, match="implies 281,475,043,819,520 kernel values"):
+        load(path)

@@ -62,6 +62,8 @@ class LayerSpec:
         width: the config key that sets the number of output channels (`"units"`, `"filters"`).
         fold_into: the kernel a following BatchNormalization folds into, or None.
         macs: `(config, input_shape, output_shape, layer) -> MACs per example`.
+        kernel_size: `(config, input_shape) -> elements of its kernels`, from the config alone
+            (before anything is built), so a file can be checked against what it declares.
         quantizable: kshrink has a quantized form (`kshrink.layers.quantized`).
     """
 
@@ -70,6 +72,7 @@ class LayerSpec:
     width: str | None = None
     fold_into: str | None = None
     macs: Callable | None = None
+    kernel_size: Callable | None = None
     quantizable: bool = False
 
     @property
@@ -92,11 +95,6 @@ def register_spec(cls: type, spec: LayerSpec) -> None:
     _REGISTRY[cls] = spec
 
 
-def spec_class(layer) -> type | None:
-    """The nearest class in `layer`'s MRO that has a spec, or None."""
-    return next((cls for cls in type(layer).__mro__ if cls in _REGISTRY), None)
-
-
 def spec_for_class(cls: type) -> LayerSpec | None:
     """The spec registered for exactly `cls`, or None."""
     return _REGISTRY.get(cls)
@@ -110,8 +108,12 @@ def quantizable_classes() -> list[type]:
 
 def spec_for(layer) -> LayerSpec | None:
     """The spec of `layer`'s class or its nearest registered base class, or None."""
-    cls = spec_class(layer)
-    return _REGISTRY[cls] if cls is not None else None
+    return spec_for_type(type(layer))
+
+
+def spec_for_type(cls: type) -> LayerSpec | None:
+    """The spec of the class `cls` or its nearest registered base class, or None."""
+    return next((_REGISTRY[c] for c in cls.__mro__ if c in _REGISTRY), None)
 
 
 def kernel_specs(layer) -> list[tuple]:
@@ -265,6 +267,29 @@ def layer_macs(layer) -> int | None:
     return int(spec.macs(layer.get_config(), input_shape, output_shape, layer))
 
 
+def _dense_kernel(config, input_shape):
+    return input_shape[-1] * config["units"]
+
+
+def _conv_kernel(config, input_shape):
+    return (math.prod(config["kernel_size"]) * _channels(input_shape, config)
+            // config.get("groups", 1) * config["filters"])
+
+
+def _depthwise_kernel(config, input_shape):
+    return (math.prod(config["kernel_size"]) * _channels(input_shape, config)
+            * config["depth_multiplier"])
+
+
+def _separable_kernel(config, input_shape):
+    return _depthwise_kernel(config, input_shape) + (
+        _channels(input_shape, config) * config["depth_multiplier"] * config["filters"])
+
+
+def _embedding_kernel(config, input_shape):
+    return config["input_dim"] * config["output_dim"]
+
+
 # --- Keras' own layers -----------------------------------------------------------------------
 
 _BIAS = WeightSpec("bias", output_axes=(-1,))
@@ -276,19 +301,21 @@ def _kernel(attribute: str, input_axis: int = -2, output_axes: tuple = (-1,), na
 
 _L = keras.layers
 _CONV = LayerSpec(weights=(_kernel("_kernel"), _BIAS), channels=PRODUCER, width="filters",
-                  fold_into="kernel", macs=_conv_macs, quantizable=True)
+                  fold_into="kernel", macs=_conv_macs, kernel_size=_conv_kernel,
+                  quantizable=True)
 # Transposed kernels are (..., outputs, inputs).
 _TRANSPOSED = LayerSpec(weights=(_kernel("kernel", -1, (-2,)), _BIAS), channels=PRODUCER,
                         width="filters", fold_into="kernel", macs=_transposed_macs,
-                        quantizable=True)
+                        kernel_size=_conv_kernel, quantizable=True)
 # Depthwise kernels are (..., input channels, multiplier); output channel = in * mult + m.
 _DEPTHWISE = LayerSpec(weights=(_kernel("kernel", -2, (-2, -1)), _BIAS), channels=PER_CHANNEL,
-                       fold_into="kernel", macs=_depthwise_macs, quantizable=True)
+                       fold_into="kernel", macs=_depthwise_macs, kernel_size=_depthwise_kernel,
+                       quantizable=True)
 _SEPARABLE = LayerSpec(
     weights=(_kernel("depthwise_kernel", -2, (-2, -1), name="depthwise_kernel"),
              _kernel("pointwise_kernel", -2, (-1,), name="pointwise_kernel"), _BIAS),
     channels=PRODUCER, width="filters", fold_into="pointwise_kernel", macs=_separable_macs,
-    quantizable=True)
+    kernel_size=_separable_kernel, quantizable=True)
 
 for _cls in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
     register_spec(_cls, _CONV)
@@ -300,13 +327,14 @@ for _cls in (_L.SeparableConv1D, _L.SeparableConv2D):
     register_spec(_cls, _SEPARABLE)
 register_spec(_L.Dense, LayerSpec(weights=(_kernel("_kernel", 0, (1,)), _BIAS),
                                   channels=PRODUCER, width="units", fold_into="kernel",
-                                  macs=_dense_macs, quantizable=True))
+                                  macs=_dense_macs, kernel_size=_dense_kernel,
+                                  quantizable=True))
 # EinsumDense's axes depend on its equation; its matrix view takes the last kernel axis.
 register_spec(_L.EinsumDense, LayerSpec(weights=(_kernel("_kernel", None, (-1,)),),
                                         macs=_einsum_macs, quantizable=True))
 register_spec(_L.Embedding, LayerSpec(
     weights=(WeightSpec("embeddings", None, (-1,), kernel=True, attribute="_embeddings"),),
-    quantizable=True))
+    kernel_size=_embedding_kernel, quantizable=True))
 register_spec(_L.BatchNormalization, LayerSpec(
     weights=tuple(WeightSpec(n, -1, (-1,)) for n in ("gamma", "beta", "moving_mean",
                                                      "moving_variance")),

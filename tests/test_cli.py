@@ -83,6 +83,21 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
     np.savez(bad_labels, x=images, y=np.where(labels == labels[0], 1000, labels))
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("- quantize: {mode: int8}  # caf\xe9".encode("latin-1"))
+    recipes = {}
+    for name, content in {"deep.json": "[" * 100_000 + "]" * 100_000,
+                       "deep.yaml": "- " * 100_000 + "x",
+                       "digits.yaml": "- prune: {sparsity: " + "9" * 5000 + "}",
+                       "pattern.yaml": "- prune: {layers: {pattern: 5}}",
+                       "names.yaml": "- prune: {layers: {names: 5}}",
+                       "types.yaml": "- prune: {layers: {types: 5}}"}.items():
+        recipes[name] = tmp_path / name
+        recipes[name].write_text(content)
+    scalar, empty, negative = (tmp_path / f"{n}.npz" for n in ("scalar", "empty", "negative"))
+    np.savez(scalar, x=np.float32(1.0), y=np.int64(0))
+    np.savez(empty, x=images[:0], y=labels[:0])
+    np.savez(negative, x=images, y=np.where(labels == labels[0], -5, labels))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
     folder, onnx_folder = tmp_path / "folder.keras", tmp_path / "folder.onnx"
     folder.mkdir()
     onnx_folder.mkdir()
@@ -130,6 +145,20 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
                          nan_data], "holds NaN or Inf"),
         "labels out of range": (["sensitivity", lenet, "--data", bad_labels], "class label 1000"),
         "recipe not UTF-8": (["compress", lenet, "--recipe", latin, "-o", out], "not UTF-8"),
+        **{f"recipe {name}": (["compress", lenet, "--recipe", path, "-o", out], message)
+           for (name, path), message in zip(recipes.items(), [
+               "nested", "nested", "cannot be read", "pattern must be a string",
+               "names must be a list of strings", "types must be a list of strings"])},
+        "0-d data": (["measure", lenet, "--data", scalar], "0-d"),
+        "zero samples": (["compress", lenet, "--recipe", int8_recipe, "-o", out, "--data",
+                          empty], "holds no examples"),
+        "negative labels": (["measure", lenet, "--data", negative], "class label -5"),
+        "export samples -5": (["export", lenet, tmp_path / "m.onnx", "--samples", "-5"],
+                              "must be a positive integer"),
+        "unwritable output dir": (["compress", lenet, "--recipe", int8_recipe, "-o",
+                                   locked / "out.keras"], "not writable"),
+        "too many parameters": (["--max-parameters", "1000", "measure", lenet],
+                                "more than max_parameters=1,000"),
     }
 
 
@@ -140,10 +169,15 @@ def bad_inputs(tmp_path, lenet, int8_recipe):
     "unknown dataset", "fine-tune without data", "bad flag", "output is a directory",
     "convert into a directory", "export into a directory", "load runs 0", "load runs -1",
     "latency runs 0", "bad baseline", "export samples 0", "sensitivity samples 0",
-    "NaN in data", "labels out of range", "recipe not UTF-8",
+    "NaN in data", "labels out of range", "recipe not UTF-8", "recipe deep.json",
+    "recipe deep.yaml", "recipe digits.yaml", "recipe pattern.yaml", "recipe names.yaml",
+    "recipe types.yaml", "0-d data", "zero samples", "negative labels", "export samples -5",
+    "unwritable output dir", "too many parameters",
 ])
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, lenet, int8_recipe,
                                                              capsys):
+    if case == "unwritable output dir" and os.geteuid() == 0:
+        pytest.skip("root writes into any directory")
     argv, message = bad_inputs(tmp_path, lenet, int8_recipe)[case]
     files = [p for p in list(tmp_path.iterdir()) + [lenet] if p.is_file()]
     before = {p: digest(p) for p in files}

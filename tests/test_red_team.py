@@ -62,13 +62,36 @@ def bloated_keras(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["billion laughs recipe", "1 GiB config.json"])
+def huge_dense_keras(tmp_path, model_file):
+    """A few-KB .keras whose config gives two Dense layers 2^24 units (every number in
+    bounds, their product a 2^48 kernel), over the real weights file of a small model."""
+    path = tmp_path / "huge.keras"
+    big = 1 << 24
+    subprocess.run([sys.executable, "-c", (
+        "import sys, zipfile\n"
+        "src, out, big = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+        "with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, 'w') as o:\n"
+        "    for name in z.namelist():\n"
+        "        data = z.read(name)\n"
+        "        if name == 'config.json':\n"
+        "            data = (data.decode().replace('\"units\": 3', '\"units\": ' + big)\n"
+        "                    .replace('[null, 4]', '[null, ' + big + ']').encode())\n"
+        "        o.writestr(name, data)\n"), str(model_file), str(path), str(big)], check=True)
+    return path
+
+
+CASES = ["billion laughs recipe", "1 GiB config.json", "2^48-kernel .keras config"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_hostile_file_exits_2_in_bounded_memory(case, tmp_path, model_file, keras_baseline):
     if case == "billion laughs recipe":
         argv = ["compress", str(model_file), "--recipe", str(billion_laughs(tmp_path)),
                 "-o", str(tmp_path / "out.keras")]
-    else:
+    elif case == "1 GiB config.json":
         argv = ["measure", str(bloated_keras(tmp_path))]
+    else:
+        argv = ["measure", str(huge_dense_keras(tmp_path, model_file))]
     code, err, peak = peak_rss(["-m", "kshrink", *argv])
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

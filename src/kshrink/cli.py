@@ -71,6 +71,9 @@ def main(argv=None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kshrink", description="Compress and measure Keras 3 models.")
     parser.set_defaults(command=None)
+    parser.add_argument("--max-parameters", type=_positive, default=None, metavar="N",
+                        help="refuse input models whose config implies more kernel values "
+                             "(default 2^31)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("compress", help="apply a recipe to a .keras model")
@@ -136,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _compress(args) -> int:
     from kshrink import Recipe, compress
     from kshrink.errors import KshrinkError
-    from kshrink.io import load_model_file, save_model_file
+    from kshrink.io import save_model_file
     from kshrink.measure import evaluate
 
     source, target = Path(args.model), Path(args.output)
@@ -144,7 +147,7 @@ def _compress(args) -> int:
     recipe = Recipe.from_file(args.recipe)
     if recipe.fine_tune is not None and not args.data:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
-    model = load_model_file(source)
+    model = _load(args, source)
     data = _data(args.data, model) if args.data else None
     # No spinner here: fine-tuning shows Keras' own progress.
     small, report = compress(model, recipe, data=data and data.train,
@@ -165,11 +168,10 @@ def _compress(args) -> int:
 
 
 def _measure(args) -> int:
-    from kshrink.io import load_model_file
     from kshrink.measure import compare, measure
 
-    model = load_model_file(args.model)
-    baseline = load_model_file(args.baseline) if args.baseline else None
+    model = _load(args, args.model)
+    baseline = _load(args, args.baseline) if args.baseline else None
     data = _data(args.data, model).test if args.data else None
     runs = dict(load_runs=args.load_runs, latency_runs=args.latency_runs)
     with _status("measuring") as status:
@@ -184,12 +186,12 @@ def _measure(args) -> int:
 
 
 def _convert(args) -> int:
-    from kshrink.io import load_model_file, save_model_file
+    from kshrink.io import save_model_file
     from kshrink.measure import file_size
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
-    model = load_model_file(source)
+    model = _load(args, source)
     save_model_file(model, target)
     before, after = file_size(source).bytes, file_size(target).bytes
     print(f"wrote {target}: {after:,} bytes ({before:,} before, {before / after:.2f}x)")
@@ -197,10 +199,9 @@ def _convert(args) -> int:
 
 
 def _sensitivity(args) -> int:
-    from kshrink.io import load_model_file
     from kshrink.analysis import sensitivity
 
-    model = load_model_file(args.model)
+    model = _load(args, args.model)
     data = _data(args.data, model)
     with _status(f"quantizing one layer at a time to {args.mode}"):
         report = sensitivity(model, data.test, mode=args.mode, group_size=args.group_size,
@@ -212,18 +213,23 @@ def _sensitivity(args) -> int:
 def _export(args) -> int:
     from kshrink.deploy import export
     from kshrink.errors import KshrinkError
-    from kshrink.io import load_model_file
 
     source, target = Path(args.model), Path(args.output)
     if target.exists() and source.exists() and target.samefile(source):
         raise KshrinkError(f"output {target} would overwrite the input; choose another path")
-    model = load_model_file(source)
+    model = _load(args, source)
     data = _data(args.data, model).train if args.data else None
     with _status(f"exporting to {target.suffix}"):
         report = export(model, target, quantization=args.quantization, data=data,
                         samples=args.samples)
     print(report)
     return 0
+
+
+def _load(args, path):
+    from kshrink.io import MAX_PARAMETERS, load_model_file
+
+    return load_model_file(path, max_parameters=args.max_parameters or MAX_PARAMETERS)
 
 
 def _techniques(args) -> int:

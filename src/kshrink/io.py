@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -10,14 +11,24 @@ import keras
 
 from kshrink.core.atomic import atomic_output
 from kshrink.errors import ModelFileError
+from kshrink.layers.specs import implied_kernel_elements
 
 
 SUFFIXES = (".keras", ".kshrink")
 MAX_CONFIG_BYTES = 64 << 20
+MAX_CONFIG_OBJECTS = 100_000
+# 2^31 parameters is 8 GiB of float32: bigger models exist, and pass `max_parameters`.
+MAX_PARAMETERS = 1 << 31
+WEIGHTS = "model.weights.h5"
 
 
-def load_model_file(path) -> keras.Model:
-    """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`."""
+def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS) -> keras.Model:
+    """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`.
+
+    A `.keras` file is checked before Keras reads it: its config's size and layer count, and
+    the kernel values the config implies, against `max_parameters` and against the bytes its
+    weights file holds (so a small file cannot make Keras allocate gigabytes).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
@@ -42,6 +53,8 @@ def load_model_file(path) -> keras.Model:
                     f"{path}: its config.json is {declared:,} bytes; kshrink reads at most "
                     f"{MAX_CONFIG_BYTES:,} (a model's config is kilobytes to a few megabytes)")
             bad = archive.testzip()
+            if bad is None:
+                _check_keras_config(archive, path, max_parameters)
         if bad is not None:
             raise ModelFileError(f"{path} is corrupt: member {bad} fails its checksum")
         return keras.saving.load_model(path)
@@ -50,6 +63,33 @@ def load_model_file(path) -> keras.Model:
     except Exception as e:
         message = " ".join(str(e).split())[:300] or type(e).__name__
         raise ModelFileError(f"cannot load {path}: {message}") from None
+
+
+def _check_keras_config(archive: zipfile.ZipFile, path: Path, max_parameters: int) -> None:
+    try:
+        config = json.loads(archive.read("config.json"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ModelFileError(f"{path}: its config.json is not readable JSON "
+                             f"({' '.join(str(e).split())[:120]})") from None
+    layers, stack = 0, [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            layers += "class_name" in item
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend(item)
+    if layers > MAX_CONFIG_OBJECTS:
+        raise ModelFileError(f"{path}: its config declares {layers:,} objects; kshrink reads "
+                             f"at most {MAX_CONFIG_OBJECTS:,}")
+    implied = implied_kernel_elements(config)
+    if implied > max_parameters:
+        raise ModelFileError(f"{path}: its config implies {implied:,} kernel values, more than "
+                             f"max_parameters={max_parameters:,}")
+    stored = archive.getinfo(WEIGHTS).file_size if WEIGHTS in archive.namelist() else 0
+    if implied > 2 * stored + (1 << 16):  # int4 kernels take half a byte per value
+        raise ModelFileError(f"{path}: its config implies {implied:,} kernel values, its "
+                             f"weights file holds {stored:,} bytes")
 
 
 def check_output_path(path) -> Path:

@@ -5,6 +5,7 @@ Brief here (KSHRINK_FUZZ_EXAMPLES, default 300); `benchmarks/fuzz_loader.py` run
 
 import os
 import random
+import resource
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,11 @@ from kshrink.artifact.fuzz import MUTATIONS, mutate
 from conftest import small_cnn
 
 EXAMPLES = int(os.environ.get("KSHRINK_FUZZ_EXAMPLES", "300"))
+CEILING = 1.5e9  # bytes a single case may add to the process's peak memory
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +40,14 @@ def test_mutated_files_load_or_raise_artifact_error(valid_file, tmp_path, seed):
     kind, data = mutate(valid_file, random.Random(seed))
     path = tmp_path / f"m{seed}.kshrink"
     path.write_bytes(data)
+    before = peak_bytes()
     try:
         load(path)
     except ArtifactError as e:
         assert "\n" not in str(e)  # one line, as documented
     finally:
         path.unlink()
+    assert peak_bytes() - before < CEILING, kind
 
 
 def test_every_mutation_kind_is_exercised(valid_file):

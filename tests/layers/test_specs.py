@@ -88,3 +88,31 @@ def test_slicing_a_dense_kernel_by_the_spec_removes_rows_and_columns():
     kernel = numpy(layer.kernel.value)
     sliced = slice_channels(kernel, weight, drop_in={1}, drop_out={0, 5})
     np.testing.assert_array_equal(sliced, kernel[[0, 2, 3, 4]][:, 1:5])
+
+
+EINSUM = [("ab,bc->ac", 6, (3, 5)), ("abc,cde->abde", (None, 3, 4), (2, 7, 6)),
+          ("...b,bc->...c", 8, (2, 3, 5)), ("abc,cd->abd", (None, 9), (2, 5, 4)),
+          ("abcd,cde->abe", (None, 7), (2, 3, 2, 6))]
+KERNEL_LAYERS = list(LAYERS) + [f"einsum:{eq}" for eq, _, _ in EINSUM] + ["Embedding"]
+
+
+@pytest.mark.parametrize("name", KERNEL_LAYERS)
+def test_kernel_size_counts_from_the_config_what_keras_allocates(name):
+    """The loaders refuse a file whose config implies far more kernel values than it stores;
+    the count must match what Keras builds, before it builds it."""
+    from kshrink.layers.specs import implied_kernel_elements
+
+    if name.startswith("einsum:"):
+        equation, output_shape, shape = next(e for e in EINSUM if e[0] == name[7:])
+        layer = L.EinsumDense(equation, output_shape=output_shape)
+        layer.build(shape)
+    elif name == "Embedding":
+        layer, shape = L.Embedding(11, 4), (2, 3)
+        layer.build(shape)
+    else:
+        layer, _ = built(name)
+        shape = LAYERS[name][1]
+    config = {"class_name": type(layer).__name__, "config": layer.get_config(),
+              "build_config": {"input_shape": list(shape)}}
+    kernels = sum(int(np.prod(w.shape)) for w in layer.weights if "bias" not in w.path)
+    assert implied_kernel_elements([config]) == kernels

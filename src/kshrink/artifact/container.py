@@ -22,7 +22,7 @@ from kshrink.artifact.encodings import EncodingError, compress, decode, decompre
 from kshrink.core.atomic import atomic_output
 from kshrink.core.graph import ensure_supported
 from kshrink.errors import KshrinkError, short
-from kshrink.layers.specs import spec_for_type  # importing kshrink.layers registers its classes
+from kshrink.layers.specs import implied_kernel_elements  # importing kshrink.layers registers its classes
 
 FORMAT = "kshrink"
 VERSION = 1
@@ -231,39 +231,11 @@ def _check_config_sizes(config: dict, tensors: list, path: Path) -> None:
                                 "the stored weights allow")
     # Each number may be in bounds and their product not (two Dense layers of 2^24 units):
     # the kernels the config implies, counted from it before Keras allocates them.
-    implied = _implied_kernel_elements(config)
+    implied = implied_kernel_elements(config)
     declared = sum(t["size"] for t in tensors)
     if implied > 2 * declared + (1 << 16):  # int4 kernels store half their elements
         raise ArtifactError(f"{path}: the config implies {implied:,} kernel values, the file "
                             f"stores {declared:,}")
-
-
-def _implied_kernel_elements(config) -> int:
-    """Kernel elements of every layer whose spec can count them from its config and the
-    input shape it was built for."""
-    total = 0
-    stack = [config]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, dict):
-            continue
-        stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-        shape = (item.get("build_config") or {}).get("input_shape")
-        name = item.get("registered_name") or item.get("class_name")
-        if not isinstance(name, str) or not isinstance(shape, list) or not shape:
-            continue
-        cls = keras.saving.get_registered_object(name) or getattr(keras.layers, name, None)
-        spec = spec_for_type(cls) if isinstance(cls, type) else None
-        if spec is None or spec.kernel_size is None:
-            continue
-        try:
-            total += int(spec.kernel_size(item.get("config") or {}, shape))
-        except (KeyError, TypeError, ValueError, IndexError):
-            continue  # not a config the formula understands; Keras will judge it
-    return total
 
 
 def _check_classes(config: dict, safe_mode: bool, path: Path) -> None:

@@ -14,10 +14,11 @@ import numpy as np
 import safetensors.numpy
 
 from kshrink.artifact.container import FORMAT, HEADER, _stamp
-from kshrink.artifact.encodings import compress, decompress
+from kshrink.artifact.encodings import _varints, compress, decompress
 
 MUTATIONS = ("flip", "truncate", "insert", "header_text", "header_number", "payload",
-             "version")
+             "version", "gaps", "dims")
+SIZE_KEYS = ("units", "filters", "input_dim", "output_dim")
 
 
 def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
@@ -43,6 +44,14 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     elif kind == "version":  # a file from a format version this kshrink does not know
         header = json.loads(text)
         header["version"] = rng.choice([0, 2, 99, "1", None, 2**64])
+        text = json.dumps(header)
+    elif kind == "dims":  # sizes each in bounds whose product is not
+        header = json.loads(text)
+        _grow_sizes(header["config"], rng)
+        text = json.dumps(header)
+    elif kind == "gaps":  # a sparse tensor's gap list rewritten to run past it or wrap int64
+        header = json.loads(text)
+        _rewrite_gaps(header, blobs, rng)
         text = json.dumps(header)
     elif kind == "header_number":
         header = json.loads(text)
@@ -73,3 +82,39 @@ def _replace_random_number(tree, rng: random.Random) -> None:
     if slots:
         node, key = rng.choice(slots)
         node[key] = rng.choice([0, -1, 1, node[key] + 1, node[key] * 7, 2**31, 2**40, 10**15])
+
+
+def _grow_sizes(config, rng: random.Random) -> None:
+    """Sets several layer widths, and the input widths they are built for, to large powers
+    of two."""
+    slots = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            slots += [(node, k) for k in SIZE_KEYS if isinstance(node.get(k), int)]
+            shape = node.get("input_shape")
+            if isinstance(shape, list) and shape and isinstance(shape[-1], int):
+                slots.append((shape, len(shape) - 1))
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(node)
+    for node, key in rng.sample(slots, min(len(slots), rng.randint(2, 6))):
+        node[key] = 1 << rng.choice([12, 16, 20, 24, 30])
+
+
+def _rewrite_gaps(header: dict, blobs: dict, rng: random.Random) -> None:
+    sparse = [t for t in header["tensors"] if t["encoding"].get("kind") == "sparse"
+              and t["encoding"].get("positions") == "gaps" and t["encoding"]["count"]]
+    if not sparse:
+        return
+    tensor = rng.choice(sparse)
+    encoding = tensor["encoding"]
+    payload = decompress(blobs[tensor["blob"]].tobytes(), 1 << 30)
+    count = encoding["count"]
+    big = rng.choice([1 << 62, (1 << 63) - 1, int(np.prod(tensor["shape"])), 1 << 40])
+    gaps = [big if rng.random() < 0.5 else rng.randrange(64) for _ in range(count)]
+    positions = _varints(np.array(gaps, dtype=np.uint64))
+    blobs[tensor["blob"]] = np.frombuffer(
+        compress(positions + payload[encoding["positions_bytes"]:]), np.uint8)
+    encoding["positions_bytes"] = len(positions)

@@ -78,11 +78,8 @@ def from_npz(path) -> Dataset:
                 f"Found: {', '.join(sorted(arrays)) or 'nothing'}"
             )
     x_val, y_val = arrays.get("x_val", arrays["x"]), arrays.get("y_val", arrays["y"])
-    for xs, ys in ((arrays["x"], arrays["y"]), (x_val, y_val)):
-        if len(xs) != len(ys):
-            raise KshrinkError(
-                f"{path.name}: inputs and labels differ in length ({len(xs)} vs {len(ys)})"
-            )
+    check_data((arrays["x"], arrays["y"]), name=path.name)
+    check_data((x_val, y_val), name=f"{path.name} (validation)")
     return Dataset(path.stem, arrays["x"], arrays["y"], x_val, y_val)
 
 

@@ -290,6 +290,57 @@ def _embedding_kernel(config, input_shape):
     return config["input_dim"] * config["output_dim"]
 
 
+def _einsum_kernel(config, input_shape):
+    """Each kernel axis is sized by the input axis of the same letter, else by the output's
+    (whose `output_shape` omits the batch axis, or whatever the ellipsis stands for)."""
+    inputs, output = config["equation"].replace(" ", "").split("->")
+    lhs, kernel = inputs.split(",")
+    output_shape = config["output_shape"]
+    output_shape = [output_shape] if isinstance(output_shape, int) else list(output_shape)
+    sizes = dict(_einsum_sizes(lhs, input_shape))
+    named = output.split("...")[-1] if "..." in output else output[1:]
+    sizes.update((a, d) for a, d in zip(named, output_shape) if a not in sizes)
+    return math.prod(int(sizes[axis]) for axis in kernel)
+
+
+def _einsum_sizes(spec: str, shape):
+    """(letter, size) for the letters of one einsum operand; an ellipsis takes the dims
+    between the letters before and after it."""
+    head, _, tail = spec.partition("...")
+    pairs = list(zip(head, shape))
+    if tail:
+        pairs += list(zip(tail, shape[len(shape) - len(tail):]))
+    return pairs
+
+
+def implied_kernel_elements(config) -> int:
+    """Kernel elements of every layer in a serialized model config whose spec can count them
+    from its config and built input shape: what Keras would allocate, known before it does."""
+    total = 0
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+        shape = (item.get("build_config") or {}).get("input_shape")
+        name = item.get("registered_name") or item.get("class_name")
+        if not isinstance(name, str) or not isinstance(shape, list) or not shape:
+            continue
+        cls = keras.saving.get_registered_object(name) or getattr(keras.layers, name, None)
+        spec = spec_for_type(cls) if isinstance(cls, type) else None
+        if spec is None or spec.kernel_size is None:
+            continue
+        try:
+            total += int(spec.kernel_size(item.get("config") or {}, shape))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            continue  # not a config the formula understands; Keras will judge it
+    return total
+
+
 # --- Keras' own layers -----------------------------------------------------------------------
 
 _BIAS = WeightSpec("bias", output_axes=(-1,))
@@ -331,7 +382,8 @@ register_spec(_L.Dense, LayerSpec(weights=(_kernel("_kernel", 0, (1,)), _BIAS),
                                   quantizable=True))
 # EinsumDense's axes depend on its equation; its matrix view takes the last kernel axis.
 register_spec(_L.EinsumDense, LayerSpec(weights=(_kernel("_kernel", None, (-1,)),),
-                                        macs=_einsum_macs, quantizable=True))
+                                        macs=_einsum_macs, kernel_size=_einsum_kernel,
+                                        quantizable=True))
 register_spec(_L.Embedding, LayerSpec(
     weights=(WeightSpec("embeddings", None, (-1,), kernel=True, attribute="_embeddings"),),
     kernel_size=_embedding_kernel, quantizable=True))

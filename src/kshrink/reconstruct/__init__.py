@@ -1,0 +1,12 @@
+"""Post-training reconstruction from calibration data, shared by the techniques: GPTQ-class
+quantization and SparseGPT/Wanda pruning solved layer by layer, and BatchNorm re-estimation.
+
+Backend-agnostic: the layers run through Keras, the solvers in NumPy.
+"""
+
+from kshrink.reconstruct.rows import unsupported
+from kshrink.reconstruct.sequential import reconstruct, reestimate_batchnorm
+from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
+
+__all__ = ["choose_scales", "gptq", "reconstruct", "reestimate_batchnorm", "sparsegpt",
+           "unsupported", "wanda"]

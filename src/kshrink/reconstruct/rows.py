@@ -1,0 +1,117 @@
+"""What a kernel multiplies: each kernel's input rows, in the row order of its matrix view.
+
+Layer-wise reconstruction minimizes `||X W - X W'||` for a kernel's (inputs, outputs) matrix
+view `W` (see `kshrink.layers.as_matrix`) and the rows `X` that multiply it: the features of a
+Dense layer, the patches a convolution sees (im2col, laid out like the kernel's rows: spatial
+offsets, then input channels). Grouped and depthwise convolutions multiply each block of output
+columns by rows of their own input channels, so rows come in `G` groups: group `g` multiplies
+the `g`-th of `G` equal, contiguous blocks of the matrix's columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from kshrink.layers import kernel_specs
+
+L = keras.layers
+_CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
+_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+_CHUNK = 1 << 24  # patch values built at once, to bound temporary memory
+
+
+def unsupported(layer) -> str | None:
+    """Why the rows of `layer`'s kernels cannot be formed, or None if they can."""
+    kind = type(layer)
+    if kind is L.Dense:
+        return None
+    if kind in _CONV + _DEPTHWISE + _SEPARABLE:
+        if layer.data_format != "channels_last":
+            return f"{kind.__name__} with data_format={layer.data_format!r}"
+        return None
+    return f"{kind.__name__}: layer-wise reconstruction takes Dense and convolutions"
+
+
+def groups(layer, name: str) -> int:
+    """How many row groups kernel `name` of `layer` has (see the module docstring)."""
+    if type(layer) in _DEPTHWISE or (type(layer) in _SEPARABLE and name == "depthwise_kernel"):
+        return _channels(layer, name)
+    return getattr(layer, "groups", 1) if type(layer) in _CONV else 1
+
+
+def kernel_rows(layer, name: str, x: np.ndarray):
+    """Yields chunks of the rows that kernel `name` of `layer` multiplies when `layer` runs
+    on the batch `x`: arrays of shape (G, rows in chunk, kernel matrix rows)."""
+    x = np.asarray(x, dtype="float32")
+    kind = type(layer)
+    if kind is L.Dense:
+        yield x.reshape(1, -1, x.shape[-1])
+        return
+    if kind in _SEPARABLE and name == "pointwise_kernel":
+        # The pointwise kernel multiplies the depthwise output, computed with the depthwise
+        # kernel as it is now (already reconstructed, when that ran first).
+        middle = keras.ops.depthwise_conv(
+            x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+            data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+        middle = keras.ops.convert_to_numpy(middle)
+        yield middle.reshape(1, -1, middle.shape[-1])
+        return
+    g = groups(layer, name)
+    for patches in _patches(x, layer.kernel_size, layer.strides, layer.padding,
+                            layer.dilation_rate):
+        rows, offsets, channels = patches.shape
+        if kind in _CONV:  # (rows, offsets, G, C/G) -> (G, rows, offsets * C/G)
+            per_group = patches.reshape(rows, offsets, g, channels // g)
+            yield per_group.transpose(2, 0, 1, 3).reshape(g, rows, -1)
+        else:  # depthwise: one group per input channel, its offsets as the rows
+            yield patches.transpose(2, 0, 1)
+
+
+def _channels(layer, name: str) -> int:
+    shape = next(v.shape for v, spec in kernel_specs(layer) if spec.name == name)
+    return int(shape[-2])
+
+
+def _patches(x: np.ndarray, kernel_size, strides, padding: str, dilation):
+    """im2col for channels-last `x` of shape (N, *spatial, C): chunks of shape
+    (output positions, kernel offsets, C), in Keras' padding conventions."""
+    spatial = x.shape[1:-1]
+    nd = len(spatial)
+    windows = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    pads = []
+    for size, window, stride in zip(spatial, windows, strides):
+        if padding == "same":
+            total = max((math.ceil(size / stride) - 1) * stride + window - size, 0)
+            pads.append((total // 2, total - total // 2))
+        elif padding == "causal":
+            pads.append((window - 1, 0))
+        else:
+            pads.append((0, 0))
+    per_example = math.prod(kernel_size) * x.shape[-1] * math.prod(
+        math.ceil(max(s + sum(p) - w + 1, 0) / st)
+        for s, p, w, st in zip(spatial, pads, windows, strides))
+    step = max(1, _CHUNK // max(per_example, 1))
+    for start in range(0, len(x), step):
+        part = np.pad(x[start:start + step], [(0, 0)] + pads + [(0, 0)])
+        view = np.lib.stride_tricks.sliding_window_view(part, windows, axis=tuple(range(1, nd + 1)))
+        # view: (N, *positions, C, *window); keep every stride-th position, dilation-th offset
+        view = view[(slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),)
+                    + tuple(slice(None, None, d) for d in dilation)]
+        view = np.moveaxis(view, 1 + nd, -1)  # (N, *positions, *kernel, C)
+        yield np.ascontiguousarray(view).reshape(-1, math.prod(kernel_size), x.shape[-1])
+
+
+def hessian(layer, name: str, batches) -> tuple[np.ndarray, int]:
+    """`(sum of X^T X over the rows of every batch, as (G, r, r) float64; number of rows)`."""
+    total, count = None, 0
+    for x in batches:
+        for rows in kernel_rows(layer, name, x):
+            rows = rows.astype("float64")
+            product = np.matmul(rows.transpose(0, 2, 1), rows)
+            total = product if total is None else total + product
+            count += rows.shape[1]
+    return total, count

@@ -7,7 +7,8 @@ bash scripts/bootstrap.sh
 export TF_CPP_MIN_LOG_LEVEL=2
 KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 "$@" tests
 for backend in jax torch; do
-  echo "== contract, pruning, clustering, quantization, folding, low-rank, export, layer-spec tests on $backend"
+  echo "== contract, pruning, clustering, quantization, folding, low-rank, export, layer-spec, reconstruction tests on $backend"
   KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 "$@" tests/contract tests/prune \
-    tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy tests/layers
+    tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy tests/layers \
+    tests/reconstruct
 done

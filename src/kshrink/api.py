@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from kshrink.core.data import check_data
+from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport
@@ -13,6 +13,9 @@ from kshrink.core.training import FineTune, check_finite_weights
 from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
 from kshrink.measure.weights import weight_stats
+from kshrink.reconstruct import reestimate_batchnorm
+
+CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
 
 
 def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
@@ -52,12 +55,15 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         handler = handler_for(technique)
         trains = fine_tune is not None and handler.trains_with(technique)
         ctx = StepContext(original=model, data=data, validation_data=validation_data,
-                          train_steps=fine_tune.total_steps(len(data[0])) if trains else None)
+                          train_steps=(fine_tune.total_steps(example_count(model_inputs(data)))
+                                       if trains else None))
         work = handler.prepare(work, technique, ctx)
         if trains:
             run_fine_tune(work, fine_tune, data, validation_data, teacher=model,
                           callbacks=handler.callbacks(work, technique, ctx))
         work = handler.finalize(work, technique, ctx)
+        if technique.reestimates_batchnorm(data is not None, trains):
+            _reestimate_batchnorm(work, data, ctx)
         steps.append(handler.report(work, technique, ctx))
     after = weight_stats(work)
     report = CompressionReport(
@@ -68,3 +74,17 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         weight_bytes_after=after.bytes,
     )
     return work, report
+
+
+def _reestimate_batchnorm(model, data, ctx: StepContext) -> None:
+    """BatchNorm statistics of the compressed model from calibration data: a step that moved
+    weights without training shifts every later layer's input statistics (one-shot pruning
+    of a pretrained BN network otherwise loses nearly all agreement)."""
+    if data is None:
+        raise KshrinkError("reestimate_batchnorm needs data: pass data=(x, y) (or just x)")
+    x = model_inputs(data, CALIBRATION_SAMPLES)
+    names = reestimate_batchnorm(model, x)
+    if names:
+        note = (f"BatchNorm statistics re-estimated on {example_count(x)} examples "
+                f"({len(names)} layer{'s' if len(names) > 1 else ''})")
+        ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note

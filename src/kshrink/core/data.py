@@ -66,3 +66,17 @@ def _check_labels(y: np.ndarray, model, label: str) -> None:
         bad = low if low < 0 else high
         raise KshrinkError(f"{label} holds the class label {bad}, outside the model's "
                            f"{classes} classes (0 to {classes - 1})")
+
+
+def model_inputs(data, limit: int | None = None):
+    """The model inputs of `data` (`(x, y)` or `x`; `x` an array or a dict of arrays), their
+    first `limit` examples if given."""
+    x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
+    if limit is None:
+        return x
+    return {k: v[:limit] for k, v in x.items()} if isinstance(x, dict) else x[:limit]
+
+
+def example_count(x) -> int:
+    """How many examples the inputs `x` (an array or a dict of arrays) hold."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)

@@ -133,12 +133,28 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
                                     call_function=call)
 
 
-def graph_calls(model: keras.Model) -> tuple[list, list, list]:
-    """`(calls, inputs, outputs)` of this model's own graph, with fresh symbolic tensors.
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One layer call in a model's graph: the layer, its arguments as passed (symbolic tensors
+    inside), and the tensors it returned."""
 
-    `calls` lists `(layer, input tensors, output tensors)` in execution order. The layers are
-    called anew on symbolic inputs because a layer may also belong to earlier versions of the
-    model, whose nodes `layer.input` / `layer.output` would return.
+    layer: keras.layers.Layer
+    args: tuple
+    kwargs: dict
+    outputs: list
+
+    @property
+    def inputs(self) -> list:
+        return [t for t in keras.tree.flatten((self.args, self.kwargs))
+                if isinstance(t, keras.KerasTensor)]
+
+
+def graph_program(model: keras.Model) -> tuple[list[Call], list, list]:
+    """`(calls, inputs, outputs)` of this model's own graph, with fresh symbolic tensors,
+    `calls` in execution order.
+
+    The layers are called anew on symbolic inputs because a layer may also belong to earlier
+    versions of the model, whose nodes `layer.input` / `layer.output` would return.
     """
     calls = []
     if isinstance(model, keras.Sequential):
@@ -146,20 +162,25 @@ def graph_calls(model: keras.Model) -> tuple[list, list, list]:
         x = inputs = keras.Input(source.shape[1:], dtype=source.dtype)
         for layer in model.layers:
             y = layer(x)
-            calls.append((layer, [x], [y]))
+            calls.append(Call(layer, (x,), {}, [y]))
             x = y
         return calls, [inputs], [x]
 
     def record(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
-        calls.append((layer, keras.tree.flatten((args, kwargs)), keras.tree.flatten(outputs)))
+        calls.append(Call(layer, args, kwargs, keras.tree.flatten(outputs)))
         return outputs
 
     rebuilt = keras.models.clone_model(model, clone_function=lambda layer: layer,
                                        call_function=record)
-    tensors = [(layer, [t for t in ins if isinstance(t, keras.KerasTensor)], outs)
-               for layer, ins, outs in calls]
-    return tensors, list(rebuilt.inputs), list(rebuilt.outputs)
+    return calls, list(rebuilt.inputs), list(rebuilt.outputs)
+
+
+def graph_calls(model: keras.Model) -> tuple[list, list, list]:
+    """`(calls, inputs, outputs)` as `graph_program` gives them, each call as `(layer, input
+    tensors, output tensors)`."""
+    calls, inputs, outputs = graph_program(model)
+    return [(c.layer, c.inputs, c.outputs) for c in calls], inputs, outputs
 
 
 def layer_inputs(model: keras.Model, x, wanted: set, batch_size: int = 128) -> list:

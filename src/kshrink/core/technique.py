@@ -88,6 +88,21 @@ class Technique(Options):
 
     stage: ClassVar[int] = 0
 
+    # Keyword-only, so it follows every technique's own options: `Prune(0.9)` still works.
+    reestimate_batchnorm: bool | None = dataclasses.field(
+        default=None, kw_only=True, metadata={"help": (
+            "recompute BatchNorm statistics on data after this step; default: when data is "
+            "given and the step does not fine-tune")})
+
+    def reestimates_batchnorm(self, has_data: bool, trains: bool) -> bool:
+        """Whether BatchNorm statistics are recomputed on calibration data after this step."""
+        if self.reestimate_batchnorm not in (None, True, False):
+            raise RecipeError(f"{self.name}: reestimate_batchnorm must be true, false or null. "
+                              f"Received: reestimate_batchnorm={short(self.reestimate_batchnorm)}")
+        if self.reestimate_batchnorm is None:
+            return has_data and not trains
+        return self.reestimate_batchnorm
+
 
 def option(default, help: str):
     """A dataclass field with a help text, shown by `kshrink techniques`."""

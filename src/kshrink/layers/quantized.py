@@ -123,8 +123,10 @@ class QuantizedKernels:
             matrix = matrix * scale
         return ops.cast(_from_matrix(matrix, shape, self.KERNELS[name][1]), self.compute_dtype)
 
-    def set_kernel(self, name: str, values: np.ndarray) -> None:
-        """Quantizes the float kernel `values` into this layer's storage for kernel `name`."""
+    def set_kernel(self, name: str, values: np.ndarray, scale: np.ndarray | None = None) -> None:
+        """Quantizes the float kernel `values` into this layer's storage for kernel `name`,
+        on the grid of `scale` (groups, output channels) if given (from a solver that chose
+        it), else of each channel's or group's largest magnitude."""
         values = np.asarray(values, dtype="float32")
         if values.shape != self._kernel_shapes[name]:
             raise ValueError(f"{self.name}: kernel {name!r} has shape "
@@ -133,7 +135,7 @@ class QuantizedKernels:
             self.stored_kernel(name).assign(values)
             return
         stored, scale = quantize_matrix(as_matrix(values, self.KERNELS[name][1]),
-                                        INTEGER_MODES[self.mode], self.group_size)
+                                        INTEGER_MODES[self.mode], self.group_size, scale)
         if self.mode == "int4":
             stored = keras.ops.convert_to_numpy(keras.quantizers.pack_int4(stored, axis=0)[0])
         self.stored_kernel(name).assign(stored)
@@ -151,8 +153,10 @@ class QuantizedKernels:
                 "activation_bits": self.activation_bits}
 
 
-def quantize_matrix(matrix: np.ndarray, qmax: int, group_size: int | None):
-    """Symmetric quantization of an (inputs, outputs) matrix to integers in [-qmax, qmax].
+def quantize_matrix(matrix: np.ndarray, qmax: int, group_size: int | None,
+                    scale: np.ndarray | None = None):
+    """Symmetric quantization of an (inputs, outputs) matrix to integers in [-qmax, qmax], on
+    the given `scale` grid or, without it, each group's largest magnitude over `qmax`.
 
     Returns:
         `(int8 matrix, float32 scales)` with scales of shape (groups, outputs): one group
@@ -165,8 +169,10 @@ def quantize_matrix(matrix: np.ndarray, qmax: int, group_size: int | None):
     padded = np.zeros((groups * size, columns), dtype="float32")
     padded[:rows] = matrix
     blocks = padded.reshape(groups, size, columns)
-    largest = np.abs(blocks).max(axis=1)
-    scale = np.where(largest > 0, largest / qmax, 1.0).astype("float32")
+    if scale is None:
+        largest = np.abs(blocks).max(axis=1)
+        scale = np.where(largest > 0, largest / qmax, 1.0)
+    scale = np.asarray(scale, dtype="float32").reshape(groups, columns)
     q = np.clip(np.round(blocks / scale[:, None, :]), -qmax, qmax).astype("int8")
     return q.reshape(groups * size, columns)[:rows], scale
 
@@ -238,7 +244,7 @@ def keras_base(layer) -> type | None:
 
 
 def quantize_layer(layer, mode: str, group_size: int | None = None,
-                   activation_bits: int | None = None, input_range=None):
+                   activation_bits: int | None = None, input_range=None, scales=None):
     """A built quantized copy of the built Keras layer `layer`, same name and config.
 
     Args:
@@ -247,6 +253,8 @@ def quantize_layer(layer, mode: str, group_size: int | None = None,
         group_size: int4 only: inputs per scale group (None: one scale per output channel).
         activation_bits: fake-quantize the layer's input to this many bits.
         input_range: `(min, max)` of the input, required with `activation_bits`.
+        scales: `{kernel name: scales (groups, output channels)}` for integer kernels whose
+            grid a solver chose (GPTQ): their values are already on it.
     """
     cls = QUANTIZED_CLASSES[keras_base(layer)]
     for variable in layer.weights:
@@ -261,7 +269,7 @@ def quantize_layer(layer, mode: str, group_size: int | None = None,
     quantized.build_from_config(layer.get_build_config())
     originals = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
     for name in cls.KERNELS:
-        quantized.set_kernel(name, originals.pop(name))
+        quantized.set_kernel(name, originals.pop(name), (scales or {}).get(name))
     for variable in quantized.weights:
         if variable.name in originals:
             variable.assign(originals[variable.name])

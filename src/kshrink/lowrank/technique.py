@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kshrink.core.data import model_inputs
 from kshrink.core.graph import layer_inputs, rewrite
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -42,7 +43,7 @@ class LowRankHandler(Handler):
             if ctx.data is None:
                 raise KshrinkError("low_rank: tolerance measures output error on data: pass "
                                    "data=(x, y) to compress")
-            x = ctx.data[0][:config.calibration_samples]
+            x = model_inputs(ctx.data, config.calibration_samples)
             inputs = {layer.name: values for layer, values in
                       layer_inputs(model, x, {id(layer) for layer in chosen})}
         replacements = {}

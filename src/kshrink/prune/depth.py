@@ -17,6 +17,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from kshrink.core.data import model_inputs
 from kshrink.core.graph import Bypass, graph_calls, leaf_layers, rewrite
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -114,7 +115,7 @@ class DepthPruneHandler(Handler):
         if ctx.data is None:
             raise KshrinkError("depth_prune ranks blocks by how much removing them changes "
                                "the outputs on data: pass data=(x, y) to compress")
-        x = ctx.data[0][:config.calibration_samples]
+        x = model_inputs(ctx.data, config.calibration_samples)
         reference = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
         removed, scores = [], {}
         for _ in range(config.blocks):  # greedy: rescore the rest after each removal

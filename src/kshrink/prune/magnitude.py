@@ -34,9 +34,11 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.prune import masks as masklib
+from kshrink.prune.reconstruct import prune_from_calibration
 from kshrink.prune.schedule import SCHEDULES, Schedule
 
 SCOPES = ("layer", "global")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -45,15 +47,26 @@ class PruneHandler(Handler):
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
+        dense = {id(v): keras.ops.convert_to_numpy(v.value)
+                 for layer in chosen for v in kernel_weights(layer)}
         wrapped = wrap(model, effective, layers=chosen, copy=False)
         ctx.state.update(config=effective, schedule=effective.schedule_for(ctx.train_steps))
+        if config.method != "magnitude":
+            # The magnitude masks set each layer's sparsity; the solver picks the weights.
+            for layer in chosen:
+                for v in kernel_weights(layer):
+                    v.assign(dense[id(v)])
+            prune_from_calibration(wrapped, effective, ctx)
         return wrapped
 
     def callbacks(self, model, config: Prune, ctx: StepContext):
+        if config.method != "magnitude":
+            return []  # the masks are the solver's; fine-tuning trains the weights it kept
         return [PruningCallback(model, ctx.state["config"], schedule=ctx.state["schedule"])]
 
     def finalize(self, model, config: Prune, ctx: StepContext):
-        stripped = strip(model, ctx.state["config"])
+        fixed = config.method != "magnitude"
+        stripped = strip(model, None if fixed else ctx.state["config"])
         zeros_total = size_total = 0
         for layer in leaf_layers(stripped):
             if layer.name in ctx.state["counted"]:
@@ -65,8 +78,9 @@ class PruneHandler(Handler):
                 if layer.name in ctx.state["pruned"]:
                     target = ("global threshold" if config.scope == "global" else
                               f"target {ctx.state['config'].target_sparsity:.3f}")
+                    how = ctx.state.get("methods", {}).get(layer.name, config.method)
                     ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
-                                       f"{config.pattern})")
+                                       f"{config.pattern}, {how})")
         ctx.sort_results(stripped)
         ctx.summary = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
                        f"weights of {len(ctx.state['counted'])} layers "
@@ -239,7 +253,7 @@ class PruningCallback(keras.callbacks.Callback):
 @register_technique("prune", handler=PruneHandler(), stage=30)
 @dataclasses.dataclass(frozen=True)
 class Prune(Technique):
-    """Magnitude pruning: zero the smallest weights, gradually while fine-tuning or at once.
+    """Pruning: zero the least important weights, gradually while fine-tuning or at once.
 
     Masks live in layer state during training and are baked into stock layers at the end;
     the pruned `.keras` file loads with plain Keras and keeps every layer name.
@@ -265,6 +279,14 @@ class Prune(Technique):
         max_layer_sparsity: the per-layer ceiling for global scope.
         skip_first_last: keep the first and last prunable layers dense where the target can
             still be met (see above).
+        method: which weights go: `"magnitude"` (the smallest); from `calibration_samples`
+            examples of `data`, at once (`schedule: one_shot`, or an N:M pattern), `"wanda"`
+            (the smallest |weight| x input norm, Sun et al. 2024) or `"sparsegpt"` (Frantar &
+            Alistarh 2023: layer by layer, in order, each layer seeing the inputs of the
+            pruned layers before it, the kept weights updated to make up for the pruned
+            ones). The magnitude masks still set each layer's sparsity (so `scope` and
+            `skip_first_last` hold); Dense and convolutions, other layers by magnitude.
+        calibration_samples: examples of `data` that wanda and sparsegpt use.
         layers, exclude: selections of layers to consider / to leave alone.
 
     Example:
@@ -285,6 +307,8 @@ class Prune(Technique):
     frequency: int = option(100, "steps between mask updates")
     max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
     skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
+    method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
+    calibration_samples: int = option(256, "wanda/sparsegpt: examples of data used")
     layers: Select | None = option(None, "layers to consider (default: all prunable)")
     exclude: Select | None = option(None, "layers to leave dense")
 
@@ -309,6 +333,16 @@ class Prune(Technique):
         check_int(n, "frequency", self.frequency, low=1)
         check_range(n, "max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0, high_open=True)
         check_bool(n, "skip_first_last", self.skip_first_last)
+        check_choice(n, "method", self.method, METHODS)
+        check_int(n, "calibration_samples", self.calibration_samples, low=1)
+        if self.method != "magnitude":
+            if not (pattern.is_n_of_m or pattern.block == (1, 1)):
+                raise RecipeError(f"{n}: method {self.method} takes unstructured or N:M "
+                                  f"patterns. Received: pattern={self.pattern!r}")
+            if self.schedule != "one_shot" and not pattern.is_n_of_m:
+                raise RecipeError(f"{n}: method {self.method} prunes at once from calibration "
+                                  f"data: use schedule one_shot. Received: "
+                                  f"schedule={self.schedule!r}")
 
     @property
     def pattern_spec(self) -> masklib.Pattern:

@@ -8,6 +8,7 @@ import dataclasses
 
 import keras
 
+from kshrink.core.data import model_inputs
 from kshrink.core.graph import leaf_layers, replace_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -36,8 +37,10 @@ from kshrink.layers import (
 )
 from kshrink.quantize.calibrate import METHODS, input_ranges
 from kshrink.quantize.keras_native import keras_quantize
+from kshrink.quantize.reconstruct import gptq_scales
 
 KEEP_FLOAT = "float"
+ROUNDING = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +87,10 @@ class QuantizeHandler(Handler):
         chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
         plans = _plans(model, chosen, config, ctx)
         ranges = _calibrate(model, plans, config, ctx)
+        scales = gptq_scales(model, plans, config, ctx) if config.method == "gptq" else {}
         ctx.state.update(plans=plans, ranges=ranges)
         if not config.qat:
-            return _quantize(model, plans, ranges, config, ctx)
+            return _quantize(model, plans, ranges, config, ctx, scales)
         integer = {name for name, plan in plans.items() if plan.mode in INTEGER_MODES}
 
         def wrap(layer):
@@ -171,19 +175,24 @@ def _calibrate(model, plans, config: Quantize, ctx: StepContext) -> dict:
                            "data=(x, y) to compress")
     layers = [l for l in leaf_layers(model)
               if l.name in plans and _activation_bits(l, config)]
-    x = ctx.data[0][:config.calibration_samples]
+    x = model_inputs(ctx.data, config.calibration_samples)
     return input_ranges(model, x, layers, method=config.calibration,
                         percentile=config.percentile, bits=config.activation_bits)
 
 
-def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
-    """Replaces planned layers by kshrink's quantized layers or has Keras quantize them."""
+def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=None):
+    """Replaces planned layers by kshrink's quantized layers or has Keras quantize them.
+
+    Layers whose grid GPTQ chose (`scales`) are always kshrink's: Keras would re-round them.
+    """
+    scales = scales or {}
     by_keras, ours = {}, {}
     for layer in leaf_layers(model):
         plan = plans.get(layer.name)
         if plan is None:
             continue
-        if plan.mode in INTEGER_MODES and isinstance(layer, KERAS_INTEGER_LAYERS):
+        if (plan.mode in INTEGER_MODES and isinstance(layer, KERAS_INTEGER_LAYERS)
+                and layer.name not in scales):
             key = (plan.mode, _group(plan), _activation_bits(layer, config))
             by_keras.setdefault(key, []).append(layer.name)
         else:
@@ -196,10 +205,11 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
         bits = _activation_bits(layer, config) if plan.mode in INTEGER_MODES else None
         try:
             quantized = quantize_layer(layer, plan.mode, _group(plan), bits,
-                                       ranges.get(layer.name))
+                                       ranges.get(layer.name), scales.get(layer.name))
         except ValueError as e:
             raise KshrinkError(f"quantize: {e}") from None
-        ctx.applied(layer, _describe(plan, bits, ranges.get(layer.name), "kshrink"))
+        ctx.applied(layer, _describe(plan, bits, ranges.get(layer.name), _how(layer, ctx,
+                                                                                  scales)))
         return quantized
 
     model = replace_layers(model, replace)
@@ -207,10 +217,22 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext):
     for (mode, group_size, bits), names in by_keras.items():
         chosen = [layers[name] for name in names]
         for layer in chosen:
-            ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None, "Keras"))
+            ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None,
+                                         _how(layer, ctx, scales, "Keras")))
         keras_quantize(model, chosen, mode, group_size, bits)
     ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
+
+
+def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
+    if layer.name in scales:
+        return f"{by}, GPTQ"
+    rounded = ctx.state.get("rounded", {})
+    if layer.name in rounded:
+        return f"{by}; rounded to nearest, as GPTQ does not take {rounded[layer.name]}"
+    if scales and isinstance(layer, keras.layers.Embedding):
+        return f"{by}; rounded to nearest, as GPTQ does not take embeddings"
+    return by
 
 
 def _describe(plan: _Plan, activation_bits, input_range, by: str) -> str:
@@ -240,6 +262,12 @@ class Quantize(Technique):
 
     Args:
         mode: `"int8"`, `"int4"`, `"float16"` or `"bfloat16"`.
+        method: how integer weights are chosen: `"rtn"` rounds each to the nearest level;
+            `"gptq"` (Frantar et al. 2023) solves layer by layer on `calibration_samples`
+            examples of `data`, in order, each layer seeing the inputs the quantized layers
+            before it produce, and spreads every rounding error over the weights not yet
+            rounded so the layer's output moves least. Dense and convolutions (Conv1D/2D/3D,
+            grouped, Depthwise, Separable); other layers are rounded, and say so.
         group_size: int4 only: one scale per this many inputs of each output channel; null
             for one scale per output channel.
         activation_bits: also quantize each layer's input to this many bits (8): static
@@ -266,6 +294,7 @@ class Quantize(Technique):
     """
 
     mode: str = option("int8", "int8, int4, float16 or bfloat16 weights")
+    method: str = option("rtn", "rtn (round to nearest) or gptq (layer-wise, needs data)")
     group_size: int | None = option(
         128, "int4 only: inputs per scale group; null for per-channel scales")
     activation_bits: int | None = option(None, "quantize layer inputs to this many bits (8)")
@@ -280,6 +309,11 @@ class Quantize(Technique):
 
     def __post_init__(self):
         check_choice(self.name, "mode", self.mode, MODES)
+        check_choice(self.name, "method", self.method, ROUNDING)
+        if self.method == "gptq" and (self.qat or self.mode in FLOAT_MODES):
+            raise RecipeError(f"{self.name}: method gptq chooses int8/int4 weights after "
+                              "training; it takes neither qat nor float modes. Received: "
+                              f"mode={self.mode!r}, qat={self.qat}")
         check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
         check_choice(self.name, "activation_bits", self.activation_bits, (None, 8))
         check_choice(self.name, "calibration", self.calibration, METHODS)

@@ -22,6 +22,9 @@ _CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
 _DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
 _SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
 _CHUNK = 1 << 24  # patch values built at once, to bound temporary memory
+# Rows of X used per example: plenty for a Hessian of a few thousand inputs, and what keeps
+# early, high-resolution layers (12,544 positions an image at 112x112) from dominating.
+ROWS_PER_EXAMPLE = 1024
 
 
 def unsupported(layer) -> str | None:
@@ -43,32 +46,39 @@ def groups(layer, name: str) -> int:
     return getattr(layer, "groups", 1) if type(layer) in _CONV else 1
 
 
-def kernel_rows(layer, name: str, x: np.ndarray):
+def kernel_rows(layer, name: str, x: np.ndarray, per_example: int | None = None,
+                rng: np.random.Generator | None = None):
     """Yields chunks of the rows that kernel `name` of `layer` multiplies when `layer` runs
-    on the batch `x`: arrays of shape (G, rows in chunk, kernel matrix rows)."""
+    on the batch `x`: arrays of shape (G, rows in chunk, kernel matrix rows). With
+    `per_example`, at most that many rows (positions) of each example, drawn with `rng`."""
     x = np.asarray(x, dtype="float32")
     kind = type(layer)
-    if kind is L.Dense:
-        yield x.reshape(1, -1, x.shape[-1])
-        return
-    if kind in _SEPARABLE and name == "pointwise_kernel":
-        # The pointwise kernel multiplies the depthwise output, computed with the depthwise
-        # kernel as it is now (already reconstructed, when that ran first).
-        middle = keras.ops.depthwise_conv(
-            x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
-            data_format=layer.data_format, dilation_rate=layer.dilation_rate)
-        middle = keras.ops.convert_to_numpy(middle)
-        yield middle.reshape(1, -1, middle.shape[-1])
+    if kind is L.Dense or (kind in _SEPARABLE and name == "pointwise_kernel"):
+        if kind is not L.Dense:
+            # The pointwise kernel multiplies the depthwise output, computed with the
+            # depthwise kernel as it is now (already reconstructed, when that ran first).
+            x = keras.ops.convert_to_numpy(keras.ops.depthwise_conv(
+                x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+                data_format=layer.data_format, dilation_rate=layer.dilation_rate))
+        yield _subsample(x.reshape(1, -1, x.shape[-1]), len(x), per_example, rng)
         return
     g = groups(layer, name)
-    for patches in _patches(x, layer.kernel_size, layer.strides, layer.padding,
-                            layer.dilation_rate):
+    for examples, patches in _patches(x, layer.kernel_size, layer.strides, layer.padding,
+                                      layer.dilation_rate):
         rows, offsets, channels = patches.shape
         if kind in _CONV:  # (rows, offsets, G, C/G) -> (G, rows, offsets * C/G)
             per_group = patches.reshape(rows, offsets, g, channels // g)
-            yield per_group.transpose(2, 0, 1, 3).reshape(g, rows, -1)
+            chunk = per_group.transpose(2, 0, 1, 3).reshape(g, rows, -1)
         else:  # depthwise: one group per input channel, its offsets as the rows
-            yield patches.transpose(2, 0, 1)
+            chunk = patches.transpose(2, 0, 1)
+        yield _subsample(chunk, examples, per_example, rng)
+
+
+def _subsample(rows: np.ndarray, examples: int, per_example: int | None, rng) -> np.ndarray:
+    limit = None if per_example is None else per_example * examples
+    if limit is None or rows.shape[1] <= limit:
+        return rows
+    return rows[:, np.sort(rng.choice(rows.shape[1], limit, replace=False))]
 
 
 def _channels(layer, name: str) -> int:
@@ -78,7 +88,8 @@ def _channels(layer, name: str) -> int:
 
 def _patches(x: np.ndarray, kernel_size, strides, padding: str, dilation):
     """im2col for channels-last `x` of shape (N, *spatial, C): chunks of shape
-    (output positions, kernel offsets, C), in Keras' padding conventions."""
+    (examples in the chunk, array of (output positions, kernel offsets, C)), in Keras'
+    padding conventions."""
     spatial = x.shape[1:-1]
     nd = len(spatial)
     windows = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
@@ -102,16 +113,20 @@ def _patches(x: np.ndarray, kernel_size, strides, padding: str, dilation):
         view = view[(slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),)
                     + tuple(slice(None, None, d) for d in dilation)]
         view = np.moveaxis(view, 1 + nd, -1)  # (N, *positions, *kernel, C)
-        yield np.ascontiguousarray(view).reshape(-1, math.prod(kernel_size), x.shape[-1])
+        yield len(part), np.ascontiguousarray(view).reshape(-1, math.prod(kernel_size),
+                                                             x.shape[-1])
 
 
-def hessian(layer, name: str, batches) -> tuple[np.ndarray, int]:
-    """`(sum of X^T X over the rows of every batch, as (G, r, r) float64; number of rows)`."""
+def hessian(layer, name: str, batches, seed: int = 0) -> tuple[np.ndarray, int]:
+    """`(sum of X^T X over the rows of every batch, as (G, r, r) float64; number of rows)`.
+
+    Of an example's output positions, at most `ROWS_PER_EXAMPLE` (a fixed random subset, by
+    `seed`) are counted."""
+    rng = np.random.default_rng(seed)
     total, count = None, 0
     for x in batches:
-        for rows in kernel_rows(layer, name, x):
-            rows = rows.astype("float64")
-            product = np.matmul(rows.transpose(0, 2, 1), rows)
+        for rows in kernel_rows(layer, name, x, ROWS_PER_EXAMPLE, rng):
+            product = np.matmul(rows.transpose(0, 2, 1), rows).astype("float64")
             total = product if total is None else total + product
             count += rows.shape[1]
     return total, count

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from kshrink.core.graph import graph_calls
+from kshrink.core.graph import graph_program
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.reconstruct import rows as rowlib
@@ -32,11 +32,14 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, batch_size: int
             (a wrapper, say) and the layer whose kernels are solved (what it wraps).
         solve: see `Solve`.
     """
-    probes = {id(g): _probe(model, g) for g, _ in targets}
-    for i, (graph_layer, layer) in enumerate(targets):
+    solved = {id(g): layer for g, layer in targets}
+    done = []
+
+    def visit(graph_layer, inputs):
+        layer = solved[id(graph_layer)]
+        done.append(layer.name)
         if progress:
-            progress(f"layer {i + 1}/{len(targets)}: {layer.name}")
-        inputs = [probes[id(graph_layer)](part) for part in _slices(x, batch_size)]
+            progress(f"layer {len(done)}/{len(solved)}: {layer.name}")
         for variable, spec in kernel_specs(layer):
             h, count = rowlib.hessian(layer, spec.name, inputs)
             if count == 0:
@@ -44,9 +47,11 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, batch_size: int
             shape = tuple(variable.shape)
             matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
             g = rowlib.groups(layer, spec.name)
-            solved = solve(layer, spec.name, grouped(matrix.astype("float64"), g), h / count)
-            variable.assign(from_matrix(ungrouped(solved), shape, spec.output_axes)
+            new = solve(layer, spec.name, grouped(matrix.astype("float64"), g), h / count)
+            variable.assign(from_matrix(ungrouped(new), shape, spec.output_axes)
                             .astype(variable.dtype))
+
+    run_layer_by_layer(model, list(_slices(x, batch_size)), set(solved), visit)
 
 
 def reestimate_batchnorm(model: keras.Model, x, *, batch_size: int = 32) -> list[str]:
@@ -57,9 +62,8 @@ def reestimate_batchnorm(model: keras.Model, x, *, batch_size: int = 32) -> list
         The names of the layers re-estimated.
     """
     layers = [l for l in _leaves(model) if isinstance(l, keras.layers.BatchNormalization)]
-    probes = {id(l): _probe(model, l) for l in layers}
-    for layer in layers:
-        inputs = [probes[id(layer)](part) for part in _slices(x, batch_size)]
+
+    def visit(layer, inputs):
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
         values = [np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis]).astype("float64")
                   for v in inputs]
@@ -68,7 +72,76 @@ def reestimate_batchnorm(model: keras.Model, x, *, batch_size: int = 32) -> list
         variance = sum(((v - mean) ** 2).sum(axis=0) for v in values) / count
         layer.moving_mean.assign(mean.astype("float32"))
         layer.moving_variance.assign(variance.astype("float32"))
+
+    if layers:
+        run_layer_by_layer(model, list(_slices(x, batch_size)), {id(l) for l in layers}, visit)
     return [l.name for l in layers]
+
+
+def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) -> None:
+    """Runs `model` on each batch one layer call at a time, in graph order, every call once,
+    until the last layer in `wanted` (ids, at any depth) has run. Before each call of a wanted
+    layer, `visit(layer, its input per batch as NumPy arrays)` may change the layer's
+    weights: the call, and so every later layer, then runs with the new ones."""
+    calls, inputs, _ = graph_program(model)
+    names = [t.name for t in model.inputs]
+    values = {}
+    for i, tensor in enumerate(inputs):
+        values[id(tensor)] = [_bind(batch, i, names) for batch in batches]
+
+    def holds(layer):
+        return id(layer) in wanted or (isinstance(layer, keras.Model)
+                                       and any(id(l) in wanted for l in _leaves(layer)))
+
+    marked = [i for i, call in enumerate(calls) if holds(call.layer)]
+    if not marked:
+        return
+    last_use = {}
+    for i, call in enumerate(calls):
+        for tensor in call.inputs:
+            last_use[id(tensor)] = i
+    visited = set()
+    for i, call in enumerate(calls[:marked[-1] + 1]):
+        layer = call.layer
+        if id(layer) in wanted:
+            if len(call.inputs) != 1 or id(layer) in visited:
+                raise KshrinkError(f"reconstruction: layer {layer.name!r} must be called once, "
+                                   "on one input")
+            visited.add(id(layer))
+            visit(layer, [keras.ops.convert_to_numpy(v) for v in values[id(call.inputs[0])]])
+        if i == marked[-1] and not isinstance(layer, keras.Model):
+            break  # nothing after it is needed
+        outputs = []
+        for b in range(len(batches)):
+            args, kwargs = keras.tree.map_structure(
+                lambda t: values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
+                (call.args, call.kwargs))
+            if isinstance(layer, keras.Model) and holds(layer):
+                outputs.append(None)  # run below, all batches at once
+                continue
+            outputs.append(keras.tree.flatten(layer(*args, **{"training": False, **kwargs})))
+        if isinstance(layer, keras.Model) and holds(layer):
+            nested = [keras.tree.map_structure(
+                lambda t: values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
+                call.args[0]) for b in range(len(batches))]
+            run_layer_by_layer(layer, nested, wanted, visit)
+            if i == marked[-1]:
+                break
+            outputs = [keras.tree.flatten(layer(a, training=False)) for a in nested]
+        for j, tensor in enumerate(call.outputs):
+            values[id(tensor)] = [out[j] for out in outputs]
+        for tensor in call.inputs:
+            if last_use.get(id(tensor)) == i:
+                values.pop(id(tensor), None)
+
+
+def _bind(batch, index: int, names: list):
+    """The part of one batch that model input `index` (named `names[index]`) takes."""
+    if isinstance(batch, dict):
+        return batch[names[index]]
+    if isinstance(batch, (list, tuple)):
+        return batch[index]
+    return batch
 
 
 def _leaves(model):
@@ -77,28 +150,6 @@ def _leaves(model):
             yield from _leaves(layer)
         else:
             yield layer
-
-
-def _probe(model: keras.Model, layer) -> Callable:
-    """A function from model inputs to the input of `layer` (at any depth), which runs the
-    model's layers as they are when it is called."""
-    for top in model.layers:
-        if top is layer:
-            return _graph_probe(model, top)
-        if isinstance(top, keras.Model) and any(l is layer for l in _leaves(top)):
-            outer, inner = _graph_probe(model, top), _probe(top, layer)
-            return lambda x: inner(outer(x))
-    raise KshrinkError(f"layer {layer.name!r} is not part of the model")
-
-
-def _graph_probe(model: keras.Model, layer) -> Callable:
-    calls, inputs, _ = graph_calls(model)
-    found = [ins for l, ins, _ in calls if l is layer]
-    if len(found) != 1 or len(found[0]) != 1:
-        raise KshrinkError(f"reconstruction: layer {layer.name!r} must be called once, on one "
-                           "input")
-    probe = keras.Model(inputs, found[0][0])
-    return lambda x: np.asarray(probe(x, training=False))
 
 
 def _slices(x, size: int):

@@ -82,7 +82,8 @@ def _inverse_factor(hessian: np.ndarray, weights: np.ndarray, damp: float) -> np
     raise np.linalg.LinAlgError("the Hessian stays singular after damping")
 
 
-def _sweep(weights: np.ndarray, hessian: np.ndarray, damp: float, step) -> np.ndarray:
+def _sweep(weights: np.ndarray, hessian: np.ndarray, damp: float, step,
+           block_rows: int = BLOCK) -> np.ndarray:
     """The GPTQ/OBS sweep: for each row i in order, `step(i, block rows, U block)` replaces
     row i of the working block by its compressed value; the error, scaled by U, is pushed onto
     the rows after it."""
@@ -90,8 +91,8 @@ def _sweep(weights: np.ndarray, hessian: np.ndarray, damp: float, step) -> np.nd
     u = _inverse_factor(hessian, w, damp)
     g, r, c = w.shape
     out = np.empty_like(w)
-    for start in range(0, r, BLOCK):
-        end = min(start + BLOCK, r)
+    for start in range(0, r, block_rows):
+        end = min(start + block_rows, r)
         block = w[:, start:end].copy()
         errors = np.empty_like(block)
         u_block = u[:, start:end, start:end]
@@ -141,9 +142,11 @@ def sparsegpt(weights: np.ndarray, hessian: np.ndarray, sparsity: float, *,
     consecutive rows of each column, the n with the largest score are kept.
     """
     pruned = np.zeros(weights.shape, dtype=bool)
+    # No N:M group straddles two blocks.
+    block_rows = max(n_of_m[1], BLOCK - BLOCK % n_of_m[1]) if n_of_m else BLOCK
 
     def step(row, block, i, u_block):
-        if n_of_m is None and row % BLOCK == 0:  # choose the mask of the whole block
+        if n_of_m is None and i == 0:  # choose the mask of the whole block
             diag = np.einsum("gii->gi", u_block)[:, :, None]
             score = (block ** 2 / diag ** 2).reshape(len(block), -1)
             k = int(round(score.shape[1] * sparsity))
@@ -157,7 +160,7 @@ def sparsegpt(weights: np.ndarray, hessian: np.ndarray, sparsity: float, *,
             pruned[:, row:row + m] = rank >= n
         return np.where(pruned[:, row], 0.0, block[:, i])
 
-    return _sweep(weights, hessian, damp, step)
+    return _sweep(weights, hessian, damp, step, block_rows)
 
 
 def wanda(weights: np.ndarray, hessian: np.ndarray, sparsity: float, *,

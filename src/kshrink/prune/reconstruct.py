@@ -1,0 +1,57 @@
+"""`Prune(method="wanda" | "sparsegpt")`: masks and kept weights chosen layer by layer from
+calibration data (see `kshrink.reconstruct`), at the sparsity the magnitude masks gave each
+layer."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kshrink.core.data import example_count, model_inputs
+from kshrink.core.graph import leaf_layers
+from kshrink.errors import KshrinkError
+from kshrink.layers import PruneWrapper, from_matrix, output_axes
+from kshrink.reconstruct import reconstruct, sparsegpt, unsupported, wanda
+from kshrink.reconstruct.solvers import ungrouped
+
+MIN_SAMPLES = 8
+
+
+def prune_from_calibration(model, config, ctx) -> None:
+    """Re-chooses, in place, the masks and kept weights of every `PruneWrapper` of `model`
+    that the method takes; the others keep their magnitude masks, recorded in
+    `ctx.state["methods"]`."""
+    if ctx.data is None:
+        raise KshrinkError(f"prune: method {config.method} needs calibration data: pass "
+                           "data=(x, y) (or just x) to compress")
+    x = model_inputs(ctx.data, config.calibration_samples)
+    count = example_count(x)
+    if count < MIN_SAMPLES:
+        raise KshrinkError(f"prune: method {config.method} needs at least {MIN_SAMPLES} "
+                           f"calibration examples. Received: {count}")
+    wrappers = {w.layer.name: w for w in leaf_layers(model) if isinstance(w, PruneWrapper)}
+    methods, targets = {}, []
+    for wrapper in wrappers.values():
+        reason = unsupported(wrapper.layer)
+        if reason:
+            methods[wrapper.layer.name] = f"magnitude: {config.method} does not take {reason}"
+        else:
+            targets.append((wrapper, wrapper.layer))
+    ctx.state["methods"] = methods
+    pattern = config.pattern_spec
+    n_of_m = (pattern.n, pattern.m) if pattern.is_n_of_m else None
+
+    def solve(layer, name, weights, hessian):
+        wrapper = wrappers[layer.name]
+        mask = next(m for w, m in zip(wrapper.pruned, wrapper.masks) if w.name == name)
+        sparsity = 1.0 - float(np.mean(keras.ops.convert_to_numpy(mask.value)))
+        if config.method == "sparsegpt":
+            new = sparsegpt(weights, hessian, sparsity, n_of_m=n_of_m)
+        else:
+            new = wanda(weights, hessian, sparsity, n_of_m=n_of_m)
+        axes = output_axes(layer, name)
+        kept = (ungrouped(new) != 0).astype(mask.dtype)
+        mask.assign(from_matrix(kept, tuple(mask.shape), axes))
+        return new
+
+    reconstruct(model, x, targets, solve)

@@ -1,0 +1,55 @@
+"""`Quantize(method="gptq")`: integer grids and weights chosen layer by layer on calibration
+data (see `kshrink.reconstruct`), before the layers are replaced by quantized ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kshrink.core.data import example_count, model_inputs
+from kshrink.core.graph import leaf_layers
+from kshrink.errors import KshrinkError
+from kshrink.layers import INTEGER_MODES, keras_base
+from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
+from kshrink.reconstruct.solvers import grouped, ungrouped
+
+MIN_SAMPLES = 8
+
+
+def gptq_scales(model, plans: dict, config, ctx) -> dict:
+    """Runs GPTQ on every planned integer layer it takes, in place, and returns the grid of
+    each: `{layer name: {kernel name: scales (groups, output channels)}}`. Layers it does not
+    take are recorded in `ctx.state["rounded"]` with the reason."""
+    if ctx.data is None:
+        raise KshrinkError("quantize: method gptq needs calibration data: pass data=(x, y) "
+                           "(or just x) to compress")
+    x = model_inputs(ctx.data, config.calibration_samples)
+    if example_count(x) < MIN_SAMPLES:
+        raise KshrinkError(f"quantize: method gptq needs at least {MIN_SAMPLES} calibration "
+                           f"examples. Received: {example_count(x)}")
+    targets, rounded = [], {}
+    for layer in leaf_layers(model):
+        plan = plans.get(layer.name)
+        if plan is None or plan.mode not in INTEGER_MODES or keras_base(layer) is None:
+            continue
+        reason = unsupported(layer)
+        if reason:
+            rounded[layer.name] = reason
+        else:
+            targets.append((layer, layer))
+    ctx.state["rounded"] = rounded
+    found = {}
+
+    def solve(layer, name, weights, hessian):
+        plan = plans[layer.name]
+        qmax = INTEGER_MODES[plan.mode]
+        group_size = plan.group_size if plan.mode == "int4" else None
+        g, rows, per_group = weights.shape
+        importance = np.repeat(np.einsum("gii->ig", hessian), per_group, axis=1)
+        scales = choose_scales(ungrouped(weights), qmax, group_size, importance)
+        per_row = np.repeat(scales, group_size or rows, axis=0)[:rows].astype("float64")
+        found.setdefault(layer.name, {})[name] = scales
+        return gptq(weights, hessian, grouped(per_row, g), qmax)
+
+    reconstruct(model, x, targets, solve)
+    return found
+

@@ -1,0 +1,122 @@
+"""The calibration-based methods through `compress`, on a CNN trained here on real digits and
+compressed without fine-tuning: closer to the float model than rounding / magnitude, files
+that reload exactly, BatchNorm statistics that match the data, and one-line errors."""
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.core.graph import layer_inputs
+from kshrink.errors import KshrinkError, RecipeError
+
+from conftest import small_cnn
+
+CALIBRATION = 256
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+def cosine(model, small, x):
+    a, b = (keras.ops.convert_to_numpy(m(x, training=False)) for m in (model, small))
+    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_gptq_int4_is_closer_to_float_than_rounding(trained_cnn, digits, group_size):
+    x = digits.train[0][:CALIBRATION]
+    results = {}
+    for method in ("rtn", "gptq"):
+        small, report = kshrink.compress(
+            trained_cnn, kshrink.Quantize(mode="int4", group_size=group_size, method=method),
+            data=x)
+        results[method] = 1 - cosine(trained_cnn, small, digits.test[0])
+    assert results["gptq"] < 0.5 * results["rtn"], results
+    details = [r.detail for r in report.steps[0].applied]
+    assert sum("GPTQ" in d for d in details) == 4  # conv1, conv2, fc1, fc2; bn1 folded
+
+
+def test_gptq_model_reloads_with_identical_outputs(trained_cnn, digits, tmp_path):
+    small, _ = kshrink.compress(trained_cnn, kshrink.Quantize(mode="int4", method="gptq"),
+                                data=digits.train[0][:CALIBRATION])
+    x = digits.test[0][:64]
+    expected = keras.ops.convert_to_numpy(small(x))
+    small.save(tmp_path / "q.keras")
+    kshrink.save(small, tmp_path / "q.kshrink")
+    for loaded in (keras.saving.load_model(tmp_path / "q.keras"),
+                   kshrink.load(tmp_path / "q.kshrink")):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), expected)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_is_closer_to_float_than_magnitude(trained_cnn, digits, pattern):
+    x = digits.train[0][:CALIBRATION]
+    options = dict(pattern=pattern, skip_first_last=False,
+                   exclude=kshrink.Select(names=["conv1"]) if pattern == "2:4" else None)
+    if pattern == "unstructured":
+        options.update(sparsity=0.6, schedule="one_shot")
+    errors, sparsity = {}, {}
+    for method in ("magnitude", "sparsegpt", "wanda"):
+        small, report = kshrink.compress(
+            trained_cnn, kshrink.Prune(method=method, reestimate_batchnorm=False, **options),
+            data=x)
+        errors[method] = 1 - cosine(trained_cnn, small, digits.test[0])
+        sparsity[method] = float(report.steps[0].summary.split()[1])
+    assert errors["sparsegpt"] < 0.7 * errors["magnitude"], errors
+    # Every method at the sparsity the magnitude masks set (wanda rounds per column).
+    assert max(sparsity.values()) - min(sparsity.values()) < 0.005, sparsity
+
+
+def test_batchnorm_statistics_are_those_of_the_calibration_data(trained_cnn, digits):
+    x = digits.train[0][:CALIBRATION]
+    small, report = kshrink.compress(
+        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot"), data=x)
+    assert "BatchNorm statistics re-estimated on 256 examples" in report.steps[0].summary
+    bn = small.get_layer("bn1")
+    (_, values), = layer_inputs(small, x, {id(bn)})
+    values = np.asarray(values).reshape(-1, 8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), values.mean(0),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), values.var(0),
+                               rtol=1e-3, atol=1e-3)
+    off, report = kshrink.compress(
+        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot",
+                                   reestimate_batchnorm=False), data=x)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(off.get_layer("bn1").moving_mean),
+        keras.ops.convert_to_numpy(trained_cnn.get_layer("bn1").moving_mean))
+    assert "BatchNorm" not in (report.steps[0].summary or "")
+
+
+@pytest.mark.parametrize("config, data, message", [
+    (kshrink.Quantize(mode="int4", method="gptq"), None, "method gptq needs calibration data"),
+    (kshrink.Quantize(mode="int4", method="gptq"), "few", "needs at least 8 calibration"),
+    (kshrink.Prune(schedule="one_shot", method="sparsegpt"), None,
+     "method sparsegpt needs calibration data"),
+])
+def test_methods_without_enough_data_fail_in_one_line(config, data, message, digits):
+    x = digits.train[0][:4] if data == "few" else None
+    with pytest.raises(KshrinkError, match=message) as caught:
+        kshrink.compress(small_cnn(), config, data=x)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="sparsegpt"), "use schedule one_shot"),
+    (dict(method="wanda", pattern="1x4", schedule="one_shot"), "takes unstructured or N:M"),
+    (dict(method="obs"), "method must be one of magnitude, wanda, sparsegpt"),
+])
+def test_prune_method_options_are_checked(options, message):
+    with pytest.raises(RecipeError, match=message):
+        kshrink.Prune(**options)
+
+
+def test_gptq_refuses_qat_and_float_modes():
+    with pytest.raises(RecipeError, match="takes neither qat nor float modes"):
+        kshrink.Quantize(mode="float16", method="gptq")

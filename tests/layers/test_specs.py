@@ -116,3 +116,14 @@ def test_kernel_size_counts_from_the_config_what_keras_allocates(name):
               "build_config": {"input_shape": list(shape)}}
     kernels = sum(int(np.prod(w.shape)) for w in layer.weights if "bias" not in w.path)
     assert implied_kernel_elements([config]) == kernels
+
+
+def test_a_config_the_formula_cannot_take_is_not_counted():
+    """Hostile configs (found by the loader fuzz run: `groups: 0`) are left to Keras to
+    refuse, never an arithmetic error in the count."""
+    from kshrink.layers.specs import implied_kernel_elements
+
+    layer, _ = built("Conv2D")
+    config = {"class_name": "Conv2D", "config": {**layer.get_config(), "groups": 0},
+              "build_config": {"input_shape": [None, 7, 7, 4]}}
+    assert implied_kernel_elements(config) == 0

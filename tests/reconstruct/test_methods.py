@@ -73,18 +73,28 @@ def test_sparsegpt_is_closer_to_float_than_magnitude(trained_cnn, digits, patter
     assert max(sparsity.values()) - min(sparsity.values()) < 0.005, sparsity
 
 
-def test_batchnorm_statistics_are_those_of_the_calibration_data(trained_cnn, digits):
+def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained_cnn, digits):
+    """The statistics keep what training set and move by what pruning changed on the data:
+    the mean by the difference of the input means, the variance by their ratio."""
     x = digits.train[0][:CALIBRATION]
     small, report = kshrink.compress(
-        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot"), data=x)
-    assert "BatchNorm statistics re-estimated on 256 examples" in report.steps[0].summary
-    bn = small.get_layer("bn1")
-    (_, values), = layer_inputs(small, x, {id(bn)})
-    values = np.asarray(values).reshape(-1, 8)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), values.mean(0),
+        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot", reestimate_batchnorm=True),
+        data=x)
+    assert "BatchNorm statistics re-estimated (256 examples, 1 layer)" in report.steps[0].summary
+
+    def bn_input(model):
+        (_, values), = layer_inputs(model, x, {id(model.get_layer("bn1"))})
+        return np.asarray(values, dtype="float64").reshape(-1, 8)
+
+    before, after = bn_input(trained_cnn), bn_input(small)
+    old, new = trained_cnn.get_layer("bn1"), small.get_layer("bn1")
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(new.moving_mean),
+                               numpy(old.moving_mean) + after.mean(0) - before.mean(0),
                                rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), values.var(0),
-                               rtol=1e-3, atol=1e-3)
+    eps = old.epsilon
+    np.testing.assert_allclose(numpy(new.moving_variance), numpy(old.moving_variance) * (
+        (after.var(0) + eps) / (before.var(0) + eps)), rtol=1e-3, atol=1e-4)
     off, report = kshrink.compress(
         trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot",
                                    reestimate_batchnorm=False), data=x)
@@ -92,6 +102,17 @@ def test_batchnorm_statistics_are_those_of_the_calibration_data(trained_cnn, dig
         keras.ops.convert_to_numpy(off.get_layer("bn1").moving_mean),
         keras.ops.convert_to_numpy(trained_cnn.get_layer("bn1").moving_mean))
     assert "BatchNorm" not in (report.steps[0].summary or "")
+
+
+def test_by_default_new_statistics_are_kept_only_if_they_bring_outputs_closer(images):
+    """An untrained model and noise: its BN statistics (0, 1) are far from those of the data,
+    so re-estimating them moves the outputs away from the original's; auto keeps the old."""
+    model = small_cnn()
+    small, report = kshrink.compress(model, kshrink.Prune(sparsity=0.2, schedule="one_shot"),
+                                     data=images)
+    assert "BatchNorm statistics kept" in report.steps[0].summary
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(small.get_layer("bn1").moving_mean),
+                                  keras.ops.convert_to_numpy(model.get_layer("bn1").moving_mean))
 
 
 @pytest.mark.parametrize("config, data, message", [

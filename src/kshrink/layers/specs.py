@@ -336,7 +336,7 @@ def implied_kernel_elements(config) -> int:
             continue
         try:
             total += int(spec.kernel_size(item.get("config") or {}, shape))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        except (LookupError, TypeError, ValueError, ArithmeticError, AttributeError):
             continue  # not a config the formula understands; Keras will judge it
     return total
 

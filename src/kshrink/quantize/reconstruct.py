@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import copy_model, leaf_layers
 from kshrink.errors import KshrinkError
-from kshrink.layers import INTEGER_MODES, keras_base
+from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
 from kshrink.reconstruct.solvers import grouped, ungrouped
 
@@ -27,6 +27,7 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         raise KshrinkError(f"quantize: method gptq needs at least {MIN_SAMPLES} calibration "
                            f"examples. Received: {example_count(x)}")
     targets, rounded = [], {}
+    layers = {layer.name: layer for layer in leaf_layers(model)}
     for layer in leaf_layers(model):
         plan = plans.get(layer.name)
         if plan is None or plan.mode not in INTEGER_MODES or keras_base(layer) is None:
@@ -50,6 +51,10 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         found.setdefault(layer.name, {})[name] = scales
         return gptq(weights, hessian, grouped(per_row, g), qmax)
 
-    reconstruct(model, x, targets, solve)
+    factors = reconstruct(model, x, targets, solve, reference=copy_model(model))
+    for name, factor in factors.items():  # matched output spreads: the grid scales with them
+        last = kernel_specs(layers[name])[-1][1].name
+        found[name][last] = (found[name][last] * factor[None, :]).astype("float32")
+    ctx.state["corrected"] = set(factors)
     return found
 

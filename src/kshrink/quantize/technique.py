@@ -226,7 +226,8 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
 
 def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
     if layer.name in scales:
-        return f"{by}, GPTQ"
+        corrected = layer.name in ctx.state.get("corrected", ())
+        return f"{by}, GPTQ{', output statistics matched' if corrected else ''}"
     rounded = ctx.state.get("rounded", {})
     if layer.name in rounded:
         return f"{by}; rounded to nearest, as GPTQ does not take {rounded[layer.name]}"

@@ -117,16 +117,27 @@ def _patches(x: np.ndarray, kernel_size, strides, padding: str, dilation):
                                                              x.shape[-1])
 
 
-def hessian(layer, name: str, batches, seed: int = 0) -> tuple[np.ndarray, int]:
-    """`(sum of X^T X over the rows of every batch, as (G, r, r) float64; number of rows)`.
+def moments(layer, name: str, batches, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean row (G, r), mean of x x^T over rows (G, r, r))` of the rows kernel `name` of
+    `layer` multiplies on every batch, in float64: the Hessian of the layer-wise problem,
+    up to a factor.
 
     Of an example's output positions, at most `ROWS_PER_EXAMPLE` (a fixed random subset, by
-    `seed`) are counted."""
+    `seed`) are counted.
+
+    Raises:
+        ValueError: no rows at all.
+    """
     rng = np.random.default_rng(seed)
-    total, count = None, 0
+    first = second = None
+    count = 0
     for x in batches:
         for rows in kernel_rows(layer, name, x, ROWS_PER_EXAMPLE, rng):
             product = np.matmul(rows.transpose(0, 2, 1), rows).astype("float64")
-            total = product if total is None else total + product
+            sums = rows.sum(axis=1, dtype="float64")
+            first = sums if first is None else first + sums
+            second = product if second is None else second + product
             count += rows.shape[1]
-    return total, count
+    if count == 0:
+        raise ValueError(f"no calibration rows reach layer {layer.name!r}")
+    return first / count, second / count

@@ -20,10 +20,17 @@ from kshrink.reconstruct.solvers import grouped, ungrouped
 Solve = Callable[[keras.layers.Layer, str, np.ndarray, np.ndarray], np.ndarray]
 
 
-def reconstruct(model: keras.Model, x, targets, solve: Solve, *, batch_size: int = 32,
-                progress: Callable[[str], None] | None = None) -> None:
+def reconstruct(model: keras.Model, x, targets, solve: Solve, *, reference=None,
+                batch_size: int = 32, progress: Callable[[str], None] | None = None) -> dict:
     """Replaces, in place and in graph order, every kernel of each target by what `solve`
     returns for it, given the Hessian of its input rows on `x`.
+
+    With `reference` (the model before compression, same layer names), the statistics of
+    each solved layer's output are then matched to the reference layer's (empirical bias
+    correction, Nagel et al. 2019, with the variance as well): per output channel, what the
+    layer computes on the inputs it now receives is scaled to the reference's spread on its
+    own inputs, by scaling the channel's weights (which keeps an integer grid: its scale
+    grows by the same factor), and shifted to the reference's mean through the bias.
 
     Args:
         model: the model, whose layers run as they are (masks, earlier solutions included).
@@ -31,9 +38,26 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, batch_size: int
         targets: `(graph layer, layer)` pairs: the layer as it appears in the model's graph
             (a wrapper, say) and the layer whose kernels are solved (what it wraps).
         solve: see `Solve`.
+        reference: see above.
+
+    Returns:
+        `{layer name: per-output-channel factor}` for every layer whose output statistics
+        were matched (the factor its last kernel's channels were scaled by).
     """
     solved = {id(g): layer for g, layer in targets}
-    done = []
+    batches = list(_slices(x, batch_size))
+    wanted_statistics = {}
+    if reference is not None:
+        names = {layer.name for layer in solved.values()}
+        originals = [l for l in _leaves(reference) if l.name in names]
+
+        def record(layer, inputs):
+            wanted_statistics[layer.name] = _output_statistics(layer, *_last_moments(layer,
+                                                                                    inputs))
+
+        if originals:
+            run_layer_by_layer(reference, batches, {id(l) for l in originals}, record)
+    done, factors = [], {}
 
     def visit(graph_layer, inputs):
         layer = solved[id(graph_layer)]
@@ -41,41 +65,115 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, batch_size: int
         if progress:
             progress(f"layer {len(done)}/{len(solved)}: {layer.name}")
         for variable, spec in kernel_specs(layer):
-            h, count = rowlib.hessian(layer, spec.name, inputs)
-            if count == 0:
-                raise KshrinkError(f"reconstruction: no calibration rows reach {layer.name!r}")
-            shape = tuple(variable.shape)
-            matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
+            try:
+                _, h = rowlib.moments(layer, spec.name, inputs)
+            except ValueError as e:
+                raise KshrinkError(f"reconstruction: {e}") from None
             g = rowlib.groups(layer, spec.name)
-            new = solve(layer, spec.name, grouped(matrix.astype("float64"), g), h / count)
-            variable.assign(from_matrix(ungrouped(new), shape, spec.output_axes)
-                            .astype(variable.dtype))
+            matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
+            new = solve(layer, spec.name, grouped(matrix.astype("float64"), g), h)
+            _assign(variable, spec, new)
+        if layer.name in wanted_statistics:
+            factors[layer.name] = _match_statistics(layer, inputs, wanted_statistics[layer.name])
 
-    run_layer_by_layer(model, list(_slices(x, batch_size)), set(solved), visit)
+    run_layer_by_layer(model, batches, set(solved), visit)
+    return factors
 
 
-def reestimate_batchnorm(model: keras.Model, x, *, batch_size: int = 32) -> list[str]:
-    """Sets every BatchNormalization's moving mean and variance to the statistics of its input
-    on `x`, in graph order (each sees the statistics already re-estimated before it).
+MAX_FACTOR = 2.0  # the largest correction of an output channel's spread, either way
+
+
+def _last_moments(layer, inputs):
+    variable, spec = kernel_specs(layer)[-1]
+    mean, second = rowlib.moments(layer, spec.name, inputs)
+    matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
+    return grouped(matrix.astype("float64"), rowlib.groups(layer, spec.name)), mean, second
+
+
+def _output_statistics(layer, w, mean_row, second):
+    """Per output channel, mean and variance of rows @ w (before bias and activation)."""
+    mean = ungrouped(np.matmul(mean_row[:, None, :], w))[0]
+    energy = ungrouped(np.einsum("grc,grs,gsc->gc", w, second, w)[:, None, :])[0]
+    return mean, np.maximum(energy - mean ** 2, 0.0)
+
+
+def _match_statistics(layer, inputs, wanted) -> np.ndarray:
+    w, mean_row, second = _last_moments(layer, inputs)
+    mean, variance = _output_statistics(layer, w, mean_row, second)
+    wanted_mean, wanted_variance = wanted
+    tiny = 1e-12 + 1e-6 * float(np.mean(wanted_variance))
+    factor = np.clip(np.sqrt((wanted_variance + tiny) / (variance + tiny)),
+                     1 / MAX_FACTOR, MAX_FACTOR)
+    variable, spec = kernel_specs(layer)[-1]
+    columns = w.shape[0] * w.shape[2]
+    scaled = ungrouped(w) * factor[None, :columns]
+    _assign(variable, spec, grouped(scaled, w.shape[0]))
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        shift = wanted_mean - factor * mean
+        bias.assign((keras.ops.convert_to_numpy(bias.value) + shift).astype(bias.dtype))
+    return factor
+
+
+def _assign(variable, spec, weights: np.ndarray) -> None:
+    variable.assign(from_matrix(ungrouped(weights), tuple(variable.shape), spec.output_axes)
+                    .astype(variable.dtype))
+
+
+def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None = None,
+                         batch_size: int = 32) -> list[str]:
+    """Re-estimates every BatchNormalization's moving statistics on `x`, in graph order (each
+    sees the statistics already re-estimated before it).
+
+    Without `reference`, the statistics become those of each layer's input on `x`. With it
+    (the model before compression), each layer keeps its statistics but moves them by the
+    shift compression caused on `x`: the mean by `mean(x) - reference mean(x)`, the variance
+    by the ratio of the two. A calibration set too small or too unlike the training data to
+    estimate statistics from (a few dozen photos for an ImageNet model) still measures that
+    shift well. Layers without a namesake in `reference` take the plain estimate.
 
     Returns:
         The names of the layers re-estimated.
     """
     layers = [l for l in _leaves(model) if isinstance(l, keras.layers.BatchNormalization)]
+    batches = list(_slices(x, batch_size))
+    before = {}
+    if reference is not None:
+        named = {l.name: l for l in layers}
+        counterparts = [l for l in _leaves(reference)
+                        if isinstance(l, keras.layers.BatchNormalization) and l.name in named]
+
+        def record(layer, inputs):
+            before[layer.name] = _moments(layer, inputs)
+
+        if counterparts:
+            run_layer_by_layer(reference, batches, {id(l) for l in counterparts}, record)
 
     def visit(layer, inputs):
-        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-        values = [np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis]).astype("float64")
-                  for v in inputs]
-        count = sum(len(v) for v in values)
-        mean = sum(v.sum(axis=0) for v in values) / count
-        variance = sum(((v - mean) ** 2).sum(axis=0) for v in values) / count
+        mean, variance = _moments(layer, inputs)
+        if layer.name in before:
+            old_mean, old_variance = before[layer.name]
+            eps = layer.epsilon
+            mean = keras.ops.convert_to_numpy(layer.moving_mean) + (mean - old_mean)
+            variance = keras.ops.convert_to_numpy(layer.moving_variance) * (
+                (variance + eps) / (old_variance + eps))
         layer.moving_mean.assign(mean.astype("float32"))
-        layer.moving_variance.assign(variance.astype("float32"))
+        layer.moving_variance.assign(np.maximum(variance, 0.0).astype("float32"))
 
     if layers:
-        run_layer_by_layer(model, list(_slices(x, batch_size)), {id(l) for l in layers}, visit)
+        run_layer_by_layer(model, batches, {id(l) for l in layers}, visit)
     return [l.name for l in layers]
+
+
+def _moments(layer, inputs) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of a BatchNormalization's input batches."""
+    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+    values = [np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis]).astype("float64")
+              for v in inputs]
+    count = sum(len(v) for v in values)
+    mean = sum(v.sum(axis=0) for v in values) / count
+    variance = sum(((v - mean) ** 2).sum(axis=0) for v in values) / count
+    return mean, variance
 
 
 def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) -> None:

@@ -34,7 +34,7 @@ def test_recipe_file(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("- quantise: {}", "unknown technique 'quantise'. Registered: .*quantize"),
-    ("- quantize: {bits: 8}", "quantize: unknown option 'bits'. Allowed: mode, group_size"),
+    ("- quantize: {bits: 8}", "quantize: unknown option 'bits'. Allowed: mode, method, group_size"),
     ("- quantize: {mode: int3}", r"quantize: mode must be one of int8, int4, float16, bfloat16. Received: mode='int3'"),
     ("- quantize: {group_size: 0}", "group_size must be an integer >= 1"),
     ("- quantize: {mode: int8}\n  extra: 1", "one-key mapping"),
@@ -63,11 +63,12 @@ def test_registry_lists_quantize_with_its_options():
     names = [cls.name for cls in kshrink.registered_techniques()]
     assert "quantize" in names
     options = {name: default for name, _, default, _ in Quantize.options()}
-    assert options == {"mode": "int8", "group_size": 128, "activation_bits": None,
+    assert options == {"mode": "int8", "method": "rtn", "group_size": 128,
+                       "activation_bits": None,
                        "calibration": "percentile", "percentile": 99.99,
                        "calibration_samples": 512, "qat": False, "fold_batchnorm": True,
                        "overrides": (),
-                       "layers": None, "exclude": None}
+                       "layers": None, "exclude": None, "reestimate_batchnorm": None}
 
 
 def test_every_example_recipe_parses():

@@ -32,10 +32,17 @@ class Options:
 
     name: ClassVar[str] = ""
 
+    @classmethod
+    def _fields(cls) -> list:
+        # The options a class declares first, shared keyword-only ones (of every technique)
+        # last, as `__init__` orders them.
+        fields = dataclasses.fields(cls)
+        return [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
+
     def get_config(self) -> dict:
         """The options as plain JSON/YAML-friendly values."""
         config = {}
-        for field in dataclasses.fields(self):
+        for field in self._fields():
             value = getattr(self, field.name)
             if isinstance(value, Select):
                 value = value.get_config()
@@ -48,7 +55,7 @@ class Options:
     def from_config(cls, config: Mapping[str, Any] | None):
         """Builds the config from options; unknown options raise `RecipeError`."""
         config = dict(config or {})
-        allowed = [field.name for field in dataclasses.fields(cls)]
+        allowed = [field.name for field in cls._fields()]
         for key in config:
             if key not in allowed:
                 raise RecipeError(
@@ -68,7 +75,7 @@ class Options:
         """(name, type, default, help) for each option, for `kshrink techniques`."""
         hints = typing.get_type_hints(cls)
         rows = []
-        for field in dataclasses.fields(cls):
+        for field in cls._fields():
             default = field.default if field.default is not dataclasses.MISSING else None
             if isinstance(default, Select):
                 default = default.get_config()

@@ -130,7 +130,8 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
     shift compression caused on `x`: the mean by `mean(x) - reference mean(x)`, the variance
     by the ratio of the two. A calibration set too small or too unlike the training data to
     estimate statistics from (a few dozen photos for an ImageNet model) still measures that
-    shift well. Layers without a namesake in `reference` take the plain estimate.
+    shift well. Layers without a namesake of the same width in `reference` (channels
+    removed) take the plain estimate.
 
     Returns:
         The names of the layers re-estimated.
@@ -151,7 +152,7 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
 
     def visit(layer, inputs):
         mean, variance = _moments(layer, inputs)
-        if layer.name in before:
+        if layer.name in before and before[layer.name][0].shape == mean.shape:
             old_mean, old_variance = before[layer.name]
             eps = layer.epsilon
             mean = keras.ops.convert_to_numpy(layer.moving_mean) + (mean - old_mean)

@@ -141,3 +141,24 @@ def test_prune_method_options_are_checked(options, message):
 def test_gptq_refuses_qat_and_float_modes():
     with pytest.raises(RecipeError, match="takes neither qat nor float modes"):
         kshrink.Quantize(mode="float16", method="gptq")
+
+
+def test_clustering_weighted_by_input_energy_moves_outputs_less(trained_cnn, digits):
+    x = digits.train[0][:CALIBRATION]
+    errors = {}
+    for weighted in (False, True):
+        small, report = kshrink.compress(
+            trained_cnn, kshrink.Cluster(clusters=4, granularity="channel", weighted=weighted,
+                                         reestimate_batchnorm=False), data=x)
+        errors[weighted] = 1 - cosine(trained_cnn, small, digits.test[0])
+        assert all(("weighted by input energy" in r.detail) == weighted
+                   for r in report.steps[0].applied)
+    assert errors[True] < errors[False], errors
+
+
+def test_weighted_kmeans_puts_centroids_where_the_weight_is():
+    from kshrink.cluster.kmeans import kmeans_1d
+
+    values = np.array([0.0, 0.1, 1.0, 1.1])
+    centroids, _ = kmeans_1d(values, 2, weights=np.array([1.0, 0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(centroids, [0.0, 1.1], atol=1e-6)

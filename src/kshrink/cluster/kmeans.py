@@ -8,7 +8,7 @@ INITS = ("linear", "density", "kmeans++")
 
 
 def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iterations: int = 50,
-              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              seed: int = 0, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Clusters scalar values into at most `k` centroids.
 
     Args:
@@ -18,11 +18,15 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iterations: int 
             keep the rare large weights best), `"density"` (evenly spaced quantiles) or
             `"kmeans++"` (seeded).
         iterations: Lloyd iterations at most (stops early when assignments settle).
+        weights: per value, how much its error counts (each centroid is the weighted mean
+            of its values); None for all alike.
 
     Returns:
         `(centroids, labels)`: sorted float32 centroids and, per value, its centroid index.
     """
     values = np.asarray(values, dtype=np.float64).reshape(-1)
+    weights = np.ones_like(values) if weights is None else np.maximum(
+        np.asarray(weights, dtype=np.float64).reshape(-1), 1e-12)
     unique = np.unique(values)
     if len(unique) <= k:
         return unique.astype(np.float32), np.searchsorted(unique, values).astype(np.int32)
@@ -33,10 +37,10 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iterations: int 
         if labels is not None and np.array_equal(new_labels, labels):
             break
         labels = new_labels
-        sums = np.bincount(labels, weights=values, minlength=len(centroids))
-        counts = np.bincount(labels, minlength=len(centroids))
+        sums = np.bincount(labels, weights=values * weights, minlength=len(centroids))
+        counts = np.bincount(labels, weights=weights, minlength=len(centroids))
         moved = counts > 0  # an empty cluster keeps its centroid
-        centroids = np.where(moved, sums / np.maximum(counts, 1), centroids)
+        centroids = np.where(moved, sums / np.where(moved, counts, 1), centroids)
         centroids = np.sort(centroids)
     labels = _nearest(values, centroids)
     return centroids.astype(np.float32), labels.astype(np.int32)

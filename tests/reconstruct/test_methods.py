@@ -15,35 +15,27 @@ from conftest import small_cnn
 CALIBRATION = 256
 
 
-@pytest.fixture(scope="module")
-def trained_cnn(digits):
-    model = small_cnn()
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
-    return model
-
-
 def cosine(model, small, x):
     a, b = (keras.ops.convert_to_numpy(m(x, training=False)) for m in (model, small))
     return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
 
 
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_gptq_int4_is_closer_to_float_than_rounding(trained_cnn, digits, group_size):
+def test_gptq_int4_is_closer_to_float_than_rounding(trained, digits, group_size):
     x = digits.train[0][:CALIBRATION]
     results = {}
     for method in ("rtn", "gptq"):
         small, report = kshrink.compress(
-            trained_cnn, kshrink.Quantize(mode="int4", group_size=group_size, method=method),
+            trained, kshrink.Quantize(mode="int4", group_size=group_size, method=method),
             data=x)
-        results[method] = 1 - cosine(trained_cnn, small, digits.test[0])
+        results[method] = 1 - cosine(trained, small, digits.test[0])
     assert results["gptq"] < 0.5 * results["rtn"], results
     details = [r.detail for r in report.steps[0].applied]
     assert sum("GPTQ" in d for d in details) == 4  # conv1, conv2, fc1, fc2; bn1 folded
 
 
-def test_gptq_model_reloads_with_identical_outputs(trained_cnn, digits, tmp_path):
-    small, _ = kshrink.compress(trained_cnn, kshrink.Quantize(mode="int4", method="gptq"),
+def test_gptq_model_reloads_with_identical_outputs(trained, digits, tmp_path):
+    small, _ = kshrink.compress(trained, kshrink.Quantize(mode="int4", method="gptq"),
                                 data=digits.train[0][:CALIBRATION])
     x = digits.test[0][:64]
     expected = keras.ops.convert_to_numpy(small(x))
@@ -55,7 +47,7 @@ def test_gptq_model_reloads_with_identical_outputs(trained_cnn, digits, tmp_path
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_sparsegpt_is_closer_to_float_than_magnitude(trained_cnn, digits, pattern):
+def test_sparsegpt_is_closer_to_float_than_magnitude(trained, digits, pattern):
     x = digits.train[0][:CALIBRATION]
     options = dict(pattern=pattern, skip_first_last=False,
                    exclude=kshrink.Select(names=["conv1"]) if pattern == "2:4" else None)
@@ -64,21 +56,21 @@ def test_sparsegpt_is_closer_to_float_than_magnitude(trained_cnn, digits, patter
     errors, sparsity = {}, {}
     for method in ("magnitude", "sparsegpt", "wanda"):
         small, report = kshrink.compress(
-            trained_cnn, kshrink.Prune(method=method, reestimate_batchnorm=False, **options),
+            trained, kshrink.Prune(method=method, reestimate_batchnorm=False, **options),
             data=x)
-        errors[method] = 1 - cosine(trained_cnn, small, digits.test[0])
+        errors[method] = 1 - cosine(trained, small, digits.test[0])
         sparsity[method] = float(report.steps[0].summary.split()[1])
     assert errors["sparsegpt"] < 0.7 * errors["magnitude"], errors
     # Every method at the sparsity the magnitude masks set (wanda rounds per column).
     assert max(sparsity.values()) - min(sparsity.values()) < 0.005, sparsity
 
 
-def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained_cnn, digits):
+def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained, digits):
     """The statistics keep what training set and move by what pruning changed on the data:
     the mean by the difference of the input means, the variance by their ratio."""
     x = digits.train[0][:CALIBRATION]
     small, report = kshrink.compress(
-        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot", reestimate_batchnorm=True),
+        trained, kshrink.Prune(sparsity=0.5, schedule="one_shot", reestimate_batchnorm=True),
         data=x)
     assert "BatchNorm statistics re-estimated (256 examples, 1 layer)" in report.steps[0].summary
 
@@ -86,8 +78,8 @@ def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained_cnn, 
         (_, values), = layer_inputs(model, x, {id(model.get_layer("bn1"))})
         return np.asarray(values, dtype="float64").reshape(-1, 8)
 
-    before, after = bn_input(trained_cnn), bn_input(small)
-    old, new = trained_cnn.get_layer("bn1"), small.get_layer("bn1")
+    before, after = bn_input(trained), bn_input(small)
+    old, new = trained.get_layer("bn1"), small.get_layer("bn1")
     numpy = keras.ops.convert_to_numpy
     np.testing.assert_allclose(numpy(new.moving_mean),
                                numpy(old.moving_mean) + after.mean(0) - before.mean(0),
@@ -96,11 +88,11 @@ def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained_cnn, 
     np.testing.assert_allclose(numpy(new.moving_variance), numpy(old.moving_variance) * (
         (after.var(0) + eps) / (before.var(0) + eps)), rtol=1e-3, atol=1e-4)
     off, report = kshrink.compress(
-        trained_cnn, kshrink.Prune(sparsity=0.5, schedule="one_shot",
+        trained, kshrink.Prune(sparsity=0.5, schedule="one_shot",
                                    reestimate_batchnorm=False), data=x)
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(off.get_layer("bn1").moving_mean),
-        keras.ops.convert_to_numpy(trained_cnn.get_layer("bn1").moving_mean))
+        keras.ops.convert_to_numpy(trained.get_layer("bn1").moving_mean))
     assert "BatchNorm" not in (report.steps[0].summary or "")
 
 
@@ -143,14 +135,14 @@ def test_gptq_refuses_qat_and_float_modes():
         kshrink.Quantize(mode="float16", method="gptq")
 
 
-def test_clustering_weighted_by_input_energy_moves_outputs_less(trained_cnn, digits):
+def test_clustering_weighted_by_input_energy_moves_outputs_less(trained, digits):
     x = digits.train[0][:CALIBRATION]
     errors = {}
     for weighted in (False, True):
         small, report = kshrink.compress(
-            trained_cnn, kshrink.Cluster(clusters=4, granularity="channel", weighted=weighted,
+            trained, kshrink.Cluster(clusters=4, granularity="channel", weighted=weighted,
                                          reestimate_batchnorm=False), data=x)
-        errors[weighted] = 1 - cosine(trained_cnn, small, digits.test[0])
+        errors[weighted] = 1 - cosine(trained, small, digits.test[0])
         assert all(("weighted by input energy" in r.detail) == weighted
                    for r in report.steps[0].applied)
     assert errors[True] < errors[False], errors

@@ -154,3 +154,32 @@ def test_weighted_kmeans_puts_centroids_where_the_weight_is():
     values = np.array([0.0, 0.1, 1.0, 1.1])
     centroids, _ = kmeans_1d(values, 2, weights=np.array([1.0, 0.0, 0.0, 1.0]))
     np.testing.assert_allclose(centroids, [0.0, 1.1], atol=1e-6)
+
+
+def two_input_model():
+    """Named inputs (data as a dict), a nested Sequential and a residual Add."""
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((12,), name="left"), keras.Input((12,), name="right")
+    inner = keras.Sequential([keras.Input((24,)), keras.layers.Dense(16, activation="relu",
+                                                                     name="inner_fc")],
+                             name="inner")
+    x = inner(keras.layers.Concatenate(name="join")([a, b]))
+    x = keras.layers.Add(name="skip")([x, keras.layers.Dense(16, name="side")(a)])
+    return keras.Model({"left": a, "right": b}, keras.layers.Dense(4, name="head")(x))
+
+
+@pytest.mark.parametrize("config", [kshrink.Quantize(mode="int4", method="gptq"),
+                                    kshrink.Prune(schedule="one_shot", method="sparsegpt",
+                                                  skip_first_last=False)])
+def test_methods_reach_nested_layers_with_dict_data(config):
+    model = two_input_model()
+    rng = np.random.default_rng(0)
+    x = {"left": rng.normal(size=(64, 12)).astype("float32"),
+         "right": rng.normal(size=(64, 12)).astype("float32")}
+    small, report = kshrink.compress(model, config, data=x)
+    applied = {r.layer: r.detail for r in report.steps[0].applied}
+    assert set(applied) == {"inner_fc", "side", "head"}
+    assert all(("GPTQ" in d) if isinstance(config, kshrink.Quantize) else ("sparsegpt" in d)
+               for d in applied.values()), applied
+    out = keras.ops.convert_to_numpy(small(x))
+    assert np.isfinite(out).all()

@@ -226,25 +226,15 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
                                    "on one input")
             visited.add(id(layer))
             visit(layer, [keras.ops.convert_to_numpy(v) for v in values[id(call.inputs[0])]])
-        if i == marked[-1] and not isinstance(layer, keras.Model):
-            break  # nothing after it is needed
-        outputs = []
-        for b in range(len(batches)):
-            args, kwargs = keras.tree.map_structure(
-                lambda t: values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
-                (call.args, call.kwargs))
-            if isinstance(layer, keras.Model) and holds(layer):
-                outputs.append(None)  # run below, all batches at once
-                continue
-            outputs.append(keras.tree.flatten(layer(*args, **{"training": False, **kwargs})))
+        arguments = [keras.tree.map_structure(
+            lambda t: values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
+            (call.args, call.kwargs)) for b in range(len(batches))]
         if isinstance(layer, keras.Model) and holds(layer):
-            nested = [keras.tree.map_structure(
-                lambda t: values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
-                call.args[0]) for b in range(len(batches))]
-            run_layer_by_layer(layer, nested, wanted, visit)
-            if i == marked[-1]:
-                break
-            outputs = [keras.tree.flatten(layer(a, training=False)) for a in nested]
+            run_layer_by_layer(layer, [args[0] for args, _ in arguments], wanted, visit)
+        if i == marked[-1]:
+            break  # nothing after it is needed
+        outputs = [keras.tree.flatten(layer(*args, **{"training": False, **kwargs}))
+                   for args, kwargs in arguments]
         for j, tensor in enumerate(call.outputs):
             values[id(tensor)] = [out[j] for out in outputs]
         for tensor in call.inputs:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 
 from kshrink.core.data import check_data, example_count, model_inputs
-from kshrink.core.graph import copy_model, leaf_layers
+from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport
 from kshrink.core.technique import StepContext, handler_for
@@ -14,7 +13,7 @@ from kshrink.core.training import FineTune, check_finite_weights
 from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
 from kshrink.measure.weights import weight_stats
-from kshrink.reconstruct import reestimate_batchnorm
+from kshrink.reconstruct import correct_batchnorm
 
 CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
 
@@ -78,43 +77,9 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
 
 
 def _reestimate_batchnorm(model, data, technique, ctx: StepContext) -> None:
-    """BatchNorm statistics of the compressed model corrected on calibration data: a step that
-    moved weights without training shifts every later layer's input statistics (one-shot
-    pruning of a pretrained BN network otherwise loses nearly all agreement), and the shift
-    against the original model is measured and undone (see `reestimate_batchnorm`). By
-    default the new
-    statistics are kept only if they bring the outputs closer to the original model's on the
-    calibration data; `reestimate_batchnorm=True` keeps them regardless."""
     if data is None:
         raise KshrinkError("reestimate_batchnorm needs data: pass data=(x, y) (or just x)")
-    x = model_inputs(data, CALIBRATION_SAMPLES)
-    layers = [l for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
-    if not layers:
-        return
-    saved = [(v, keras.ops.convert_to_numpy(v.value)) for l in layers
-             for v in (l.moving_mean, l.moving_variance)]
-    reference = _outputs(ctx.original, x)
-    before = _relative_error(reference, _outputs(model, x))
-    reestimate_batchnorm(model, x, reference=ctx.original)
-    after = _relative_error(reference, _outputs(model, x))
-    count = f"{example_count(x)} examples, {len(layers)} layer{'s' if len(layers) > 1 else ''}"
-    if technique.reestimate_batchnorm is None and after >= before:
-        for variable, value in saved:
-            variable.assign(value)
-        note = (f"BatchNorm statistics kept: re-estimating them ({count}) did not bring the "
-                f"outputs closer to the original's")
-    else:
-        note = (f"BatchNorm statistics re-estimated ({count}): output error vs the original "
-                f"{before:.3g} -> {after:.3g}")
-    ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
-
-
-def _outputs(model, x) -> np.ndarray:
-    out = model.predict(x, batch_size=32, verbose=0)
-    return np.concatenate([np.asarray(o, dtype="float64").reshape(len(o), -1)
-                           for o in keras.tree.flatten(out)], axis=1)
-
-
-def _relative_error(reference: np.ndarray, outputs: np.ndarray) -> float:
-    """Squared error of `outputs` relative to the energy of `reference`."""
-    return float(np.sum((outputs - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
+    note = correct_batchnorm(model, ctx.original, model_inputs(data, CALIBRATION_SAMPLES),
+                             only_if_closer=technique.reestimate_batchnorm is None)
+    if note:
+        ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note

@@ -5,8 +5,13 @@ Backend-agnostic: the layers run through Keras, the solvers in NumPy.
 """
 
 from kshrink.reconstruct.rows import unsupported
-from kshrink.reconstruct.sequential import input_energy, reconstruct, reestimate_batchnorm
+from kshrink.reconstruct.sequential import (
+    correct_batchnorm,
+    input_energy,
+    reconstruct,
+    reestimate_batchnorm,
+)
 from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
 
-__all__ = ["choose_scales", "gptq", "input_energy", "reconstruct", "reestimate_batchnorm",
-           "sparsegpt", "unsupported", "wanda"]
+__all__ = ["choose_scales", "correct_batchnorm", "gptq", "input_energy", "reconstruct",
+           "reestimate_batchnorm", "sparsegpt", "unsupported", "wanda"]

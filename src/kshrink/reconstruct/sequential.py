@@ -10,6 +10,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+from kshrink.core.data import example_count
 from kshrink.core.graph import graph_program
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
@@ -182,6 +183,50 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
     if layers:
         run_layer_by_layer(model, batches, {id(l) for l in layers}, visit)
     return [l.name for l in layers]
+
+
+def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
+                      only_if_closer: bool = True) -> str | None:
+    """Re-estimates `model`'s BatchNorm statistics on `x` relative to `original` (see
+    `reestimate_batchnorm`): a step that moved weights without training shifts every later
+    layer's input statistics (one-shot pruning of a pretrained BN network otherwise loses
+    nearly all agreement with it).
+
+    Args:
+        only_if_closer: keep the new statistics only if they bring the outputs on `x` closer
+            to `original`'s; else restore the old ones.
+
+    Returns:
+        One line for the report (None if the model has no BatchNormalization).
+    """
+    layers = [l for l in _leaves(model) if isinstance(l, keras.layers.BatchNormalization)]
+    if not layers:
+        return None
+    saved = [(v, keras.ops.convert_to_numpy(v.value)) for l in layers
+             for v in (l.moving_mean, l.moving_variance)]
+    reference = _outputs(original, x)
+    before = _relative_error(reference, _outputs(model, x))
+    reestimate_batchnorm(model, x, reference=original)
+    after = _relative_error(reference, _outputs(model, x))
+    count = f"{example_count(x)} examples, {len(layers)} layer{'s' if len(layers) > 1 else ''}"
+    if only_if_closer and after >= before:
+        for variable, value in saved:
+            variable.assign(value)
+        return (f"BatchNorm statistics kept: re-estimating them ({count}) did not bring the "
+                "outputs closer to the original's")
+    return (f"BatchNorm statistics re-estimated ({count}): output error vs the original "
+            f"{before:.3g} -> {after:.3g}")
+
+
+def _outputs(model, x) -> np.ndarray:
+    out = model.predict(x, batch_size=32, verbose=0)
+    return np.concatenate([np.asarray(o, dtype="float64").reshape(len(o), -1)
+                           for o in keras.tree.flatten(out)], axis=1)
+
+
+def _relative_error(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """Squared error of `outputs` relative to the energy of `reference`."""
+    return float(np.sum((outputs - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
 def _moments(layer, inputs) -> tuple[np.ndarray, np.ndarray]:

@@ -98,8 +98,8 @@ class Technique(Options):
     # Keyword-only, so it follows every technique's own options: `Prune(0.9)` still works.
     reestimate_batchnorm: bool | None = dataclasses.field(
         default=None, kw_only=True, metadata={"help": (
-            "recompute BatchNorm statistics on data after this step; default: when data is "
-            "given and the step does not fine-tune")})
+            "move BatchNorm statistics by the shift this step caused on data; default: with "
+            "data and no fine-tuning, kept only if the outputs get closer to the original")})
 
     def reestimates_batchnorm(self, has_data: bool, trains: bool) -> bool:
         """Whether BatchNorm statistics are recomputed on calibration data after this step."""

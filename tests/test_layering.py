@@ -58,7 +58,7 @@ def test_layers_is_a_leaf():
             assert all(t.startswith("kshrink.layers") for t in targets), module
 
 
-@pytest.mark.parametrize("unit", ["artifact", "measure", "deploy", "io", "core"])
+@pytest.mark.parametrize("unit", ["artifact", "measure", "deploy", "io", "core", "reconstruct"])
 def test_storage_measurement_and_core_never_import_a_technique(unit):
     wrong = _unit_imports(unit) & (TECHNIQUES | ABOVE_TECHNIQUES)
     assert not wrong, f"{unit} imports {sorted(wrong)}"

@@ -47,11 +47,12 @@ class PruneHandler(Handler):
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
+        solved = config.method != "magnitude"
         dense = {id(v): keras.ops.convert_to_numpy(v.value)
-                 for layer in chosen for v in kernel_weights(layer)}
+                 for layer in chosen for v in kernel_weights(layer)} if solved else {}
         wrapped = wrap(model, effective, layers=chosen, copy=False)
         ctx.state.update(config=effective, schedule=effective.schedule_for(ctx.train_steps))
-        if config.method != "magnitude":
+        if solved:
             # The magnitude masks set each layer's sparsity; the solver picks the weights.
             for layer in chosen:
                 for v in kernel_weights(layer):

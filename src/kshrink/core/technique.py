@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import keras
 
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import leaf_layers, owner_of, path_of
 from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.select import Select
 from kshrink.errors import RecipeError, short
@@ -184,13 +184,13 @@ class StepContext:
     summary: str | None = None
 
     def applied(self, layer: keras.layers.Layer, detail: str) -> None:
-        self.results.append(LayerResult(layer.name, type(layer).__name__, APPLIED, detail))
+        self.results.append(LayerResult(path_of(layer), type(layer).__name__, APPLIED, detail))
 
     def skipped(self, layer: keras.layers.Layer, reason: str) -> None:
-        self.results.append(LayerResult(layer.name, type(layer).__name__, SKIPPED, reason))
+        self.results.append(LayerResult(path_of(layer), type(layer).__name__, SKIPPED, reason))
 
     def choose_layers(self, model: keras.Model, include: Select | None,
-                      exclude: Select | None, skip_reason) -> list:
+                      exclude: Select | None, skip_reason, in_place=None) -> list:
         """The layers with weights a technique works on, recording every other one as skipped.
 
         Args:
@@ -198,6 +198,9 @@ class StepContext:
             include: the layers to consider (None: all).
             exclude: layers to leave alone (None: none).
             skip_reason: `layer -> str | None`, why the technique cannot take a layer.
+            in_place: `layer -> bool`, whether the technique can change the layer where it
+                stands; layers inside containers or built by a model subclass (`owner_of`)
+                can only be changed so. None: it replaces layers, so it takes none of those.
         """
         candidates = list(leaf_layers(model))
         if include is not None:
@@ -210,6 +213,10 @@ class StepContext:
             if not layer.weights:
                 continue  # nothing to compress, nothing to report
             reason = "excluded by the recipe" if id(layer) in excluded else skip_reason(layer)
+            owner = owner_of(layer)
+            if not reason and owner and not (in_place and in_place(layer)):
+                reason = f"{owner}: this step replaces layers, and this one can only change " \
+                         "in place"
             if reason:
                 self.skipped(layer, reason)
             else:
@@ -218,7 +225,7 @@ class StepContext:
 
     def sort_results(self, model: keras.Model) -> None:
         """Orders the recorded results as the layers stand in `model`."""
-        order = {layer.name: i for i, layer in enumerate(leaf_layers(model))}
+        order = {path_of(layer): i for i, layer in enumerate(leaf_layers(model))}
         self.results.sort(key=lambda r: order.get(r.layer, len(order)))
 
 

@@ -15,6 +15,7 @@ from kshrink.layers.quantized import (
     QuantizedKernels,
     fake_quantize_kernel,
     keras_base,
+    keras_quantizes,
     quantize_layer,
     quantize_matrix,
 )
@@ -39,5 +40,5 @@ from kshrink.layers.wrappers import (
 __all__ = ["FLOAT_MODES", "INTEGER_MODES", "KERAS_INTEGER_LAYERS", "MODES", "QUANTIZED_CLASSES",
            "ClusterWrapper", "LayerSpec", "PruneWrapper", "QuantizeAwareWrapper",
            "QuantizedKernels", "SubstituteWrapper", "WeightSpec", "as_matrix",
-           "fake_quantize_kernel", "from_matrix", "keras_base", "kernel_specs", "kernel_weights",
+           "fake_quantize_kernel", "from_matrix", "keras_base", "keras_quantizes", "kernel_specs", "kernel_weights",
            "output_axes", "quantize_layer", "quantize_matrix", "register_spec", "spec_for"]

@@ -221,6 +221,15 @@ def _stored_attribute(name: str) -> property:
 KERAS_INTEGER_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
 
+def keras_quantizes(layer) -> bool:
+    """Whether Keras' own `quantize` takes `layer` in place: its Dense, EinsumDense and
+    Embedding, and subclasses from Keras or keras-hub (`ReversibleEmbedding`), which keep the
+    quantized call paths. Other subclasses may override `call` and bypass them."""
+    cls = type(layer)
+    return issubclass(cls, KERAS_INTEGER_LAYERS) and (
+        cls in KERAS_INTEGER_LAYERS or cls.__module__.startswith(("keras.", "keras_hub.")))
+
+
 def _quantized_class(base: type) -> type:
     kernels = {k.name: (k.attribute, k.output_axes) for k in spec_for_class(base).kernels}
     namespace = {

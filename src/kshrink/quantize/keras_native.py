@@ -6,9 +6,12 @@ Keras quantizes these layers in place (`model.quantize`), stores the integer wei
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import keras
+
+from kshrink.core.graph import is_container, is_plain
 
 
 def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None,
@@ -31,3 +34,54 @@ def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None
         # Keras warns for every layer without a `quantize` method; the filter skips those.
         warnings.simplefilter("ignore", UserWarning)
         model.quantize(config=config, filters=lambda layer: id(layer) in ids)
+
+
+def outer_containers(model: keras.Model) -> list:
+    """The outermost containers (`is_container`) among the layers of `model` and of the plain
+    models nested in it: the layers whose config must carry their sublayers' quantization."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if is_plain(layer):
+                found.extend(outer_containers(layer))
+        elif is_container(layer):
+            found.append(layer)
+    return found
+
+
+def reloads_quantized(container, paths) -> bool:
+    """Whether `container`, rebuilt from its config with a quantized policy for the sublayers
+    at `paths`, builds those sublayers quantized: true for containers that pass their dtype
+    policy on to their sublayers, as keras-hub's and Keras' own do. Otherwise a quantized
+    sublayer would not reload, and it is left in float."""
+    policy = keras.dtype_policies.DTypePolicyMap(default_policy=container.dtype_policy)
+    quantized = keras.dtype_policies.get(f"int8_from_{container.dtype_policy.name}")
+    for path in paths:
+        policy[path] = quantized
+    parent = container.path.rpartition("/")[0] if container.path else ""
+    try:
+        with warnings.catch_warnings(), (keras.name_scope(parent) if parent
+                                                   else contextlib.nullcontext()):
+            warnings.simplefilter("ignore")
+            copy = type(container).from_config({**container.get_config(), "dtype": policy})
+            copy.build_from_config(container.get_build_config())
+    except Exception:  # noqa: BLE001 - any failure means the file would not reload
+        return False
+    built = {layer.path: layer for layer in copy._flatten_layers(include_self=False)}
+    return all(path in built and built[path].quantization_mode for path in paths)
+
+
+def record_quantized_sublayers(model: keras.Model) -> None:
+    """Gives each outer container of `model` a `DTypePolicyMap` of its quantized sublayers, so
+    its config rebuilds them quantized when the `.keras` file loads (Keras' own
+    `model.quantize` leaves containers in plain models without one, and their files do not
+    reload). Model subclasses such as keras-hub's Backbones record theirs in `get_config`."""
+    for container in outer_containers(model):
+        inner = [layer for layer in container._flatten_layers(include_self=False)
+                 if layer.quantization_mode]
+        if not inner:
+            continue
+        policy = keras.dtype_policies.DTypePolicyMap(default_policy=container.dtype_policy)
+        for layer in inner:
+            policy[layer.path] = layer.dtype_policy
+        container.dtype_policy = policy

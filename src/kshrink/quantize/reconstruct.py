@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import copy_model, leaf_layers
+from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.errors import KshrinkError
 from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
@@ -27,14 +27,14 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         raise KshrinkError(f"quantize: method gptq needs at least {MIN_SAMPLES} calibration "
                            f"examples. Received: {example_count(x)}")
     targets, rounded = [], {}
-    layers = {layer.name: layer for layer in leaf_layers(model)}
-    for layer in leaf_layers(model):
-        plan = plans.get(layer.name)
+    layers = {path_of(layer): layer for layer in leaf_layers(model)}
+    for key, layer in layers.items():
+        plan = plans.get(key)
         if plan is None or plan.mode not in INTEGER_MODES or keras_base(layer) is None:
             continue
-        reason = unsupported(layer)
+        reason = unsupported(layer) or (owner_of(layer) and "layers inside custom layers yet")
         if reason:
-            rounded[layer.name] = reason
+            rounded[key] = reason
         else:
             targets.append((layer, layer))
     ctx.state["rounded"] = rounded

@@ -9,7 +9,7 @@ import dataclasses
 import keras
 
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import leaf_layers, replace_layers
+from kshrink.core.graph import leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -28,15 +28,20 @@ from kshrink.fold.batchnorm import fold, plan_folds
 from kshrink.layers import (
     FLOAT_MODES,
     INTEGER_MODES,
-    KERAS_INTEGER_LAYERS,
     MODES,
     QuantizeAwareWrapper,
     QuantizedKernels,
     keras_base,
+    keras_quantizes,
     quantize_layer,
 )
 from kshrink.quantize.calibrate import METHODS, input_ranges
-from kshrink.quantize.keras_native import keras_quantize
+from kshrink.quantize.keras_native import (
+    keras_quantize,
+    outer_containers,
+    record_quantized_sublayers,
+    reloads_quantized,
+)
 from kshrink.quantize.reconstruct import gptq_scales
 
 KEEP_FLOAT = "float"
@@ -84,7 +89,9 @@ class QuantizeHandler(Handler):
                                "fine_tune=FineTune(...)")
         if config.fold_batchnorm:
             model = _fold_batchnorm(model, ctx)
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
+        # QAT wraps layers to train them; post-training, Keras quantizes its layers in place.
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason,
+                                   in_place=None if config.qat else keras_quantizes)
         plans = _plans(model, chosen, config, ctx)
         ranges = _calibrate(model, plans, config, ctx)
         scales = gptq_scales(model, plans, config, ctx) if config.method == "gptq" else {}
@@ -94,13 +101,13 @@ class QuantizeHandler(Handler):
         integer = {name for name, plan in plans.items() if plan.mode in INTEGER_MODES}
 
         def wrap(layer):
-            if layer.name not in integer:
+            if path_of(layer) not in integer:
                 return layer
-            plan = plans[layer.name]
+            plan = plans[path_of(layer)]
             return QuantizeAwareWrapper(
                 layer, mode=plan.mode, group_size=_group(plan),
                 activation_bits=_activation_bits(layer, config),
-                input_range=ranges.get(layer.name, (0.0, 1.0)))
+                input_range=ranges.get(path_of(layer), (0.0, 1.0)))
 
         return replace_layers(model, wrap)
 
@@ -130,7 +137,7 @@ def skip_reason(layer) -> str | None:
     mode = getattr(layer, "quantization_mode", None)
     if mode or isinstance(layer, QuantizedKernels):
         return f"already quantized ({mode or layer.mode})"
-    if keras_base(layer) is not None:
+    if keras_base(layer) is not None or keras_quantizes(layer):
         return None
     name = type(layer).__name__
     if "Normalization" in name:
@@ -151,9 +158,26 @@ def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan
                 break
         if mode == KEEP_FLOAT:
             ctx.skipped(layer, "kept in float by an override")
+        elif mode in FLOAT_MODES and owner_of(layer):
+            ctx.skipped(layer, f"{owner_of(layer)}: {mode} storage replaces the layer, and this "
+                               "one can only change in place")
         else:
-            plans[layer.name] = _Plan(mode, group_size)
+            plans[path_of(layer)] = _Plan(mode, group_size)
+    _drop_unreloadable(model, plans, ctx)
     return plans
+
+
+def _drop_unreloadable(model, plans: dict, ctx: StepContext) -> None:
+    """Leaves in float the planned sublayers of containers that would not rebuild them
+    quantized from their config, so every quantized model saves and reloads."""
+    for container in outer_containers(model):
+        inner = [l for l in container._flatten_layers(include_self=False)
+                 if path_of(l) in plans]
+        if inner and not reloads_quantized(container, [l.path for l in inner]):
+            for layer in inner:
+                del plans[path_of(layer)]
+                ctx.skipped(layer, f"{owner_of(layer)}, which does not pass its dtype policy "
+                                   "to its sublayers: quantized, they would not reload")
 
 
 def _group(plan: _Plan) -> int | None:
@@ -167,14 +191,25 @@ def _activation_bits(layer, config: Quantize) -> int | None:
     return None
 
 
+def _keras_activation_bits(layer, plan: _Plan, config: Quantize) -> int | None:
+    """A layer a container or model subclass builds reloads with Keras' defaults for its
+    mode, as its own config is not saved: int8 quantizes its inputs on the fly, int4 does not.
+    It gets those now, so the model that reloads is the one measured."""
+    if owner_of(layer) and not isinstance(layer, keras.layers.Embedding):
+        return 8 if plan.mode == "int8" else None
+    return _activation_bits(layer, config)
+
+
 def _calibrate(model, plans, config: Quantize, ctx: StepContext) -> dict:
     if not config.activation_bits:
         return {}
     if ctx.data is None:
         raise KshrinkError("quantize: activation_bits needs calibration data: pass "
                            "data=(x, y) to compress")
-    layers = [l for l in leaf_layers(model)
-              if l.name in plans and _activation_bits(l, config)]
+    # After training, Keras' layers quantize their inputs on the fly: only kshrink's layers
+    # and QAT's fake quantization start from calibrated ranges.
+    layers = [l for l in leaf_layers(model) if path_of(l) in plans
+              and _activation_bits(l, config) and (config.qat or not keras_quantizes(l))]
     x = model_inputs(ctx.data, config.calibration_samples)
     return input_ranges(model, x, layers, method=config.calibration,
                         percentile=config.percentile, bits=config.activation_bits)
@@ -188,49 +223,51 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
     scales = scales or {}
     by_keras, ours = {}, {}
     for layer in leaf_layers(model):
-        plan = plans.get(layer.name)
+        key = path_of(layer)
+        plan = plans.get(key)
         if plan is None:
             continue
-        if (plan.mode in INTEGER_MODES and isinstance(layer, KERAS_INTEGER_LAYERS)
-                and layer.name not in scales):
-            key = (plan.mode, _group(plan), _activation_bits(layer, config))
-            by_keras.setdefault(key, []).append(layer.name)
+        if plan.mode in INTEGER_MODES and keras_quantizes(layer) and key not in scales:
+            how = (plan.mode, _group(plan), _keras_activation_bits(layer, plan, config))
+            by_keras.setdefault(how, []).append(key)
         else:
-            ours[layer.name] = plan
+            ours[key] = plan
 
     def replace(layer):
-        plan = ours.get(layer.name)
+        key = path_of(layer)
+        plan = ours.get(key)
         if plan is None:
             return layer
         bits = _activation_bits(layer, config) if plan.mode in INTEGER_MODES else None
         try:
             quantized = quantize_layer(layer, plan.mode, _group(plan), bits,
-                                       ranges.get(layer.name), scales.get(layer.name))
+                                       ranges.get(key), scales.get(key))
         except ValueError as e:
             raise KshrinkError(f"quantize: {e}") from None
-        ctx.applied(layer, _describe(plan, bits, ranges.get(layer.name), _how(layer, ctx,
-                                                                                  scales)))
+        ctx.applied(layer, _describe(plan, bits, ranges.get(key), _how(layer, ctx, scales)))
         return quantized
 
     model = replace_layers(model, replace)
-    layers = {layer.name: layer for layer in leaf_layers(model)}
+    layers = {path_of(layer): layer for layer in leaf_layers(model)}
     for (mode, group_size, bits), names in by_keras.items():
         chosen = [layers[name] for name in names]
         for layer in chosen:
             ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None,
                                          _how(layer, ctx, scales, "Keras")))
         keras_quantize(model, chosen, mode, group_size, bits)
+    record_quantized_sublayers(model)
     ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
 
 
 def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
-    if layer.name in scales:
-        corrected = layer.name in ctx.state.get("corrected", ())
+    key = path_of(layer)
+    if key in scales:
+        corrected = key in ctx.state.get("corrected", ())
         return f"{by}, GPTQ{', output statistics matched' if corrected else ''}"
     rounded = ctx.state.get("rounded", {})
-    if layer.name in rounded:
-        return f"{by}; rounded to nearest, as GPTQ does not take {rounded[layer.name]}"
+    if key in rounded:
+        return f"{by}; rounded to nearest, as GPTQ does not take {rounded[key]}"
     if scales and isinstance(layer, keras.layers.Embedding):
         return f"{by}; rounded to nearest, as GPTQ does not take embeddings"
     return by

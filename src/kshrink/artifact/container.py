@@ -255,6 +255,8 @@ def _check_classes(config: dict, safe_mode: bool, path: Path) -> None:
             raise ArtifactError(f"{path} holds a Lambda layer, which runs code from the file; "
                                 "load it with safe_mode=False only if you trust the file")
         registered = item.get("registered_name") or name
+        if name == "function" and isinstance(item.get("config"), str):
+            registered = item["config"]  # a registered function: "package>name"
         if not module.startswith("keras") and keras.saving.get_registered_object(
                 registered) is None:
             raise ArtifactError(f"{path} needs the unknown class {registered!r}: import the "

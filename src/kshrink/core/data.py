@@ -80,3 +80,19 @@ def model_inputs(data, limit: int | None = None):
 def example_count(x) -> int:
     """How many examples the inputs `x` (an array or a dict of arrays) hold."""
     return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def labels_of(data):
+    """The labels of `data` (`(x, y)` or `x`), or None when it holds inputs only."""
+    return data[1] if isinstance(data, (tuple, list)) and len(data) == 2 else None
+
+
+def take(x, n: int):
+    """The first `n` examples of the inputs `x` (an array, a dict or a list of arrays),
+    repeated when `x` holds fewer."""
+    if isinstance(x, dict):
+        return {k: take(v, n) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [take(v, n) for v in x]
+    x = np.asarray(x)
+    return np.resize(x, (n,) + x.shape[1:]) if len(x) < n else x[:n]

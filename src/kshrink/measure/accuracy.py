@@ -8,9 +8,17 @@ import keras
 import numpy as np
 
 
-def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The model's outputs for `x`, as float32 numpy."""
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+def predict(model: keras.Model, x, batch_size: int = 256):
+    """The model's outputs for `x` as float32 numpy: one array, or for a model with several
+    outputs (a dict, say) a list of them in `keras.tree.flatten` order."""
+    outputs = keras.tree.flatten(model.predict(x, batch_size=batch_size, verbose=0))
+    outputs = [np.asarray(o, dtype=np.float32) for o in outputs]
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def is_classifier(outputs) -> bool:
+    """One output of shape (examples, classes), classes >= 2: arg-max is a class."""
+    return isinstance(outputs, np.ndarray) and outputs.ndim == 2 and outputs.shape[1] >= 2
 
 
 def top1_accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
@@ -20,9 +28,14 @@ def top1_accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(outputs.argmax(-1).reshape(-1) == labels))
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
-    """Task metrics: top-1 accuracy, plus the model's own compiled metrics if it has any."""
-    metrics = {"accuracy": top1_accuracy(predict(model, x, batch_size), y)}
+def evaluate(model: keras.Model, x, y, batch_size: int = 256) -> dict:
+    """Task metrics: top-1 accuracy for a classifier, plus the model's own compiled metrics if
+    it has any. A model that is not a classifier (an encoder, a regressor) has no accuracy:
+    compare it by `fidelity` instead."""
+    metrics = {}
+    outputs = predict(model, x, batch_size)
+    if is_classifier(outputs):
+        metrics["accuracy"] = top1_accuracy(outputs, y)
     if model.compiled and model.loss is not None:
         compiled = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
         metrics.update({f"compiled_{k}": float(v) for k, v in compiled.items()})
@@ -34,29 +47,40 @@ class Fidelity:
     """How closely a compressed model's outputs follow the original's on the same inputs.
 
     Attributes:
-        top1_agreement: share of rows where both models' arg-max agree.
+        top1_agreement: share of rows where both models' arg-max agree; None unless the
+            model is a classifier (`is_classifier`).
         max_abs_diff: largest absolute difference of any output value.
         mean_abs_diff: mean absolute difference.
-        cosine: mean cosine similarity of the output rows.
+        cosine: mean cosine similarity of the output rows (all outputs of an example
+            together).
     """
 
-    top1_agreement: float
+    top1_agreement: float | None
     max_abs_diff: float
     mean_abs_diff: float
     cosine: float
 
 
-def fidelity(reference: np.ndarray, outputs: np.ndarray) -> Fidelity:
-    """Compares two output arrays of the same shape (e.g. from `predict`)."""
-    reference = reference.reshape(len(reference), -1).astype(np.float64)
-    outputs = outputs.reshape(len(outputs), -1).astype(np.float64)
+def fidelity(reference, outputs) -> Fidelity:
+    """Compares two models' outputs on the same inputs, as `predict` gives them (an array, or
+    a list of arrays of the same shapes)."""
+    agreement = None
+    if is_classifier(reference):
+        agreement = float(np.mean(reference.argmax(1) == outputs.argmax(1)))
+    reference, outputs = _rows(reference), _rows(outputs)
     diff = np.abs(reference - outputs)
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(outputs, axis=1)
     cosine = np.sum(reference * outputs, axis=1) / np.where(norms == 0, 1, norms)
     cosine = np.where(norms == 0, (diff.max(axis=1) == 0).astype(float), cosine)
     return Fidelity(
-        top1_agreement=float(np.mean(reference.argmax(1) == outputs.argmax(1))),
+        top1_agreement=agreement,
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
         cosine=float(cosine.mean()),
     )
+
+
+def _rows(outputs) -> np.ndarray:
+    """One row per example of every output value, float64."""
+    parts = outputs if isinstance(outputs, list) else [outputs]
+    return np.concatenate([p.reshape(len(p), -1).astype(np.float64) for p in parts], axis=1)

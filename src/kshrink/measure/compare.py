@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kshrink.core.data import check_data
+from kshrink.core.data import check_data, labels_of, model_inputs
 from kshrink.errors import MeasurementError
 from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
 from kshrink.measure.files import FileSize, file_size
@@ -91,7 +91,7 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
     check_data(data, model)
     untimed = _untimed(model, data, path, load_runs, say)
     say("latency")
-    x = data[0] if data is not None else example_inputs(model, 32)
+    x = model_inputs(data) if data is not None else example_inputs(model, 32)
     return dataclasses.replace(untimed, latency=tuple(latency(model, x, runs=latency_runs)))
 
 
@@ -106,9 +106,9 @@ def _untimed(model, data, path, load_runs: int, say) -> Measurement:
         load = load_cost(path, runs=load_runs, loader=loader)
         size = file_size(path)
     metrics = None
-    if data is not None:
+    if labels_of(data) is not None:
         say("accuracy")
-        metrics = evaluate(model, *data)
+        metrics = evaluate(model, model_inputs(data), labels_of(data))
     return Measurement(weight_stats(model), macs(model).total, size, load, (), metrics)
 
 
@@ -138,26 +138,30 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
     a = _untimed(original, data, original_path, load_runs, say)
     b = _untimed(compressed, data, compressed_path, load_runs, say)
     say("latency, both models in turns")
-    inputs = [data[0] if data is not None else example_inputs(m, 32)
+    inputs = [model_inputs(data) if data is not None else example_inputs(m, 32)
               for m in (original, compressed)]
     ta, tb = latency_in_turns([original, compressed], inputs, runs=latency_runs)
     fid = None
     if data is not None:
-        fid = fidelity(predict(original, data[0]), predict(compressed, data[0]))
+        x = model_inputs(data)
+        fid = fidelity(predict(original, x), predict(compressed, x))
     return Comparison(dataclasses.replace(a, latency=tuple(ta)),
                       dataclasses.replace(b, latency=tuple(tb)), fid)
 
 
-def example_inputs(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
-    """Random inputs shaped and typed like the model's (single) input."""
-    if len(model.inputs) != 1:
-        raise MeasurementError("example inputs need a single-input model; pass data instead")
-    spec = model.inputs[0]
-    shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
+def example_inputs(model: keras.Model, n: int, seed: int = 0):
+    """Random inputs shaped and typed like the model's: an array, or the dict or list of
+    arrays a model with several inputs takes. Integer inputs (token ids, masks) are 0 or 1,
+    valid for any vocabulary."""
     rng = np.random.default_rng(seed)
-    if "int" in str(spec.dtype):
-        return rng.integers(0, 2, size=shape).astype(spec.dtype)
-    return rng.random(shape, dtype=np.float32)
+
+    def example(spec):
+        shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
+        if "int" in str(spec.dtype) or "bool" in str(spec.dtype):
+            return rng.integers(0, 2, size=shape).astype(spec.dtype)
+        return rng.random(shape, dtype=np.float32)
+
+    return keras.tree.map_structure(example, model.input)
 
 
 def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table:
@@ -197,8 +201,9 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
         for key, va in a.metrics.items():
             row(key, va, b and b.metrics.get(key), lambda v: f"{v:.4f}",
                 lambda x, y: f"{(y - x) * 100:+.2f} pp" if "acc" in key else f"{y - x:+.4f}")
-    if fid is not None:
+    if fid is not None and fid.top1_agreement is not None:
         rows.append(["top-1 agreement with original", "", f"{fid.top1_agreement:.4f}", ""])
+    if fid is not None:
         rows.append(["max |output difference|", "", f"{fid.max_abs_diff:.2e}", ""])
         rows.append(["cosine similarity of outputs", "", f"{fid.cosine:.6f}", ""])
     columns = ("", "original", "compressed", "change") if b is not None else ("", "model")

@@ -8,6 +8,7 @@ import time
 import keras
 import numpy as np
 
+from kshrink.core.data import take
 from kshrink.errors import MeasurementError
 
 
@@ -38,7 +39,8 @@ def latency(model: keras.Model, x: np.ndarray, *, batch_sizes=(1, 32), warmup: i
 
     Args:
         model: the model to time.
-        x: example inputs; batches are its first `batch_size` rows (repeated if too few).
+        x: example inputs (an array, or a dict or list of arrays for a model with several);
+            batches are its first `batch_size` rows (repeated if too few).
         batch_sizes: the batch sizes to time.
         warmup: untimed calls before timing.
         runs: timed calls; median, 95th percentile and spread are reported.
@@ -55,8 +57,7 @@ def latency_in_turns(models: list, inputs: list, *, batch_sizes=(1, 32), warmup:
         raise MeasurementError(f"runs must be a positive integer. Received: runs={runs!r}")
     results = [[] for _ in models]
     for batch_size in batch_sizes:
-        batches = [np.resize(x, (batch_size,) + x.shape[1:]) if len(x) < batch_size
-                   else x[:batch_size] for x in inputs]
+        batches = [take(x, batch_size) for x in inputs]
         for model, batch in zip(models, batches):
             for _ in range(warmup):
                 model.predict_on_batch(batch)

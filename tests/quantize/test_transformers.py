@@ -1,0 +1,159 @@
+"""Techniques reach the layers inside keras-hub blocks: built from config (small, random
+weights, offline), quantized in place, saved and reloaded with the same outputs."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.core.graph import leaf_layers, path_of
+from kshrink.measure import compare
+
+keras_hub = pytest.importorskip("keras_hub")
+
+SEQUENCE = 16
+VOCABULARY = 300
+
+
+def _tokens(n=8, seed=0):
+    return np.random.default_rng(seed).integers(1, VOCABULARY, (n, SEQUENCE)).astype("int32")
+
+
+def _encoder_classifier():
+    """A plain functional model around keras-hub blocks, as a user would write one."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((SEQUENCE,), dtype="int32", name="tokens")
+    h = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, SEQUENCE, 32, name="embed")(tokens)
+    h = keras_hub.layers.TransformerEncoder(64, num_heads=2, name="block")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(tokens, keras.layers.Dense(3, name="head")(h))
+
+
+def _bert():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=VOCABULARY, num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=SEQUENCE)
+
+
+def _bert_inputs(n=8):
+    return {"token_ids": _tokens(n), "segment_ids": np.zeros((n, SEQUENCE), "int32"),
+            "padding_mask": np.ones((n, SEQUENCE), "int32")}
+
+
+def _cosine(a, b):
+    a, b = np.ravel(a).astype("float64"), np.ravel(b).astype("float64")
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _reload(model, tmp_path, name):
+    model.save(tmp_path / f"{name}.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return keras.saving.load_model(tmp_path / f"{name}.keras")
+
+
+def test_discovery_names_sublayers_by_path():
+    model = _encoder_classifier()
+    paths = [path_of(layer) for layer in leaf_layers(model) if layer.weights]
+    assert "block/self_attention_layer/query" in paths
+    assert "block/feedforward_output_dense" in paths
+    assert "embed/token_embedding" in paths
+    assert "head" in paths
+    assert "block" not in paths  # a container: its sublayers stand for it
+
+
+def test_selections_match_paths_and_bare_names():
+    model = _encoder_classifier()
+    layers = list(leaf_layers(model))
+    by_path = kshrink.Select(names=["block/self_attention_layer/key"]).resolve(layers)
+    assert [path_of(l) for l in by_path] == ["block/self_attention_layer/key"]
+    by_pattern = kshrink.Select(pattern="block/self_attention_layer/.*").resolve(layers)
+    assert {l.name for l in by_pattern} >= {"query", "key", "value", "attention_output"}
+    with pytest.raises(kshrink.errors.SelectionError, match="do not exist"):
+        kshrink.Select(names=["block/nothing"]).resolve(layers)
+
+
+@pytest.mark.parametrize("mode, min_ratio", [("int8", 2.5), ("int4", 3.5)])
+def test_quantize_reaches_every_projection_and_the_file_reloads(tmp_path, mode, min_ratio):
+    model = _encoder_classifier()
+    small, report = kshrink.compress(model, kshrink.Quantize(mode=mode))
+    applied = {r.layer for r in report.steps[0].applied}
+    assert {"block/self_attention_layer/query", "block/self_attention_layer/value",
+            "block/feedforward_intermediate_dense", "block/feedforward_output_dense",
+            "embed/token_embedding", "head"} <= applied
+    assert report.weight_bytes_before / report.weight_bytes_after >= min_ratio
+    x = _tokens()
+    expected = small.predict(x, verbose=0)
+    assert _cosine(model.predict(x, verbose=0), expected) > 0.98
+    # Keras' own model.quantize leaves this file unloadable; kshrink records the sublayers.
+    reloaded = _reload(small, tmp_path, mode)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, atol=1e-6)
+    path = tmp_path / f"{mode}.kshrink"
+    kshrink.save(small, path)
+    np.testing.assert_allclose(kshrink.load(path).predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_a_backbone_keeps_its_class_and_reloads(tmp_path):
+    model = _bert()
+    small, report = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+    assert type(small) is type(model)
+    assert "transformer_layer_1/self_attention_layer/query" in {
+        r.layer for r in report.steps[0].applied}
+    assert report.weight_bytes_before / report.weight_bytes_after > 3
+    x = _bert_inputs()
+    expected = small.predict(x, verbose=0)["sequence_output"]
+    assert _cosine(model.predict(x, verbose=0)["sequence_output"], expected) > 0.99
+    reloaded = _reload(small, tmp_path, "bert")
+    assert type(reloaded) is type(model)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0)["sequence_output"], expected,
+                               atol=1e-6)
+
+
+def test_steps_that_replace_layers_skip_sublayers_and_say_why():
+    model = _encoder_classifier()
+    small, report = kshrink.compress(model, kshrink.Prune(sparsity=0.5, schedule="one_shot"))
+    skipped = {r.layer: r.detail for r in report.steps[0].skipped}
+    assert "inside TransformerEncoder 'block'" in skipped["block/self_attention_layer/query"]
+    assert "head" in {r.layer for r in report.steps[0].applied}
+    assert isinstance(small.get_layer("block"), keras_hub.layers.TransformerEncoder)
+
+
+class _Opaque(keras.layers.Layer):
+    """A container that builds its Dense without passing on its dtype policy."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(8, name="inner")
+
+    def build(self, input_shape):
+        self.inner.build(input_shape)
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_a_container_that_would_not_reload_quantized_is_left_in_float(tmp_path):
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(_Opaque(name="opaque")(
+        inputs)))
+    with keras.saving.CustomObjectScope({"_Opaque": _Opaque}):
+        small, report = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+        skipped = {r.layer: r.detail for r in report.steps[0].skipped}
+        assert "would not reload" in skipped["opaque/inner"]
+        x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+        reloaded = _reload(small, tmp_path, "opaque")
+        np.testing.assert_allclose(reloaded.predict(x, verbose=0), small.predict(x, verbose=0),
+                                   atol=1e-6)
+
+
+def test_compare_takes_dict_inputs_without_labels():
+    model = _bert()
+    small, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+    result = compare(model, small, _bert_inputs(), load_runs=1, latency_runs=2)
+    assert result.fidelity.top1_agreement is None  # an encoder: no classes to agree on
+    assert result.fidelity.cosine > 0.99
+    assert result.original.metrics is None
+    assert "cosine similarity of outputs" in result.to_text()

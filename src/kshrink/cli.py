@@ -140,7 +140,6 @@ def _compress(args) -> int:
     from kshrink import Recipe, compress
     from kshrink.errors import KshrinkError
     from kshrink.io import save_model_file
-    from kshrink.measure import evaluate
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
@@ -159,12 +158,26 @@ def _compress(args) -> int:
         print(report.to_markdown() if args.format == "md" else report.to_text())
     if data is not None and args.format != "json":
         with _status("evaluating"):
-            before = evaluate(model, *data.test)["accuracy"]
-            after = evaluate(small, *data.test)["accuracy"]
-        print(f"\naccuracy on {data.name} test: {before:.4f} -> {after:.4f} "
-              f"({(after - before) * 100:+.2f} pp)")
+            line = _before_after(model, small, data)
+        print(f"\n{line}")
     print(f"\nwrote {target}", file=sys.stderr)
     return 0
+
+
+def _before_after(model, small, data) -> str:
+    """Accuracy before and after on the test split; for unlabelled data or a model that is
+    not a classifier, how closely the compressed model's outputs follow the original's."""
+    from kshrink.measure import evaluate, fidelity, predict
+
+    if data.y_test is not None:
+        before = evaluate(model, data.x_test, data.y_test).get("accuracy")
+        after = evaluate(small, data.x_test, data.y_test).get("accuracy")
+        if before is not None:
+            return (f"accuracy on {data.name} test: {before:.4f} -> {after:.4f} "
+                    f"({(after - before) * 100:+.2f} pp)")
+    f = fidelity(predict(model, data.x_test), predict(small, data.x_test))
+    return (f"outputs on {data.name} test against the original: cosine {f.cosine:.6f}, "
+            f"max |difference| {f.max_abs_diff:.3g}")
 
 
 def _measure(args) -> int:

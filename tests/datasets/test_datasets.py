@@ -35,8 +35,18 @@ def test_npz(tmp_path):
     np.savez(path, x=np.zeros((4, 8, 8)), y=np.arange(3))
     with pytest.raises(KshrinkError, match="differ in length"):
         datasets.from_npz(path)
-    np.savez(path, inputs=np.zeros(3))
-    with pytest.raises(KshrinkError, match="no array 'x'"):
+    np.savez(path, y=np.arange(3))
+    with pytest.raises(KshrinkError, match="has no input arrays"):
+        datasets.from_npz(path)
+    # A model with several inputs: one array per input, by name; no labels is fine.
+    np.savez(path, tokens=np.ones((4, 6)), mask=np.ones((4, 6)), tokens_val=np.zeros((2, 6)),
+             mask_val=np.zeros((2, 6)))
+    data = datasets.from_npz(path)
+    assert set(data.x_train) == {"tokens", "mask"} and data.y_train is None
+    assert data.x_test["tokens"].shape == (2, 6) and data.x_test["mask"].shape == (2, 6)
+    assert isinstance(data.train, dict)  # unlabelled: inputs only
+    np.savez(path, tokens=np.ones((4, 6)), mask=np.ones((4, 6)), tokens_val=np.zeros((2, 6)))
+    with pytest.raises(KshrinkError, match="add mask_val"):
         datasets.from_npz(path)
     path.write_bytes(b"garbage")
     with pytest.raises(KshrinkError, match="not a readable .npz"):

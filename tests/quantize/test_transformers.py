@@ -157,3 +157,26 @@ def test_compare_takes_dict_inputs_without_labels():
     assert result.fidelity.cosine > 0.99
     assert result.original.metrics is None
     assert "cosine similarity of outputs" in result.to_text()
+
+
+def test_cli_compresses_a_multi_input_model_from_named_arrays(tmp_path, capsys):
+    from kshrink.cli import main
+
+    source, recipe, data = tmp_path / "bert.keras", tmp_path / "q.yaml", tmp_path / "d.npz"
+    _bert().save(source)
+    recipe.write_text("- quantize: {mode: int8}\n")
+    np.savez(data, **_bert_inputs())  # one array per input, no labels
+    code = main(["compress", str(source), "--recipe", str(recipe), "--data", str(data),
+                 "-o", str(tmp_path / "small.keras")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "transformer_layer_0/self_attention_layer/query" in out
+    cosine = float(out.split("cosine ")[1].split(",")[0])  # not a classifier: fidelity
+    assert cosine > 0.99
+
+    np.savez(data, token_ids=_tokens())  # two inputs missing
+    code = main(["compress", str(source), "--recipe", str(recipe), "--data", str(data),
+                 "-o", str(tmp_path / "other.keras")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "takes the inputs padding_mask, segment_ids, token_ids" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "other.keras").exists()

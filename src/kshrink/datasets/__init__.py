@@ -26,23 +26,25 @@ class Dataset:
 
     Attributes:
         name: dataset name.
-        x_train, y_train: training inputs and integer labels.
+        x_train, y_train: training inputs (an array, or a dict of arrays by model input name)
+            and integer labels (None for unlabelled data).
         x_test, y_test: test inputs and labels.
     """
 
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: np.ndarray | dict
+    y_train: np.ndarray | None
+    x_test: np.ndarray | dict
+    y_test: np.ndarray | None
 
     @property
-    def train(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.x_train, self.y_train
+    def train(self):
+        """`(x, y)`, or `x` alone for unlabelled data."""
+        return self.x_train if self.y_train is None else (self.x_train, self.y_train)
 
     @property
-    def test(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.x_test, self.y_test
+    def test(self):
+        return self.x_test if self.y_test is None else (self.x_test, self.y_test)
 
 
 def load(name: str) -> Dataset:
@@ -59,9 +61,13 @@ def load(name: str) -> Dataset:
 
 
 def from_npz(path) -> Dataset:
-    """Reads `x`, `y` (and optionally `x_val`, `y_val`) from an `.npz` file, without pickle.
+    """Reads a dataset from an `.npz` file, without pickle.
 
-    Without `x_val`/`y_val`, evaluation uses `x`/`y`.
+    The inputs are `x`, or for a model with several inputs one array per input, named by the
+    input's name (`token_ids`, `padding_mask`, ...). `y` holds integer labels; without it the
+    data is unlabelled, and models are compared by the fidelity of their outputs instead of
+    accuracy. Each name with `_val` appended (`x_val`, `y_val`, `token_ids_val`) is used for
+    evaluation; without those, evaluation uses the training arrays.
     """
     path = Path(path)
     if not path.is_file():
@@ -71,16 +77,30 @@ def from_npz(path) -> Dataset:
             arrays = {key: f[key] for key in f.files}
     except Exception as e:  # a corrupt or non-npz file: zipfile/ValueError/OSError
         raise KshrinkError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise KshrinkError(
-                f"{path.name} has no array {key!r}; it needs x and y (optionally x_val, y_val). "
-                f"Found: {', '.join(sorted(arrays)) or 'nothing'}"
-            )
-    x_val, y_val = arrays.get("x_val", arrays["x"]), arrays.get("y_val", arrays["y"])
-    check_data((arrays["x"], arrays["y"]), name=path.name)
-    check_data((x_val, y_val), name=f"{path.name} (validation)")
-    return Dataset(path.stem, arrays["x"], arrays["y"], x_val, y_val)
+    names = ["x"] if "x" in arrays else sorted(
+        k for k in arrays if k != "y" and not k.endswith("_val"))
+    if not names:
+        raise KshrinkError(f"{path.name} has no input arrays; it needs x (or one array per "
+                           "model input, named by the input), optionally y, x_val, y_val. "
+                           f"Found: {', '.join(sorted(arrays)) or 'nothing'}")
+
+    held_out = [k for k in names if f"{k}_val" in arrays]
+    if held_out and len(held_out) < len(names):
+        missing = sorted(set(names) - set(held_out))
+        raise KshrinkError(f"{path.name} has evaluation arrays for some inputs only: add "
+                           f"{', '.join(k + '_val' for k in missing)}, or drop the others")
+    suffix = "_val" if held_out else ""
+
+    def inputs(suffix):
+        found = {k: arrays[k + suffix] for k in names}
+        return found["x"] if names == ["x"] else found
+
+    y = arrays.get("y")
+    y_val = arrays.get("y_val", y) if y is not None else None
+    x, x_val = inputs(""), inputs(suffix)
+    check_data(x if y is None else (x, y), name=path.name)
+    check_data(x_val if y_val is None else (x_val, y_val), name=f"{path.name} (validation)")
+    return Dataset(path.stem, x, y, x_val, y_val)
 
 
 def _mnist() -> Dataset:
@@ -148,18 +168,29 @@ def _digits() -> Dataset:
 
 
 def check_fits(data: Dataset, model) -> None:
-    """Raises `KshrinkError` if `data`'s inputs do not have the shape `model` expects."""
-    if len(model.inputs) != 1:
-        raise KshrinkError(f"data files feed single-input models; {model.name} has "
-                           f"{len(model.inputs)} inputs")
-    check_data((data.x_train, data.y_train), model, f"data {data.name!r} (x, y)")
-    check_data((data.x_test, data.y_test), model, f"data {data.name!r} (x_val, y_val)")
-    expected = tuple(model.inputs[0].shape[1:])
-    for part, x in (("x", data.x_train), ("x_val", data.x_test)):
-        got = tuple(x.shape[1:])
-        if len(got) != len(expected) or any(e is not None and e != g
-                                            for e, g in zip(expected, got)):
+    """Raises `KshrinkError` if `data`'s inputs are not the ones `model` takes, by name and
+    shape."""
+    check_data(data.train, model, f"data {data.name!r}")
+    check_data(data.test, model, f"data {data.name!r} (validation)")
+    specs = {t.name: t for t in model.inputs}
+    for part, x in (("", data.x_train), ("_val", data.x_test)):
+        named = isinstance(x, dict)
+        if not named:
+            if len(specs) != 1:
+                raise KshrinkError(
+                    f"model {model.name!r} has {len(specs)} inputs ({', '.join(specs)}): give "
+                    "one array per input, named by it, instead of x")
+            x = {next(iter(specs)): x}
+        elif set(x) != set(specs):
             raise KshrinkError(
-                f"data {data.name!r} does not fit model {model.name!r}: {part} rows have shape "
-                f"{got}, the model expects {tuple(expected)}"
-            )
+                f"data {data.name!r} has the arrays {', '.join(sorted(x))}; model "
+                f"{model.name!r} takes the inputs {', '.join(sorted(specs))}")
+        for name, values in x.items():
+            expected, got = tuple(specs[name].shape[1:]), tuple(values.shape[1:])
+            if len(got) != len(expected) or any(e is not None and e != g
+                                                for e, g in zip(expected, got)):
+                raise KshrinkError(
+                    f"data {data.name!r} does not fit model {model.name!r}: "
+                    f"{name if named else 'x'}{part} rows "
+                    f"have shape {got}, the model expects {expected}"
+                )

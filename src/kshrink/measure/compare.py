@@ -12,7 +12,6 @@ import keras
 import numpy as np
 
 from kshrink.core.data import check_data, labels_of, model_inputs
-from kshrink.errors import MeasurementError
 from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
 from kshrink.measure.files import FileSize, file_size
 from kshrink.measure.latency import Latency, latency, latency_in_turns
@@ -161,7 +160,9 @@ def example_inputs(model: keras.Model, n: int, seed: int = 0):
             return rng.integers(0, 2, size=shape).astype(spec.dtype)
         return rng.random(shape, dtype=np.float32)
 
-    return keras.tree.map_structure(example, model.input)
+    single = len(model.inputs) == 1  # `model.input` is unset on a Sequential built by shape
+    return example(model.inputs[0]) if single else keras.tree.map_structure(example,
+                                                                           model.input)
 
 
 def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table:

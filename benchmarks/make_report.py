@@ -193,6 +193,32 @@ def post_training_section(data):
     return "\n\n".join(parts)
 
 
+def transformers_section(data):
+    titles = {"bert_minilm": "BertBackbone, MiniLM-L6 size (22.7M parameters)",
+              "encoder_classifier": "functional model around keras-hub blocks"}
+    rows = []
+    for r in data["rows"]:
+        if r["tool"] == "float":
+            continue
+        reload = ("error: " + r["reload_error"][:70] if "reload_error" in r
+                  else f"yes (max diff {r['reload_max_diff']:.1e})")
+        rows.append((titles.get(r["model"], r["model"]), r["mode"], r["tool"],
+                     f"{r['weight_ratio']:.2f}x", f"{r['file_mb']:.1f} MB", f"{r['cosine']:.4f}",
+                     reload, f"{r['seconds']:.0f}"))
+    return "\n\n".join([
+        "## Quantizing keras-hub transformers",
+        "`benchmarks/transformers.py`: kshrink's `Quantize` against Keras' own `model.quantize` "
+        "(int8; int4 with groups of 128) on the same models in the same run. Both are built "
+        "from config with random weights (nothing downloads), so *cosine* (mean cosine of all "
+        "outputs against float, on 64 random 128-token sequences) compares the tools, not a "
+        "task. *weights* is fp32 weight bytes over quantized weight bytes; *reloads* saves the "
+        "`.keras` file, loads it with plain Keras and compares the outputs.",
+        table(("model", "mode", "tool", "weights", ".keras file", "cosine", "reloads",
+               "seconds"), rows),
+        environment_line(data["environment"]),
+    ])
+
+
 def load_large_section(data):
     by_model = {}
     for r in data["rows"]:
@@ -301,6 +327,7 @@ def main():
                          ("deep_compression", deep_compression_section),
                          ("structured", structured_section),
                          ("post_training", post_training_section),
+                         ("transformers", transformers_section),
                          ("export", export_section),
                          ("load_large", load_large_section),
                          ("fuzz_loader", fuzz_section)):

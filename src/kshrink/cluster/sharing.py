@@ -84,7 +84,7 @@ class ClusterHandler(Handler):
 
         chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
         if not chosen:
-            raise KshrinkError("cluster: no layer left to cluster after selection and exclusions")
+            raise ctx.nothing_left("cluster", "cluster")
         weighted = config.weighted
         if weighted is None:  # measured: helps per-channel codebooks, not per-layer ones
             weighted = ctx.data is not None and config.granularity == "channel"

@@ -155,13 +155,19 @@ def replace_layers(model: keras.Model, replace) -> keras.Model:
             replaced[id(layer)] = new
     if not replaced:
         return model
-    fixed = [m for m in [model, *_all_layers(model)]
+    _check_rebuildable(model, nested=False)  # nested models are kept as they are
+    return keras.models.clone_model(model, clone_function=lambda l: replaced.get(id(l), l),
+                                    recursive=True)
+
+
+def _check_rebuildable(model: keras.Model, nested: bool = True) -> None:
+    """Raises unless `model` (and, if `nested`, the models in it) is plain (`is_plain`): a
+    rebuilt model subclass would silently come back as a plain functional model."""
+    fixed = [m for m in [model, *(_all_layers(model) if nested else ())]
              if isinstance(m, keras.Model) and not is_plain(m)]
     if fixed:
         raise ValueError(f"{type(fixed[0]).__name__} builds its layers in its constructor; "
                          "they can only be changed in place")
-    return keras.models.clone_model(model, clone_function=lambda l: replaced.get(id(l), l),
-                                    recursive=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +191,10 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
     `call_function`), without tracing. Nested models are kept as they are.
     """
     replacements = {id(layer): replace(layer) for layer in model.layers}
+    if all(found is layer for layer in model.layers
+           for found in [replacements[id(layer)]]):
+        return model
+    _check_rebuildable(model, nested=False)  # nested models are kept as they are
 
     def chain(layer):
         found = replacements.get(id(layer), layer)

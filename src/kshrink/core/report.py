@@ -16,7 +16,7 @@ class LayerResult:
     """What one technique did to one layer.
 
     Attributes:
-        layer: the layer's name.
+        layer: the layer's name, or its path inside a custom layer (`block/query`).
         layer_type: its class name.
         action: `"applied"` or `"skipped"`.
         detail: what was done (e.g. "int8 weights, per-channel scales") or why it was skipped.

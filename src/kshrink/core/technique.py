@@ -20,7 +20,7 @@ import keras
 from kshrink.core.graph import leaf_layers, owner_of, path_of
 from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.select import Select
-from kshrink.errors import RecipeError, short
+from kshrink.errors import KshrinkError, RecipeError, short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +222,16 @@ class StepContext:
             else:
                 chosen.append(layer)
         return chosen
+
+    def nothing_left(self, technique: str, verb: str) -> KshrinkError:
+        """The error for a step that found no layer to work on, with the first reason a layer
+        was skipped for."""
+        message = f"{technique}: no layer left to {verb} after selection and exclusions"
+        skipped = [r for r in self.results if r.action == SKIPPED]
+        if skipped:
+            message += (f" ({len(skipped)} skipped; the first, {skipped[0].layer}: "
+                        f"{skipped[0].detail})")
+        return KshrinkError(message)
 
     def sort_results(self, model: keras.Model) -> None:
         """Orders the recorded results as the layers stand in `model`."""

@@ -20,7 +20,7 @@ from collections import Counter
 import keras
 import numpy as np
 
-from kshrink.core.graph import graph_calls, is_functional, rewrite
+from kshrink.core.graph import graph_calls, is_functional, is_plain, rewrite
 from kshrink.layers.specs import scale_output_channels, spec_for
 
 
@@ -49,6 +49,14 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
     of `model` (layers inside nested models are refused with the reason)."""
     plan = FoldPlan()
     if not (isinstance(model, keras.Sequential) or is_functional(model)):
+        return plan
+    if not is_plain(model):
+        # A model subclass (a keras-hub Backbone) builds its graph in its constructor: a
+        # rewritten graph would lose the class. Its BatchNorms stay.
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                plan.refused[layer.name] = (f"part of {type(model).__name__}, whose "
+                                            "constructor builds its layers")
         return plan
     calls, _, outputs = graph_calls(model)
     producer = {id(t): layer for layer, _, outs in calls for t in outs}

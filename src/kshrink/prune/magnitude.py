@@ -119,7 +119,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
                 config, sparsity=sparsity,
                 initial_sparsity=min(config.initial_sparsity * scale, sparsity))
     if not chosen:
-        raise KshrinkError("prune: no layer left to prune after selection and exclusions")
+        raise ctx.nothing_left("prune", "prune")
     for layer in chosen:
         for w in kernel_weights(layer):
             masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axes(layer, w.name),

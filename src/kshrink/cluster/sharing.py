@@ -16,7 +16,7 @@ import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import leaf_layers, replace_layers
+from kshrink.core.graph import leaf_layers, owner_of, replace_layers
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -82,7 +82,10 @@ class ClusterHandler(Handler):
                 return f"{type(layer).__name__}: no kernel to share"
             return None
 
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
+        # Without training, the layers a container builds take their centroids in place;
+        # training the centroids needs a wrapper, which those layers cannot have.
+        in_place = (lambda layer: True) if ctx.train_steps is None else None
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place)
         if not chosen:
             raise ctx.nothing_left("cluster", "cluster")
         weighted = config.weighted
@@ -91,12 +94,28 @@ class ClusterHandler(Handler):
         if weighted and ctx.data is None:
             raise KshrinkError("cluster: weighted=true needs calibration data: pass data=(x, y) "
                                "(or just x) to compress")
+        wrapped = [layer for layer in chosen if not owner_of(layer)]
         importance = (input_energy(model, model_inputs(ctx.data, config.calibration_samples),
-                                   chosen) if weighted else {})
+                                   wrapped) if weighted else {})
         ctx.state["weighted"] = set(importance)
+        for layer in chosen:
+            if owner_of(layer):
+                self._share_in_place(layer, config, ctx)
         wrappers = {id(layer): self._wrap(layer, config, importance.get(layer.name))
-                    for layer in chosen}
+                    for layer in wrapped}
         return replace_layers(model, lambda l: wrappers.get(id(l), l))
+
+    @staticmethod
+    def _share_in_place(layer, config: Cluster, ctx: StepContext) -> None:
+        distinct = []
+        for w, spec in kernel_specs(layer):
+            centroids, assignment, keep = cluster_kernel(keras.ops.convert_to_numpy(w.value),
+                                                         spec.output_axes, config)
+            values = centroids.reshape(-1)[assignment] * keep
+            values = np.where(values == 0, np.zeros_like(values), values)  # no -0.0
+            w.assign(values.astype(w.dtype))
+            distinct.append(len(np.unique(values)))
+        ctx.applied(layer, _describe(config, distinct, weighted=False))
 
     @staticmethod
     def _wrap(layer, config: Cluster, importance=None) -> ClusterWrapper:
@@ -124,15 +143,18 @@ class ClusterHandler(Handler):
                 kernel.assign(values)
                 kernel.trainable = True
                 distinct.append(len(np.unique(values)))
-            per = "layer" if config.granularity == "layer" else "output channel"
-            ctx.applied(wrapper.layer, f"{config.clusters} clusters per {per}; "
-                                       f"{max(distinct)} distinct values"
-                                       + (", zeros kept" if config.preserve_sparsity else "")
-                                       + (", weighted by input energy"
-                                          if wrapper.layer.name in ctx.state["weighted"] else ""))
+            ctx.applied(wrapper.layer, _describe(
+                config, distinct, wrapper.layer.name in ctx.state["weighted"]))
         unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)
         ctx.sort_results(unwrapped)
         return unwrapped
+
+
+def _describe(config: Cluster, distinct: list, weighted: bool) -> str:
+    per = "layer" if config.granularity == "layer" else "output channel"
+    return (f"{config.clusters} clusters per {per}; {max(distinct)} distinct values"
+            + (", zeros kept" if config.preserve_sparsity else "")
+            + (", weighted by input energy" if weighted else ""))
 
 
 @register_technique("cluster", handler=ClusterHandler(), stage=40)

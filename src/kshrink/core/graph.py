@@ -155,7 +155,7 @@ def replace_layers(model: keras.Model, replace) -> keras.Model:
             replaced[id(layer)] = new
     if not replaced:
         return model
-    _check_rebuildable(model, nested=False)  # nested models are kept as they are
+    _check_rebuildable(model)
     return keras.models.clone_model(model, clone_function=lambda l: replaced.get(id(l), l),
                                     recursive=True)
 
@@ -191,8 +191,7 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
     `call_function`), without tracing. Nested models are kept as they are.
     """
     replacements = {id(layer): replace(layer) for layer in model.layers}
-    if all(found is layer for layer in model.layers
-           for found in [replacements[id(layer)]]):
+    if all(replacements[id(layer)] is layer for layer in model.layers):
         return model
     _check_rebuildable(model, nested=False)  # nested models are kept as they are
 

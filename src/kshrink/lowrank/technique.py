@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import layer_inputs, rewrite
+from kshrink.core.graph import layer_inputs, owner_of, rewrite
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -33,9 +33,12 @@ class LowRankHandler(Handler):
         top_level = {id(layer) for layer in model.layers}
 
         def reason(layer):
-            if id(layer) not in top_level:
-                return "inside a nested model"
-            return is_factorizable(layer)
+            if is_factorizable(layer):
+                return is_factorizable(layer)
+            if owner_of(layer):
+                return f"{owner_of(layer)}: a factorized layer is two layers, and this one " \
+                       "can only change in place"
+            return "inside a nested model" if id(layer) not in top_level else None
 
         chosen = ctx.choose_layers(model, config.layers, config.exclude, reason)
         inputs = {}

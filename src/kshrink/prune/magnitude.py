@@ -14,11 +14,12 @@ model = kshrink.prune.strip(pruned)  # stock layers, zeros baked in, same layer 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import keras
 import numpy as np
 
-from kshrink.core.graph import copy_model, leaf_layers, replace_layers
+from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -58,6 +59,16 @@ class PruneHandler(Handler):
                 for v in kernel_weights(layer):
                     v.assign(dense[id(v)])
             prune_from_calibration(wrapped, effective, ctx)
+            for handle in _IN_PLACE.get(wrapped, ()):  # the solver sees the graph's layers
+                ctx.state["methods"][path_of(handle.layer)] = (
+                    f"magnitude: {config.method} does not reach layers inside custom layers "
+                    "yet")
+                for w, mask in zip(handle.pruned, handle.masks):
+                    w.assign(_apply(keras.ops.convert_to_numpy(w.value),
+                                    keras.ops.convert_to_numpy(mask.value)))
+        if ctx.train_steps is not None:
+            for handle in _IN_PLACE.get(wrapped, ()):
+                handle.hold()  # fixed masks (see _choose_layers): kept while training
         return wrapped
 
     def callbacks(self, model, config: Prune, ctx: StepContext):
@@ -70,16 +81,16 @@ class PruneHandler(Handler):
         stripped = strip(model, None if fixed else ctx.state["config"])
         zeros_total = size_total = 0
         for layer in leaf_layers(stripped):
-            if layer.name in ctx.state["counted"]:
+            if path_of(layer) in ctx.state["counted"]:
                 weights = [np.asarray(keras.ops.convert_to_numpy(w.value))
                            for w in kernel_weights(layer)]
                 size = sum(w.size for w in weights)
                 zeros = sum(int(np.sum(w == 0)) for w in weights)
                 zeros_total, size_total = zeros_total + zeros, size_total + size
-                if layer.name in ctx.state["pruned"]:
+                if path_of(layer) in ctx.state["pruned"]:
                     target = ("global threshold" if config.scope == "global" else
                               f"target {ctx.state['config'].target_sparsity:.3f}")
-                    how = ctx.state.get("methods", {}).get(layer.name, config.method)
+                    how = ctx.state.get("methods", {}).get(path_of(layer), config.method)
                     ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
                                        f"{config.pattern}, {how})")
         ctx.sort_results(stripped)
@@ -101,8 +112,13 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
             return f"{type(layer).__name__}: no prunable weights"
         return None
 
-    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason)
-    ctx.state["counted"] = {l.name for l in chosen}
+    # A layer built by its container is pruned where it stands, with no wrapper, so its mask
+    # cannot follow a schedule while training: there it takes fixed masks only.
+    fixed = (config.schedule == "one_shot" or config.pattern_spec.is_n_of_m
+             or config.method != "magnitude")
+    in_place = (lambda layer: True) if fixed or ctx.train_steps is None else None
+    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place)
+    ctx.state["counted"] = {path_of(l) for l in chosen}
     effective = config
     if config.skip_first_last and config.layers is None and len(everything) > 2:
         ends = _ends_kept_dense(chosen, everything, config)
@@ -123,8 +139,8 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     for layer in chosen:
         for w in kernel_weights(layer):
             masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axes(layer, w.name),
-                               f"layer {layer.name!r} ({w.name} {tuple(w.shape)})")
-    ctx.state["pruned"] = {l.name for l in chosen}
+                               f"layer {path_of(layer)!r} ({w.name} {tuple(w.shape)})")
+    ctx.state["pruned"] = {path_of(l) for l in chosen}
     return chosen, effective
 
 
@@ -167,9 +183,10 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
         model = copy_model(model)
     if layers is None:
         layers, config = _choose_layers(model, config, StepContext(original=model))
-    ids = {id(l) for l in layers}
+    ids = {id(l) for l in layers if not owner_of(l)}
     wrapped = replace_layers(model, lambda l: PruneWrapper(l) if id(l) in ids else l)
     wrapped._kshrink_pruning = config  # what PruningCallback and strip use by default
+    _IN_PLACE[wrapped] = [InPlaceMasks(l) for l in layers if owner_of(l)]
     if config.schedule == "one_shot" or config.pattern_spec.is_n_of_m:
         update_masks(_wrappers(wrapped), config.target_sparsity, config)
     return wrapped
@@ -188,6 +205,8 @@ def strip(model: keras.Model, config: Prune | None = None) -> keras.Model:
         for weight, mask in zip(wrapper.pruned, wrapper.masks):
             weight.assign(_apply(keras.ops.convert_to_numpy(weight.value),
                                  keras.ops.convert_to_numpy(mask.value)))
+        if isinstance(wrapper, InPlaceMasks):
+            wrapper.release()
     return replace_layers(model, lambda l: l.layer if isinstance(l, PruneWrapper) else l)
 
 
@@ -215,8 +234,48 @@ def _apply(weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask > 0, weights, np.zeros_like(weights))
 
 
-def _wrappers(model) -> list[PruneWrapper]:
-    return [l for l in leaf_layers(model) if isinstance(l, PruneWrapper)]
+class InPlaceMasks:
+    """The masks of a layer that cannot be wrapped (one a container or a model subclass
+    builds), with `PruneWrapper`'s `layer`, `pruned` and `masks`: pruning zeroes its weights
+    in place. While training, `hold` keeps the zeros through each optimizer step with a
+    variable constraint; the mask is then fixed, as a constraint is traced once under JAX.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.pruned = kernel_weights(layer)
+        self.masks = [keras.Variable(np.ones(w.shape, dtype="float32"), trainable=False,
+                                     name=f"{w.name}_mask") for w in self.pruned]
+        self._constraints = None
+
+    def hold(self) -> None:
+        self._constraints = [w.constraint for w in self.pruned]
+        for w, mask, before in zip(self.pruned, self.masks, self._constraints):
+            w.constraint = _KeepZeros(keras.ops.convert_to_numpy(mask.value), before)
+
+    def release(self) -> None:
+        if self._constraints is not None:
+            for w, before in zip(self.pruned, self._constraints):
+                w.constraint = before
+            self._constraints = None
+
+
+class _KeepZeros:
+    def __init__(self, mask: np.ndarray, before=None):
+        self.mask, self.before = mask, before
+
+    def __call__(self, value):
+        value = self.before(value) if self.before is not None else value
+        return keras.ops.multiply(value, keras.ops.cast(self.mask, value.dtype))
+
+
+# The in-place masks of each model `wrap` made, beside its wrappers.
+_IN_PLACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _wrappers(model) -> list:
+    return ([l for l in leaf_layers(model) if isinstance(l, PruneWrapper)]
+            + _IN_PLACE.get(model, []))
 
 
 class PruningCallback(keras.callbacks.Callback):

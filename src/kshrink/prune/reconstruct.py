@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import leaf_layers, path_of
 from kshrink.errors import KshrinkError
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
 from kshrink.reconstruct import reconstruct, sparsegpt, unsupported, wanda
@@ -39,7 +39,7 @@ def prune_from_calibration(model, config, ctx) -> None:
     for wrapper in wrappers.values():
         reason = unsupported(wrapper.layer)
         if reason:
-            methods[wrapper.layer.name] = f"magnitude: {config.method} does not take {reason}"
+            methods[path_of(wrapper.layer)] = f"magnitude: {config.method} does not take {reason}"
         else:
             targets.append((wrapper, wrapper.layer))
     ctx.state["methods"] = methods

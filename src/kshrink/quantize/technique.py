@@ -292,7 +292,9 @@ def _describe(plan: _Plan, activation_bits, input_range, by: str) -> str:
 class Quantize(Technique):
     """Quantizes the weights of every layer with kernels, optionally the activations too.
 
-    Dense, EinsumDense and Embedding go to int8/int4 through Keras itself (`model.quantize`).
+    Dense, EinsumDense and Embedding go to int8/int4 through Keras itself (`model.quantize`),
+    in place, also inside custom layers such as keras-hub's transformer blocks (named by path,
+    `transformer_layer_0/self_attention_layer/query`); their file reloads quantized.
     Convolutions (Conv1D/2D/3D, Depthwise, Separable, transposed) become kshrink's quantized
     layers, which keep their kernels int8 / packed int4 in memory and in the file. float16
     and bfloat16 store any of these layers' kernels at half width and compute in float32.

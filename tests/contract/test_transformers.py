@@ -1,4 +1,4 @@
-"""Techniques reach the layers inside keras-hub blocks: built from config (small, random
+"""Every technique reaches the layers inside keras-hub blocks: built from config (small, random
 weights, offline), quantized in place, saved and reloaded with the same outputs."""
 
 import warnings
@@ -112,13 +112,71 @@ def test_a_backbone_keeps_its_class_and_reloads(tmp_path):
                                atol=1e-6)
 
 
+def _zeros(layer):
+    return float(np.mean(keras.ops.convert_to_numpy(layer.kernel) == 0))
+
+
+def _inner(model, path):
+    return next(l for l in leaf_layers(model) if path_of(l) == path)
+
+
 def test_steps_that_replace_layers_skip_sublayers_and_say_why():
     model = _encoder_classifier()
-    small, report = kshrink.compress(model, kshrink.Prune(sparsity=0.5, schedule="one_shot"))
+    small, report = kshrink.compress(model, kshrink.LowRank(rank=4))
+    skipped = {r.layer: r.detail for r in report.steps[0].skipped}
+    assert "inside TransformerEncoder 'block'" in skipped["block/feedforward_output_dense"]
+    assert "in place" in skipped["block/feedforward_output_dense"]
+    assert isinstance(small.get_layer("block"), keras_hub.layers.TransformerEncoder)
+
+
+def test_pruning_reaches_sublayers_in_place_and_the_file_reloads(tmp_path):
+    model = _encoder_classifier()
+    small, report = kshrink.compress(model, kshrink.Prune(sparsity=0.5, schedule="one_shot",
+                                                          skip_first_last=False))
+    applied = {r.layer for r in report.steps[0].applied}
+    assert {"block/self_attention_layer/query", "block/feedforward_output_dense"} <= applied
+    for path in ("block/self_attention_layer/key", "block/feedforward_intermediate_dense"):
+        assert abs(_zeros(_inner(small, path)) - 0.5) < 0.02
+    assert abs(_zeros(_inner(model, "block/self_attention_layer/key")) - 0.5) > 0.4  # a copy
+    x = _tokens()
+    reloaded = _reload(small, tmp_path, "pruned")
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), small.predict(x, verbose=0),
+                               atol=1e-6)
+
+
+def test_fine_tuning_keeps_the_zeros_of_sublayers():
+    model = _encoder_classifier()
+    x, y = _tokens(64), np.random.default_rng(1).integers(0, 3, 64)
+    small, _ = kshrink.compress(
+        model, kshrink.Prune(sparsity=0.5, schedule="one_shot", skip_first_last=False),
+        data=(x, y), fine_tune=kshrink.FineTune(epochs=2, batch_size=16, learning_rate=1e-2))
+    for path in ("block/self_attention_layer/value", "block/feedforward_output_dense"):
+        layer = _inner(small, path)
+        assert _zeros(layer) >= 0.49
+        assert layer.kernel.constraint is None  # the training-time hold is gone
+    moved = np.abs(keras.ops.convert_to_numpy(_inner(small, "block/feedforward_output_dense")
+                                               .kernel) - keras.ops.convert_to_numpy(
+        _inner(model, "block/feedforward_output_dense").kernel))
+    assert moved.max() > 1e-4  # it trained
+
+
+def test_a_gradual_schedule_leaves_sublayers_dense_and_says_why():
+    model = _encoder_classifier()
+    x, y = _tokens(32), np.random.default_rng(1).integers(0, 3, 32)
+    _, report = kshrink.compress(model, kshrink.Prune(sparsity=0.5), data=(x, y),
+                                 fine_tune=kshrink.FineTune(epochs=1, batch_size=16))
     skipped = {r.layer: r.detail for r in report.steps[0].skipped}
     assert "inside TransformerEncoder 'block'" in skipped["block/self_attention_layer/query"]
-    assert "head" in {r.layer for r in report.steps[0].applied}
-    assert isinstance(small.get_layer("block"), keras_hub.layers.TransformerEncoder)
+
+
+def test_clustering_reaches_sublayers_in_place():
+    model = _encoder_classifier()
+    small, report = kshrink.compress(model, kshrink.Cluster(clusters=8))
+    assert "block/self_attention_layer/query" in {r.layer for r in report.steps[0].applied}
+    kernel = keras.ops.convert_to_numpy(_inner(small, "block/self_attention_layer/query").kernel)
+    assert len(np.unique(kernel)) <= 8
+    x = _tokens()
+    assert _cosine(model.predict(x, verbose=0), small.predict(x, verbose=0)) > 0.9
 
 
 class _Opaque(keras.layers.Layer):

@@ -13,7 +13,7 @@ import dataclasses
 
 import keras
 
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import leaf_layers, path_of
 from kshrink.layers.specs import layer_macs
 from kshrink.render import Table
 
@@ -40,5 +40,5 @@ def macs(model: keras.Model) -> MacStats:
     for layer in leaf_layers(model):
         count = layer_macs(layer)
         if count is not None:
-            counted[layer.name] = (type(layer).__name__, count)
+            counted[path_of(layer)] = (type(layer).__name__, count)
     return MacStats(counted)

@@ -8,7 +8,7 @@ from collections import Counter
 import keras
 import numpy as np
 
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import leaf_layers, path_of
 from kshrink.render import Table
 
 # Keras' int4 layers keep two 4-bit values in each int8 of these variables (kshrink's own
@@ -105,7 +105,7 @@ def weight_stats(model: keras.Model) -> WeightStats:
             parameters += count
             nonzeros += nz
             by_dtype[kind] += values.nbytes
-        layers.append(LayerWeights(layer.name, type(layer).__name__, parameters, nonzeros,
+        layers.append(LayerWeights(path_of(layer), type(layer).__name__, parameters, nonzeros,
                                    dict(sorted(by_dtype.items()))))
     return WeightStats(tuple(layers))
 

@@ -153,3 +153,28 @@ def test_a_diverging_fine_tune_stops_and_keeps_nothing():
         kshrink.compress(small_mlp(), kshrink.Prune(), data=(x * 1e30, y),
                          fine_tune=kshrink.FineTune(epochs=2, learning_rate=10.0,
                                                     optimizer="sgd", verbose=False))
+
+
+def test_each_step_reports_its_fidelity_and_warns_when_it_loses_much(trained, digits):
+    recipe = [kshrink.Prune(sparsity=0.95, schedule="one_shot", skip_first_last=False,
+                            reestimate_batchnorm=False),
+              Quantize(mode="int8")]
+    with pytest.warns(UserWarning, match="prune lowered top-1 agreement with the original"):
+        _, report = kshrink.compress(trained, recipe, data=digits.train,
+                                     validation_data=digits.test, fidelity_samples=100)
+    prune, quantize = (step.fidelity for step in report.steps)
+    assert prune.examples == 100 and prune.held_back
+    assert prune.agreement < 0.9 and "weights moved most in" in prune.warning
+    moved = prune.warning.split("weights moved most in ")[1]
+    assert moved.split(" (")[0] in {"conv1", "conv2", "fc1", "fc2"}
+    assert quantize.warning is None  # int8 after pruning loses little more
+    assert abs(quantize.agreement - prune.agreement) < 0.05
+    assert "outputs against the original, after each step" in report.to_text()
+
+
+def test_fidelity_can_be_turned_off_and_is_checked(trained, digits):
+    _, report = kshrink.compress(trained, Quantize(mode="int8"), data=digits.train,
+                                 fidelity_samples=0)
+    assert report.steps[0].fidelity is None
+    with pytest.raises(kshrink.KshrinkError, match="fidelity_samples"):
+        kshrink.compress(trained, Quantize(), data=digits.train, fidelity_samples=-1)

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
-from kshrink.core.report import CompressionReport
+from kshrink.core.report import CompressionReport, StepFidelity, StepReport
 from kshrink.core.technique import StepContext, handler_for
 from kshrink.core.training import FineTune, check_finite_weights
 from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
-from kshrink.measure.weights import weight_stats
+from kshrink.measure.accuracy import fidelity, predict
+from kshrink.measure.weights import weight_drift, weight_stats
 from kshrink.reconstruct import correct_batchnorm
 
 CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
 
 
 def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
-             fine_tune: FineTune | None = None):
+             fine_tune: FineTune | None = None, fidelity_samples: int = 128,
+             fidelity_tolerance: float = 0.02):
     """Compresses a copy of `model` with `recipe`; `model` itself is never modified.
 
     Args:
@@ -30,6 +35,12 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         validation_data: held-out `(x, y)`, for early stopping and progress.
         fine_tune: how to train between each technique's prepare and finalize (default: the
             recipe's `fine_tune`, else no training). Needs `data`.
+        fidelity_samples: with data, after every step the outputs are compared with the
+            original's on this many examples (the last ones of `validation_data`, else of
+            `data`); 0 turns it off.
+        fidelity_tolerance: a step that lowers top-1 agreement with the original (for a model
+            that is not a classifier, the outputs' cosine) by more than this gets a one-line
+            warning naming the layers whose weights moved most.
 
     Returns:
         `(compressed_model, CompressionReport)`.
@@ -47,8 +58,13 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     check_data(validation_data, model, "validation_data")
     if fine_tune is not None and data is None:
         raise KshrinkError("fine-tuning needs training data: pass data=(x, y)")
+    if not isinstance(fidelity_samples, int) or fidelity_samples < 0:
+        raise KshrinkError("fidelity_samples must be a whole number >= 0. Received: "
+                           f"fidelity_samples={fidelity_samples!r}")
     work = copy_model(model)
     check_finite_weights(work, "in the model to compress")
+    probe = _FidelityProbe.of(model, validation_data or data, fidelity_samples,
+                              held_back=validation_data is not None, tolerance=fidelity_tolerance)
     before = weight_stats(work)
     steps = []
     for technique in recipe:
@@ -64,7 +80,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         work = handler.finalize(work, technique, ctx)
         if technique.reestimates_batchnorm(data is not None, trains):
             _reestimate_batchnorm(work, data, technique, ctx)
-        steps.append(handler.report(work, technique, ctx))
+        step = handler.report(work, technique, ctx)
+        steps.append(step if probe is None else probe.measure(step, work))
     after = weight_stats(work)
     report = CompressionReport(
         steps=tuple(steps),
@@ -83,3 +100,42 @@ def _reestimate_batchnorm(model, data, technique, ctx: StepContext) -> None:
                              only_if_closer=technique.reestimate_batchnorm is None)
     if note:
         ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
+
+
+class _FidelityProbe:
+    """The original's outputs on a few examples, to score each step's model against."""
+
+    def __init__(self, original, x, held_back: bool, tolerance: float):
+        self.original, self.x, self.held_back = original, x, held_back
+        self.tolerance = tolerance
+        self.reference = predict(original, x)
+        self.last = 1.0
+
+    @classmethod
+    def of(cls, original, data, samples: int, *, held_back: bool, tolerance: float):
+        if data is None or samples == 0:
+            return None
+        x = model_inputs(data)
+        n = example_count(x)
+        count = min(samples, n)
+        # The last examples: calibration reads the first ones, so they are held back when
+        # there are enough.
+        held_back = held_back or n - count >= CALIBRATION_SAMPLES
+        x = keras.tree.map_structure(lambda v: v[n - count:], x)
+        return cls(original, x, held_back, tolerance)
+
+    def measure(self, step: StepReport, model) -> StepReport:
+        f = fidelity(self.reference, predict(model, self.x))
+        result = StepFidelity(example_count(self.x), self.held_back, round(f.cosine, 6),
+                              None if f.top1_agreement is None else round(f.top1_agreement, 6))
+        warning = None
+        if self.last - result.score > self.tolerance:
+            moved = ", ".join(f"{path} ({change:.0%})"
+                              for path, change in weight_drift(self.original, model)[:3])
+            measure = "cosine" if result.agreement is None else "top-1 agreement"
+            warning = (f"{step.technique} lowered {measure} with the original from "
+                       f"{self.last:.3f} to {result.score:.3f}"
+                       + (f"; weights moved most in {moved}" if moved else ""))
+            warnings.warn(warning, stacklevel=3)
+        self.last = result.score
+        return dataclasses.replace(step, fidelity=dataclasses.replace(result, warning=warning))

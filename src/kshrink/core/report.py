@@ -29,13 +29,40 @@ class LayerResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepFidelity:
+    """How closely the model after a step follows the original, on examples of the data.
+
+    Attributes:
+        examples: how many examples it was measured on.
+        held_back: whether those examples are disjoint from the ones calibration used.
+        cosine: mean cosine similarity of the outputs.
+        agreement: top-1 agreement (None unless the model is a classifier).
+        warning: one line when the step lost more than the tolerance, naming the layers
+            whose weights moved most; else None.
+    """
+
+    examples: int
+    held_back: bool
+    cosine: float
+    agreement: float | None = None
+    warning: str | None = None
+
+    @property
+    def score(self) -> float:
+        """Agreement for a classifier, else cosine: what the tolerance is checked against."""
+        return self.cosine if self.agreement is None else self.agreement
+
+
+@dataclasses.dataclass(frozen=True)
 class StepReport:
-    """The outcome of one recipe step."""
+    """The outcome of one recipe step, with its fidelity to the original when data was
+    given."""
 
     technique: str
     options: dict
     layers: tuple[LayerResult, ...]
     summary: str | None = None
+    fidelity: StepFidelity | None = None
 
     @property
     def applied(self) -> tuple[LayerResult, ...]:
@@ -59,7 +86,7 @@ class CompressionReport:
     """Every step of a `kshrink.compress` run, with the weight totals before and after.
 
     The report holds no timings, so the same model and recipe give the same report on every
-    backend.
+    backend (with data, up to float rounding in the fidelity figures).
     """
 
     steps: tuple[StepReport, ...]
@@ -85,7 +112,19 @@ class CompressionReport:
                  smaller(self.weight_bytes_before, self.weight_bytes_after)),
             ],
         )
-        return [step.table() for step in self.steps] + [summary]
+        tables = [step.table() for step in self.steps] + [summary]
+        measured = [step for step in self.steps if step.fidelity is not None]
+        if measured:
+            f = measured[0].fidelity
+            which = "held-back examples" if f.held_back else "examples also used to calibrate"
+            tables.append(Table(
+                title=f"outputs against the original, after each step, on {f.examples} {which}",
+                columns=("step", "top-1 agreement", "cosine", ""),
+                rows=[(step.technique,
+                       "-" if step.fidelity.agreement is None else f"{step.fidelity.agreement:.4f}",
+                       f"{step.fidelity.cosine:.4f}", step.fidelity.warning or "")
+                      for step in measured]))
+        return tables
 
     def to_text(self) -> str:
         return "\n\n".join(t.to_text() for t in self.tables())

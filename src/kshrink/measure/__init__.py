@@ -11,11 +11,11 @@ from kshrink.measure.files import FileSize, file_size
 from kshrink.measure.latency import Latency, latency
 from kshrink.measure.load import LoadCost, load_cost
 from kshrink.measure.macs import MacStats, layer_macs, macs
-from kshrink.measure.weights import LayerWeights, WeightStats, weight_stats
+from kshrink.measure.weights import LayerWeights, WeightStats, weight_drift, weight_stats
 
 __all__ = [
     "Comparison", "FileSize", "Fidelity", "LayerWeights", "Latency", "LoadCost", "MacStats",
     "Measurement", "WeightStats", "compare", "evaluate", "example_inputs", "fidelity",
     "file_size", "latency", "layer_macs", "load_cost", "macs", "measure", "predict",
-    "top1_accuracy", "weight_stats",
+    "top1_accuracy", "weight_drift", "weight_stats",
 ]

@@ -125,3 +125,42 @@ def _nonzero_nibbles(packed: np.ndarray) -> int:
 
 def _dtypes(by_dtype: dict[str, int]) -> str:
     return ", ".join(sorted(by_dtype)) or "-"
+
+
+def weight_drift(original: keras.Model, compressed: keras.Model) -> list[tuple[str, float]]:
+    """`(layer, relative change)` for every layer of `compressed` whose namesake in `original`
+    (by path) has weights of the same shapes, largest change first: the Frobenius norm of the
+    difference over the original's, all of the layer's weights together. kshrink's quantized
+    layers are compared through their dequantized kernels; layers holding integers in another
+    layout (Keras' own quantized layers) are left out."""
+    before = {path_of(layer): layer for layer in leaf_layers(original)}
+    drift = []
+    for layer in leaf_layers(compressed):
+        reference = before.get(path_of(layer))
+        if reference is None or not reference.weights:
+            continue
+        old, new = _float_weights(reference), _float_weights(layer)
+        if (len(old) != len(new) or any(a.shape != b.shape for a, b in zip(old, new))
+                or getattr(layer, "quantization_mode", None)):
+            continue
+        scale = np.sqrt(sum(np.sum(a ** 2) for a in old))
+        if scale > 0:
+            change = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(old, new)))
+            drift.append((path_of(layer), float(change / scale)))
+    return sorted(drift, key=lambda item: -item[1])
+
+
+def _float_weights(layer) -> list[np.ndarray]:
+    """The weights `layer` computes with, as float64, in a fixed order."""
+    kernels = []
+    for name in ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings"):
+        try:
+            value = getattr(layer, name, None)
+        except (AttributeError, ValueError):  # Keras int4 layers may refuse some views
+            value = None
+        if value is not None:
+            kernels.append(np.asarray(keras.ops.convert_to_numpy(value), dtype="float64"))
+    if kernels:
+        return kernels
+    return [np.asarray(keras.ops.convert_to_numpy(w.value), dtype="float64")
+            for w in layer.weights]

@@ -178,3 +178,13 @@ def test_fidelity_can_be_turned_off_and_is_checked(trained, digits):
     assert report.steps[0].fidelity is None
     with pytest.raises(kshrink.KshrinkError, match="fidelity_samples"):
         kshrink.compress(trained, Quantize(), data=digits.train, fidelity_samples=-1)
+
+
+def test_progress_names_each_step_and_each_layer_solved(trained, digits):
+    messages = []
+    kshrink.compress(trained, Quantize(mode="int4", method="gptq"), data=digits.train,
+                     progress=messages.append, fidelity_samples=0)
+    assert messages[0] == "quantize"
+    solved = [m for m in messages if m.startswith("quantize, GPTQ: layer ")]
+    assert len(solved) >= 3 and solved[-1].split(":")[1].strip().startswith(
+        f"layer {len(solved)}/{len(solved)}")

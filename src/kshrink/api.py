@@ -24,7 +24,7 @@ CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
 
 def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
              fine_tune: FineTune | None = None, fidelity_samples: int = 128,
-             fidelity_tolerance: float = 0.02):
+             fidelity_tolerance: float = 0.02, progress=None):
     """Compresses a copy of `model` with `recipe`; `model` itself is never modified.
 
     Args:
@@ -41,6 +41,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         fidelity_tolerance: a step that lowers top-1 agreement with the original (for a model
             that is not a classifier, the outputs' cosine) by more than this gets a one-line
             warning naming the layers whose weights moved most.
+        progress: called with a short message as the work advances (each step, each layer a
+            calibration method solves), e.g. `print`; None for silence.
 
     Returns:
         `(compressed_model, CompressionReport)`.
@@ -70,7 +72,10 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     for technique in recipe:
         handler = handler_for(technique)
         trains = fine_tune is not None and handler.trains_with(technique)
+        if progress:
+            progress(technique.name)
         ctx = StepContext(original=model, data=data, validation_data=validation_data,
+                          progress=progress,
                           train_steps=(fine_tune.total_steps(example_count(model_inputs(data)))
                                        if trains else None))
         work = handler.prepare(work, technique, ctx)

@@ -148,9 +148,14 @@ def _compress(args) -> int:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
     model = _load(args, source)
     data = _data(args.data, model) if args.data else None
-    # No spinner here: fine-tuning shows Keras' own progress.
-    small, report = compress(model, recipe, data=data and data.train,
-                             validation_data=data and data.test)
+    if recipe.fine_tune is not None:  # fine-tuning shows Keras' own progress
+        small, report = compress(model, recipe, data=data and data.train,
+                                 validation_data=data and data.test)
+    else:
+        with _status("compressing") as status:
+            small, report = compress(
+                model, recipe, data=data and data.train, validation_data=data and data.test,
+                progress=lambda message: status.update(f"compressing: {message}"))
     save_model_file(small, target)
     if args.format == "json":
         print(report.to_json())

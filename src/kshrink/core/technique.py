@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import keras
@@ -173,6 +173,8 @@ class StepContext:
         results: per-layer outcomes the handler records with `applied`/`skipped`.
         state: anything the handler carries from `prepare` to `finalize`.
         summary: one line on the whole step, e.g. the sparsity reached against the target.
+        progress: called with a short message as long work advances (a layer solved), or
+            None.
     """
 
     original: keras.Model
@@ -182,6 +184,7 @@ class StepContext:
     results: list[LayerResult] = dataclasses.field(default_factory=list)
     state: dict = dataclasses.field(default_factory=dict)
     summary: str | None = None
+    progress: Callable[[str], None] | None = None
 
     def applied(self, layer: keras.layers.Layer, detail: str) -> None:
         self.results.append(LayerResult(path_of(layer), type(layer).__name__, APPLIED, detail))

@@ -59,4 +59,5 @@ def prune_from_calibration(model, config, ctx) -> None:
         mask.assign(from_matrix(kept, tuple(mask.shape), axes))
         return new
 
-    reconstruct(model, x, targets, solve)
+    say = ctx.progress and (lambda message: ctx.progress(f"prune, {config.method}: {message}"))
+    reconstruct(model, x, targets, solve, progress=say)

@@ -51,7 +51,9 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         found.setdefault(layer.name, {})[name] = scales
         return gptq(weights, hessian, grouped(per_row, g), qmax)
 
-    factors = reconstruct(model, x, targets, solve, reference=copy_model(model))
+    factors = reconstruct(model, x, targets, solve, reference=copy_model(model),
+                          progress=ctx.progress and (
+                              lambda message: ctx.progress(f"quantize, GPTQ: {message}")))
     for name, factor in factors.items():  # matched output spreads: the grid scales with them
         last = kernel_specs(layers[name])[-1][1].name
         found[name][last] = (found[name][last] * factor[None, :]).astype("float32")

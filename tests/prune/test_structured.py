@@ -147,3 +147,27 @@ def test_taylor_importance_removes_channels_the_loss_does_not_see(mlp, digits):
                                atol=1e-5)
     with pytest.raises(kshrink.KshrinkError, match="taylor importance needs data"):
         kshrink.compress(mlp, StructuredPrune(importance="taylor"))
+
+
+def test_reconstruct_refits_what_reads_removed_channels(trained, digits):
+    """Half of every layer's channels gone: the re-fitted layers (least squares on the
+    calibration data) follow the original's outputs far more closely than plain removal, on
+    examples the fit did not see; no BatchNorm re-estimation on either, to compare the fit."""
+    x, _ = digits.train
+    calibration, held = x[:256], digits.test[0][:200]
+    plain, _ = kshrink.compress(trained, StructuredPrune(ratio=0.5, reestimate_batchnorm=False),
+                                fidelity_samples=0)
+    refit, report = kshrink.compress(
+        trained, StructuredPrune(ratio=0.5, method="reconstruct", reestimate_batchnorm=False),
+        data=calibration, fidelity_samples=0)
+    assert "re-fitted by least squares on 256 examples" in report.steps[0].summary
+    assert [l.get_config().get("filters") for l in refit.layers] == [
+        l.get_config().get("filters") for l in plain.layers]  # the same channels removed
+    reference = outputs(trained, held)
+
+    def error(model):
+        return np.sum((outputs(model, held) - reference) ** 2) / np.sum(reference ** 2)
+
+    assert error(refit) < 0.25 * error(plain)  # measured: 0.03-0.06 against 0.67-0.70
+    with pytest.raises(kshrink.KshrinkError, match="method reconstruct re-fits layers on data"):
+        kshrink.compress(trained, StructuredPrune(method="reconstruct"))

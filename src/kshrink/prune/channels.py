@@ -185,8 +185,9 @@ def _cannot_see_through(layer, ins, outs) -> str | None:
     return None
 
 
-def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
-    """A new model without the channels of the `remove` groups, weights sliced to match."""
+def dropped(remove: list[Group]) -> tuple[dict, dict, dict]:
+    """`(output, input, per-channel)` channels each layer loses with the `remove` groups:
+    `{layer name: set of channel indices}` each."""
     drop_out, drop_in, drop_per = defaultdict(set), defaultdict(set), defaultdict(set)
     for group in remove:
         for name, c in group.producers:
@@ -195,6 +196,12 @@ def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
             drop_in[name].add(c)
         for name, c in group.per_channel:
             drop_per[name].add(c)
+    return drop_out, drop_in, drop_per
+
+
+def narrowed(model: keras.Model, remove: list[Group]) -> keras.Model:
+    """A new model without the channels of the `remove` groups, weights sliced to match."""
+    drop_out, drop_in, drop_per = dropped(remove)
     originals = {layer.name: layer for layer in model.layers}
 
     def clone(layer):

@@ -10,6 +10,7 @@ from collections import defaultdict
 import keras
 import numpy as np
 
+from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, replace_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -25,9 +26,12 @@ from kshrink.core.technique import (
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import as_matrix, spec_for
-from kshrink.prune.channels import Group, channel_groups, narrowed
+from kshrink.reconstruct.refit import refit
+from kshrink.prune.channels import Group, channel_groups, dropped, narrowed
 
 IMPORTANCES = ("l1", "l2", "bn_gamma", "taylor")
+METHODS = ("remove", "reconstruct")
+REFIT_SAMPLES = 512  # at most this many examples of data are held while re-fitting
 _GATE_STEP = 1e-3  # SGD step on the channel gates; small enough to leave the model as it is
 SCOPES = ("layer", "global")
 
@@ -55,7 +59,31 @@ class StructuredPruneHandler(Handler):
         dead = {id(g) for g in free if _is_dead(g, layers)}
         remove = _choose(free, scores, dead, config)
         _report(model, groups, remove, ctx)
-        return narrowed(model, remove) if remove else model
+        if not remove:
+            return model
+        pruned = narrowed(model, remove)
+        if config.method == "reconstruct":
+            _refit(model, pruned, remove, config, ctx)
+        return pruned
+
+
+def _refit(model, pruned, remove, config, ctx: StepContext) -> None:
+    """Re-fits the layers that read removed channels (`reconstruct.refit`)."""
+    if ctx.data is None:
+        raise KshrinkError("structured_prune: method reconstruct re-fits layers on data: pass "
+                           "data=(x, y) (or just x) to compress")
+    drop_out, drop_in, _ = dropped(remove)
+    kept = {}
+    for layer in model.layers:
+        spec = spec_for(layer)
+        if layer.name in drop_in and spec is not None and spec.width:
+            width = layer.get_config()[spec.width]
+            kept[layer.name] = [c for c in range(width) if c not in drop_out.get(layer.name, ())]
+    x = model_inputs(ctx.data, min(config.calibration_samples, REFIT_SAMPLES))
+    done = refit(model, pruned, x, kept)
+    note = (f"{len(done)} layer{'s' if len(done) != 1 else ''} re-fitted by least squares on "
+            f"{example_count(x)} examples")
+    ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
 
 
 def _chosen_producers(model, config) -> set[str]:
@@ -238,7 +266,12 @@ class StructuredPrune(Technique):
         scope: `"layer"` or `"global"`.
         round_to: keep a multiple of this many channels per layer (e.g. 8 for fast kernels).
         min_channels: never keep fewer channels than this in a layer.
-        calibration_samples: examples of `data` used by taylor importance.
+        method: `"remove"` the channels, or `"reconstruct"`: then re-fit each Dense or
+            convolution that read removed channels by least squares on (at most 512 of the
+            first `calibration_samples`) examples of `data`, so it computes what it did from
+            what it still receives (He et al. 2017; ThiNet). BatchNorm statistics are
+            re-estimated after the step as usual.
+        calibration_samples: examples of `data` used by taylor importance and reconstruct.
         layers: the layers whose output channels may be removed (default: all).
         exclude: layers whose output channels stay.
 
@@ -254,6 +287,8 @@ class StructuredPrune(Technique):
 
     ratio: float = option(0.5, "share of channels to remove")
     importance: str = option("l1", "l1, l2, bn_gamma or taylor")
+    method: str = option("remove", "remove, or reconstruct: re-fit the layers reading removed "
+                                   "channels on data")
     scope: str = option("layer", "layer or global")
     round_to: int = option(1, "keep a multiple of this many channels per layer")
     min_channels: int = option(1, "fewest channels a layer keeps")
@@ -264,6 +299,7 @@ class StructuredPrune(Technique):
     def __post_init__(self):
         check_range(self.name, "ratio", self.ratio, 0.0, 1.0, high_open=True)
         check_choice(self.name, "importance", self.importance, IMPORTANCES)
+        check_choice(self.name, "method", self.method, METHODS)
         check_choice(self.name, "scope", self.scope, SCOPES)
         check_int(self.name, "round_to", self.round_to, low=1)
         check_int(self.name, "min_channels", self.min_channels, low=1)

@@ -42,6 +42,8 @@ VARIANTS = {
     "cluster 16/channel + BN": [kshrink.Cluster(clusters=16, granularity="channel",
                                                 weighted=False)],
     "cluster 16/channel weighted + BN": [kshrink.Cluster(clusters=16, granularity="channel")],
+    "channels 50% removed + BN": [kshrink.StructuredPrune(ratio=0.5)],
+    "channels 50% reconstruct + BN": [kshrink.StructuredPrune(ratio=0.5, method="reconstruct")],
 }
 
 

@@ -12,8 +12,13 @@ Quantization:
   Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
   same per-channel grid, so they stay what they were. Small files, but the hybrid kernels run
   slower than float on CPU (benchmarks/export.py).
-- `"int8"`: int8 weights and activations, ranges calibrated on `data` (LiteRT only, from a
-  float model: the converter does the quantizing). Small and fast.
+- `"int8"`: int8 weights and activations (LiteRT only): small and fast. For a float model the
+  converter calibrates every range on `data`. For a model kshrink quantized, the converter
+  sees the float layers its integers stand for, on the same per-channel grid, and, at the
+  input of every layer with static 8-bit activation ranges (`Quantize(activation_bits=8)`,
+  calibrated or learned in QAT), those ranges: they are the ones the file uses. Tensors the
+  model has no range for (layer outputs, residual sums, Keras' own Dense inputs, which it
+  quantizes on the fly) are calibrated on `data`.
 - `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
   keeps them small, else `"none"`.
 """
@@ -29,7 +34,8 @@ import numpy as np
 
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import graph_calls, leaf_layers, rewrite
+from kshrink.layers import QuantizedKernels
 from kshrink.errors import KshrinkError
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
@@ -51,6 +57,8 @@ class ExportReport:
         max_abs_diff: largest absolute output difference from Keras.
         agreement: share of samples whose arg-max output agrees with Keras (None for a
             single output value per sample).
+        model_ranges: for `"int8"` of a model kshrink quantized, how many layers' input
+            ranges came from the model itself rather than from calibration.
     """
 
     path: Path
@@ -60,9 +68,13 @@ class ExportReport:
     samples: int
     max_abs_diff: float
     agreement: float | None
+    model_ranges: int = 0
 
     def __str__(self) -> str:
         agreement = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
+        if self.model_ranges:
+            agreement += (f"; the input ranges of {self.model_ranges} layers are the model's, "
+                          "the rest calibrated on data")
         hint = ""
         if self.quantization == "dynamic":
             hint = ("\nint8 weights with float activations: a small file, but slower than float "
@@ -121,11 +133,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         raise KshrinkError("export: models with integer layers export on the tensorflow "
                            "backend (torch's ONNX exporter cannot trace them): set "
                            "KERAS_BACKEND=tensorflow")
+    carried = []
     if quantization == "int8" and integer:
-        raise KshrinkError(
-            "export: quantization='int8' quantizes in the converter, which cannot take layers "
-            "that are already integer: export the float model (it lands on the same "
-            "per-channel weight grid), or use 'dynamic' to keep these int8 weights")
+        model, carried = float_twin(model)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
     expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
     if not path.parent.is_dir():
@@ -143,7 +153,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if expected.ndim == 2 and expected.shape[1] > 1:
         agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
     return ExportReport(path, fmt, quantization, path.stat().st_size, len(x),
-                        float(np.max(np.abs(outputs - expected))), agreement)
+                        float(np.max(np.abs(outputs - expected))), agreement, len(carried))
 
 
 def _inputs(model, data, samples: int) -> np.ndarray:
@@ -153,6 +163,106 @@ def _inputs(model, data, samples: int) -> np.ndarray:
         return np.random.default_rng(0).random(shape).astype(spec.dtype or "float32")
     x = data[0] if isinstance(data, (tuple, list)) else data
     return np.asarray(x[:samples], dtype=spec.dtype or "float32")
+
+
+def float_twin(model: keras.Model) -> tuple[keras.Model, list[str]]:
+    """`model` with every integer layer as its float Keras class, holding the float weights
+    its integers stand for, and TensorFlow's FakeQuant op with the model's own range on the
+    input of each kshrink layer that quantizes its input statically: the LiteRT converter
+    makes that range the tensor's int8 scale. Returns the model and the names of those layers.
+
+    The FakeQuant goes right after the layer producing that input, so every reader of the
+    tensor (a residual Add beside the convolution) sees one scale, as an integer runtime needs;
+    readers with different ranges share the union of them.
+    """
+    calls, _, _ = graph_calls(model)
+    producer = {id(t): layer for layer, _, outputs in calls for t in outputs}
+    after, before, carried = {}, {}, []
+    for layer, inputs, _ in calls:
+        if not getattr(layer, "activation_bits", None) or len(inputs) != 1:
+            continue
+        low, high = (float(keras.ops.convert_to_numpy(v))
+                     for v in (layer.input_min, layer.input_max))
+        carried.append(layer.name)
+        source = producer.get(id(inputs[0]))
+        if source is None or isinstance(source, keras.Model):
+            before[id(layer)] = (low, high, layer.activation_bits)
+        else:
+            known = after.get(id(source), (low, high, layer.activation_bits))
+            after[id(source)] = (min(low, known[0]), max(high, known[1]), known[2])
+
+    def replace(layer):
+        new = _as_float(layer) or layer
+        chain = [new]
+        if id(layer) in before:
+            chain.insert(0, _FakeQuant(*before[id(layer)], name=f"{layer.name}_input"))
+        if id(layer) in after:
+            chain.append(_FakeQuant(*after[id(layer)], name=f"{layer.name}_output"))
+        return chain if len(chain) > 1 else new
+
+    originals = {layer.name: layer for layer in model.layers}
+    twin = rewrite(model, replace)
+    for layer in twin.layers:
+        source = originals.get(layer.name)
+        if source is not None and source is not layer and layer.weights:
+            layer.set_weights(_float_weights(source, layer))
+    return twin, carried
+
+
+def _as_float(layer):
+    """A float copy of an integer layer (not built), or None for other layers."""
+    config = layer.get_config()
+    if isinstance(layer, QuantizedKernels) and layer.mode in ("int8", "int4"):
+        base = next(c for c in type(layer).__mro__[1:] if c.__module__.startswith("keras."))
+        for key in ("mode", "group_size", "activation_bits"):
+            config.pop(key, None)
+        return base.from_config(config)
+    mode = getattr(layer, "quantization_mode", None)
+    if mode in ("int8", "int4"):
+        if type(layer) is not keras.layers.Dense or (mode == "int4" and getattr(
+                layer, "_int4_block_size", None) not in (None, -1)):
+            raise KshrinkError(
+                f"export: full int8 of Keras' own {mode} {type(layer).__name__} layers "
+                f"({layer.name!r}) is not supported yet (Dense int8 and per-channel int4 are); "
+                "export the model before quantizing with quantization='int8'")
+        config.pop("quantization_config", None)
+        config["dtype"] = layer.dtype_policy.variable_dtype
+        return keras.layers.Dense.from_config(config)
+    return None
+
+
+def _float_weights(source, layer) -> list:
+    """The float weights of `source` in the order `layer` (its float twin) holds them."""
+    if isinstance(source, QuantizedKernels):
+        stored = {v.name: v for v in source.weights}
+        return [keras.ops.convert_to_numpy(source.dequantized(v.name)) if v.name in
+                source.KERNELS else keras.ops.convert_to_numpy(stored[v.name].value)
+                for v in layer.weights]
+    # Keras' Dense: integer kernel over its per-output-channel scale.
+    stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in source.weights}
+    kernel = stored["kernel"]
+    if source.quantization_mode == "int4":
+        kernel = keras.ops.convert_to_numpy(
+            keras.quantizers.unpack_int4(kernel, source.units, axis=-1))
+    values = {"kernel": kernel.astype("float32") / stored["kernel_scale"]}
+    if source.use_bias:
+        values["bias"] = stored["bias"]
+    return [values[v.name] for v in layer.weights]
+
+
+class _FakeQuant(keras.layers.Layer):
+    """TensorFlow's FakeQuant with fixed bounds, which the LiteRT converter reads as a
+    tensor's quantization range (export only; never saved)."""
+
+    def __init__(self, low: float, high: float, bits: int, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high, self.bits = low, high, bits
+
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.quantization.fake_quant_with_min_max_args(x, min=self.low, max=self.high,
+                                                            num_bits=self.bits)
 
 
 def _has_integer_layers(model) -> bool:

@@ -83,10 +83,34 @@ def test_bad_requests_leave_an_existing_file_alone(trained, tmp_path, name, opti
     assert target.read_bytes() == b"keep me"
 
 
+def _integer_inputs(path):
+    """`(op, input dtype, input scale)` of every CONV_2D and FULLY_CONNECTED in a LiteRT file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], tensors[op["inputs"][0]]["dtype"],
+             tensors[op["inputs"][0]]["quantization"][0])
+            for op in interpreter._get_ops_details()
+            if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+
+
 @on_tensorflow
-def test_int8_of_an_already_integer_model_is_refused(int8_model, digits, tmp_path):
-    with pytest.raises(kshrink.KshrinkError, match="export the float model"):
-        export(int8_model, tmp_path / "m.tflite", quantization="int8", data=digits.train)
+def test_a_qat_model_exports_as_full_integer_with_its_own_ranges(trained, digits, tmp_path):
+    qat, _ = kshrink.compress(
+        trained, kshrink.Quantize(mode="int8", activation_bits=8, qat=True), data=digits.train,
+        fine_tune=kshrink.FineTune(epochs=1, batch_size=64, learning_rate=1e-4))
+    float_file = export(trained, tmp_path / "float.tflite").file_bytes
+    report = export(qat, tmp_path / "qat.tflite", quantization="int8", data=digits.train)
+    ops = _integer_inputs(report.path)
+    assert {op for op, _, _ in ops} == {"CONV_2D", "FULLY_CONNECTED"}
+    assert all(dtype == np.int8 for _, dtype, _ in ops)
+    conv1 = qat.get_layer("conv1")
+    low, high = (float(keras.ops.convert_to_numpy(v)) for v in (conv1.input_min, conv1.input_max))
+    assert ops[0][2] == pytest.approx((high - low) / 255, rel=1e-4)  # the model's own range
+    assert report.model_ranges == 2  # both convolutions; Keras' Dense layers are calibrated
+    assert report.agreement >= 0.98 and report.file_bytes <= 0.4 * float_file
 
 
 @pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="checks the other backends")
@@ -101,3 +125,14 @@ def test_other_backends_are_told_to_use_tensorflow(tmp_path):
         with pytest.raises(kshrink.KshrinkError, match="KERAS_BACKEND=tensorflow"):
             export(model, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+@on_tensorflow
+def test_full_integer_of_keras_layers_it_cannot_read_is_refused(tmp_path):
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, keras.layers.EinsumDense("abc,cd->abd", (4, 6))(inputs))
+    model.quantize("int8")
+    target = tmp_path / "m.tflite"
+    with pytest.raises(kshrink.KshrinkError, match="EinsumDense layers .* not supported yet"):
+        export(model, target, quantization="int8", data=np.ones((8, 4, 8), "float32"))
+    assert not target.exists()

@@ -5,6 +5,8 @@ For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float
 - LiteRT float, LiteRT with kshrink's int8 weights kept (export quantization "auto" of a
   `Quantize(mode="int8")` model), LiteRT full int8 (calibrated on `--calibration` training
   images);
+- Keras QAT: `Quantize(mode="int8", activation_bits=8, qat=True)` fine-tuned `--qat-epochs`
+  epochs, and its LiteRT full int8 export, which uses the QAT model's own input ranges;
 - ONNX Runtime float, and with kshrink's int8 weights (ONNX Runtime's dynamic quantization).
 
 Reports file size, test accuracy (the whole test set through the runtime) and latency at batch
@@ -37,24 +39,31 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--qat-epochs", type=int, default=1)
     args = parser.parse_args()
     rows = []
     for name, dataset in MODELS.items():
         data = kshrink.datasets.load(dataset)
         model = kshrink.zoo.pretrained(name)
         int8, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+        qat, _ = kshrink.compress(
+            model, kshrink.Quantize(mode="int8", activation_bits=8, qat=True), data=data.train,
+            fine_tune=kshrink.FineTune(epochs=args.qat_epochs, learning_rate=1e-4))
         x_test, y_test = data.test
         with tempfile.TemporaryDirectory() as tmp:
             exports = {
                 "LiteRT float": (model, "float.tflite", "none"),
                 "LiteRT, kshrink int8 weights": (int8, "int8w.tflite", "auto"),
                 "LiteRT full int8": (model, "int8.tflite", "int8"),
+                "LiteRT full int8, from the QAT model": (qat, "qat.tflite", "int8"),
                 "ONNX Runtime float": (model, "float.onnx", "none"),
                 "ONNX Runtime, kshrink int8 weights": (int8, "int8w.onnx", "auto"),
             }
             model.save(Path(tmp) / "float.keras")
-            runners, reports = {"Keras float": model}, {}
-            sizes = {"Keras float": file_size(Path(tmp) / "float.keras").bytes}
+            qat.save(Path(tmp) / "qat.keras")
+            runners, reports = {"Keras float": model, "Keras QAT int8": qat}, {}
+            sizes = {"Keras float": file_size(Path(tmp) / "float.keras").bytes,
+                     "Keras QAT int8": file_size(Path(tmp) / "qat.keras").bytes}
             for variant, (source, file, quantization) in exports.items():
                 report = export(source, Path(tmp) / file, quantization=quantization,
                                 data=data.train, samples=args.calibration)
@@ -69,8 +78,8 @@ def main():
             times = {v: {b: median(s) for b, s in by.items()} for v, by in samples.items()}
             base = times["Keras float"]
             for variant, runner in runners.items():
-                if variant == "Keras float":
-                    acc = evaluate(model, x_test, y_test)["accuracy"]
+                if variant.startswith("Keras"):
+                    acc = evaluate(runner, x_test, y_test)["accuracy"]
                 else:
                     acc = accuracy(runner, x_test, y_test)
                 rows.append({

@@ -307,10 +307,12 @@ def export_section(data):
         "runtime (LiteRT interpreter, ONNX Runtime CPU); test accuracy over the whole test set "
         "through the runtime; latency timed in turns with the Keras model, median over "
         "rounds, speed-up against Keras float32 `predict_on_batch` in the same run. The "
-        "Keras row's size is its `.keras` file. Int8 weights with float activations (what "
-        "`quantization='auto'` keeps of a kshrink int8 model) make the file 4x smaller but run "
-        "slower than float in both runtimes (hybrid kernels); for speed, export the float "
-        "model with `quantization='int8'`.",
+        "Keras rows' sizes are their `.keras` files. Int8 weights with float activations "
+        "(what `quantization='auto'` keeps of a kshrink int8 model) make the file 4x smaller "
+        "but run slower than float in both runtimes (hybrid kernels). Full int8 is what runs "
+        "fast: the float model calibrated by the converter, or a QAT model "
+        "(`Quantize(activation_bits=8, qat=True)`) exported with `quantization='int8'`, which "
+        "keeps the input ranges QAT learned for its convolutions.",
         table(("model", "variant", "file bytes", "test accuracy", "batch 1", "speed-up",
                "batch 32", "speed-up"), rows),
         environment_line(data["environment"]),

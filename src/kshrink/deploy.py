@@ -12,13 +12,17 @@ Quantization:
   Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
   same per-channel grid, so they stay what they were. Small files, but the hybrid kernels run
   slower than float on CPU (benchmarks/export.py).
-- `"int8"`: int8 weights and activations (LiteRT only): small and fast. For a float model the
+- `"int8"`: int8 weights and activations: small and fast. LiteRT: full integer. ONNX: QDQ
+  (per-channel int8 weights, per-tensor int8 activations; ONNX Runtime runs them as
+  QLinearConv / QLinearMatMul), through ONNX Runtime's static quantization, with the input
+  range of every layer with kernels given (ONNX Runtime fuses a layer into an integer kernel
+  only then): the model's own where it has one, else the min/max of the input on `data`. For a float model the
   converter calibrates every range on `data`. For a model kshrink quantized, the converter
   sees the float layers its integers stand for, on the same per-channel grid, and, at the
   input of every layer with static 8-bit activation ranges (`Quantize(activation_bits=8)`,
   calibrated or learned in QAT), those ranges: they are the ones the file uses. Tensors the
   model has no range for (layer outputs, residual sums, Keras' own Dense inputs, which it
-  quantizes on the fly) are calibrated on `data`.
+  quantizes on the fly) are calibrated on `data`. Both formats use the same ranges.
 - `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
   keeps them small, else `"none"`.
 """
@@ -34,8 +38,8 @@ import numpy as np
 
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data
-from kshrink.core.graph import graph_calls, leaf_layers, rewrite
-from kshrink.layers import QuantizedKernels
+from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
+from kshrink.layers import QuantizedKernels, kernel_specs
 from kshrink.errors import KshrinkError
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
@@ -126,16 +130,16 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     integer = _has_integer_layers(model)
     if quantization == "auto":
         quantization = "dynamic" if integer else "none"
-    if quantization == "int8" and (fmt == "onnx" or data is None):
-        raise KshrinkError("export: quantization='int8' calibrates activations on data, for "
-                           "LiteRT: pass data and a .tflite path (or use 'dynamic')")
+    if quantization == "int8" and data is None:
+        raise KshrinkError("export: quantization='int8' calibrates activations on data: pass "
+                           "data (or use 'dynamic')")
     if integer and keras.backend.backend() != "tensorflow":
         raise KshrinkError("export: models with integer layers export on the tensorflow "
                            "backend (torch's ONNX exporter cannot trace them): set "
                            "KERAS_BACKEND=tensorflow")
     carried = []
-    if quantization == "int8" and integer:
-        model, carried = float_twin(model)
+    if quantization == "int8" and (integer or fmt == "onnx"):
+        model, carried = float_twin(model, x if fmt == "onnx" else None)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
     expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
     if not path.parent.is_dir():
@@ -146,7 +150,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         if fmt == "litert":
             _write_litert(model, temporary, quantization, x)
         else:
-            _write_onnx(model, temporary, quantization)
+            _write_onnx(model, temporary, quantization, x)
         outputs = Runtime(temporary)(x)  # renamed into place only once it has run
     outputs = outputs.reshape(expected.shape)
     agreement = None
@@ -165,7 +169,7 @@ def _inputs(model, data, samples: int) -> np.ndarray:
     return np.asarray(x[:samples], dtype=spec.dtype or "float32")
 
 
-def float_twin(model: keras.Model) -> tuple[keras.Model, list[str]]:
+def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[str]]:
     """`model` with every integer layer as its float Keras class, holding the float weights
     its integers stand for, and TensorFlow's FakeQuant op with the model's own range on the
     input of each kshrink layer that quantizes its input statically: the LiteRT converter
@@ -174,22 +178,36 @@ def float_twin(model: keras.Model) -> tuple[keras.Model, list[str]]:
     The FakeQuant goes right after the layer producing that input, so every reader of the
     tensor (a residual Add beside the convolution) sees one scale, as an integer runtime needs;
     readers with different ranges share the union of them.
+
+    With `calibration` (example inputs), every other layer with kernels gets a FakeQuant on
+    its input too, with the range its input takes on them: ONNX Runtime fuses a layer into an
+    integer kernel only where its input has one.
     """
     calls, _, _ = graph_calls(model)
     producer = {id(t): layer for layer, _, outputs in calls for t in outputs}
-    after, before, carried = {}, {}, []
+    ranges, carried = {}, []
     for layer, inputs, _ in calls:
-        if not getattr(layer, "activation_bits", None) or len(inputs) != 1:
+        if getattr(layer, "activation_bits", None) and len(inputs) == 1:
+            ranges[id(layer)] = tuple(float(keras.ops.convert_to_numpy(v))
+                                      for v in (layer.input_min, layer.input_max))
+            carried.append(layer.name)
+    if calibration is not None:
+        wanted = {id(layer) for layer, inputs, _ in calls if id(layer) not in ranges
+                  and len(inputs) == 1 and kernel_specs(layer)}
+        for layer, values in layer_inputs(model, calibration, wanted):
+            ranges[id(layer)] = (min(float(np.min(values)), 0.0),
+                                 max(float(np.max(values)), 0.0))
+    after, before = {}, {}
+    for layer, inputs, _ in calls:
+        if id(layer) not in ranges:
             continue
-        low, high = (float(keras.ops.convert_to_numpy(v))
-                     for v in (layer.input_min, layer.input_max))
-        carried.append(layer.name)
+        low, high = ranges[id(layer)]
         source = producer.get(id(inputs[0]))
         if source is None or isinstance(source, keras.Model):
-            before[id(layer)] = (low, high, layer.activation_bits)
+            before[id(layer)] = (low, high, 8)
         else:
-            known = after.get(id(source), (low, high, layer.activation_bits))
-            after[id(source)] = (min(low, known[0]), max(high, known[1]), known[2])
+            known = after.get(id(source), (low, high, 8))
+            after[id(source)] = (min(low, known[0]), max(high, known[1]), 8)
 
     def replace(layer):
         new = _as_float(layer) or layer
@@ -286,16 +304,69 @@ def _write_litert(model, path, quantization, x) -> None:
     model.export(path, format="litert", verbose=False, **options)
 
 
-def _write_onnx(model, path, quantization) -> None:
+def _write_onnx(model, path, quantization, x) -> None:
     if quantization == "none":
         model.export(path, format="onnx", verbose=False)
         return
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     with tempfile.TemporaryDirectory() as work:
         float_path = Path(work) / "float.onnx"
         model.export(float_path, format="onnx", verbose=False)
-        quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
+        if quantization == "dynamic":
+            quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
+            return
+        ranges = _fake_quant_ranges(float_path)
+        quantize_static(float_path, path, _Calibration(float_path, x),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": ranges})
+
+
+def _fake_quant_ranges(path: Path) -> dict:
+    """ONNX Runtime's tensor overrides (int8 scale and zero point) that make its static
+    quantization use the ranges of the model's own FakeQuant ops, which the exporter wrote
+    as QuantizeLinear/DequantizeLinear pairs: the same grid on both sides of each pair, so
+    re-quantizing there changes nothing (and the pairs still fuse into integer kernels)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    overrides = {}
+    for node in graph.node:
+        pair = readers.get(node.output[0], []) if node.op_type == "QuantizeLinear" else []
+        if len(pair) != 1 or pair[0].op_type != "DequantizeLinear":
+            continue
+        zero = constants[node.input[2]] if len(node.input) > 2 else np.uint8(0)
+        shift = 128 if zero.dtype == np.uint8 else 0  # the same grid in int8
+        grid = [{"scale": np.array(float(constants[node.input[1]]), dtype="float32"),
+                 "zero_point": np.array(int(zero) - shift, dtype="int8")}]
+        overrides[node.input[0]] = overrides[pair[0].output[0]] = grid
+    return overrides
+
+
+class _Calibration:
+    """ONNX Runtime's calibration reader over the export's sample inputs, one at a time."""
+
+    def __init__(self, path: Path, x: np.ndarray):
+        import onnx
+
+        (source,) = onnx.load(path).graph.input
+        self._name = source.name
+        self._rows = iter(range(len(x)))
+        self._x = x.astype("float32", copy=False)
+
+    def get_next(self):
+        i = next(self._rows, None)
+        return None if i is None else {self._name: self._x[i:i + 1]}
+
+    def rewind(self):
+        self._rows = iter(range(len(self._x)))
 
 
 # ONNX Runtime's input type names -> NumPy dtypes.

@@ -69,11 +69,18 @@ def test_full_integer_litert_from_a_float_model(trained, digits, tmp_path):
 
 
 @on_tensorflow
+def test_qdq_onnx_from_a_float_model_runs_on_integer_kernels(trained, digits, tmp_path):
+    report = export(trained, tmp_path / "int8.onnx", quantization="int8", data=digits.train)
+    fused = _fused_ops(report.path)
+    assert "QLinearConv" in fused and "Conv" not in fused
+    assert report.agreement >= 0.9 and report.model_ranges == 0
+
+
+@on_tensorflow
 @pytest.mark.parametrize("name, options, message", [
     ("model.pb", {}, "unknown file type '.pb'"),
     ("model.tflite", {"quantization": "int3"}, "quantization must be one of"),
     ("model.tflite", {"quantization": "int8"}, "calibrates activations on data"),
-    ("model.onnx", {"quantization": "int8", "data": np.zeros((4, 8, 8))}, "for LiteRT"),
 ])
 def test_bad_requests_leave_an_existing_file_alone(trained, tmp_path, name, options, message):
     target = tmp_path / name
@@ -111,6 +118,36 @@ def test_a_qat_model_exports_as_full_integer_with_its_own_ranges(trained, digits
     assert ops[0][2] == pytest.approx((high - low) / 255, rel=1e-4)  # the model's own range
     assert report.model_ranges == 2  # both convolutions; Keras' Dense layers are calibrated
     assert report.agreement >= 0.98 and report.file_bytes <= 0.4 * float_file
+
+    onnx_report = export(qat, tmp_path / "qat.onnx", quantization="int8", data=digits.train)
+    fused = _fused_ops(onnx_report.path)
+    assert fused.count("QLinearConv") == 2 and fused.count("QLinearMatMul") == 2
+    assert onnx_report.agreement >= 0.98
+    assert _input_scale(onnx_report.path, "QLinearConv") == pytest.approx((high - low) / 255,
+                                                                          rel=1e-4)
+
+
+def _fused_ops(path):
+    """The ops ONNX Runtime runs after fusing the QDQ graph."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".fused.onnx"))
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _input_scale(path, op):
+    """The input scale of the first `op` node in the fused graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path.with_suffix(".fused.onnx")).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    node = next(n for n in graph.node if n.op_type == op)
+    return float(constants[node.input[1]])
 
 
 @pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="checks the other backends")

@@ -12,17 +12,15 @@ Quantization:
   Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
   same per-channel grid, so they stay what they were. Small files, but the hybrid kernels run
   slower than float on CPU (benchmarks/export.py).
-- `"int8"`: int8 weights and activations: small and fast. LiteRT: full integer. ONNX: QDQ
-  (per-channel int8 weights, per-tensor int8 activations; ONNX Runtime runs them as
-  QLinearConv / QLinearMatMul), through ONNX Runtime's static quantization, with the input
-  range of every layer with kernels given (ONNX Runtime fuses a layer into an integer kernel
-  only then): the model's own where it has one, else the min/max of the input on `data`. For a float model the
-  converter calibrates every range on `data`. For a model kshrink quantized, the converter
-  sees the float layers its integers stand for, on the same per-channel grid, and, at the
-  input of every layer with static 8-bit activation ranges (`Quantize(activation_bits=8)`,
-  calibrated or learned in QAT), those ranges: they are the ones the file uses. Tensors the
-  model has no range for (layer outputs, residual sums, Keras' own Dense inputs, which it
-  quantizes on the fly) are calibrated on `data`. Both formats use the same ranges.
+- `"int8"`: int8 weights and activations: small and fast. LiteRT: a full-integer file. ONNX:
+  QDQ (per-channel int8 weights, per-tensor int8 activations) through ONNX Runtime's static
+  quantization, which ONNX Runtime runs as QLinearConv / QLinearMatMul. For a model kshrink
+  quantized, the converter sees the float layers its integers stand for, on the same
+  per-channel grid, and at the input of every layer with static 8-bit activation ranges
+  (`Quantize(activation_bits=8)`, calibrated or learned in QAT) those ranges, which the file
+  then uses. Every other range is calibrated on `data`: by the LiteRT converter, and for ONNX
+  as the min/max of each kernel layer's input (ONNX Runtime fuses a layer into an integer
+  kernel only where its input has a range of its own).
 - `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
   keeps them small, else `"none"`.
 """
@@ -39,8 +37,8 @@ import numpy as np
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
-from kshrink.layers import QuantizedKernels, kernel_specs
 from kshrink.errors import KshrinkError
+from kshrink.layers import QuantizedKernels, kernel_specs
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
@@ -63,6 +61,8 @@ class ExportReport:
             single output value per sample).
         model_ranges: for `"int8"` of a model kshrink quantized, how many layers' input
             ranges came from the model itself rather than from calibration.
+        note: one line on what the file could not keep (int4 weights written as int8), or
+            None.
     """
 
     path: Path
@@ -73,12 +73,15 @@ class ExportReport:
     max_abs_diff: float
     agreement: float | None
     model_ranges: int = 0
+    note: str | None = None
 
     def __str__(self) -> str:
         agreement = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
         if self.model_ranges:
             agreement += (f"; the input ranges of {self.model_ranges} layers are the model's, "
                           "the rest calibrated on data")
+        if self.note:
+            agreement += f"\n{self.note}"
         hint = ""
         if self.quantization == "dynamic":
             hint = ("\nint8 weights with float activations: a small file, but slower than float "
@@ -137,7 +140,10 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         raise KshrinkError("export: models with integer layers export on the tensorflow "
                            "backend (torch's ONNX exporter cannot trace them): set "
                            "KERAS_BACKEND=tensorflow")
-    carried = []
+    carried, note = [], None
+    if quantization == "int8" and any(_mode(layer) == "int4" for layer in leaf_layers(model)):
+        note = ("int4 weights are written as int8: the integer kernels of this export take "
+                "int8 weights (the int4 grid lies on the int8 one within rounding)")
     if quantization == "int8" and (integer or fmt == "onnx"):
         model, carried = float_twin(model, x if fmt == "onnx" else None)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
@@ -157,7 +163,8 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if expected.ndim == 2 and expected.shape[1] > 1:
         agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
     return ExportReport(path, fmt, quantization, path.stat().st_size, len(x),
-                        float(np.max(np.abs(outputs - expected))), agreement, len(carried))
+                        float(np.max(np.abs(outputs - expected))), agreement, len(carried),
+                        note)
 
 
 def _inputs(model, data, samples: int) -> np.ndarray:
@@ -283,10 +290,14 @@ class _FakeQuant(keras.layers.Layer):
                                                             num_bits=self.bits)
 
 
+def _mode(layer) -> str | None:
+    """`"int8"`, `"int4"` (any group size) or another mode for a quantized layer, else None."""
+    mode = getattr(layer, "quantization_mode", None) or getattr(layer, "mode", None)
+    return mode.split("/")[0] if isinstance(mode, str) else None
+
+
 def _has_integer_layers(model) -> bool:
-    return any(getattr(layer, "quantization_mode", None) in ("int8", "int4")
-               or getattr(layer, "mode", None) in ("int8", "int4")
-               for layer in leaf_layers(model))
+    return any(_mode(layer) in ("int8", "int4") for layer in leaf_layers(model))
 
 
 def _write_litert(model, path, quantization, x) -> None:
@@ -308,7 +319,12 @@ def _write_onnx(model, path, quantization, x) -> None:
     if quantization == "none":
         model.export(path, format="onnx", verbose=False)
         return
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with tempfile.TemporaryDirectory() as work:
         float_path = Path(work) / "float.onnx"

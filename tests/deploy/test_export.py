@@ -173,3 +173,12 @@ def test_full_integer_of_keras_layers_it_cannot_read_is_refused(tmp_path):
     with pytest.raises(kshrink.KshrinkError, match="EinsumDense layers .* not supported yet"):
         export(model, target, quantization="int8", data=np.ones((8, 4, 8), "float32"))
     assert not target.exists()
+
+
+@on_tensorflow
+def test_int4_weights_go_out_as_int8_and_say_so(trained, digits, tmp_path):
+    int4, _ = kshrink.compress(trained, kshrink.Quantize(mode="int4", group_size=None))
+    report = export(int4, tmp_path / "int4.tflite", quantization="int8", data=digits.train)
+    assert "int4 weights are written as int8" in str(report)
+    reference = int4.predict(digits.train[0][:256], verbose=0).argmax(1)
+    assert report.agreement >= 0.95 and len(reference) == report.samples

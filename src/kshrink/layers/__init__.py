@@ -41,4 +41,5 @@ __all__ = ["FLOAT_MODES", "INTEGER_MODES", "KERAS_INTEGER_LAYERS", "MODES", "QUA
            "ClusterWrapper", "LayerSpec", "PruneWrapper", "QuantizeAwareWrapper",
            "QuantizedKernels", "SubstituteWrapper", "WeightSpec", "as_matrix",
            "fake_quantize_kernel", "from_matrix", "keras_base", "keras_quantizes",
-           "kernel_specs", "kernel_weights", "output_axes", "quantize_layer", "quantize_matrix", "register_spec", "spec_for"]
+           "kernel_specs", "kernel_weights", "output_axes", "quantize_layer", "quantize_matrix",
+           "register_spec", "spec_for"]

@@ -26,8 +26,8 @@ from kshrink.core.technique import (
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import as_matrix, spec_for
-from kshrink.reconstruct.refit import refit
 from kshrink.prune.channels import Group, channel_groups, dropped, narrowed
+from kshrink.reconstruct.refit import refit
 
 IMPORTANCES = ("l1", "l2", "bn_gamma", "taylor")
 METHODS = ("remove", "reconstruct")

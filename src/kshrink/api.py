@@ -11,6 +11,7 @@ from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
+from kshrink.core.stream import as_stream
 from kshrink.core.technique import StepContext, handler_for
 from kshrink.core.training import FineTune, check_finite_weights
 from kshrink.core.training import fine_tune as run_fine_tune
@@ -31,8 +32,12 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         model: a built Sequential or functional Keras model (nested models are fine).
         recipe: a `Recipe`, a technique config (e.g. `kshrink.Quantize()`), a list of them, the
             recipe's data form (`[{"quantize": {"mode": "int8"}}]`) or a JSON/YAML file path.
-        data: `(x, y)` for techniques that train or calibrate.
-        validation_data: held-out `(x, y)`, for early stopping and progress.
+        data: for techniques that train or calibrate: arrays (`(x, y)`, or `x` alone for
+            calibration; `x` may be a dict of arrays by input name), or a stream: a
+            `tf.data.Dataset` (batched or not), `keras.utils.PyDataset`, torch `DataLoader`
+            or generator of `(x, y)` batches. Fine-tuning streams it; calibration and checks
+            read its first examples only (at most 2,048).
+        validation_data: held-out data in the same forms, for early stopping and progress.
         fine_tune: how to train between each technique's prepare and finalize (default: the
             recipe's `fine_tune`, else no training). Needs `data`.
         fidelity_samples: with data, after every step the outputs are compared with the
@@ -56,8 +61,14 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     """
     recipe = Recipe.coerce(recipe)
     fine_tune = fine_tune or recipe.fine_tune
-    check_data(data, model, "data")
-    check_data(validation_data, model, "validation_data")
+    steps_per_epoch = fine_tune.steps_per_epoch if fine_tune else None
+    stream = as_stream(data, model, steps_per_epoch)
+    validation_stream = as_stream(validation_data, model)
+    # Calibration and checks read a stream's first examples, held as arrays.
+    train = stream.head() if stream else data
+    held_out = validation_stream.head() if validation_stream else validation_data
+    check_data(train, model, "data")
+    check_data(held_out, model, "validation_data")
     if fine_tune is not None and data is None:
         raise KshrinkError("fine-tuning needs training data: pass data=(x, y)")
     if not isinstance(fidelity_samples, int) or fidelity_samples < 0:
@@ -65,8 +76,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                            f"fidelity_samples={fidelity_samples!r}")
     work = copy_model(model)
     check_finite_weights(work, "in the model to compress")
-    probe = _FidelityProbe.of(model, validation_data or data, fidelity_samples,
-                              held_back=validation_data is not None, tolerance=fidelity_tolerance)
+    probe = _FidelityProbe.of(model, train if held_out is None else held_out, fidelity_samples,
+                              held_back=held_out is not None, tolerance=fidelity_tolerance)
     before = weight_stats(work)
     steps = []
     for technique in recipe:
@@ -74,17 +85,16 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         trains = fine_tune is not None and handler.trains_with(technique)
         if progress:
             progress(technique.name)
-        ctx = StepContext(original=model, data=data, validation_data=validation_data,
+        ctx = StepContext(original=model, data=train, validation_data=held_out,
                           progress=progress,
-                          train_steps=(fine_tune.total_steps(example_count(model_inputs(data)))
-                                       if trains else None))
+                          train_steps=fine_tune.total_steps(stream or train) if trains else None)
         work = handler.prepare(work, technique, ctx)
         if trains:
-            run_fine_tune(work, fine_tune, data, validation_data, teacher=model,
-                          callbacks=handler.callbacks(work, technique, ctx))
+            run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
+                          teacher=model, callbacks=handler.callbacks(work, technique, ctx))
         work = handler.finalize(work, technique, ctx)
         if technique.reestimates_batchnorm(data is not None, trains):
-            _reestimate_batchnorm(work, data, technique, ctx)
+            _reestimate_batchnorm(work, train, technique, ctx)
         step = handler.report(work, technique, ctx)
         steps.append(step if probe is None else probe.measure(step, work))
     after = weight_stats(work)

@@ -12,8 +12,17 @@ import sys
 import keras
 import numpy as np
 
+from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model
-from kshrink.core.technique import Options, check_bool, check_choice, check_int, check_range, option
+from kshrink.core.stream import Stream
+from kshrink.core.technique import (
+    Options,
+    check_bool,
+    check_choice,
+    check_int,
+    check_range,
+    option,
+)
 from kshrink.errors import KshrinkError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -39,6 +48,8 @@ class FineTune(Options):
         early_stopping: stop after this many epochs without a better validation loss
             (restoring the best weights); null for no early stopping.
         verbose: show Keras' progress while training.
+        steps_per_epoch: batches per epoch: needed when data is a generator or an infinite
+            dataset, and a limit on each epoch otherwise (default: the whole data).
 
     Example:
 
@@ -62,6 +73,7 @@ class FineTune(Options):
     shuffle: bool = option(True, "shuffle the training data every epoch")
     early_stopping: int | None = option(None, "patience in epochs on validation loss")
     verbose: bool = option(True, "show training progress")
+    steps_per_epoch: int | None = option(None, "batches per epoch (default: all the data)")
 
     def __post_init__(self):
         check_int(self.name, "epochs", self.epochs, low=1)
@@ -75,9 +87,14 @@ class FineTune(Options):
         check_bool(self.name, "shuffle", self.shuffle)
         check_int(self.name, "early_stopping", self.early_stopping, low=1, allow_none=True)
         check_bool(self.name, "verbose", self.verbose)
+        check_int(self.name, "steps_per_epoch", self.steps_per_epoch, low=1, allow_none=True)
 
-    def total_steps(self, examples: int) -> int:
-        return self.epochs * math.ceil(examples / self.batch_size)
+    def total_steps(self, data) -> int:
+        """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""
+        if isinstance(data, Stream):
+            return self.epochs * data.steps_per_epoch(self.batch_size)
+        per_epoch = math.ceil(example_count(model_inputs(data)) / self.batch_size)
+        return self.epochs * min(per_epoch, self.steps_per_epoch or per_epoch)
 
 
 def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, *,
@@ -87,16 +104,17 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
     Args:
         model: the model to train (kshrink's working copy, possibly with wrapped layers).
         config: the fine-tune options.
-        data: `(x, y)` training data.
-        validation_data: `(x, y)` for early stopping and progress, or None.
+        data: `(x, y)` training data, or a `Stream` (see `kshrink.core.stream`).
+        validation_data: `(x, y)` or a `Stream`, for early stopping and progress, or None.
         teacher: the original model; needed for `config.distill` and for `loss="auto"`.
             It is copied, never trained.
         callbacks: the technique's callbacks (e.g. the pruning schedule).
     """
-    x, y = data
+    streamed = isinstance(data, Stream)
+    x, y = data.head() if streamed else data  # a stream's first labels choose the loss
     reference = teacher if teacher is not None else model
     probabilities = _ends_in_softmax(reference)
-    steps = config.total_steps(len(x))
+    steps = config.total_steps(data)
     rate = (keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
             if config.lr_schedule == "cosine" else config.learning_rate)
     optimizer = {
@@ -122,9 +140,18 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
             monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
     verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
     all_callbacks.append(keras.callbacks.TerminateOnNaN())
-    history = trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
-                          shuffle=config.shuffle, validation_data=validation_data,
-                          callbacks=all_callbacks, verbose=verbose)
+    if isinstance(validation_data, Stream):
+        validation_data = validation_data.for_fit(config.batch_size)
+    if streamed:  # batches come as the stream makes them; shuffling is the stream's
+        history = trainer.fit(data.for_fit(config.batch_size), epochs=config.epochs,
+                              steps_per_epoch=data.steps_per_epoch(config.batch_size),
+                              shuffle=False, validation_data=validation_data,
+                              callbacks=all_callbacks, verbose=verbose)
+    else:
+        history = trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
+                              shuffle=config.shuffle, validation_data=validation_data,
+                              steps_per_epoch=config.steps_per_epoch,
+                              callbacks=all_callbacks, verbose=verbose)
     if not all(np.isfinite(v) for v in history.history.get("loss", [])):
         raise KshrinkError("fine-tuning diverged: the loss became NaN or Inf, so nothing is "
                            "kept. Lower the learning rate (FineTune(learning_rate=...)) or "

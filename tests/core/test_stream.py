@@ -1,0 +1,91 @@
+"""Data as a stream: tf.data (batched or not), PyDataset and generators feed fine-tuning,
+and calibration reads only their first examples."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.core.stream import as_stream
+
+tf = pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="tf.data pipelines")
+
+
+def _sparsity(model):
+    kernels = [keras.ops.convert_to_numpy(l.kernel) for l in model.layers
+               if hasattr(l, "kernel")]
+    return sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+
+
+def _prune(mlp, data, **fine_tune):
+    recipe = kshrink.Prune(sparsity=0.8, scope="global", skip_first_last=False)
+    return kshrink.compress(mlp, recipe, data=data, fidelity_samples=0,
+                            fine_tune=kshrink.FineTune(epochs=2, batch_size=64, verbose=False,
+                                                       **fine_tune))[0]
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, size):
+        super().__init__()
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return int(np.ceil(len(self.x) / self.size))
+
+    def __getitem__(self, i):
+        part = slice(i * self.size, (i + 1) * self.size)
+        return self.x[part], self.y[part]
+
+
+def test_fine_tuning_from_streams_matches_arrays(mlp, digits):
+    x, y = digits.train
+    x = x.astype("float32")
+    x_test, y_test = digits.test
+
+    def accuracy(model):
+        return kshrink.measure.evaluate(model, x_test, y_test)["accuracy"]
+
+    reference = accuracy(_prune(mlp, (x, y)))
+    streams = {
+        "tf.data batched": tf.data.Dataset.from_tensor_slices((x, y)).shuffle(2000, seed=0)
+        .batch(64),
+        "tf.data unbatched": tf.data.Dataset.from_tensor_slices((x, y)),
+        "PyDataset": _Batches(x, y, 64),
+    }
+    distilled = _prune(mlp, streams["tf.data batched"], distill=True)
+    assert accuracy(distilled) > reference - 0.05
+    for name, stream in streams.items():
+        pruned = _prune(mlp, stream)
+        assert abs(_sparsity(pruned) - 0.8) < 0.01, name
+        assert accuracy(pruned) > reference - 0.05, name
+
+
+def test_a_generator_needs_its_length_and_loses_no_batch(mlp, digits):
+    x, y = digits.train
+    batches = [(x[i:i + 64].astype("float32"), y[i:i + 64]) for i in range(0, len(x), 64)]
+    with pytest.raises(kshrink.KshrinkError, match="steps_per_epoch"):
+        _prune(mlp, iter(batches))
+    pruned = _prune(mlp, itertools.cycle(batches).__iter__(), steps_per_epoch=len(batches))
+    assert abs(_sparsity(pruned) - 0.8) < 0.01
+    stream = as_stream(iter(batches))
+    head_x, _ = stream.head(100)  # draws two batches of 64
+    np.testing.assert_array_equal(head_x, x[:100])
+    given = list(itertools.islice(stream.for_fit(64), 3))
+    assert [len(b[0]) for b in given] == [64, 64, 64]
+    np.testing.assert_array_equal(given[0][0], batches[0][0])  # what head read comes back
+    np.testing.assert_array_equal(given[2][0], batches[2][0])
+
+
+def test_calibration_reads_only_the_first_examples_of_a_stream(trained, digits):
+    x = digits.train[0].astype("float32")
+    endless = tf.data.Dataset.from_tensor_slices(x).repeat().batch(32)  # never ends
+    small, report = kshrink.compress(trained, kshrink.Quantize(mode="int4", method="gptq"),
+                                     data=endless, fidelity_samples=64)
+    assert any("GPTQ" in r.detail for r in report.steps[0].applied)
+    assert report.steps[0].fidelity.examples == 64
+    stream = as_stream(endless, trained)
+    assert len(stream.head(100)) == 100

@@ -7,7 +7,9 @@ For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float
   images);
 - Keras QAT: `Quantize(mode="int8", activation_bits=8, qat=True)` fine-tuned `--qat-epochs`
   epochs, and its LiteRT full int8 export, which uses the QAT model's own input ranges;
-- ONNX Runtime float, and with kshrink's int8 weights (ONNX Runtime's dynamic quantization).
+- ONNX Runtime float, with kshrink's int8 weights (ONNX Runtime's dynamic quantization), and
+  QDQ int8 (static: from the float model calibrated on the training images, and from the QAT
+  model with its own ranges).
 
 Reports file size, test accuracy (the whole test set through the runtime) and latency at batch
 1 and 32: the variants of a model are timed in turns (`--rounds` rounds of `--runs` calls),
@@ -58,6 +60,8 @@ def main():
                 "LiteRT full int8, from the QAT model": (qat, "qat.tflite", "int8"),
                 "ONNX Runtime float": (model, "float.onnx", "none"),
                 "ONNX Runtime, kshrink int8 weights": (int8, "int8w.onnx", "auto"),
+                "ONNX Runtime QDQ int8": (model, "int8.onnx", "int8"),
+                "ONNX Runtime QDQ int8, from the QAT model": (qat, "qat.onnx", "int8"),
             }
             model.save(Path(tmp) / "float.keras")
             qat.save(Path(tmp) / "qat.keras")

@@ -178,6 +178,10 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
         layers: the layers to wrap (default: every layer with prunable weights that
             `config.layers`/`exclude`/`skip_first_last` allow; the others then prune further
             where the first/last layers stay dense, so the target holds over all of them).
+
+    Layers a custom layer builds (keras-hub blocks) cannot be wrapped: they are pruned in
+    place, and their zeros hold through training only inside `compress` (which fixes their
+    masks); in your own loop, `strip` prunes them again at the end.
     """
     if copy:
         model = copy_model(model)

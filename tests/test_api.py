@@ -188,3 +188,17 @@ def test_progress_names_each_step_and_each_layer_solved(trained, digits):
     solved = [m for m in messages if m.startswith("quantize, GPTQ: layer ")]
     assert len(solved) >= 3 and solved[-1].split(":")[1].strip().startswith(
         f"layer {len(solved)}/{len(solved)}")
+
+
+def test_a_fine_tuned_model_comes_back_without_its_optimizer(trained, digits, tmp_path):
+    import zipfile
+
+    small, _ = kshrink.compress(trained, kshrink.Prune(sparsity=0.5), data=digits.train,
+                                fine_tune=kshrink.FineTune(epochs=1, verbose=False))
+    assert not small.compiled
+    small.save(tmp_path / "pruned.keras")
+    with zipfile.ZipFile(tmp_path / "pruned.keras") as archive:
+        import h5py
+
+        with archive.open("model.weights.h5") as f, h5py.File(f) as weights:
+            assert "optimizer" not in weights

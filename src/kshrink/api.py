@@ -97,6 +97,10 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             _reestimate_batchnorm(work, train, technique, ctx)
         step = handler.report(work, technique, ctx)
         steps.append(step if probe is None else probe.measure(step, work))
+    if work.compiled:
+        # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
+        # optimizer would ride into the saved file (Adam: twice the weights).
+        work = copy_model(work)
     after = weight_stats(work)
     report = CompressionReport(
         steps=tuple(steps),

@@ -43,9 +43,10 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         fidelity_samples: with data, after every step the outputs are compared with the
             original's on this many examples (the last ones of `validation_data`, else of
             `data`); 0 turns it off.
-        fidelity_tolerance: a step that lowers top-1 agreement with the original (for a model
-            that is not a classifier, the outputs' cosine) by more than this gets a one-line
-            warning naming the layers whose weights moved most.
+        fidelity_tolerance: a step that does not fine-tune and lowers top-1 agreement with
+            the original (for a model that is not a classifier, the outputs' cosine) by more
+            than this gets a one-line warning naming the layers whose weights moved most. (A
+            fine-tuned step moves away from the original on purpose: accuracy judges it.)
         progress: called with a short message as the work advances (each step, each layer a
             calibration method solves), e.g. `print`; None for silence.
 
@@ -96,7 +97,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         if technique.reestimates_batchnorm(data is not None, trains):
             _reestimate_batchnorm(work, train, technique, ctx)
         step = handler.report(work, technique, ctx)
-        steps.append(step if probe is None else probe.measure(step, work))
+        steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
     if work.compiled:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
         # optimizer would ride into the saved file (Adam: twice the weights).
@@ -143,12 +144,12 @@ class _FidelityProbe:
         x = keras.tree.map_structure(lambda v: v[n - count:], x)
         return cls(original, x, held_back, tolerance)
 
-    def measure(self, step: StepReport, model) -> StepReport:
+    def measure(self, step: StepReport, model, warn: bool) -> StepReport:
         f = fidelity(self.reference, predict(model, self.x))
         result = StepFidelity(example_count(self.x), self.held_back, round(f.cosine, 6),
                               None if f.top1_agreement is None else round(f.top1_agreement, 6))
         warning = None
-        if self.last - result.score > self.tolerance:
+        if warn and self.last - result.score > self.tolerance:
             moved = ", ".join(f"{path} ({change:.0%})"
                               for path, change in weight_drift(self.original, model)[:3])
             measure = "cosine" if result.agreement is None else "top-1 agreement"

@@ -89,3 +89,16 @@ def test_calibration_reads_only_the_first_examples_of_a_stream(trained, digits):
     assert report.steps[0].fidelity.examples == 64
     stream = as_stream(endless, trained)
     assert len(stream.head(100)) == 100
+
+
+def test_measurement_reads_datasets_and_refuses_generators(trained, digits):
+    x, y = digits.test
+    small, _ = kshrink.compress(trained, kshrink.Quantize(mode="int8"))
+    dataset = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(50)
+    streamed = kshrink.measure.compare(trained, small, dataset, load_runs=1, latency_runs=2)
+    arrays = kshrink.measure.compare(trained, small, (x, y), load_runs=1, latency_runs=2)
+    assert streamed.compressed.metrics["accuracy"] == pytest.approx(
+        arrays.compressed.metrics["accuracy"], abs=1e-6)
+    assert streamed.fidelity.top1_agreement == pytest.approx(arrays.fidelity.top1_agreement)
+    with pytest.raises(kshrink.errors.MeasurementError, match="generator"):
+        kshrink.measure.measure(small, iter([(x, y)]), load_runs=1, latency_runs=2)

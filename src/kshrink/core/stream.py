@@ -65,7 +65,7 @@ class Stream:
         if self._head is not None and self._head[0] >= limit:
             return _take(self._head[1], limit)
         parts, count = [], 0
-        for batch in self._batches():
+        for batch in self.batches():
             batch = _to_numpy(batch)
             parts.append(batch)
             count += _count(batch)
@@ -76,7 +76,13 @@ class Stream:
         self._head = (limit, _take(_concatenate(parts), limit))
         return self._head[1]
 
-    def _batches(self):
+    @property
+    def once(self) -> bool:
+        """Whether the source can be read only once (a generator)."""
+        return _is_generator(self.source)
+
+    def batches(self):
+        """The source's batches as they come (a generator's are kept for `for_fit`)."""
         if self.unbatched:
             yield from self.source.batch(256)
         elif _is_generator(self.source):

@@ -12,7 +12,16 @@ import keras
 import numpy as np
 
 from kshrink.core.data import check_data, labels_of, model_inputs
-from kshrink.measure.accuracy import Fidelity, evaluate, fidelity, predict
+from kshrink.core.stream import as_stream
+from kshrink.errors import MeasurementError
+from kshrink.measure.accuracy import (
+    Fidelity,
+    evaluate,
+    fidelity,
+    is_classifier,
+    predict,
+    top1_accuracy,
+)
 from kshrink.measure.files import FileSize, file_size
 from kshrink.measure.latency import Latency, latency, latency_in_turns
 from kshrink.measure.load import LoadCost, load_cost
@@ -79,7 +88,9 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
 
     Args:
         model: the model in memory.
-        data: `(x, y)` to evaluate on, or None (latency then uses random inputs).
+        data: `(x, y)` to evaluate on (or `x` alone: no accuracy), a dataset or PyDataset
+            (accuracy over all of it, latency on its first examples), or None (latency then
+            uses random inputs).
         path: its saved `.keras` or `.kshrink` file; if None it is saved to a temporary
             `.keras` file first.
         load_runs: fresh processes for load time and memory (median reported).
@@ -87,10 +98,10 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
         progress: called with a short message before each phase.
     """
     say = progress or (lambda message: None)
-    check_data(data, model)
+    data = _Data(data, model)
     untimed = _untimed(model, data, path, load_runs, say)
     say("latency")
-    x = model_inputs(data) if data is not None else example_inputs(model, 32)
+    x = model_inputs(data.sample) if data.sample is not None else example_inputs(model, 32)
     return dataclasses.replace(untimed, latency=tuple(latency(model, x, runs=latency_runs)))
 
 
@@ -105,9 +116,9 @@ def _untimed(model, data, path, load_runs: int, say) -> Measurement:
         load = load_cost(path, runs=load_runs, loader=loader)
         size = file_size(path)
     metrics = None
-    if labels_of(data) is not None:
+    if labels_of(data.sample) is not None:
         say("accuracy")
-        metrics = evaluate(model, model_inputs(data), labels_of(data))
+        metrics = data.evaluate(model)
     return Measurement(weight_stats(model), macs(model).total, size, load, (), metrics)
 
 
@@ -122,7 +133,8 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
     Args:
         original: the model before compression.
         compressed: the model after.
-        data: `(x, y)` evaluation data, or None (then no accuracy or fidelity).
+        data: evaluation data as `measure` takes it, or None (then no accuracy or
+            fidelity; fidelity is measured on at most the first 2,048 examples).
         original_path, compressed_path: their saved files, if already saved.
         load_runs, latency_runs, progress: as in `measure`.
 
@@ -133,19 +145,45 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
     ```
     """
     say = progress or (lambda message: None)
-    check_data(data, original)
+    data = _Data(data, original)
     a = _untimed(original, data, original_path, load_runs, say)
     b = _untimed(compressed, data, compressed_path, load_runs, say)
     say("latency, both models in turns")
-    inputs = [model_inputs(data) if data is not None else example_inputs(m, 32)
+    inputs = [model_inputs(data.sample) if data.sample is not None else example_inputs(m, 32)
               for m in (original, compressed)]
     ta, tb = latency_in_turns([original, compressed], inputs, runs=latency_runs)
     fid = None
-    if data is not None:
-        x = model_inputs(data)
+    if data.sample is not None:
+        x = model_inputs(data.sample)
         fid = fidelity(predict(original, x), predict(compressed, x))
     return Comparison(dataclasses.replace(a, latency=tuple(ta)),
                       dataclasses.replace(b, latency=tuple(tb)), fid)
+
+
+class _Data:
+    """What measurement reads of `data`: `sample`, arrays for latency and fidelity (a
+    stream's first examples), and `evaluate`, accuracy over all of it."""
+
+    def __init__(self, data, model):
+        self.stream = as_stream(data, model)
+        if self.stream is not None and self.stream.once:
+            raise MeasurementError("measurement reads its data more than once; a generator "
+                                   "can be read only once: pass a dataset or arrays")
+        self.sample = self.stream.head() if self.stream is not None else data
+        check_data(self.sample, model)
+
+    def evaluate(self, model) -> dict:
+        if self.stream is None:
+            return evaluate(model, model_inputs(self.sample), labels_of(self.sample))
+        correct = total = 0
+        for batch in self.stream.batches():
+            x, y = batch[0], np.asarray(batch[1])
+            outputs = predict(model, x)
+            if not is_classifier(outputs):
+                return {}
+            correct += top1_accuracy(outputs, y) * len(y)
+            total += len(y)
+        return {"accuracy": correct / total}
 
 
 def example_inputs(model: keras.Model, n: int, seed: int = 0):

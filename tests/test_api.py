@@ -202,3 +202,26 @@ def test_a_fine_tuned_model_comes_back_without_its_optimizer(trained, digits, tm
 
         with archive.open("model.weights.h5") as f, h5py.File(f) as weights:
             assert "optimizer" not in weights
+
+
+def test_gradient_clipping_bounds_each_step(trained, digits):
+    """SGD at learning rate 1 moves the weights far, unless every gradient value is clipped
+    to 1e-6: then no weight can move by more than steps x lr x 1e-6 x 10 (momentum 0.9)."""
+    recipe = kshrink.Prune(sparsity=0.1, schedule="one_shot", skip_first_last=False,
+                           reestimate_batchnorm=False)
+    x, y = digits.train
+
+    def moved(**options):
+        small, _ = kshrink.compress(trained, recipe, data=(x, y), fidelity_samples=0,
+                                    fine_tune=kshrink.FineTune(
+                                        epochs=1, batch_size=256, learning_rate=1.0,
+                                        optimizer="sgd", verbose=False, **options))
+        before = np.asarray(trained.get_layer("fc2").kernel)
+        after = np.asarray(small.get_layer("fc2").kernel)
+        return np.abs(after - before)[after != 0].max()
+
+    steps = int(np.ceil(len(x) / 256))
+    assert moved(clipvalue=1e-6) <= steps * 1e-6 * 10 + 1e-7
+    assert moved() > 1e-2
+    with pytest.raises(kshrink.errors.RecipeError, match="clipnorm"):
+        kshrink.FineTune(clipnorm=-1)

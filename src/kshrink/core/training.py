@@ -50,6 +50,10 @@ class FineTune(Options):
         verbose: show Keras' progress while training.
         steps_per_epoch: batches per epoch: needed when data is a generator or an infinite
             dataset, and a limit on each epoch otherwise (default: the whole data).
+        clipnorm: clip each gradient to this norm (null: no clipping).
+        clipvalue: clip each gradient value to [-clipvalue, clipvalue] (null: none).
+        weight_decay: decoupled weight decay of the optimizer (null: none; `adamw` defaults
+            to Keras' 0.004).
 
     Example:
 
@@ -74,6 +78,9 @@ class FineTune(Options):
     early_stopping: int | None = option(None, "patience in epochs on validation loss")
     verbose: bool = option(True, "show training progress")
     steps_per_epoch: int | None = option(None, "batches per epoch (default: all the data)")
+    clipnorm: float | None = option(None, "clip each gradient to this norm")
+    clipvalue: float | None = option(None, "clip gradient values to +-this")
+    weight_decay: float | None = option(None, "decoupled weight decay")
 
     def __post_init__(self):
         check_int(self.name, "epochs", self.epochs, low=1)
@@ -88,6 +95,9 @@ class FineTune(Options):
         check_int(self.name, "early_stopping", self.early_stopping, low=1, allow_none=True)
         check_bool(self.name, "verbose", self.verbose)
         check_int(self.name, "steps_per_epoch", self.steps_per_epoch, low=1, allow_none=True)
+        check_range(self.name, "clipnorm", self.clipnorm, 1e-9, 1e9, allow_none=True)
+        check_range(self.name, "clipvalue", self.clipvalue, 1e-9, 1e9, allow_none=True)
+        check_range(self.name, "weight_decay", self.weight_decay, 0.0, 1.0, allow_none=True)
 
     def total_steps(self, data) -> int:
         """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""
@@ -117,10 +127,12 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
     steps = config.total_steps(data)
     rate = (keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
             if config.lr_schedule == "cosine" else config.learning_rate)
+    options = {key: getattr(config, key) for key in ("clipnorm", "clipvalue", "weight_decay")
+               if getattr(config, key) is not None}
     optimizer = {
-        "adam": lambda: keras.optimizers.Adam(rate),
-        "adamw": lambda: keras.optimizers.AdamW(rate),
-        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9),
+        "adam": lambda: keras.optimizers.Adam(rate, **options),
+        "adamw": lambda: keras.optimizers.AdamW(rate, **options),
+        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, **options),
     }[config.optimizer]()
     loss = task_loss(reference, y, config.loss)
     trainer = model

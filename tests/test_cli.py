@@ -271,3 +271,36 @@ def test_a_keras_file_with_a_huge_config_is_refused_before_keras_reads_it(tmp_pa
     assert bloated.stat().st_size < 1 << 20
     code, _, err = run_cli(capsys, "measure", str(bloated))
     assert code == 2 and "config.json is 104,857,602 bytes" in err
+
+
+def test_a_folder_of_images_feeds_compress_and_measure(tmp_path, capsys):
+    """Class subfolders of PNG files, streamed by keras.utils.image_dataset_from_directory."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for label, level in (("dark", 40), ("light", 200)):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(level, 20, (8, 8, 3)), 0, 255).astype("uint8")
+            (tmp_path / "photos" / label / f"{i}.png").write_bytes(
+                tf.io.encode_png(pixels).numpy())
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    outputs = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    model.save(tmp_path / "m.keras")
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("- quantize: {mode: int8}\n")
+    code, out, err = run_cli(capsys, "compress", tmp_path / "m.keras", "--recipe", recipe,
+                             "--data", tmp_path / "photos", "-o", tmp_path / "q.keras")
+    assert code == 0, err
+    assert "accuracy on photos test:" in out and "conv" in out
+    code, out, err = run_cli(capsys, "measure", tmp_path / "q.keras", "--baseline",
+                             tmp_path / "m.keras", "--data", tmp_path / "photos",
+                             "--load-runs", "1", "--latency-runs", "2")
+    assert code == 0, err
+    assert "accuracy" in out
+    code, out, err = run_cli(capsys, "compress", tmp_path / "m.keras", "--recipe", recipe,
+                             "--data", tmp_path / "nothing", "-o", tmp_path / "x.keras")
+    assert code == 2 and not (tmp_path / "x.keras").exists()

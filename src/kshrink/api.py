@@ -36,7 +36,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             calibration; `x` may be a dict of arrays by input name), or a stream: a
             `tf.data.Dataset` (batched or not), `keras.utils.PyDataset`, torch `DataLoader`
             or generator of `(x, y)` batches. Fine-tuning streams it; calibration and checks
-            read its first examples only (at most 2,048).
+            read its first examples only (at most 2,048, and at most 256 MB of them).
         validation_data: held-out data in the same forms, for early stopping and progress.
         fine_tune: how to train between each technique's prepare and finalize (default: the
             recipe's `fine_tune`, else no training). Needs `data`.

@@ -81,14 +81,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
     p.add_argument("-o", "--output", required=True,
                    help="output file: .keras (plain Keras) or .kshrink (compact)")
-    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val])")
+    p.add_argument("--data", help="mnist, fashion_mnist, digits, FILE.npz (x, y[, x_val, y_val], "
+                                  "or one array per model input) or a folder of class "
+                                  "subfolders of images (streamed)")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.set_defaults(run=_compress)
 
     p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
     p.add_argument("model", help=".keras or .kshrink file")
     p.add_argument("--baseline", help="the original model file to compare against")
-    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz")
+    p.add_argument("--data", help="mnist, fashion_mnist, digits, FILE.npz or a folder of "
+                                  "class subfolders of images")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.add_argument("--load-runs", type=_positive, default=3,
                    help="fresh processes for load figures")
@@ -147,7 +150,7 @@ def _compress(args) -> int:
     if recipe.fine_tune is not None and not args.data:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
     model = _load(args, source)
-    data = _data(args.data, model) if args.data else None
+    data = _data(args.data, model, streamed=True) if args.data else None
     if recipe.fine_tune is not None:  # fine-tuning shows Keras' own progress
         small, report = compress(model, recipe, data=data and data.train,
                                  validation_data=data and data.test)
@@ -172,15 +175,18 @@ def _compress(args) -> int:
 def _before_after(model, small, data) -> str:
     """Accuracy before and after on the test split; for unlabelled data or a model that is
     not a classifier, how closely the compressed model's outputs follow the original's."""
-    from kshrink.measure import evaluate, fidelity, predict
+    from kshrink.core.data import model_inputs
+    from kshrink.core.stream import as_stream
+    from kshrink.measure import evaluate_data, fidelity, predict
 
-    if data.y_test is not None:
-        before = evaluate(model, data.x_test, data.y_test).get("accuracy")
-        after = evaluate(small, data.x_test, data.y_test).get("accuracy")
-        if before is not None:
-            return (f"accuracy on {data.name} test: {before:.4f} -> {after:.4f} "
-                    f"({(after - before) * 100:+.2f} pp)")
-    f = fidelity(predict(model, data.x_test), predict(small, data.x_test))
+    before = evaluate_data(model, data.test).get("accuracy")
+    if before is not None:
+        after = evaluate_data(small, data.test)["accuracy"]
+        return (f"accuracy on {data.name} test: {before:.4f} -> {after:.4f} "
+                f"({(after - before) * 100:+.2f} pp)")
+    stream = as_stream(data.test, model)
+    x = model_inputs(stream.head() if stream is not None else data.test)
+    f = fidelity(predict(model, x), predict(small, x))
     return (f"outputs on {data.name} test against the original: cosine {f.cosine:.6f}, "
             f"max |difference| {f.max_abs_diff:.3g}")
 
@@ -190,7 +196,7 @@ def _measure(args) -> int:
 
     model = _load(args, args.model)
     baseline = _load(args, args.baseline) if args.baseline else None
-    data = _data(args.data, model).test if args.data else None
+    data = _data(args.data, model, streamed=True).test if args.data else None
     runs = dict(load_runs=args.load_runs, latency_runs=args.latency_runs)
     with _status("measuring") as status:
         progress = lambda message: status.update(f"measuring: {message}")
@@ -311,11 +317,24 @@ def _check_output(target: Path, source: Path) -> None:
         raise ModelFileError(f"output {target} would overwrite the input; choose another path")
 
 
-def _data(spec: str, model):
+def _data(spec: str, model, streamed: bool = False):
+    """The dataset `--data` names. A folder of class subfolders of images streams when the
+    command can take a stream (`streamed`); otherwise its first examples are read."""
     from kshrink import datasets
+    from kshrink.core.stream import as_stream
+    from kshrink.errors import KshrinkError
 
     if spec.endswith(".npz"):
         data = datasets.from_npz(spec)
+    elif Path(spec).is_dir():
+        shape = tuple(model.inputs[0].shape[1:3])
+        if len(model.inputs) != 1 or not all(isinstance(d, int) for d in shape):
+            raise KshrinkError(f"--data {spec}: a folder of images feeds a model with one "
+                               "image input of fixed height and width")
+        data = datasets.from_directory(spec, shape)
+        if not streamed:
+            head = [as_stream(part).head() for part in (data.train, data.test)]
+            data = datasets.Dataset(data.name, *head[0], *head[1])
     else:
         data = datasets.load(spec)
     datasets.check_fits(data, model)

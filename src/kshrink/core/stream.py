@@ -17,6 +17,7 @@ import numpy as np
 from kshrink.errors import KshrinkError
 
 HEAD = 2048  # examples drawn into memory for calibration and checks, at most
+HEAD_BYTES = 256 << 20  # and at most this much of them (about 430 RGB images at 224x224)
 
 
 class Stream:
@@ -60,16 +61,18 @@ class Stream:
         return self.source
 
     def head(self, limit: int = HEAD):
-        """The first `limit` examples (or all there are) as arrays: `(x, y)`, or `x` for a
-        source of inputs only. `x` is an array, or a dict of them. Drawn once."""
+        """The first `limit` examples (or all there are, or as many as fit in `HEAD_BYTES`)
+        as arrays: `(x, y)`, or `x` for a source of inputs only. `x` is an array, or a dict
+        of them. Drawn once."""
         if self._head is not None and self._head[0] >= limit:
             return _take(self._head[1], limit)
-        parts, count = [], 0
+        parts, count, size = [], 0, 0
         for batch in self.batches():
             batch = _to_numpy(batch)
             parts.append(batch)
             count += _count(batch)
-            if count >= limit:
+            size += sum(part.nbytes for part in _leaves(batch))
+            if count >= limit or size >= HEAD_BYTES:
                 break
         if not parts:
             raise KshrinkError("data holds no examples")
@@ -137,6 +140,14 @@ def _to_numpy(batch):
     if hasattr(batch, "detach"):  # a torch tensor
         return batch.detach().cpu().numpy()
     return np.asarray(batch)
+
+
+def _leaves(batch):
+    if isinstance(batch, dict):
+        return [v for value in batch.values() for v in _leaves(value)]
+    if isinstance(batch, tuple):
+        return [v for value in batch for v in _leaves(value)]
+    return [batch]
 
 
 def _first(batch):

@@ -103,6 +103,31 @@ def from_npz(path) -> Dataset:
     return Dataset(path.stem, x, y, x_val, y_val)
 
 
+def from_directory(path, image_size: tuple[int, int], *, validation_split: float = 0.2,
+                   batch_size: int = 32, seed: int = 0) -> Dataset:
+    """Images in class subfolders (`path/cat/*.jpg`, `path/dog/*.png`), streamed with
+    `keras.utils.image_dataset_from_directory` (labels by folder, images resized to
+    `image_size`), `validation_split` of them held out for evaluation. Nothing is read into
+    memory until used: `compress` fine-tunes from the stream and calibrates on its first
+    examples.
+
+    Raises:
+        KshrinkError: no such folder, or no images in class subfolders.
+    """
+    import keras
+
+    path = Path(path)
+    if not path.is_dir():
+        raise KshrinkError(f"data folder not found: {path}")
+    try:
+        train, test = keras.utils.image_dataset_from_directory(
+            path, image_size=tuple(image_size), batch_size=batch_size, seed=seed,
+            validation_split=validation_split, subset="both", verbose=False)
+    except ValueError as e:  # no images, or one class only
+        raise KshrinkError(f"{path}: {' '.join(str(e).split())[:200]}") from None
+    return Dataset(path.name, train, None, test, None)
+
+
 def _mnist() -> Dataset:
     spec = importlib.util.find_spec("mnist")  # locates the package without running it
     location = Path(next(iter(spec.submodule_search_locations))) if spec else None
@@ -170,6 +195,8 @@ def _digits() -> Dataset:
 def check_fits(data: Dataset, model) -> None:
     """Raises `KshrinkError` if `data`'s inputs are not the ones `model` takes, by name and
     shape."""
+    if not isinstance(data.x_train, (np.ndarray, dict)):
+        return  # a stream: `compress` checks its first examples
     check_data(data.train, model, f"data {data.name!r}")
     check_data(data.test, model, f"data {data.name!r} (validation)")
     specs = {t.name: t for t in model.inputs}

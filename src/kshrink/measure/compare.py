@@ -186,6 +186,13 @@ class _Data:
         return {"accuracy": correct / total}
 
 
+def evaluate_data(model: keras.Model, data) -> dict:
+    """Task metrics of `model` over `data` in any form `measure` takes (`{}` without labels
+    or for a model that is not a classifier)."""
+    data = _Data(data, model)
+    return data.evaluate(model) if labels_of(data.sample) is not None else {}
+
+
 def example_inputs(model: keras.Model, n: int, seed: int = 0):
     """Random inputs shaped and typed like the model's: an array, or the dict or list of
     arrays a model with several inputs takes. Integer inputs (token ids, masks) are 0 or 1,

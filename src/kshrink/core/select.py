@@ -23,7 +23,8 @@ class Select:
     Args:
         names: exact layer names or paths. Layers inside custom layers are named by their
             path (`transformer_layer_0/self_attention_layer/query`); a bare name matches every
-            layer of that name (`query`: the query projection of every block).
+            layer of that name (`query`: the query projection of every block), and a custom
+            layer's name or path every layer inside it (`transformer_layer_0`).
         pattern: a regular expression that must match the whole layer name or path.
         types: layer class names, e.g. `("Dense", "Conv2D")`.
 
@@ -66,7 +67,7 @@ class Select:
 
     def matches(self, layer: keras.layers.Layer) -> bool:
         """Whether `layer` is in this selection."""
-        keys = {layer.name, path_of(layer)}
+        keys = {layer.name, *_prefixes(path_of(layer))}
         if keys & set(self.names):
             return True
         if self.pattern is not None and any(re.fullmatch(self.pattern, k) for k in keys):
@@ -80,7 +81,7 @@ class Select:
             SelectionError: a name that is not among `layers`, or no match at all.
         """
         layers = list(layers)
-        known = {k for layer in layers for k in (layer.name, path_of(layer))}
+        known = {k for layer in layers for k in (layer.name, *_prefixes(path_of(layer)))}
         missing = [name for name in self.names if name not in known]
         if missing:
             raise SelectionError(
@@ -135,6 +136,12 @@ class Select:
             "a selection is a pattern string, a list of layer names, or a mapping with "
             f"names/pattern/types. Received: {short(config)}"
         )
+
+
+def _prefixes(path: str) -> list[str]:
+    """A path and the paths of the custom layers around it: `a/b/c`, `a/b`, `a`."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _short_list(names: Iterable[str], limit: int = 12) -> str:

@@ -10,30 +10,58 @@ import contextlib
 import warnings
 
 import keras
+import numpy as np
 
 from kshrink.core.graph import is_container, is_plain
+from kshrink.layers import INTEGER_MODES
 
 
 def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None,
-                   activation_bits: int | None) -> None:
+                   activation_bits: int | None, grid=None) -> None:
     """Quantizes `layers` of `model` in place with `model.quantize`.
 
     With `activation_bits`, Keras also quantizes each input to int8 on the fly (one scale per
-    row, from its absolute maximum), so the matrix product itself runs on integers.
+    row, from its absolute maximum), so the matrix product itself runs on integers. With
+    `grid` (one Dense layer's per-output-channel scales, as GPTQ chose them: shape
+    (1, units)), its kernel lands on that grid instead of Keras' own.
     """
     if not layers:
         return
     activations = keras.quantizers.AbsMaxQuantizer() if activation_bits else None
+    weights = None if grid is None else _OnGrid(grid, INTEGER_MODES[mode])
     if mode == "int8":
-        config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=activations)
+        config = keras.quantizers.Int8QuantizationConfig(weight_quantizer=weights,
+                                                         activation_quantizer=activations)
     else:
         config = keras.quantizers.Int4QuantizationConfig(
-            activation_quantizer=activations, block_size=group_size)
+            weight_quantizer=weights, activation_quantizer=activations,
+            block_size=None if grid is not None else group_size)
     ids = {id(layer) for layer in layers}
     with warnings.catch_warnings():
         # Keras warns for every layer without a `quantize` method; the filter skips those.
         warnings.simplefilter("ignore", UserWarning)
         model.quantize(config=config, filters=lambda layer: id(layer) in ids)
+
+
+class _OnGrid(keras.quantizers.Quantizer):
+    """A Dense kernel's quantizer for Keras' `quantize`: integers on a given per-output-channel
+    grid (`w = q * scale`) instead of each channel's absolute maximum, returned in Keras' form
+    (the integers and the reciprocal scales, `(1, units)`)."""
+
+    def __init__(self, scale: np.ndarray, qmax: int):
+        super().__init__(output_dtype="int8")
+        self.scale = np.asarray(scale, dtype="float32").reshape(1, -1)
+        self.qmax = qmax
+        # What Keras' configs check: int4 kernels take values in [-8, 7] (GPTQ's in [-7, 7]).
+        self.value_range = (-8, 7) if qmax == 7 else (-qmax, qmax)
+
+    def __call__(self, x, axis=None, to_numpy=False, **kwargs):
+        values = np.clip(np.round(keras.ops.convert_to_numpy(x) / self.scale),
+                         -self.qmax, self.qmax).astype("int8")
+        return values, (1.0 / self.scale).astype("float32")
+
+    def get_config(self):
+        return {"scale": self.scale.tolist(), "qmax": self.qmax}
 
 
 def outer_containers(model: keras.Model) -> list:

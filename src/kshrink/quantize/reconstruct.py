@@ -8,7 +8,7 @@ import numpy as np
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.errors import KshrinkError
-from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base
+from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base, keras_quantizes
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
@@ -32,7 +32,7 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         plan = plans.get(key)
         if plan is None or plan.mode not in INTEGER_MODES or keras_base(layer) is None:
             continue
-        reason = unsupported(layer) or (owner_of(layer) and "layers inside custom layers yet")
+        reason = unsupported(layer) or (owner_of(layer) and _inner_reason(layer, plan))
         if reason:
             rounded[key] = reason
         else:
@@ -41,14 +41,14 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
     found = {}
 
     def solve(layer, name, weights, hessian):
-        plan = plans[layer.name]
+        plan = plans[path_of(layer)]
         qmax = INTEGER_MODES[plan.mode]
         group_size = plan.group_size if plan.mode == "int4" else None
         g, rows, per_group = weights.shape
         scales = choose_scales(ungrouped(weights), qmax, group_size,
                                energy_matrix(hessian, per_group))
         per_row = np.repeat(scales, group_size or rows, axis=0)[:rows].astype("float64")
-        found.setdefault(layer.name, {})[name] = scales
+        found.setdefault(path_of(layer), {})[name] = scales
         return gptq(weights, hessian, grouped(per_row, g), qmax)
 
     factors = reconstruct(model, x, targets, solve, reference=copy_model(model),
@@ -60,3 +60,13 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
     ctx.state["corrected"] = set(factors)
     return found
 
+
+def _inner_reason(layer, plan) -> str | None:
+    """Why GPTQ cannot take a layer a custom layer builds, or None: Keras quantizes it in
+    place, on GPTQ's grid when that grid is one scale per output channel."""
+    if not keras_quantizes(layer):
+        return "layers inside custom layers that Keras does not quantize"
+    if plan.mode == "int4" and plan.group_size:
+        return ("grouped int4 inside custom layers (Keras stores it with zero points); use "
+                "group_size null")
+    return None

@@ -221,7 +221,7 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
     Layers whose grid GPTQ chose (`scales`) are always kshrink's: Keras would re-round them.
     """
     scales = scales or {}
-    by_keras, ours = {}, {}
+    by_keras, ours, gridded = {}, {}, {}
     for layer in leaf_layers(model):
         key = path_of(layer)
         plan = plans.get(key)
@@ -230,6 +230,8 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
         if plan.mode in INTEGER_MODES and keras_quantizes(layer) and key not in scales:
             how = (plan.mode, _group(plan), _keras_activation_bits(layer, plan, config))
             by_keras.setdefault(how, []).append(key)
+        elif key in scales and owner_of(layer):
+            gridded[key] = plan  # only Keras can quantize it in place: on GPTQ's grid
         else:
             ours[key] = plan
 
@@ -255,6 +257,12 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
             ctx.applied(layer, _describe(_Plan(mode, group_size), bits, None,
                                          _how(layer, ctx, scales, "Keras")))
         keras_quantize(model, chosen, mode, group_size, bits)
+    for key, plan in gridded.items():
+        layer = layers[key]
+        bits = _keras_activation_bits(layer, plan, config)
+        ctx.applied(layer, _describe(plan, bits, None, _how(layer, ctx, scales, "Keras")))
+        (grid,) = scales[key].values()
+        keras_quantize(model, [layer], plan.mode, None, bits, grid=grid)
     record_quantized_sublayers(model)
     ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
@@ -307,7 +315,8 @@ class Quantize(Technique):
             examples of `data`, in order, each layer seeing the inputs the quantized layers
             before it produce, and spreads every rounding error over the weights not yet
             rounded so the layer's output moves least. Dense and convolutions (Conv1D/2D/3D,
-            grouped, Depthwise, Separable); other layers are rounded, and say so.
+            grouped, Depthwise, Separable), and the Dense layers inside custom layers
+            (int8, per-channel int4); other layers are rounded, and say so.
         group_size: int4 only: one scale per this many inputs of each output channel; null
             for one scale per output channel.
         activation_bits: also quantize each layer's input to this many bits (8): static

@@ -244,7 +244,12 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
     """Runs `model` on each batch one layer call at a time, in graph order, every call once,
     until the last layer in `wanted` (ids, at any depth) has run. Before each call of a wanted
     layer, `visit(layer, its input per batch as NumPy arrays)` may change the layer's
-    weights: the call, and so every later layer, then runs with the new ones."""
+    weights: the call, and so every later layer, then runs with the new ones.
+
+    A wanted layer inside a custom layer (a transformer block) is visited when the block
+    runs: the block runs once with the wanted sublayers' inputs recorded, each is visited in
+    the order it was called, then the block runs again with the new weights (as Keras' own
+    GPTQ does, block by block)."""
     calls, inputs, _ = graph_program(model)
     names = [t.name for t in model.inputs]
     values = {}
@@ -253,7 +258,8 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
 
     def holds(layer):
         return id(layer) in wanted or (isinstance(layer, keras.Model)
-                                       and any(id(l) in wanted for l in _leaves(layer)))
+                                       and any(id(l) in wanted for l in _leaves(layer))) or (
+            _inside(layer, wanted) != [])
 
     marked = [i for i, call in enumerate(calls) if holds(call.layer)]
     if not marked:
@@ -276,6 +282,11 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
             (call.args, call.kwargs)) for b in range(len(batches))]
         if isinstance(layer, keras.Model) and holds(layer):
             run_layer_by_layer(layer, [args[0] for args, _ in arguments], wanted, visit)
+        elif not isinstance(layer, keras.Model) and id(layer) not in wanted:
+            inner = _inside(layer, wanted)
+            if inner:
+                for sublayer, inputs in _recorded(layer, inner, arguments):
+                    visit(sublayer, inputs)
         if i == marked[-1]:
             break  # nothing after it is needed
         outputs = [keras.tree.flatten(layer(*args, **{"training": False, **kwargs}))
@@ -285,6 +296,40 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
         for tensor in call.inputs:
             if last_use.get(id(tensor)) == i:
                 values.pop(id(tensor), None)
+
+
+def _inside(layer, wanted: set) -> list:
+    """The sublayers of `layer` (a custom layer, not a model) whose ids are in `wanted`."""
+    return [l for l in layer._flatten_layers(include_self=False) if id(l) in wanted]
+
+
+def _recorded(layer, inner: list, arguments: list) -> list:
+    """`(sublayer, its first input per batch)` for each of `inner`, in the order `layer`
+    calls them, from one run of `layer` on every batch of `arguments`."""
+    seen = {id(l): [] for l in inner}
+    order, batch = [], [0]
+
+    def recorder(sublayer, call):
+        def record(*args, **kwargs):
+            if len(seen[id(sublayer)]) == batch[0]:  # its first call on this batch
+                seen[id(sublayer)].append(keras.ops.convert_to_numpy(args[0]))
+                if batch[0] == 0:
+                    order.append(sublayer)
+            return call(*args, **kwargs)
+
+        return record
+
+    originals = {id(l): l.call for l in inner}
+    for sublayer in inner:  # Keras' own GPTQ patches each sublayer's call the same way
+        sublayer.call = recorder(sublayer, originals[id(sublayer)])
+    try:
+        for args, kwargs in arguments:
+            layer(*args, **{"training": False, **kwargs})
+            batch[0] += 1
+    finally:
+        for sublayer in inner:
+            sublayer.call = originals[id(sublayer)]
+    return [(l, seen[id(l)]) for l in order]
 
 
 def _bind(batch, index: int, names: list):

@@ -202,9 +202,12 @@ def transformers_section(data):
             continue
         reload = ("error: " + r["reload_error"][:70] if "reload_error" in r
                   else f"yes (max diff {r['reload_max_diff']:.1e})")
+        compact = (f"{r['kshrink_file_mb']:.1f} MB; loads in {r['kshrink_load_s']:.2f} s, "
+                   f"{r['kshrink_load_mb']:.0f} MB (.keras: {r['keras_load_s']:.2f} s, "
+                   f"{r['keras_load_mb']:.0f} MB)" if "kshrink_file_mb" in r else "")
         rows.append((titles.get(r["model"], r["model"]), r["mode"], r["tool"],
                      f"{r['weight_ratio']:.2f}x", f"{r['file_mb']:.1f} MB", f"{r['cosine']:.4f}",
-                     reload, f"{r['seconds']:.0f}"))
+                     reload, compact, f"{r['seconds']:.0f}"))
     return "\n\n".join([
         "## Quantizing keras-hub transformers",
         "`benchmarks/transformers.py`: kshrink's `Quantize` against Keras' own `model.quantize` "
@@ -212,9 +215,10 @@ def transformers_section(data):
         "from config with random weights (nothing downloads), so *cosine* (mean cosine of all "
         "outputs against float, on 64 random 128-token sequences) compares the tools, not a "
         "task. *weights* is fp32 weight bytes over quantized weight bytes; *reloads* saves the "
-        "`.keras` file, loads it with plain Keras and compares the outputs.",
+        "`.keras` file, loads it with plain Keras and compares the outputs; load time and memory "
+        "are medians of 3 fresh processes, over one that only imported Keras.",
         table(("model", "mode", "tool", "weights", ".keras file", "cosine", "reloads",
-               "seconds"), rows),
+               "compact file, load time and memory", "seconds"), rows),
         environment_line(data["environment"]),
     ])
 

@@ -9,7 +9,9 @@ Models (built from config, random weights, offline; the two tools see the same w
 
 For each: fp32 weight bytes over quantized weight bytes (as `kshrink.measure` counts them),
 the `.keras` file size, mean cosine of the outputs against float on 64 random token
-sequences, whether the saved file reloads with the same outputs, and the seconds taken.
+sequences, whether the saved file reloads with the same outputs, and the seconds taken. For
+kshrink's rows also the compact `.kshrink` file, and the load time and resident memory of
+both files (median of 3 fresh processes, over a process that only imported Keras).
 
 Run: .venv/bin/python benchmarks/transformers.py
 """
@@ -26,7 +28,7 @@ from common import write_rows
 
 import kshrink
 from kshrink.core.graph import copy_model
-from kshrink.measure import weight_stats
+from kshrink.measure import load_cost, weight_stats
 
 SEQUENCE = 128
 VOCABULARY = 30522
@@ -98,6 +100,14 @@ def row(name, tool, mode, model, small, x, reference, seconds):
             result["reload_max_diff"] = float(np.abs(outputs(reloaded, x) - expected).max())
         except Exception as e:  # noqa: BLE001 - Keras' own file may not reload: a result
             result["reload_error"] = " ".join(str(e).split())[:160]
+        if tool == "kshrink":
+            compact = Path(tmp) / "model.kshrink"
+            kshrink.save(small, compact)
+            result["kshrink_file_mb"] = compact.stat().st_size / 1e6
+            for suffix, file, loader in (("keras", path, "keras"), ("kshrink", compact, "kshrink")):
+                cost = load_cost(file, runs=3, loader=loader)
+                result[f"{suffix}_load_s"] = round(cost.seconds, 3)
+                result[f"{suffix}_load_mb"] = round(cost.resident_bytes / 1e6, 1)
     return result
 
 

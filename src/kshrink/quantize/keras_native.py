@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import is_container, is_plain
-from kshrink.layers import INTEGER_MODES
+from kshrink.layers import INTEGER_MODES, from_matrix
 
 
 def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None,
@@ -22,46 +22,61 @@ def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None
 
     With `activation_bits`, Keras also quantizes each input to int8 on the fly (one scale per
     row, from its absolute maximum), so the matrix product itself runs on integers. With
-    `grid` (one Dense layer's per-output-channel scales, as GPTQ chose them: shape
-    (1, units)), its kernel lands on that grid instead of Keras' own.
+    `grid`, `(scales, output axes)` of one layer's kernel as GPTQ chose them (one scale per
+    column of the kernel's matrix view with those output axes), the kernel lands on that grid
+    instead of Keras' own.
     """
     if not layers:
         return
-    activations = keras.quantizers.AbsMaxQuantizer() if activation_bits else None
     weights = None if grid is None else _OnGrid(grid, INTEGER_MODES[mode])
-    if mode == "int8":
-        config = keras.quantizers.Int8QuantizationConfig(weight_quantizer=weights,
-                                                         activation_quantizer=activations)
-    else:
-        config = keras.quantizers.Int4QuantizationConfig(
-            weight_quantizer=weights, activation_quantizer=activations,
-            block_size=None if grid is not None else group_size)
     ids = {id(layer) for layer in layers}
     with warnings.catch_warnings():
         # Keras warns for every layer without a `quantize` method; the filter skips those.
         warnings.simplefilter("ignore", UserWarning)
-        model.quantize(config=config, filters=lambda layer: id(layer) in ids)
+        model.quantize(config=_config(mode, group_size, activation_bits, weights),
+                       filters=lambda layer: id(layer) in ids)
+    if weights is not None:
+        # The grid only chose the stored integers; the layer's config (saved with it) keeps
+        # Keras' own quantizer, which loading never runs.
+        for layer in layers:
+            layer.quantization_config = _config(mode, None, activation_bits)
+
+
+def _config(mode: str, group_size, activation_bits, weights=None):
+    activations = keras.quantizers.AbsMaxQuantizer() if activation_bits else None
+    if mode == "int8":
+        return keras.quantizers.Int8QuantizationConfig(weight_quantizer=weights,
+                                                       activation_quantizer=activations)
+    return keras.quantizers.Int4QuantizationConfig(
+        weight_quantizer=weights, activation_quantizer=activations,
+        block_size=None if weights is not None else group_size)
 
 
 class _OnGrid(keras.quantizers.Quantizer):
-    """A Dense kernel's quantizer for Keras' `quantize`: integers on a given per-output-channel
-    grid (`w = q * scale`) instead of each channel's absolute maximum, returned in Keras' form
-    (the integers and the reciprocal scales, `(1, units)`)."""
+    """A kernel's quantizer for Keras' `quantize`: integers on a given per-output-channel grid
+    (`w = q * scale`) instead of each channel's absolute maximum, returned in Keras' form (the
+    integers, and the reciprocal scales shaped like the kernel with every summed axis 1)."""
 
-    def __init__(self, scale: np.ndarray, qmax: int):
+    def __init__(self, grid, qmax: int):
         super().__init__(output_dtype="int8")
+        scale, self.axes = grid
         self.scale = np.asarray(scale, dtype="float32").reshape(1, -1)
         self.qmax = qmax
         # What Keras' configs check: int4 kernels take values in [-8, 7] (GPTQ's in [-7, 7]).
         self.value_range = (-8, 7) if qmax == 7 else (-qmax, qmax)
 
     def __call__(self, x, axis=None, to_numpy=False, **kwargs):
-        values = np.clip(np.round(keras.ops.convert_to_numpy(x) / self.scale),
-                         -self.qmax, self.qmax).astype("int8")
-        return values, (1.0 / self.scale).astype("float32")
+        x = keras.ops.convert_to_numpy(x)
+        rows = x.size // self.scale.size
+        full = from_matrix(np.broadcast_to(self.scale, (rows, self.scale.size)), x.shape,
+                           self.axes)
+        values = np.clip(np.round(x / full), -self.qmax, self.qmax).astype("int8")
+        summed = tuple(i for i in range(x.ndim) if i not in self.axes)
+        first = full[tuple(slice(0, 1) if i in summed else slice(None) for i in range(x.ndim))]
+        return values, (1.0 / first).astype("float32")
 
     def get_config(self):
-        return {"scale": self.scale.tolist(), "qmax": self.qmax}
+        return {"scale": self.scale.tolist(), "axes": list(self.axes), "qmax": self.qmax}
 
 
 def outer_containers(model: keras.Model) -> list:

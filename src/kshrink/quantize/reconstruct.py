@@ -3,12 +3,13 @@ data (see `kshrink.reconstruct`), before the layers are replaced by quantized on
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.errors import KshrinkError
-from kshrink.layers import INTEGER_MODES, kernel_specs, keras_base, keras_quantizes
+from kshrink.layers import INTEGER_MODES, keras_base, keras_quantizes, kernel_specs
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
@@ -32,7 +33,8 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         plan = plans.get(key)
         if plan is None or plan.mode not in INTEGER_MODES or keras_base(layer) is None:
             continue
-        reason = unsupported(layer) or (owner_of(layer) and _inner_reason(layer, plan))
+        reason = unsupported(layer, einsum=True) or (
+            stored_by_keras(layer) and _grid_reason(layer, plan))
         if reason:
             rounded[key] = reason
         else:
@@ -61,12 +63,18 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
     return found
 
 
-def _inner_reason(layer, plan) -> str | None:
-    """Why GPTQ cannot take a layer a custom layer builds, or None: Keras quantizes it in
-    place, on GPTQ's grid when that grid is one scale per output channel."""
+def stored_by_keras(layer) -> bool:
+    """Whether a layer GPTQ solved is stored by Keras' own quantized layer, on GPTQ's grid:
+    one a custom layer builds (only Keras can quantize it in place), or an EinsumDense (whose
+    solved matrix view is its equation's, not that of kshrink's quantized EinsumDense)."""
+    return bool(owner_of(layer)) or isinstance(layer, keras.layers.EinsumDense)
+
+
+def _grid_reason(layer, plan) -> str | None:
+    """Why Keras cannot store `layer` on GPTQ's grid, or None."""
     if not keras_quantizes(layer):
         return "layers inside custom layers that Keras does not quantize"
     if plan.mode == "int4" and plan.group_size:
-        return ("grouped int4 inside custom layers (Keras stores it with zero points); use "
-                "group_size null")
+        return (f"grouped int4 of {type(layer).__name__} inside custom layers or as "
+                "EinsumDense (Keras stores it with zero points); use group_size null")
     return None

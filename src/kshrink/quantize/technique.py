@@ -33,6 +33,7 @@ from kshrink.layers import (
     QuantizedKernels,
     keras_base,
     keras_quantizes,
+    kernel_specs,
     quantize_layer,
 )
 from kshrink.quantize.calibrate import METHODS, input_ranges
@@ -42,7 +43,8 @@ from kshrink.quantize.keras_native import (
     record_quantized_sublayers,
     reloads_quantized,
 )
-from kshrink.quantize.reconstruct import gptq_scales
+from kshrink.quantize.reconstruct import gptq_scales, stored_by_keras
+from kshrink.reconstruct.rows import matrix_axes
 
 KEEP_FLOAT = "float"
 ROUNDING = ("rtn", "gptq")
@@ -230,8 +232,8 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
         if plan.mode in INTEGER_MODES and keras_quantizes(layer) and key not in scales:
             how = (plan.mode, _group(plan), _keras_activation_bits(layer, plan, config))
             by_keras.setdefault(how, []).append(key)
-        elif key in scales and owner_of(layer):
-            gridded[key] = plan  # only Keras can quantize it in place: on GPTQ's grid
+        elif key in scales and stored_by_keras(layer):
+            gridded[key] = plan  # Keras' own layer, on GPTQ's grid
         else:
             ours[key] = plan
 
@@ -261,8 +263,10 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
         layer = layers[key]
         bits = _keras_activation_bits(layer, plan, config)
         ctx.applied(layer, _describe(plan, bits, None, _how(layer, ctx, scales, "Keras")))
-        (grid,) = scales[key].values()
-        keras_quantize(model, [layer], plan.mode, None, bits, grid=grid)
+        (name, grid), = scales[key].items()
+        axes = matrix_axes(layer, next(spec for _, spec in kernel_specs(layer)
+                                       if spec.name == name))
+        keras_quantize(model, [layer], plan.mode, None, bits, grid=(grid, axes))
     record_quantized_sublayers(model)
     ctx.sort_results(ctx.original)  # the order the user knows, folded layers included
     return model
@@ -315,8 +319,9 @@ class Quantize(Technique):
             examples of `data`, in order, each layer seeing the inputs the quantized layers
             before it produce, and spreads every rounding error over the weights not yet
             rounded so the layer's output moves least. Dense and convolutions (Conv1D/2D/3D,
-            grouped, Depthwise, Separable), and the Dense layers inside custom layers
-            (int8, per-channel int4); other layers are rounded, and say so.
+            grouped, Depthwise, Separable), and EinsumDense and the Dense layers inside
+            custom layers, which Keras stores on GPTQ's grid (int8, or per-channel int4);
+            other layers are rounded, and say so.
         group_size: int4 only: one scale per this many inputs of each output channel; null
             for one scale per output channel.
         activation_bits: also quantize each layer's input to this many bits (8): static

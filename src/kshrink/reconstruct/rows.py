@@ -27,11 +27,17 @@ _CHUNK = 1 << 24  # patch values built at once, to bound temporary memory
 ROWS_PER_EXAMPLE = 1024
 
 
-def unsupported(layer) -> str | None:
-    """Why the rows of `layer`'s kernels cannot be formed, or None if they can."""
+def unsupported(layer, einsum: bool = False) -> str | None:
+    """Why the rows of `layer`'s kernels cannot be formed, or None if they can.
+
+    EinsumDense only with `einsum`: its rows fit the matrix view of `matrix_axes`, not its
+    layer spec's, so only a caller using that view (GPTQ) may take it."""
     kind = type(layer)
     if kind is L.Dense:
         return None
+    if kind is L.EinsumDense and einsum:
+        return None if _einsum_rows(layer) else (
+            f"EinsumDense {layer.equation!r}: a kernel axis is neither summed over nor kept")
     if kind in _CONV + _DEPTHWISE + _SEPARABLE:
         if layer.data_format != "channels_last":
             return f"{kind.__name__} with data_format={layer.data_format!r}"
@@ -53,6 +59,13 @@ def kernel_rows(layer, name: str, x: np.ndarray, per_example: int | None = None,
     `per_example`, at most that many rows (positions) of each example, drawn with `rng`."""
     x = np.asarray(x, dtype="float32")
     kind = type(layer)
+    if kind is L.EinsumDense:  # the input's summed axes, in the kernel's order, per row
+        inputs, summed = _einsum_rows(layer)
+        kept = [i for i, c in enumerate(inputs) if c not in summed]
+        moved = np.transpose(x, kept + [inputs.index(c) for c in summed])
+        rows = moved.reshape(1, -1, math.prod(x.shape[inputs.index(c)] for c in summed))
+        yield _subsample(rows, len(x), per_example, rng)
+        return
     if kind is L.Dense or (kind in _SEPARABLE and name == "pointwise_kernel"):
         if kind is not L.Dense:
             # The pointwise kernel multiplies the depthwise output, computed with the
@@ -72,6 +85,29 @@ def kernel_rows(layer, name: str, x: np.ndarray, per_example: int | None = None,
         else:  # depthwise: one group per input channel, its offsets as the rows
             chunk = patches.transpose(2, 0, 1)
         yield _subsample(chunk, examples, per_example, rng)
+
+
+def matrix_axes(layer, spec) -> tuple:
+    """The output axes of the matrix view reconstruction uses for kernel `spec` of `layer`:
+    the layer spec's, except for EinsumDense, whose outputs are the kernel axes its equation
+    keeps (its spec takes the last axis alone)."""
+    if type(layer) is L.EinsumDense and _einsum_rows(layer):
+        operands, output = layer.equation.split("->")
+        return tuple(i for i, c in enumerate(operands.split(",")[1]) if c in output)
+    return spec.output_axes
+
+
+def _einsum_rows(layer):
+    """`(input axes, summed axes in kernel order)` of an EinsumDense whose kernel axes are each
+    summed over with the input or kept in the output only (so the rows of its matrix view
+    are what the input holds along the summed axes), else None."""
+    operands, output = layer.equation.split("->")
+    inputs, kernel = operands.split(",")
+    summed = [c for c in kernel if c not in output]
+    if "." in layer.equation or not summed or any(c not in inputs for c in summed) or any(
+            c in inputs for c in kernel if c in output):
+        return None
+    return inputs, summed
 
 
 def _subsample(rows: np.ndarray, examples: int, per_example: int | None, rng) -> np.ndarray:

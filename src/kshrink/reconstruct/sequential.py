@@ -71,9 +71,10 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, reference=None,
             except ValueError as e:
                 raise KshrinkError(f"reconstruction: {e}") from None
             g = rowlib.groups(layer, spec.name)
-            matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
+            axes = rowlib.matrix_axes(layer, spec)
+            matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), axes)
             new = solve(layer, spec.name, grouped(matrix.astype("float64"), g), h)
-            _assign(variable, spec, new)
+            _assign(variable, axes, new)
         if layer.name in wanted_statistics:
             factors[layer.name] = _match_statistics(layer, inputs, wanted_statistics[layer.name])
 
@@ -87,7 +88,8 @@ MAX_FACTOR = 2.0  # the largest correction of an output channel's spread, either
 def _last_moments(layer, inputs):
     variable, spec = kernel_specs(layer)[-1]
     mean, second = rowlib.moments(layer, spec.name, inputs)
-    matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), spec.output_axes)
+    matrix = as_matrix(keras.ops.convert_to_numpy(variable.value),
+                       rowlib.matrix_axes(layer, spec))
     return grouped(matrix.astype("float64"), rowlib.groups(layer, spec.name)), mean, second
 
 
@@ -108,7 +110,7 @@ def _match_statistics(layer, inputs, wanted) -> np.ndarray:
     variable, spec = kernel_specs(layer)[-1]
     columns = w.shape[0] * w.shape[2]
     scaled = ungrouped(w) * factor[None, :columns]
-    _assign(variable, spec, grouped(scaled, w.shape[0]))
+    _assign(variable, rowlib.matrix_axes(layer, spec), grouped(scaled, w.shape[0]))
     bias = getattr(layer, "bias", None)
     if bias is not None:
         shift = wanted_mean - factor * mean
@@ -116,8 +118,8 @@ def _match_statistics(layer, inputs, wanted) -> np.ndarray:
     return factor
 
 
-def _assign(variable, spec, weights: np.ndarray) -> None:
-    variable.assign(from_matrix(ungrouped(weights), tuple(variable.shape), spec.output_axes)
+def _assign(variable, axes: tuple, weights: np.ndarray) -> None:
+    variable.assign(from_matrix(ungrouped(weights), tuple(variable.shape), axes)
                     .astype(variable.dtype))
 
 
@@ -130,7 +132,8 @@ def input_energy(model: keras.Model, x, layers, *, batch_size: int = 32) -> dict
     def visit(layer, inputs):
         for variable, spec in kernel_specs(layer):
             _, second = rowlib.moments(layer, spec.name, inputs)
-            columns = as_matrix(np.empty(variable.shape, "int8"), spec.output_axes).shape[1]
+            columns = as_matrix(np.empty(variable.shape, "int8"),
+                                rowlib.matrix_axes(layer, spec)).shape[1]
             per_group = columns // rowlib.groups(layer, spec.name)
             found.setdefault(layer.name, {})[spec.name] = energy_matrix(second, per_group)
 

@@ -291,3 +291,12 @@ def test_gptq_solves_a_top_level_einsum_dense_and_its_file_reloads(tmp_path):
     reloaded = _reload(small, tmp_path, "einsum")
     np.testing.assert_allclose(reloaded.predict(data, verbose=0), small.predict(data, verbose=0),
                                atol=1e-6)
+
+
+def test_sensitivity_ranks_the_layers_inside_blocks():
+    report = kshrink.analysis.sensitivity(_bert(), _bert_inputs(16), mode="int4")
+    ranked = [entry.layer for entry in report.layers]
+    assert "transformer_layer_1/feedforward_output_dense" in ranked
+    assert "transformer_layer_0/self_attention_layer/query" in ranked
+    assert report.accuracy is None and all(e.accuracy_drop is None for e in report.layers)
+    assert all(e.output_error > 0 for e in report.layers)

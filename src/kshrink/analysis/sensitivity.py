@@ -17,10 +17,12 @@ import keras
 import numpy as np
 
 from kshrink.api import compress
-from kshrink.core.data import check_data
+from kshrink.core.data import check_data, example_count, labels_of, model_inputs
+from kshrink.core.graph import path_of
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_int
-from kshrink.measure.accuracy import predict, top1_accuracy
+from kshrink.layers import keras_quantizes
+from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.quantize.technique import Quantize, skip_reason
 from kshrink.render import Table
 
@@ -85,23 +87,36 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
     Returns:
         A `SensitivityReport`, most sensitive layer first.
     """
-    x, y = data if isinstance(data, (tuple, list)) else (data, None)
+    x, y = model_inputs(data), labels_of(data)
     check_int("sensitivity", "samples", samples, low=1, allow_none=True)
     check_data(data, model)
-    if samples is not None and samples < len(x):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
-        x = x[chosen]
+    count = example_count(x)
+    if samples is not None and samples < count:
+        chosen = np.sort(np.random.default_rng(seed).choice(count, samples, replace=False))
+        x = keras.tree.map_structure(lambda v: np.asarray(v)[chosen], x)
         y = None if y is None else np.asarray(y)[chosen]
     reference = predict(model, x)
-    accuracy = None if y is None else top1_accuracy(reference, y)
-    candidates = StepContext(original=model).choose_layers(model, None, None, skip_reason)
+    classifier = is_classifier(reference)
+    accuracy = top1_accuracy(reference, y) if y is not None and classifier else None
+    # Layers inside custom layers too: Keras quantizes those in place.
+    candidates = StepContext(original=model).choose_layers(model, None, None, skip_reason,
+                                                           in_place=keras_quantizes)
     entries = []
     for layer in candidates:
-        config = Quantize(mode=mode, group_size=group_size, layers=Select(names=(layer.name,)))
+        config = Quantize(mode=mode, group_size=group_size,
+                          layers=Select(names=(path_of(layer),)))
         quantized, _ = compress(model, config)
         outputs = predict(quantized, x)
-        error = float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
-        drop = None if y is None else 100 * (accuracy - top1_accuracy(outputs, y))
-        entries.append(LayerSensitivity(layer.name, type(layer).__name__, drop, error))
+        error = float(np.linalg.norm(_flat(outputs) - _flat(reference))
+                      / max(np.linalg.norm(_flat(reference)), 1e-12))
+        drop = None if accuracy is None else 100 * (accuracy - top1_accuracy(outputs, y))
+        entries.append(LayerSensitivity(path_of(layer), type(layer).__name__, drop, error))
     entries.sort(key=lambda e: (-(e.accuracy_drop or 0.0), -e.output_error))
     return SensitivityReport(mode, accuracy, tuple(entries))
+
+
+def _flat(outputs) -> np.ndarray:
+    """Every output value of every example, one array (`predict` gives a list for a model
+    with several outputs)."""
+    parts = outputs if isinstance(outputs, list) else [outputs]
+    return np.concatenate([np.ravel(p) for p in parts])

@@ -22,6 +22,11 @@ def environment_line(env):
             f"Keras backend {env['backend']}; {versions}._")
 
 
+def section(data, parts) -> str:
+    """A BENCHMARKS.md section: its heading, prose and tables, then where it was measured."""
+    return "\n\n".join([*parts, environment_line(data["environment"])])
+
+
 def table(columns, rows):
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -33,13 +38,12 @@ def zoo_section(data):
              f"{r['test_accuracy']:.4f}", f"{r['test_error_pct']:.2f}%",
              f"{r['deep_compression_error_pct']:.2f}%" if r["deep_compression_error_pct"] else "-")
             for r in data["rows"]]
-    return "\n\n".join([
+    return section(data, [
         "## Reference models",
         "Trained here from seed 0 (`benchmarks/zoo_baselines.py`); Deep Compression's published "
         "baselines beside them.",
         table(("model", "dataset", "epochs", "parameters", "test accuracy", "test error",
                "Deep Compression baseline error"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -63,7 +67,7 @@ def quantize_section(data):
                 f"{r['file_bytes']:,}",
                 maybe(r["loaded_resident_bytes"], lambda v: f"{v / 1e6:.2f} MB"),
             ))
-    return "\n\n".join([
+    return section(data, [
         "## Quantizing whole CNNs",
         "`benchmarks/quantize_cnn.py`, from the same trained float model each time. Keras' "
         "`model.quantize` leaves Conv layers in float; the TFLite row is the converter's "
@@ -76,7 +80,6 @@ def quantize_section(data):
         "dominate.",
         table(("model", "variant", "test accuracy", "vs float", "weight bytes", "vs float",
                "file bytes", "loaded memory"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -102,7 +105,7 @@ def prune_section(data):
         rows.append(line)
     baselines = ", ".join(f"{m} {r['baseline_error_pct']:.2f}% ({r['fine_tune_epochs']} "
                           "fine-tune epochs)" for m, r in meta.items())
-    return "\n\n".join([
+    return section(data, [
         "## Magnitude pruning: sparsity vs test error, kshrink and tfmot side by side",
         "`benchmarks/prune_lenet.py`: every run starts from the same baseline weights and "
         "fine-tunes for the same epochs (batch 128, Adam 1e-3 with cosine decay, polynomial "
@@ -111,7 +114,6 @@ def prune_section(data):
         "in its own virtual environment. Baseline error: " + baselines + ".",
         table(["model", "sparsity"] + [f"error: {v}" for v in variants]
               + ["deflated .keras vs float (kshrink global)"], rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -124,7 +126,7 @@ def deep_compression_section(data):
             for r in ordered]
     epochs = ", ".join(sorted({f"{r['model']} {r['fine_tune_epochs_per_step']}"
                                for r in data["rows"]}))
-    return "\n\n".join([
+    return section(data, [
         "## Deep-Compression-class size: prune, cluster, compact file",
         "`benchmarks/deep_compression.py`: global magnitude pruning, then k-means weight sharing "
         "(zeros kept), each step fine-tuned with the original model as teacher (epochs per "
@@ -135,7 +137,6 @@ def deep_compression_section(data):
         "quantize and Huffman-code) beside them.",
         table(("model", "pipeline", "sparsity", "clusters", "baseline error", "test error",
                "file bytes", "ratio", "Deep Compression"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -143,7 +144,7 @@ def fuzz_section(data):
     total = next(r for r in data["rows"] if r["mutation"] == "all")
     rows = [(r["mutation"], r["outcome"], f"{r['count']:,}") for r in data["rows"]
             if r["mutation"] != "all"]
-    return "\n\n".join([
+    return section(data, [
         "## Fuzzing the compact-file loader",
         f"`benchmarks/fuzz_loader.py`: {total['count']:,} mutated files in "
         f"{total['seconds']:.0f} s; exceptions other than `ArtifactError`: "
@@ -154,7 +155,6 @@ def fuzz_section(data):
         "and recompute the checksum, as a hostile writer would, so they reach the loader's own "
         "checks; a payload edit that decodes to the same values loads.",
         table(("mutation", "outcome", "files"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -189,8 +189,7 @@ def post_training_section(data):
             line.append(f"{r['seconds']:.0f}" if "seconds" in r else "")
             body.append(tuple(line))
         parts += [f"**{title}**", table(columns, body)]
-    parts.append(environment_line(data["environment"]))
-    return "\n\n".join(parts)
+    return section(data, parts)
 
 
 def transformers_section(data):
@@ -208,7 +207,7 @@ def transformers_section(data):
         rows.append((titles.get(r["model"], r["model"]), r["mode"], r["tool"],
                      f"{r['weight_ratio']:.2f}x", f"{r['file_mb']:.1f} MB", f"{r['cosine']:.4f}",
                      reload, compact, f"{r['seconds']:.0f}"))
-    return "\n\n".join([
+    return section(data, [
         "## Quantizing keras-hub transformers",
         "`benchmarks/transformers.py`: kshrink's `Quantize` against Keras' own `model.quantize` "
         "(int8; int4 with groups of 128) on the same models in the same run. Both are built "
@@ -219,7 +218,6 @@ def transformers_section(data):
         "are medians of 3 fresh processes, over one that only imported Keras.",
         table(("model", "mode", "tool", "weights", ".keras file", "cosine", "reloads",
                "compact file, load time and memory", "seconds"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -238,7 +236,7 @@ def load_large_section(data):
                          f"{r['load_peak_bytes_median'] / base['load_peak_bytes_median']:.2f}x",
                          f"{r['resident_bytes_median'] / 1e6:.1f} MB"))
     runs = data["rows"][0]["runs"]
-    return "\n\n".join([
+    return section(data, [
         "## Loading ~25M-parameter models",
         f"`benchmarks/load_large.py`: medians of {runs} fresh processes; memory is the increase "
         "over a process that only imported Keras. The int8 models are what "
@@ -247,7 +245,6 @@ def load_large_section(data):
         "folded into the convolutions, so ResNet-50 also has fewer layers to rebuild.",
         table(("model", "parameters", "file", "size", "load time", "vs float", "peak memory",
                "vs float", "resident after load"), rows),
-        environment_line(data["environment"]),
     ])
 
 
@@ -295,8 +292,7 @@ def structured_section(data):
                   "distillation): parameters against test error.",
                   table(("variant", "parameters", "fewer by", "test error", "vs original"),
                         lr_rows)]
-    parts.append(environment_line(data["environment"]))
-    return "\n\n".join(parts)
+    return section(data, parts)
 
 
 def export_section(data):
@@ -305,7 +301,7 @@ def export_section(data):
              f"{r['latency_b1_ms']:.3f} ms", f"{r['speedup_b1']:.2f}x",
              f"{r['latency_b32_ms']:.3f} ms", f"{r['speedup_b32']:.2f}x")
             for r in data["rows"]]
-    return "\n\n".join([
+    return section(data, [
         "## Export: Keras, LiteRT and ONNX Runtime",
         "`benchmarks/export.py`: each model exported with `kshrink.export` and run in its "
         "runtime (LiteRT interpreter, ONNX Runtime CPU); test accuracy over the whole test set "
@@ -319,7 +315,6 @@ def export_section(data):
         "keeps the input ranges QAT learned for its convolutions.",
         table(("model", "variant", "file bytes", "test accuracy", "batch 1", "speed-up",
                "batch 32", "speed-up"), rows),
-        environment_line(data["environment"]),
     ])
 
 

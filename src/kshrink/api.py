@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
 import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
+from kshrink.core.distribute import DataParallel
 from kshrink.core.graph import copy_model
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
@@ -75,32 +77,43 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     if not isinstance(fidelity_samples, int) or fidelity_samples < 0:
         raise KshrinkError("fidelity_samples must be a whole number >= 0. Received: "
                            f"fidelity_samples={fidelity_samples!r}")
-    work = copy_model(model)
-    check_finite_weights(work, "in the model to compress")
+    parallel = DataParallel() if fine_tune is not None and fine_tune.distribution else None
+    if parallel is not None:
+        parallel.check_batch_size(fine_tune.batch_size)
+        if progress:
+            progress(f"fine-tuning {parallel}")
     probe = _FidelityProbe.of(model, train if held_out is None else held_out, fidelity_samples,
                               held_back=held_out is not None, tolerance=fidelity_tolerance)
-    before = weight_stats(work)
     steps = []
-    for technique in recipe:
-        handler = handler_for(technique)
-        trains = fine_tune is not None and handler.trains_with(technique)
-        if progress:
-            progress(technique.name)
-        ctx = StepContext(original=model, data=train, validation_data=held_out,
-                          progress=progress,
-                          train_steps=fine_tune.total_steps(stream or train) if trains else None)
-        work = handler.prepare(work, technique, ctx)
-        if trains:
-            run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
-                          teacher=model, callbacks=handler.callbacks(work, technique, ctx))
-        work = handler.finalize(work, technique, ctx)
-        if technique.reestimates_batchnorm(data is not None, trains):
-            _reestimate_batchnorm(work, train, technique, ctx)
-        step = handler.report(work, technique, ctx)
-        steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
-    if work.compiled:
+    # TensorFlow mirrors only the variables created inside its strategy's scope: the working
+    # copy, the wrappers, the teacher and the optimizer are all made in it.
+    with parallel.compress_scope() if parallel else contextlib.nullcontext():
+        work = copy_model(model)
+        check_finite_weights(work, "in the model to compress")
+        before = weight_stats(work)
+        for technique in recipe:
+            handler = handler_for(technique)
+            trains = fine_tune is not None and handler.trains_with(technique)
+            if progress:
+                progress(technique.name)
+            ctx = StepContext(original=model, data=train, validation_data=held_out,
+                              progress=progress,
+                              train_steps=fine_tune.total_steps(stream or train) if trains
+                              else None)
+            work = handler.prepare(work, technique, ctx)
+            if trains:
+                run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
+                              teacher=model, callbacks=handler.callbacks(work, technique, ctx),
+                              parallel=parallel)
+            work = handler.finalize(work, technique, ctx)
+            if technique.reestimates_batchnorm(data is not None, trains):
+                _reestimate_batchnorm(work, train, technique, ctx)
+            step = handler.report(work, technique, ctx)
+            steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
+    if work.compiled or parallel is not None:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
-        # optimizer would ride into the saved file (Adam: twice the weights).
+        # optimizer would ride into the saved file (Adam: twice the weights). A copy made out
+        # of the strategy's scope is a plain model again.
         work = copy_model(work)
     after = weight_stats(work)
     report = CompressionReport(

@@ -94,6 +94,24 @@ def test_qat_folds_batchnorm_trains_ranges_and_ends_in_quantized_layers(trained,
     assert qat_accuracy > 0.85
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_qat_trains_in_mixed_precision_and_the_result_computes_in_float32(trained, digits,
+                                                                        policy):
+    x, y = digits.train
+    config = Quantize(mode="int8", activation_bits=8, qat=True)
+    tune = kshrink.FineTune(epochs=2, batch_size=64, learning_rate=5e-4, verbose=False,
+                            clipnorm=1.0, mixed_precision=policy)
+    small, _ = kshrink.compress(trained, config, data=(x, y), fine_tune=tune)
+    computes = {layer.name: layer.dtype_policy.compute_dtype for layer in small.layers}
+    assert set(computes.values()) == {"float32"}, computes
+    conv2 = small.get_layer("conv2")
+    assert conv2.mode == "int8" and numpy(conv2.input_max) > numpy(conv2.input_min)
+    x_test, y_test = digits.test
+    logits = numpy(small.predict(x_test, verbose=0))
+    assert logits.dtype == np.float32
+    assert np.mean(logits.argmax(1) == y_test) > 0.85
+
+
 def test_qat_wrapper_rounds_kernels_to_the_deployed_grid(cnn, images):
     layer = cnn.get_layer("conv2")
     wrapper = QuantizeAwareWrapper(layer, mode="int8")

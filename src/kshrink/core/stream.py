@@ -50,15 +50,35 @@ class Stream:
         raise KshrinkError("data is a stream of unknown length (a generator or an infinite "
                            "dataset): give FineTune(steps_per_epoch=...) the batches per epoch")
 
-    def for_fit(self, batch_size: int):
-        """What `model.fit` reads: the source, batched if it was not."""
+    def for_fit(self, batch_size: int, split_over: int = 1):
+        """What `model.fit` reads: `(source, steps_per_epoch)`, the source batched if it was
+        not.
+
+        `split_over`: the devices of JAX data-parallel training, which need every batch to
+        split evenly over them. A batch that does not (a dataset's last one) is left out.
+        """
+        steps = self.steps_per_epoch(batch_size)
         if self.unbatched:
-            return self.source.batch(batch_size)
-        if self._drawn:
+            source = self.source.batch(batch_size)
+        elif self._drawn:
             drawn, self._drawn = self._drawn, []
             # `fit` takes generators, not other iterators.
-            return (batch for batch in itertools.chain(drawn, self.source))
-        return self.source
+            source = (batch for batch in itertools.chain(drawn, self.source))
+        else:
+            source = self.source
+        if split_over == 1:
+            return source, steps
+        if _is_tf_dataset(source):
+            import tensorflow as tf
+
+            def splits(*batch):
+                return tf.shape(tf.nest.flatten(batch)[0])[0] % split_over == 0
+
+            # A finite dataset ends its epoch when it runs out: no step count to miss.
+            return source.filter(splits), self._steps
+        if not self.once:  # a PyDataset or DataLoader: read again each pass, endlessly
+            source = (batch for _ in itertools.count() for batch in self.batches())
+        return (batch for batch in source if _count(batch) % split_over == 0), steps
 
     def head(self, limit: int = HEAD):
         """The first `limit` examples (or all there are, or as many as fit in `HEAD_BYTES`)

@@ -116,10 +116,11 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def check_choice(technique: str, key: str, value, allowed) -> None:
-    if value not in allowed:
+def check_choice(technique: str, key: str, value, allowed, allow_none: bool = False) -> None:
+    if value not in allowed and not (value is None and allow_none):
         raise RecipeError(
-            f"{technique}: {key} must be one of {', '.join(map(str, allowed))}. "
+            f"{technique}: {key} must be one of {', '.join(map(str, allowed))}"
+            f"{' or null' if allow_none else ''}. "
             f"Received: {key}={short(value)}"
         )
 

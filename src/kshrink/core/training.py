@@ -5,6 +5,7 @@ stopping on validation data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -13,6 +14,7 @@ import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
+from kshrink.core.distribute import DISTRIBUTIONS, DataParallel
 from kshrink.core.graph import copy_model
 from kshrink.core.stream import Stream
 from kshrink.core.technique import (
@@ -27,6 +29,7 @@ from kshrink.errors import KshrinkError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,14 @@ class FineTune(Options):
         clipvalue: clip each gradient value to [-clipvalue, clipvalue] (null: none).
         weight_decay: decoupled weight decay of the optimizer (null: none; `adamw` defaults
             to Keras' 0.004).
+        distribution: `"data_parallel"`: train on every local device at once, each on its
+            slice of every batch (`keras.distribution.DataParallel` on JAX, across hosts after
+            `keras.distribution.initialize()`; `tf.distribute.MirroredStrategy` on
+            TensorFlow); `batch_size` must be a multiple of the device count. Null: one
+            device.
+        mixed_precision: `"mixed_bfloat16"` or `"mixed_float16"`: compute in 16 bits while
+            fine-tuning, keeping every variable (weights, masks, quantizer ranges) in float32;
+            float16 scales the loss against underflow. The result computes in float32 again.
 
     Example:
 
@@ -81,6 +92,8 @@ class FineTune(Options):
     clipnorm: float | None = option(None, "clip each gradient to this norm")
     clipvalue: float | None = option(None, "clip gradient values to +-this")
     weight_decay: float | None = option(None, "decoupled weight decay")
+    distribution: str | None = option(None, "data_parallel: train on every local device")
+    mixed_precision: str | None = option(None, "mixed_bfloat16 or mixed_float16 compute")
 
     def __post_init__(self):
         check_int(self.name, "epochs", self.epochs, low=1)
@@ -98,6 +111,10 @@ class FineTune(Options):
         check_range(self.name, "clipnorm", self.clipnorm, 1e-9, 1e9, allow_none=True)
         check_range(self.name, "clipvalue", self.clipvalue, 1e-9, 1e9, allow_none=True)
         check_range(self.name, "weight_decay", self.weight_decay, 0.0, 1.0, allow_none=True)
+        check_choice(self.name, "distribution", self.distribution, DISTRIBUTIONS,
+                     allow_none=True)
+        check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
+                     allow_none=True)
 
     def total_steps(self, data) -> int:
         """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""
@@ -108,7 +125,8 @@ class FineTune(Options):
 
 
 def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, *,
-              teacher: keras.Model | None = None, callbacks=()) -> keras.Model:
+              teacher: keras.Model | None = None, callbacks=(),
+              parallel: DataParallel | None = None) -> keras.Model:
     """Trains `model` in place with `config` and returns it.
 
     Args:
@@ -119,7 +137,13 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         teacher: the original model; needed for `config.distill` and for `loss="auto"`.
             It is copied, never trained.
         callbacks: the technique's callbacks (e.g. the pruning schedule).
+        parallel: the data-parallel engine `compress` made (and, on TensorFlow, created the
+            model's variables under); made here for `config.distribution` otherwise.
     """
+    if config.distribution and parallel is None:
+        parallel = DataParallel()
+    if parallel is not None:
+        parallel.check_batch_size(config.batch_size)
     streamed = isinstance(data, Stream)
     x, y = data.head() if streamed else data  # a stream's first labels choose the loss
     reference = teacher if teacher is not None else model
@@ -129,11 +153,11 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
             if config.lr_schedule == "cosine" else config.learning_rate)
     options = {key: getattr(config, key) for key in ("clipnorm", "clipvalue", "weight_decay")
                if getattr(config, key) is not None}
-    optimizer = {
+    optimizer = {  # made in the scope fit runs in, like the rest of the training state
         "adam": lambda: keras.optimizers.Adam(rate, **options),
         "adamw": lambda: keras.optimizers.AdamW(rate, **options),
         "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, **options),
-    }[config.optimizer]()
+    }[config.optimizer]
     loss = task_loss(reference, y, config.loss)
     trainer = model
     if config.distill:
@@ -145,31 +169,56 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
             distillation_losses=_OutputDistillation(config.temperature, probabilities),
             student_loss_weight=1 - config.distill_weight,
         )
-    trainer.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     all_callbacks = list(callbacks)
     if config.early_stopping and validation_data is not None:
         all_callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
     verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
     all_callbacks.append(keras.callbacks.TerminateOnNaN())
+    split = parallel.devices if parallel is not None and parallel.backend == "jax" else 1
+    validation_steps = None
     if isinstance(validation_data, Stream):
-        validation_data = validation_data.for_fit(config.batch_size)
+        validation_data, validation_steps = validation_data.for_fit(config.batch_size, split)
+    elif parallel is not None:
+        validation_data = parallel.even(validation_data)
     if streamed:  # batches come as the stream makes them; shuffling is the stream's
-        history = trainer.fit(data.for_fit(config.batch_size), epochs=config.epochs,
-                              steps_per_epoch=data.steps_per_epoch(config.batch_size),
-                              shuffle=False, validation_data=validation_data,
-                              callbacks=all_callbacks, verbose=verbose)
+        source, steps_per_epoch = data.for_fit(config.batch_size, split)
+        run = dict(x=source, steps_per_epoch=steps_per_epoch, shuffle=False)
     else:
-        history = trainer.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
-                              shuffle=config.shuffle, validation_data=validation_data,
-                              steps_per_epoch=config.steps_per_epoch,
-                              callbacks=all_callbacks, verbose=verbose)
+        if parallel is not None:
+            x, y = parallel.even((x, y))
+        run = dict(x=x, y=y, batch_size=config.batch_size, shuffle=config.shuffle,
+                   steps_per_epoch=config.steps_per_epoch)
+    scope = parallel.fit_scope(trainer) if parallel is not None else contextlib.nullcontext()
+    with _computing_in(trainer, config.mixed_precision), scope:
+        trainer.compile(optimizer=optimizer(), loss=loss, metrics=["accuracy"])
+        history = trainer.fit(epochs=config.epochs, validation_data=validation_data,
+                              validation_steps=validation_steps, callbacks=all_callbacks,
+                              verbose=verbose, **run)
     if not all(np.isfinite(v) for v in history.history.get("loss", [])):
         raise KshrinkError("fine-tuning diverged: the loss became NaN or Inf, so nothing is "
                            "kept. Lower the learning rate (FineTune(learning_rate=...)) or "
                            "check the data")
     check_finite_weights(model, "after fine-tuning")
     return model
+
+
+@contextlib.contextmanager
+def _computing_in(model: keras.Model, policy: str | None):
+    """Every float32 layer of `model` (sublayers included) computes in `policy` for the
+    duration; variables stay float32. Quantized layers keep their own policies."""
+    if policy is None:
+        yield
+        return
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+              if layer.dtype_policy.name == "float32"]
+    for layer in layers:
+        layer.dtype_policy = policy
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.dtype_policy = "float32"
 
 
 def check_finite_weights(model: keras.Model, when: str) -> None:

@@ -242,9 +242,13 @@ def test_convert_refuses_bad_input_with_one_line(tmp_path, capsys):
 
 
 def test_sensitivity_ranks_every_layer_as_json(lenet, capsys):
-    code, stdout, _ = run_cli(capsys, "sensitivity", lenet, "--data", "mnist", "--mode", "int4",
-                              "--samples", "300", "--format", "json")
+    code, stdout, stderr = run_cli(capsys, "sensitivity", lenet, "--data", "mnist", "--mode",
+                                   "int4", "--samples", "300", "--format", "json")
     assert code == 0
+    assert stderr.splitlines() == ["kshrink: sensitivity at int4 (3)"]  # a line per stage
+    code, again, stderr = run_cli(capsys, "--quiet", "sensitivity", lenet, "--data", "mnist",
+                                  "--mode", "int4", "--samples", "300", "--format", "json")
+    assert code == 0 and stderr == "" and again == stdout
     result = json.loads(stdout)
     assert [e["layer"] for e in result["layers"]] != [] and result["mode"] == "int4"
     assert sorted(e["layer"] for e in result["layers"]) == ["fc1", "fc2", "fc3"]

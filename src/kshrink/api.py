@@ -11,6 +11,7 @@ import keras
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.distribute import DataParallel
 from kshrink.core.graph import copy_model
+from kshrink.core.progress import Console
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
 from kshrink.core.stream import as_stream
@@ -27,7 +28,7 @@ CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
 
 def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
              fine_tune: FineTune | None = None, fidelity_samples: int = 128,
-             fidelity_tolerance: float = 0.02, progress=None):
+             fidelity_tolerance: float = 0.02, progress=None, verbose: bool = True):
     """Compresses a copy of `model` with `recipe`; `model` itself is never modified.
 
     Args:
@@ -50,7 +51,11 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             than this gets a one-line warning naming the layers whose weights moved most. (A
             fine-tuned step moves away from the original on purpose: accuracy judges it.)
         progress: called with a short message as the work advances (each step, each layer a
-            calibration method solves), e.g. `print`; None for silence.
+            calibration method solves, each block scored), e.g. `print`; None: `verbose`
+            decides.
+        verbose: with no `progress`, show it on stderr: a bar for counted work on a
+            terminal, otherwise one line per stage (`kshrink.core.progress.Console`). False
+            for silence. Fine-tuning shows Keras' own progress as `FineTune(verbose)` says.
 
     Returns:
         `(compressed_model, CompressionReport)`.
@@ -62,6 +67,11 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     print(report)
     ```
     """
+    if progress is None and verbose:
+        with Console() as console:
+            return compress(model, recipe, data=data, validation_data=validation_data,
+                            fine_tune=fine_tune, fidelity_samples=fidelity_samples,
+                            fidelity_tolerance=fidelity_tolerance, progress=console)
     recipe = Recipe.coerce(recipe)
     fine_tune = fine_tune or recipe.fine_tune
     steps_per_epoch = fine_tune.steps_per_epoch if fine_tune else None
@@ -84,36 +94,36 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             progress(f"fine-tuning {parallel}")
     probe = _FidelityProbe.of(model, train if held_out is None else held_out, fidelity_samples,
                               held_back=held_out is not None, tolerance=fidelity_tolerance)
+    work = copy_model(model)
+    check_finite_weights(work, "in the model to compress")
+    before = weight_stats(work)
     steps = []
-    # TensorFlow mirrors only the variables created inside its strategy's scope: the working
-    # copy, the wrappers, the teacher and the optimizer are all made in it.
-    with parallel.compress_scope() if parallel else contextlib.nullcontext():
-        work = copy_model(model)
-        check_finite_weights(work, "in the model to compress")
-        before = weight_stats(work)
-        for technique in recipe:
-            handler = handler_for(technique)
-            trains = fine_tune is not None and handler.trains_with(technique)
-            if progress:
-                progress(technique.name)
-            ctx = StepContext(original=model, data=train, validation_data=held_out,
-                              progress=progress,
-                              train_steps=fine_tune.total_steps(stream or train) if trains
-                              else None)
+    for technique in recipe:
+        handler = handler_for(technique)
+        trains = fine_tune is not None and handler.trains_with(technique)
+        if progress:
+            progress(technique.name)
+        ctx = StepContext(original=model, data=train, validation_data=held_out,
+                          progress=progress,
+                          train_steps=fine_tune.total_steps(stream or train) if trains else None)
+        distributed = trains and parallel is not None
+        with parallel.training(work) if distributed else contextlib.nullcontext(work) as work:
             work = handler.prepare(work, technique, ctx)
             if trains:
+                if progress:
+                    progress(f"{technique.name}: fine-tuning")
                 run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
                               teacher=model, callbacks=handler.callbacks(work, technique, ctx),
                               parallel=parallel)
-            work = handler.finalize(work, technique, ctx)
-            if technique.reestimates_batchnorm(data is not None, trains):
-                _reestimate_batchnorm(work, train, technique, ctx)
-            step = handler.report(work, technique, ctx)
-            steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
+        work = handler.finalize(work, technique, ctx)
+        if technique.reestimates_batchnorm(data is not None, trains):
+            _reestimate_batchnorm(work, train, technique, ctx)
+        step = handler.report(work, technique, ctx)
+        steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
     if work.compiled or parallel is not None:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
         # optimizer would ride into the saved file (Adam: twice the weights). A copy made out
-        # of the strategy's scope is a plain model again.
+        # of a strategy's scope is a plain model again.
         work = copy_model(work)
     after = weight_stats(work)
     report = CompressionReport(

@@ -6,6 +6,8 @@ Bad input exits with code 2 and one line on stderr; existing files are never tou
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -74,6 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-parameters", type=_positive, default=None, metavar="N",
                         help="refuse input models whose config implies more kernel values "
                              "(default 2^31)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress on stderr (results and errors still print)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("compress", help="apply a recipe to a .keras model")
@@ -151,21 +155,20 @@ def _compress(args) -> int:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
     model = _load(args, source)
     data = _data(args.data, model, streamed=True) if args.data else None
-    if recipe.fine_tune is not None:  # fine-tuning shows Keras' own progress
+    fine_tune = recipe.fine_tune and (dataclasses.replace(recipe.fine_tune, verbose=False)
+                                      if args.quiet else recipe.fine_tune)
+    with _progress(args) as say:
         small, report = compress(model, recipe, data=data and data.train,
-                                 validation_data=data and data.test)
-    else:
-        with _status("compressing") as status:
-            small, report = compress(
-                model, recipe, data=data and data.train, validation_data=data and data.test,
-                progress=lambda message: status.update(f"compressing: {message}"))
+                                 validation_data=data and data.test, fine_tune=fine_tune,
+                                 progress=say)
     save_model_file(small, target)
     if args.format == "json":
         print(report.to_json())
     else:
         print(report.to_markdown() if args.format == "md" else report.to_text())
     if data is not None and args.format != "json":
-        with _status("evaluating"):
+        with _progress(args) as say:
+            say("evaluating")
             line = _before_after(model, small, data)
         print(f"\n{line}")
     print(f"\nwrote {target}", file=sys.stderr)
@@ -192,14 +195,15 @@ def _before_after(model, small, data) -> str:
 
 
 def _measure(args) -> int:
+    from kshrink.core.progress import within
     from kshrink.measure import compare, measure
 
     model = _load(args, args.model)
     baseline = _load(args, args.baseline) if args.baseline else None
     data = _data(args.data, model, streamed=True).test if args.data else None
     runs = dict(load_runs=args.load_runs, latency_runs=args.latency_runs)
-    with _status("measuring") as status:
-        progress = lambda message: status.update(f"measuring: {message}")
+    with _progress(args) as say:
+        progress = within(say, "measuring")
         if baseline is not None:
             result = compare(baseline, model, data, original_path=args.baseline,
                              compressed_path=args.model, progress=progress, **runs)
@@ -227,9 +231,9 @@ def _sensitivity(args) -> int:
 
     model = _load(args, args.model)
     data = _data(args.data, model)
-    with _status(f"quantizing one layer at a time to {args.mode}"):
+    with _progress(args) as say:
         report = sensitivity(model, data.test, mode=args.mode, group_size=args.group_size,
-                             samples=args.samples, seed=args.seed)
+                             samples=args.samples, seed=args.seed, progress=say)
     _print(report, args.format)
     return 0
 
@@ -243,7 +247,8 @@ def _export(args) -> int:
         raise KshrinkError(f"output {target} would overwrite the input; choose another path")
     model = _load(args, source)
     data = _data(args.data, model).train if args.data else None
-    with _status(f"exporting to {target.suffix}"):
+    with _progress(args) as say:
+        say(f"exporting to {target.suffix}")
         report = export(model, target, quantization=args.quantization, data=data,
                         samples=args.samples)
     print(report)
@@ -271,6 +276,7 @@ def _techniques(args) -> int:
 
 def _demo(args) -> int:
     from kshrink import Recipe, compress, datasets, zoo
+    from kshrink.core.progress import within
     from kshrink.io import save_model_file
     from kshrink.measure import compare
 
@@ -281,15 +287,16 @@ def _demo(args) -> int:
     print(recipe.to_yaml())
     model = zoo.pretrained("lenet_300_100")
     data = datasets.load("mnist")
-    small, report = compress(model, recipe, data=data.train, validation_data=data.test)
+    with _progress(args) as say:
+        small, report = compress(model, recipe, data=data.train, validation_data=data.test,
+                                 progress=say)
     print("\n" + report.to_text() + "\n")
     original_path = save_model_file(model, out / "original.keras")
     save_model_file(small, out / "compressed.keras")
     compressed_path = save_model_file(small, out / "compressed.kshrink")
-    with _status("measuring") as status:
+    with _progress(args) as say:
         result = compare(model, small, data.test, original_path=original_path,
-                         compressed_path=compressed_path,
-                         progress=lambda message: status.update(f"measuring: {message}"))
+                         compressed_path=compressed_path, progress=within(say, "measuring"))
     print(result.to_text())
     print(f"\nmodels written to {out}/: original.keras, compressed.keras (plain Keras) and "
           "compressed.kshrink (compact; kshrink.load)")
@@ -341,30 +348,12 @@ def _data(spec: str, model, streamed: bool = False):
     return data
 
 
-class _status:
-    """A spinner on stderr while work runs (only on a terminal)."""
+def _progress(args):
+    """Progress on stderr while work runs: a bar for counted work on a terminal, one line per
+    stage otherwise; nothing with --quiet."""
+    from kshrink.core.progress import Console
 
-    def __init__(self, message: str):
-        self.message = message
-        self._status = None
-
-    def __enter__(self):
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if console.is_terminal:
-            self._status = console.status(self.message)
-            self._status.__enter__()
-        return self
-
-    def update(self, message: str) -> None:
-        if self._status is not None:
-            self._status.update(message)
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-        return False
+    return contextlib.nullcontext(lambda message: None) if args.quiet else Console()
 
 
 if __name__ == "__main__":

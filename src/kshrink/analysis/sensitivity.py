@@ -19,6 +19,7 @@ import numpy as np
 from kshrink.api import compress
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs
 from kshrink.core.graph import path_of
+from kshrink.core.progress import Progress, counting
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_int
 from kshrink.layers import keras_quantizes
@@ -73,7 +74,7 @@ class SensitivityReport:
 
 def sensitivity(model: keras.Model, data, *, mode: str = "int8",
                 group_size: int | None = 128, samples: int | None = 2000,
-                seed: int = 0) -> SensitivityReport:
+                seed: int = 0, progress: Progress | None = None) -> SensitivityReport:
     """Quantizes each quantizable layer of `model` alone and measures what it costs.
 
     Args:
@@ -83,6 +84,8 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
         group_size: int4 only, as in `Quantize`.
         samples: examples drawn from `data` with `seed` (None: all of them).
         seed: the draw; the same seed gives the same report.
+        progress: told of each layer as it is measured, e.g. `print` or
+            `kshrink.core.progress.Console()`.
 
     Returns:
         A `SensitivityReport`, most sensitive layer first.
@@ -102,10 +105,10 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
     candidates = StepContext(original=model).choose_layers(model, None, None, skip_reason,
                                                            in_place=keras_quantizes)
     entries = []
-    for layer in candidates:
+    for layer in counting(progress, f"sensitivity at {mode}", candidates, path_of):
         config = Quantize(mode=mode, group_size=group_size,
                           layers=Select(names=(path_of(layer),)))
-        quantized, _ = compress(model, config)
+        quantized, _ = compress(model, config, verbose=False)
         outputs = predict(quantized, x)
         error = float(np.linalg.norm(_flat(outputs) - _flat(reference))
                       / max(np.linalg.norm(_flat(reference)), 1e-12))

@@ -6,9 +6,10 @@ on its slice of every batch; gradients are averaged, so the replicas stay identi
 The two engines want their variables at different times:
 
 - TensorFlow makes mirrored variables only when they are *created* inside the strategy's scope,
-  so `compress` runs every step (the working copy, the wrappers, the teacher, the optimizer)
-  inside `compress_scope`. Everything else a step does there (calibration, checks) is plain
-  Keras under the strategy, which splits uneven batches itself.
+  so a step that trains copies the model, wraps it and fine-tunes it (the teacher and the
+  optimizer made there too) inside `training`; its `finalize` and everything after run out of
+  it, on the mirrored variables (read there as plain ones). The strategy splits uneven batches
+  itself.
 - JAX lays out variables that already exist: `fit_scope` replicates them just before `fit` and
   brings them back to one device after it, so the rest of `compress` never sees a device mesh.
   JAX needs every batch to split evenly over the devices: the batch size must be a multiple
@@ -24,8 +25,8 @@ from __future__ import annotations
 import contextlib
 
 import keras
-import numpy as np
 
+from kshrink.core.graph import copy_model
 from kshrink.errors import KshrinkError
 
 DISTRIBUTIONS = ("data_parallel",)
@@ -64,11 +65,16 @@ class DataParallel:
                 f"FineTune(batch_size={batch_size}) does not split over {self.devices} devices "
                 f"for data-parallel fine-tuning: use a multiple of {self.devices}")
 
-    def compress_scope(self):
-        """The scope the whole of `compress` runs in (TensorFlow's strategy)."""
-        if self.backend == "tensorflow":
-            return self._strategy.scope()
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def training(self, model: keras.Model):
+        """The scope a step that trains prepares and fine-tunes in, with the model it trains:
+        on TensorFlow a copy of `model` made in the strategy's scope, so its variables (and
+        the wrappers', the teacher's and the optimizer's made there too) are mirrored."""
+        if self.backend != "tensorflow":
+            yield model
+            return
+        with self._strategy.scope():
+            yield copy_model(model)
 
     @contextlib.contextmanager
     def fit_scope(self, trainer: keras.Model):

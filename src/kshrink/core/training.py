@@ -224,7 +224,7 @@ def _computing_in(model: keras.Model, policy: str | None):
 def check_finite_weights(model: keras.Model, when: str) -> None:
     """Raises `KshrinkError` naming the first layer and weight holding NaN or Inf."""
     for variable in model.weights:
-        values = keras.ops.convert_to_numpy(variable.value)
+        values = keras.ops.convert_to_numpy(variable)  # (a scalar's .value fails mirrored)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             layer, _, name = variable.path.rpartition("/")
             raise KshrinkError(f"layer {layer!r}: weight {name!r} holds NaN or Inf values "

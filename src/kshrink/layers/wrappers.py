@@ -170,3 +170,32 @@ class QuantizeAwareWrapper(SubstituteWrapper):
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "group_size": self.group_size,
                 "activation_bits": self.activation_bits, "input_range": list(self.input_range)}
+
+
+def hold_zeros(weights, masks=None) -> tuple:
+    """Holds each weight at zero where its mask is 0 (default: where it is 0 now) through
+    every optimizer step while fine-tuning, with a variable constraint applied after the one it
+    had. The masks are fixed (JAX traces a constraint once). Returns what `release_zeros`
+    takes to give the weights their own constraints back."""
+    held = []
+    for i, w in enumerate(weights):
+        mask = (keras.ops.convert_to_numpy(w.value) != 0) if masks is None else masks[i]
+        if masks is None and mask.all():
+            continue  # nothing to hold
+        held.append((w, w.constraint))
+        w.constraint = _KeepZeros(mask, w.constraint)
+    return tuple(held)
+
+
+def release_zeros(held) -> None:
+    for w, before in held:
+        w.constraint = before
+
+
+class _KeepZeros:
+    def __init__(self, mask, before=None):
+        self.mask, self.before = mask, before
+
+    def __call__(self, value):
+        value = self.before(value) if self.before is not None else value
+        return keras.ops.multiply(value, keras.ops.cast(self.mask, value.dtype))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import layer_inputs, owner_of, rewrite
+from kshrink.core.graph import layer_inputs, owner_of, path_of, rewrite
+from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -50,7 +51,7 @@ class LowRankHandler(Handler):
             inputs = {layer.name: values for layer, values in
                       layer_inputs(model, x, {id(layer) for layer in chosen})}
         replacements = {}
-        for layer in chosen:
+        for layer in counting(ctx.progress, "low_rank: factorizing", chosen, path_of):
             svd = Factorization.of(layer)
             if config.rank is not None:
                 rank, how = min(config.rank, len(svd.s)), "fixed rank"

@@ -19,6 +19,7 @@ import numpy as np
 
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import Bypass, graph_calls, leaf_layers, rewrite
+from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -118,8 +119,9 @@ class DepthPruneHandler(Handler):
         x = model_inputs(ctx.data, config.calibration_samples)
         reference = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
         removed, scores = [], {}
-        for _ in range(config.blocks):  # greedy: rescore the rest after each removal
-            for block in candidates:
+        for round in range(config.blocks):  # greedy: rescore the rest after each removal
+            stage = f"depth_prune: scoring blocks for removal {round + 1}/{config.blocks}"
+            for block in counting(ctx.progress, stage, candidates, lambda b: b.merge):
                 scores[block.merge] = output_change(without(model, removed + [block]), x,
                                                     reference)
             best = min(candidates, key=lambda block: scores[block.merge])

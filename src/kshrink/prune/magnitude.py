@@ -21,6 +21,7 @@ import numpy as np
 
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
+from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -250,27 +251,15 @@ class InPlaceMasks:
         self.pruned = kernel_weights(layer)
         self.masks = [keras.Variable(np.ones(w.shape, dtype="float32"), trainable=False,
                                      name=f"{w.name}_mask") for w in self.pruned]
-        self._constraints = None
+        self._held = ()
 
     def hold(self) -> None:
-        self._constraints = [w.constraint for w in self.pruned]
-        for w, mask, before in zip(self.pruned, self.masks, self._constraints):
-            w.constraint = _KeepZeros(keras.ops.convert_to_numpy(mask.value), before)
+        self._held = hold_zeros(self.pruned, [keras.ops.convert_to_numpy(m.value)
+                                              for m in self.masks])
 
     def release(self) -> None:
-        if self._constraints is not None:
-            for w, before in zip(self.pruned, self._constraints):
-                w.constraint = before
-            self._constraints = None
-
-
-class _KeepZeros:
-    def __init__(self, mask: np.ndarray, before=None):
-        self.mask, self.before = mask, before
-
-    def __call__(self, value):
-        value = self.before(value) if self.before is not None else value
-        return keras.ops.multiply(value, keras.ops.cast(self.mask, value.dtype))
+        release_zeros(self._held)
+        self._held = ()
 
 
 # The in-place masks of each model `wrap` made, beside its wrappers.
@@ -339,7 +328,9 @@ class Prune(Technique):
         schedule: `"polynomial"` (Zhu & Gupta: from `initial_sparsity` at `begin_step` to the
             target at `end_step`), `"constant"` or `"one_shot"` (prune at once, then fine-tune).
         initial_sparsity, begin_step, end_step, frequency: schedule settings; `end_step`
-            defaults to two thirds of the fine-tune steps.
+            defaults to two thirds of the fine-tune steps, `frequency` (steps between mask
+            updates) to a tenth of the ramp from `begin_step` to `end_step`, at most 100, so
+            a short fine-tune still prunes in ten steps rather than at once.
         max_layer_sparsity: the per-layer ceiling for global scope.
         skip_first_last: keep the first and last prunable layers dense where the target can
             still be met (see above).
@@ -368,7 +359,7 @@ class Prune(Technique):
     initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step")
     begin_step: int = option(0, "first step that prunes")
     end_step: int | None = option(None, "step the target is reached (default: 2/3 of training)")
-    frequency: int = option(100, "steps between mask updates")
+    frequency: int | None = option(None, "steps between mask updates (default: ramp/10, <= 100)")
     max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
     skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
     method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
@@ -394,7 +385,7 @@ class Prune(Technique):
             raise RecipeError(
                 f"{n}: end_step must not come before begin_step ({self.begin_step}). "
                 f"Received: end_step={self.end_step}")
-        check_int(n, "frequency", self.frequency, low=1)
+        check_int(n, "frequency", self.frequency, low=1, allow_none=True)
         check_range(n, "max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0, high_open=True)
         check_bool(n, "skip_first_last", self.skip_first_last)
         check_choice(n, "method", self.method, METHODS)
@@ -425,5 +416,6 @@ class Prune(Technique):
         if end is None:
             end = max(self.begin_step, (2 * train_steps) // 3) if train_steps else self.begin_step
         kind = "one_shot" if self.pattern_spec.is_n_of_m else self.schedule
+        frequency = self.frequency or min(100, max(1, (end - self.begin_step) // 10))
         return Schedule(kind, self.target_sparsity, self.initial_sparsity, self.begin_step,
-                        end, self.frequency)
+                        end, frequency)

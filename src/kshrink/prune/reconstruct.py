@@ -9,6 +9,7 @@ import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import leaf_layers, path_of
+from kshrink.core.progress import within
 from kshrink.errors import KshrinkError
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
 from kshrink.reconstruct import reconstruct, sparsegpt, unsupported, wanda
@@ -59,5 +60,4 @@ def prune_from_calibration(model, config, ctx) -> None:
         mask.assign(from_matrix(kept, tuple(mask.shape), axes))
         return new
 
-    say = ctx.progress and (lambda message: ctx.progress(f"prune, {config.method}: {message}"))
-    reconstruct(model, x, targets, solve, progress=say)
+    reconstruct(model, x, targets, solve, progress=within(ctx.progress, f"prune, {config.method}"))

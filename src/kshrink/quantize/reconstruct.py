@@ -8,6 +8,7 @@ import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
+from kshrink.core.progress import within
 from kshrink.errors import KshrinkError
 from kshrink.layers import INTEGER_MODES, keras_base, keras_quantizes, kernel_specs
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
@@ -54,8 +55,7 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         return gptq(weights, hessian, grouped(per_row, g), qmax)
 
     factors = reconstruct(model, x, targets, solve, reference=copy_model(model),
-                          progress=ctx.progress and (
-                              lambda message: ctx.progress(f"quantize, GPTQ: {message}")))
+                          progress=within(ctx.progress, "quantize, GPTQ"))
     for name, factor in factors.items():  # matched output spreads: the grid scales with them
         last = kernel_specs(layers[name])[-1][1].name
         found[name][last] = (found[name][last] * factor[None, :]).astype("float32")

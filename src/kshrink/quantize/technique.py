@@ -34,8 +34,10 @@ from kshrink.layers import (
     keras_base,
     keras_quantizes,
     kernel_specs,
+    kernel_weights,
     quantize_layer,
 )
+from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.quantize.calibrate import METHODS, input_ranges
 from kshrink.quantize.keras_native import (
     keras_quantize,
@@ -111,11 +113,17 @@ class QuantizeHandler(Handler):
                 activation_bits=_activation_bits(layer, config),
                 input_range=ranges.get(path_of(layer), (0.0, 1.0)))
 
-        return replace_layers(model, wrap)
+        model = replace_layers(model, wrap)
+        if config.preserve_sparsity:
+            ctx.state["held"] = hold_zeros([w for layer in leaf_layers(model)
+                                            if isinstance(layer, QuantizeAwareWrapper)
+                                            for w in kernel_weights(layer.layer)])
+        return model
 
     def finalize(self, model, config: Quantize, ctx: StepContext):
         if not config.qat:
             return model
+        release_zeros(ctx.state.get("held", ()))
         ranges = dict(ctx.state["ranges"])
         for layer in leaf_layers(model):
             if isinstance(layer, QuantizeAwareWrapper) and layer.learned_range():
@@ -332,6 +340,8 @@ class Quantize(Technique):
         calibration_samples: examples of `data` used to calibrate.
         qat: quantization-aware training: fine-tune with fake-quantized weights (and inputs,
             with learned PACT clipping) before quantizing. Needs `data` and `fine_tune`.
+        preserve_sparsity: with qat, weights that are exactly zero (from pruning) stay zero
+            while training, so a pruned model keeps its sparsity.
         fold_batchnorm: first fold each BatchNormalization into the layer before it (as
             `fold` does), so the quantized kernels are the ones that run and BN's parameters
             are gone.
@@ -356,6 +366,7 @@ class Quantize(Technique):
     percentile: float = option(99.99, "percentile kept by percentile calibration")
     calibration_samples: int = option(512, "examples used to calibrate")
     qat: bool = option(False, "quantization-aware training (needs fine_tune)")
+    preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero")
     fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
     overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all)")
@@ -374,6 +385,7 @@ class Quantize(Technique):
         check_range(self.name, "percentile", self.percentile, 50, 100)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
         check_bool(self.name, "qat", self.qat)
+        check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
         check_bool(self.name, "fold_batchnorm", self.fold_batchnorm)
         if self.qat and self.mode in FLOAT_MODES:
             raise RecipeError(f"{self.name}: qat applies to int8 and int4. "

@@ -12,6 +12,7 @@ import numpy as np
 
 from kshrink.core.data import example_count
 from kshrink.core.graph import graph_program
+from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.reconstruct import rows as rowlib
@@ -64,7 +65,8 @@ def reconstruct(model: keras.Model, x, targets, solve: Solve, *, reference=None,
         layer = solved[id(graph_layer)]
         done.append(layer.name)
         if progress:
-            progress(f"layer {len(done)}/{len(solved)}: {layer.name}")
+            progress(Message(f"layer {len(done)}/{len(solved)}: {layer.name}", "layers",
+                             len(done) - 1, len(solved), layer.name))
         for variable, spec in kernel_specs(layer):
             try:
                 _, h = rowlib.moments(layer, spec.name, inputs)

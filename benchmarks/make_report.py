@@ -318,6 +318,36 @@ def export_section(data):
     ])
 
 
+def fine_tune_at_scale_section(data):
+    rows = []
+    for r in data["rows"]:
+        feed = r["feed"]
+        if feed == "folder":
+            feed = (f"folder of {r['folder_images']:,} PNGs, {r['folder_bytes'] / 2**30:.1f} GB "
+                    f"({r['folder_over_peak_rss']:.1f}x the peak memory)")
+        rows.append((r["row"].split(",")[0] if r["feed"] != "folder" else "image folder",
+                     feed, r["backend"], r["devices"],
+                     f"{100 * r['accuracy']:.2f}% ({100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} pp)",
+                     f"{r['zeros']:.3f}", f"{r['seconds']:.0f}", f"{r['examples_per_s']:,.0f}",
+                     f"{r['peak_rss_mb']:,.0f}"))
+    return section(data, [
+        "## Fine-tuning at scale",
+        "`benchmarks/fine_tune_at_scale.py`: LeNet-300-100 on MNIST, `Prune(sparsity=0.9, "
+        "scope=global)` with 3 epochs of distillation at batch 128, fed from numpy arrays or "
+        "from a shuffled, batched `tf.data` pipeline, on one device or on two with "
+        "`FineTune(distribution='data_parallel')` (two host devices on JAX, two logical CPUs "
+        "with MirroredStrategy on TensorFlow, sharing this machine's two cores, so two devices "
+        "are not faster here: the rows show the same model comes out). *zeros* is over every "
+        "kernel. The image-folder row streams uncompressed 768x768 grey PNGs (Fashion-MNIST "
+        "training images, scaled up) from disk, resized to 28x28 on the fly, to prune the zoo's "
+        "Fashion-MNIST CNN by half with one epoch of distillation; its accuracy is on the "
+        "folder's held-out 20%. Each row is one fresh process; *peak memory* is its maximum "
+        "resident set, Keras and the backend included.",
+        table(("data", "fed as", "backend", "devices", "test accuracy (vs float)", "zeros",
+               "seconds", "examples/s", "peak memory MB"), rows),
+    ])
+
+
 def main():
     sections = ["# Benchmarks",
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
@@ -330,6 +360,7 @@ def main():
                          ("post_training", post_training_section),
                          ("transformers", transformers_section),
                          ("export", export_section),
+                         ("fine_tune_at_scale", fine_tune_at_scale_section),
                          ("load_large", load_large_section),
                          ("fuzz_loader", fuzz_section)):
         data = load(name)

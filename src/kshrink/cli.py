@@ -334,11 +334,12 @@ def _data(spec: str, model, streamed: bool = False):
     if spec.endswith(".npz"):
         data = datasets.from_npz(spec)
     elif Path(spec).is_dir():
-        shape = tuple(model.inputs[0].shape[1:3])
-        if len(model.inputs) != 1 or not all(isinstance(d, int) for d in shape):
+        image = tuple(model.inputs[0].shape[1:])
+        if len(model.inputs) != 1 or len(image) != 3 or not all(
+                isinstance(d, int) for d in image):
             raise KshrinkError(f"--data {spec}: a folder of images feeds a model with one "
-                               "image input of fixed height and width")
-        data = datasets.from_directory(spec, shape)
+                               "image input of fixed height, width and channels")
+        data = datasets.from_directory(spec, image[:2], channels=image[2])
         if not streamed:
             head = [as_stream(part).head() for part in (data.train, data.test)]
             data = datasets.Dataset(data.name, *head[0], *head[1])

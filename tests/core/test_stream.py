@@ -71,13 +71,25 @@ def test_a_generator_needs_its_length_and_loses_no_batch(mlp, digits):
         _prune(mlp, iter(batches))
     pruned = _prune(mlp, itertools.cycle(batches).__iter__(), steps_per_epoch=len(batches))
     assert abs(_sparsity(pruned) - 0.8) < 0.01
-    stream = as_stream(iter(batches))
+    stream = as_stream(iter(batches), steps_per_epoch=len(batches))
     head_x, _ = stream.head(100)  # draws two batches of 64
     np.testing.assert_array_equal(head_x, x[:100])
-    given = list(itertools.islice(stream.for_fit(64), 3))
-    assert [len(b[0]) for b in given] == [64, 64, 64]
+    source, steps = stream.for_fit(64)
+    given = list(itertools.islice(source, 3))
+    assert steps == len(batches) and [len(b[0]) for b in given] == [64, 64, 64]
     np.testing.assert_array_equal(given[0][0], batches[0][0])  # what head read comes back
     np.testing.assert_array_equal(given[2][0], batches[2][0])
+
+
+def test_batches_that_do_not_split_over_the_devices_are_left_out(digits):
+    x, y = digits.train
+    sizes = [64, 33, 64]
+    batches = [(x[:n], y[:n]) for n in sizes]
+    source, _ = as_stream(iter(batches), steps_per_epoch=3).for_fit(64, split_over=2)
+    assert [len(b[0]) for b in source] == [64, 64]
+    dataset = tf.data.Dataset.from_tensor_slices((x[:161], y[:161])).batch(32)  # last: 1
+    source, steps = as_stream(dataset).for_fit(32, split_over=2)
+    assert [len(b[0]) for b in source] == [32] * 5 and steps is None  # it ends by itself
 
 
 def test_calibration_reads_only_the_first_examples_of_a_stream(trained, digits):

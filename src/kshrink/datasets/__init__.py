@@ -103,13 +103,14 @@ def from_npz(path) -> Dataset:
     return Dataset(path.stem, x, y, x_val, y_val)
 
 
-def from_directory(path, image_size: tuple[int, int], *, validation_split: float = 0.2,
-                   batch_size: int = 32, seed: int = 0) -> Dataset:
+def from_directory(path, image_size: tuple[int, int], *, channels: int = 3,
+                   validation_split: float = 0.2, batch_size: int = 32,
+                   seed: int = 0) -> Dataset:
     """Images in class subfolders (`path/cat/*.jpg`, `path/dog/*.png`), streamed with
     `keras.utils.image_dataset_from_directory` (labels by folder, images resized to
-    `image_size`), `validation_split` of them held out for evaluation. Nothing is read into
-    memory until used: `compress` fine-tunes from the stream and calibrates on its first
-    examples.
+    `image_size` with `channels` 1, 3 or 4), `validation_split` of them held out for
+    evaluation. Nothing is read into memory until used: `compress` fine-tunes from the stream
+    and calibrates on its first examples.
 
     Raises:
         KshrinkError: no such folder, or no images in class subfolders.
@@ -119,10 +120,15 @@ def from_directory(path, image_size: tuple[int, int], *, validation_split: float
     path = Path(path)
     if not path.is_dir():
         raise KshrinkError(f"data folder not found: {path}")
+    modes = {1: "grayscale", 3: "rgb", 4: "rgba"}
+    if channels not in modes:
+        raise KshrinkError(f"{path}: images have 1, 3 or 4 channels; the model takes "
+                           f"{channels}")
     try:
         train, test = keras.utils.image_dataset_from_directory(
             path, image_size=tuple(image_size), batch_size=batch_size, seed=seed,
-            validation_split=validation_split, subset="both", verbose=False)
+            color_mode=modes[channels], validation_split=validation_split, subset="both",
+            verbose=False)
     except ValueError as e:  # no images, or one class only
         raise KshrinkError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     return Dataset(path.name, train, None, test, None)

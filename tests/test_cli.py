@@ -308,3 +308,17 @@ def test_a_folder_of_images_feeds_compress_and_measure(tmp_path, capsys):
     code, out, err = run_cli(capsys, "compress", tmp_path / "m.keras", "--recipe", recipe,
                              "--data", tmp_path / "nothing", "-o", tmp_path / "x.keras")
     assert code == 2 and not (tmp_path / "x.keras").exists()
+
+
+def test_compress_and_measure_write_html_reports(lenet, int8_recipe, tmp_path, capsys):
+    small, page = tmp_path / "small.kshrink", tmp_path / "compress.html"
+    code, _, err = run_cli(capsys, "compress", lenet, "--recipe", int8_recipe, "-o", small,
+                           "--report", page)
+    assert code == 0, err
+    assert "What was done" in page.read_text() and "<svg" in page.read_text()
+    measured = tmp_path / "measure.html"
+    code, _, _ = run_cli(capsys, "measure", small, "--baseline", lenet, "--data", "mnist",
+                         "--load-runs", 1, "--latency-runs", 3, "--html", measured)
+    assert code == 0 and "<h2>Latency</h2>" in measured.read_text()
+    code, _, err = run_cli(capsys, "measure", small, "--html", tmp_path / "page.txt")
+    assert code == 2 and "name it .html" in err and not (tmp_path / "page.txt").exists()

@@ -85,7 +85,7 @@ _EXPORTS = {
     "Override": "kshrink.quantize",
 }
 _SUBMODULES = ("analysis", "cluster", "datasets", "fold", "lowrank", "measure", "prune",
-               "quantize", "zoo")
+               "quantize", "report", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["layers"]
 

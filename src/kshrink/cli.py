@@ -89,6 +89,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                   "or one array per model input) or a folder of class "
                                   "subfolders of images (streamed)")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.add_argument("--report", metavar="REPORT.html",
+                   help="also write a self-contained HTML report with tables and plots")
     p.set_defaults(run=_compress)
 
     p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
@@ -97,6 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="mnist, fashion_mnist, digits, FILE.npz or a folder of "
                                   "class subfolders of images")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.add_argument("--html", metavar="REPORT.html",
+                   help="also write a self-contained HTML report with tables and plots")
     p.add_argument("--load-runs", type=_positive, default=3,
                    help="fresh processes for load figures")
     p.add_argument("--latency-runs", type=_positive, default=50,
@@ -150,6 +154,7 @@ def _compress(args) -> int:
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
+    _check_html(args.report, source)
     recipe = Recipe.from_file(args.recipe)
     if recipe.fine_tune is not None and not args.data:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
@@ -162,6 +167,8 @@ def _compress(args) -> int:
                                  validation_data=data and data.test, fine_tune=fine_tune,
                                  progress=say)
     save_model_file(small, target)
+    if args.report:
+        _write_html(args, args.report, small, model, report=report)
     if args.format == "json":
         print(report.to_json())
     else:
@@ -198,6 +205,7 @@ def _measure(args) -> int:
     from kshrink.core.progress import within
     from kshrink.measure import compare, measure
 
+    _check_html(args.html, Path(args.model))
     model = _load(args, args.model)
     baseline = _load(args, args.baseline) if args.baseline else None
     data = _data(args.data, model, streamed=True).test if args.data else None
@@ -209,6 +217,8 @@ def _measure(args) -> int:
                              compressed_path=args.model, progress=progress, **runs)
         else:
             result = measure(model, data, path=args.model, progress=progress, **runs)
+    if args.html:
+        _write_html(args, args.html, model, baseline, comparison=result)
     _print(result, args.format)
     return 0
 
@@ -322,6 +332,29 @@ def _check_output(target: Path, source: Path) -> None:
     if target.resolve() == source.resolve() or (
             target.exists() and source.exists() and target.samefile(source)):
         raise ModelFileError(f"output {target} would overwrite the input; choose another path")
+
+
+def _check_html(path, source: Path) -> None:
+    from kshrink.errors import KshrinkError
+
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise KshrinkError(f"the report is an HTML page: name it .html. Received: {path}")
+    if path.is_dir() or not path.parent.is_dir():
+        raise KshrinkError(f"report {path}: name a file in an existing folder")
+    if path.exists() and source.exists() and path.samefile(source):
+        raise KshrinkError(f"report {path} would overwrite the input; choose another path")
+
+
+def _write_html(args, path, model, original=None, **parts) -> None:
+    from kshrink.report import html
+
+    with _progress(args) as say:
+        say("writing the HTML report")
+        html(path, model, original, **parts)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _data(spec: str, model, streamed: bool = False):

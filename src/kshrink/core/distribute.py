@@ -59,6 +59,12 @@ class DataParallel:
         engine = "MirroredStrategy" if self.backend == "tensorflow" else "DataParallel"
         return f"data parallel over {self.devices} device(s) ({engine})"
 
+    @property
+    def split_over(self) -> int:
+        """How many equal parts every batch must split into: the devices on JAX; TensorFlow
+        splits uneven batches itself."""
+        return self.devices if self.backend == "jax" else 1
+
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.devices:
             raise KshrinkError(
@@ -102,10 +108,10 @@ class DataParallel:
     def even(self, arrays):
         """Arrays (`(x, y)`, dicts) cut to a multiple of the device count (JAX), or as they
         are."""
-        if self.backend != "jax" or arrays is None:
+        if self.split_over == 1 or arrays is None:
             return arrays
         first = keras.tree.flatten(arrays)[0]
-        keep = len(first) - len(first) % self.devices
+        keep = len(first) - len(first) % self.split_over
         if keep == 0:
             raise KshrinkError(f"data-parallel fine-tuning over {self.devices} devices needs "
                                f"at least {self.devices} examples; got {len(first)}")

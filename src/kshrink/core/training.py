@@ -175,7 +175,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
             monitor="val_loss", patience=config.early_stopping, restore_best_weights=True))
     verbose = (1 if sys.stdout.isatty() else 2) if config.verbose else 0
     all_callbacks.append(keras.callbacks.TerminateOnNaN())
-    split = parallel.devices if parallel is not None and parallel.backend == "jax" else 1
+    split = parallel.split_over if parallel is not None else 1
     validation_steps = None
     if isinstance(validation_data, Stream):
         validation_data, validation_steps = validation_data.for_fit(config.batch_size, split)

@@ -325,8 +325,7 @@ def fine_tune_at_scale_section(data):
         if feed == "folder":
             feed = (f"folder of {r['folder_images']:,} PNGs, {r['folder_bytes'] / 2**30:.1f} GB "
                     f"({r['folder_over_peak_rss']:.1f}x the peak memory)")
-        rows.append((r["row"].split(",")[0] if r["feed"] != "folder" else "image folder",
-                     feed, r["backend"], r["devices"],
+        rows.append((feed, r["backend"], r["devices"],
                      f"{100 * r['accuracy']:.2f}% ({100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} pp)",
                      f"{r['zeros']:.3f}", f"{r['seconds']:.0f}", f"{r['examples_per_s']:,.0f}",
                      f"{r['peak_rss_mb']:,.0f}"))
@@ -338,12 +337,13 @@ def fine_tune_at_scale_section(data):
         "`FineTune(distribution='data_parallel')` (two host devices on JAX, two logical CPUs "
         "with MirroredStrategy on TensorFlow, sharing this machine's two cores, so two devices "
         "are not faster here: the rows show the same model comes out). *zeros* is over every "
-        "kernel. The image-folder row streams uncompressed 768x768 grey PNGs (Fashion-MNIST "
+        "kernel; *seconds* is the whole `compress` call, and *examples/s* the examples it "
+        "trained on over that time. The image-folder row streams uncompressed 768x768 grey PNGs (Fashion-MNIST "
         "training images, scaled up) from disk, resized to 28x28 on the fly, to prune the zoo's "
         "Fashion-MNIST CNN by half with one epoch of distillation; its accuracy is on the "
         "folder's held-out 20%. Each row is one fresh process; *peak memory* is its maximum "
         "resident set, Keras and the backend included.",
-        table(("data", "fed as", "backend", "devices", "test accuracy (vs float)", "zeros",
+        table(("fed as", "backend", "devices", "test accuracy (vs float)", "zeros",
                "seconds", "examples/s", "peak memory MB"), rows),
     ])
 

@@ -251,3 +251,32 @@ def test_the_module_docstring_example_prunes_as_it_says(digits):
     namespace = {"kshrink": kshrink, "keras": keras, "model": small_cnn(), "x": x, "y": y}
     exec(code, namespace)
     assert overall_sparsity(namespace["model"]) == pytest.approx(0.9, abs=0.005)
+
+
+@pytest.mark.parametrize("schedule", ["one_shot", "polynomial"])
+def test_overrides_set_each_layers_sparsity(trained, digits, schedule):
+    config = Prune.from_config({"sparsity": 0.6, "schedule": schedule, "overrides": [
+        {"layers": {"names": ["fc1"]}, "sparsity": 0.95},
+        {"layers": {"types": ["Conv2D"]}, "sparsity": 0.3},
+        {"layers": {"names": ["conv1"]}, "sparsity": 0.9},  # conv1 is a Conv2D: never used
+    ]})
+    assert Prune.from_config(config.get_config()) == config
+    small, report = kshrink.compress(trained, config, data=digits.train, verbose=False,
+                                     fine_tune=FineTune(epochs=1, verbose=False))
+    reached = {name: float(np.mean(keras.ops.convert_to_numpy(
+        small.get_layer(name).kernel) == 0)) for name in ("conv1", "conv2", "fc1", "fc2")}
+    assert reached["fc1"] == pytest.approx(0.95, abs=0.002)
+    assert reached["conv1"] == pytest.approx(0.3, abs=0.02)  # the first match wins
+    assert reached["conv2"] == pytest.approx(0.3, abs=0.005)
+    assert reached["fc2"] == pytest.approx(0.6, abs=0.01)  # the step's target, not dense
+    assert "3 override(s)" in report.steps[0].summary
+
+
+def test_overrides_are_refused_where_they_cannot_hold(trained):
+    with pytest.raises(RecipeError, match="take.? layer scope"):
+        Prune(scope="global", overrides=[{"layers": {"names": ["fc1"]}, "sparsity": 0.9}])
+    with pytest.raises(RecipeError, match="sparsity must be"):
+        Prune(overrides=[{"layers": {"names": ["fc1"]}, "sparsity": 1.0}])
+    with pytest.raises(kshrink.errors.SelectionError, match="nope"):
+        kshrink.compress(trained, Prune(schedule="one_shot", overrides=[
+            {"layers": {"names": ["nope"]}, "sparsity": 0.9}]), verbose=False)

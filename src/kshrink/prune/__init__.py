@@ -3,12 +3,13 @@
 
 from kshrink.prune.channels import Group, channel_groups, narrowed
 from kshrink.prune.depth import Block, DepthPrune, residual_blocks
-from kshrink.prune.magnitude import Prune, PruningCallback, strip, update_masks, wrap
+from kshrink.prune.magnitude import (Prune, PruningCallback, SparsityOverride, strip,
+                                     update_masks, wrap)
 from kshrink.prune.masks import Pattern
 from kshrink.prune.schedule import Schedule
 from kshrink.prune.structured import StructuredPrune
 from kshrink.layers import PruneWrapper
 
 __all__ = ["Block", "DepthPrune", "Group", "Pattern", "Prune", "PruneWrapper", "PruningCallback",
-           "Schedule", "StructuredPrune", "channel_groups", "narrowed", "residual_blocks", "strip",
+           "Schedule", "SparsityOverride", "StructuredPrune", "channel_groups", "narrowed", "residual_blocks", "strip",
            "update_masks", "wrap"]

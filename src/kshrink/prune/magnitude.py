@@ -25,6 +25,7 @@ from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
+    Options,
     StepContext,
     Technique,
     check_bool,
@@ -90,14 +91,16 @@ class PruneHandler(Handler):
                 zeros_total, size_total = zeros_total + zeros, size_total + size
                 if path_of(layer) in ctx.state["pruned"]:
                     target = ("global threshold" if config.scope == "global" else
-                              f"target {ctx.state['config'].target_sparsity:.3f}")
+                              f"target {ctx.state['config'].sparsity_for(layer):.3f}")
                     how = ctx.state.get("methods", {}).get(path_of(layer), config.method)
                     ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
                                        f"{config.pattern}, {how})")
         ctx.sort_results(stripped)
+        overridden = (f", {len(config.overrides)} override(s)" if config.overrides else "")
         ctx.summary = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
                        f"weights of {len(ctx.state['counted'])} layers "
-                       f"(target {config.target_sparsity:.3f}, {config.scope} scope)")
+                       f"(target {config.target_sparsity:.3f}, {config.scope} scope"
+                       f"{overridden})")
         return stripped
 
 
@@ -120,17 +123,22 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     in_place = (lambda layer: True) if fixed or ctx.train_steps is None else None
     chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place)
     ctx.state["counted"] = {path_of(l) for l in chosen}
+    for override in config.overrides:
+        override.layers.resolve(chosen)  # each must match a layer the step prunes
+    # Layers an override names prune to its sparsity; the target holds over the others.
+    free = [l for l in chosen if config.override_for(l) is None]
     effective = config
     if config.skip_first_last and config.layers is None and len(everything) > 2:
-        ends = _ends_kept_dense(chosen, everything, config)
-        total = sum(map(_size, chosen))
+        ends = _ends_kept_dense(free, everything, config)
+        total = sum(map(_size, free))
         for layer, which in ends:
             ctx.skipped(layer, f"{which} prunable layer kept dense (skip_first_last; it holds "
                                f"{_size(layer) / total:.1%} of the weights)")
         dense = {id(layer) for layer, _ in ends}
         chosen = [l for l in chosen if id(l) not in dense]
-        if ends and chosen and not config.pattern_spec.is_n_of_m:
-            scale = total / sum(map(_size, chosen))
+        free = [l for l in free if id(l) not in dense]
+        if ends and free and not config.pattern_spec.is_n_of_m:
+            scale = total / sum(map(_size, free))
             sparsity = config.target_sparsity * scale
             effective = dataclasses.replace(
                 config, sparsity=sparsity,
@@ -225,6 +233,10 @@ def update_masks(wrappers, sparsity: float, config: Prune) -> None:
                 for w, _, axis in entries]
     previous = [as_matrix(keras.ops.convert_to_numpy(m.value), axis)
                 for _, m, axis in entries]
+    if config.overrides:  # each layer along the schedule, in proportion to its own target
+        progress = sparsity / config.target_sparsity if config.target_sparsity else 1.0
+        sparsity = [config.sparsity_for(wrapper.layer) * progress
+                    for wrapper in wrappers for _ in wrapper.pruned]
     new = masklib.magnitude_masks(matrices, previous, sparsity, config.pattern_spec,
                                   config.scope, config.max_layer_sparsity)
     for (w, mask, axis), matrix in zip(entries, new):
@@ -303,6 +315,27 @@ class PruningCallback(keras.callbacks.Callback):
         self.step += 1
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsityOverride(Options):
+    """A different sparsity for some layers of a `Prune` step (the first match wins).
+
+    Args:
+        layers: the layers this override applies to.
+        sparsity: the fraction of zeros they reach, in [0, 1).
+    """
+
+    name = "prune override"
+
+    layers: Select | None = option(None, "the layers this override applies to")
+    sparsity: float = option(0.5, "fraction of zeros these layers reach")
+
+    def __post_init__(self):
+        if not isinstance(self.layers, Select):
+            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
+                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
+        check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+
+
 @register_technique("prune", handler=PruneHandler(), stage=30)
 @dataclasses.dataclass(frozen=True)
 class Prune(Technique):
@@ -342,7 +375,10 @@ class Prune(Technique):
             ones). The magnitude masks still set each layer's sparsity (so `scope` and
             `skip_first_last` hold); Dense and convolutions, other layers by magnitude.
         calibration_samples: examples of `data` that wanda and sparsegpt use.
-        layers, exclude: selections of layers to consider / to leave alone.
+        overrides: per-layer sparsity (layer scope): `[{layers: {names: [fc1]}, sparsity:
+            0.95}]`; the first override that matches a layer wins, and `sparsity` is then
+            what the other layers reach (`skip_first_last` keeps only those dense).
+        layers, exclude: selections of layers to consider / to leave dense.
 
     Example:
 
@@ -364,6 +400,7 @@ class Prune(Technique):
     skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
     method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
     calibration_samples: int = option(256, "wanda/sparsegpt: examples of data used")
+    overrides: tuple[SparsityOverride, ...] = option((), "per-layer sparsity; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all prunable)")
     exclude: Select | None = option(None, "layers to leave dense")
 
@@ -390,6 +427,16 @@ class Prune(Technique):
         check_bool(n, "skip_first_last", self.skip_first_last)
         check_choice(n, "method", self.method, METHODS)
         check_int(n, "calibration_samples", self.calibration_samples, low=1)
+        if not isinstance(self.overrides, (list, tuple)):
+            raise RecipeError(f"{n}: overrides must be a list. "
+                              f"Received: overrides={self.overrides!r}")
+        object.__setattr__(self, "overrides", tuple(
+            o if isinstance(o, SparsityOverride) else SparsityOverride.from_config(o)
+            for o in self.overrides))
+        if self.overrides and (self.scope != "layer" or pattern.is_n_of_m):
+            raise RecipeError(f"{n}: overrides set per-layer sparsity, which takes layer "
+                              f"scope and no N:M pattern. Received: scope={self.scope!r}, "
+                              f"pattern={self.pattern!r}")
         if self.method != "magnitude":
             if not (pattern.is_n_of_m or pattern.block == (1, 1)):
                 raise RecipeError(f"{n}: method {self.method} takes unstructured or N:M "
@@ -398,6 +445,14 @@ class Prune(Technique):
                 raise RecipeError(f"{n}: method {self.method} prunes at once from calibration "
                                   f"data: use schedule one_shot. Received: "
                                   f"schedule={self.schedule!r}")
+
+    def override_for(self, layer) -> SparsityOverride | None:
+        return next((o for o in self.overrides if o.layers.matches(layer)), None)
+
+    def sparsity_for(self, layer) -> float:
+        """What `layer` reaches: its override's sparsity, else the step's target."""
+        override = self.override_for(layer)
+        return self.target_sparsity if override is None else override.sparsity
 
     @property
     def pattern_spec(self) -> masklib.Pattern:

@@ -105,9 +105,9 @@ def n_of_m_mask(matrix: np.ndarray, previous: np.ndarray, pattern: Pattern) -> n
     return keep.reshape(cols, rows).T.astype(matrix.dtype)
 
 
-def magnitude_masks(matrices: list[np.ndarray], previous: list[np.ndarray], sparsity: float,
-                    pattern: Pattern, scope: str, max_layer_sparsity: float = 0.99
-                    ) -> list[np.ndarray]:
+def magnitude_masks(matrices: list[np.ndarray], previous: list[np.ndarray],
+                    sparsity: float | list[float], pattern: Pattern, scope: str,
+                    max_layer_sparsity: float = 0.99) -> list[np.ndarray]:
     """Masks (1 keep, 0 prune) for weight matrices at a target sparsity.
 
     Weights pruned before (0 in `previous`) stay pruned, so masks only grow sparser as a
@@ -116,7 +116,7 @@ def magnitude_masks(matrices: list[np.ndarray], previous: list[np.ndarray], spar
     Args:
         matrices: (inputs, outputs) views of the weights.
         previous: the current masks, same shapes.
-        sparsity: target fraction of zeros.
+        sparsity: target fraction of zeros (layer scope: or one per matrix).
         pattern: unstructured, block or N:M (N:M ignores `sparsity` and `scope`).
         scope: `"layer"` (each matrix reaches `sparsity`) or `"global"` (one threshold across
             all, each matrix capped at `max_layer_sparsity` so none is emptied).
@@ -129,7 +129,8 @@ def magnitude_masks(matrices: list[np.ndarray], previous: list[np.ndarray], spar
         was_pruned = unit_scores(p, pattern) < 1  # any pruned weight marks its unit pruned
         scores.append(np.where(was_pruned, -np.inf, s))
     if scope == "layer":
-        counts = [round(sparsity * len(s)) for s in scores]
+        targets = sparsity if isinstance(sparsity, list) else [sparsity] * len(scores)
+        counts = [round(t * len(s)) for t, s in zip(targets, scores)]
     else:
         counts = _global_counts(scores, sparsity, max_layer_sparsity)
     masks = []

@@ -134,3 +134,19 @@ def test_sensitivity_ranks_layers_reproducibly(trained, digits):
     assert drops == sorted(drops, reverse=True)
     assert all(e.output_error > 0 for e in first.layers)
     assert "accuracy drop" in first.table().to_text()
+
+
+def test_qat_keeps_the_zeros_of_a_pruned_model(trained, digits):
+    x, y = digits.train
+    recipe = [kshrink.Prune(sparsity=0.8, schedule="one_shot"),
+              Quantize(mode="int8", activation_bits=8, qat=True)]
+    tune = kshrink.FineTune(epochs=1, batch_size=64, verbose=False)
+    small, report = kshrink.compress(trained, recipe, data=(x, y), fine_tune=tune,
+                                     verbose=False)
+    fc1 = numpy(small.get_layer("fc1").kernel)  # Keras' int8 kernel: zeros stay zero
+    assert np.mean(fc1 == 0) >= 0.8  # 0.818: the dense first and last layers add to it
+    assert "zeros of 2 pruned kernel(s) kept" in report.steps[1].summary
+    kept, _ = kshrink.compress(trained, recipe[:1] + [Quantize(
+        mode="int8", activation_bits=8, qat=True, preserve_sparsity=False)], data=(x, y),
+        fine_tune=tune, verbose=False)
+    assert np.mean(numpy(kept.get_layer("fc1").kernel) == 0) < 0.5  # training regrows them

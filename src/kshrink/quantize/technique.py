@@ -123,7 +123,11 @@ class QuantizeHandler(Handler):
     def finalize(self, model, config: Quantize, ctx: StepContext):
         if not config.qat:
             return model
-        release_zeros(ctx.state.get("held", ()))
+        held = ctx.state.get("held", ())
+        release_zeros(held)
+        if held:
+            ctx.summary = (f"the zeros of {len(held)} pruned kernel(s) kept while training "
+                           "(preserve_sparsity)")
         ranges = dict(ctx.state["ranges"])
         for layer in leaf_layers(model):
             if isinstance(layer, QuantizeAwareWrapper) and layer.learned_range():

@@ -34,6 +34,21 @@ def small_mlp(seed: int = 0) -> keras.Model:
     ], name="small_mlp")
 
 
+class Batches(keras.utils.PyDataset):
+    """`(x, y)` in batches of `size`: a stream that is not a tf.data pipeline."""
+
+    def __init__(self, x, y, size):
+        super().__init__()
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return int(np.ceil(len(self.x) / self.size))
+
+    def __getitem__(self, i):
+        part = slice(i * self.size, (i + 1) * self.size)
+        return self.x[part], self.y[part]
+
+
 @pytest.fixture
 def cnn():
     return small_cnn()

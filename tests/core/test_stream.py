@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kshrink
+from conftest import Batches
 from kshrink.core.stream import as_stream
 
 tf = pytest.importorskip("tensorflow")
@@ -28,19 +29,6 @@ def _prune(mlp, data, **fine_tune):
                                                        **fine_tune))[0]
 
 
-class _Batches(keras.utils.PyDataset):
-    def __init__(self, x, y, size):
-        super().__init__()
-        self.x, self.y, self.size = x, y, size
-
-    def __len__(self):
-        return int(np.ceil(len(self.x) / self.size))
-
-    def __getitem__(self, i):
-        part = slice(i * self.size, (i + 1) * self.size)
-        return self.x[part], self.y[part]
-
-
 def test_fine_tuning_from_streams_matches_arrays(mlp, digits):
     x, y = digits.train
     x = x.astype("float32")
@@ -54,7 +42,7 @@ def test_fine_tuning_from_streams_matches_arrays(mlp, digits):
         "tf.data batched": tf.data.Dataset.from_tensor_slices((x, y)).shuffle(2000, seed=0)
         .batch(64),
         "tf.data unbatched": tf.data.Dataset.from_tensor_slices((x, y)),
-        "PyDataset": _Batches(x, y, 64),
+        "PyDataset": Batches(x, y, 64),
     }
     distilled = _prune(mlp, streams["tf.data batched"], distill=True)
     assert accuracy(distilled) > reference - 0.05

@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 
 import kshrink
-
-
-class _Batches(keras.utils.PyDataset):
-    def __init__(self, x, y, size):
-        super().__init__()
-        self.x, self.y, self.size = x, y, size
-
-    def __len__(self):
-        return int(np.ceil(len(self.x) / self.size))
-
-    def __getitem__(self, i):
-        part = slice(i * self.size, (i + 1) * self.size)
-        return self.x[part], self.y[part]
+from conftest import Batches
 
 
 def _pruned(mlp, data, x_test, y_test):
@@ -37,7 +25,7 @@ def test_a_pydataset_or_dataloader_fine_tunes_like_arrays(mlp, digits):
     x = x.astype("float32")
     x_test, y_test = digits.test
     _, reference = _pruned(mlp, (x, y), x_test, y_test)
-    streams = {"PyDataset": _Batches(x, y, 64)}
+    streams = {"PyDataset": Batches(x, y, 64)}
     if keras.backend.backend() == "torch":
         import torch
 

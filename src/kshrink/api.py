@@ -90,8 +90,6 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     parallel = DataParallel() if fine_tune is not None and fine_tune.distribution else None
     if parallel is not None:
         parallel.check_batch_size(fine_tune.batch_size)
-        if progress:
-            progress(f"fine-tuning {parallel}")
     probe = _FidelityProbe.of(model, train if held_out is None else held_out, fidelity_samples,
                               held_back=held_out is not None, tolerance=fidelity_tolerance)
     work = copy_model(model)
@@ -110,8 +108,9 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         with parallel.training(work) if distributed else contextlib.nullcontext(work) as work:
             work = handler.prepare(work, technique, ctx)
             if trains:
-                if progress:
-                    progress(f"{technique.name}: fine-tuning")
+                if progress:  # the stage lasts as long as training: its line shows
+                    progress(f"{technique.name}: fine-tuning"
+                             + (f", {parallel}" if parallel else ""))
                 run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
                               teacher=model, callbacks=handler.callbacks(work, technique, ctx),
                               parallel=parallel)

@@ -76,7 +76,7 @@ def test_two_devices_reach_the_masks_and_accuracy_of_one(backend):
     result = json.loads(line[len("RESULT "):])
     one, two = result["None"], result["data_parallel"]
     engine = "DataParallel" if backend == "jax" else "MirroredStrategy"
-    assert f"fine-tuning data parallel over 2 device(s) ({engine})" in two["said"]
+    assert f"prune: fine-tuning, data parallel over 2 device(s) ({engine})" in two["said"]
 
     for name, mask in one["masks"].items():
         same = np.mean(np.array(mask) == np.array(two["masks"][name]))

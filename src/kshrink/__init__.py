@@ -58,6 +58,8 @@ from kshrink import layers  # noqa: E402  registers kshrink's layer classes with
 
 _EXPORTS = {
     "compress": "kshrink.api",
+    "search": "kshrink.analysis",
+    "SearchReport": "kshrink.analysis",
     "save": "kshrink.artifact",
     "load": "kshrink.artifact",
     "ArtifactError": "kshrink.artifact",

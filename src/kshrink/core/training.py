@@ -65,6 +65,9 @@ class FineTune(Options):
         mixed_precision: `"mixed_bfloat16"` or `"mixed_float16"`: compute in 16 bits while
             fine-tuning, keeping every variable (weights, masks, quantizer ranges) in float32;
             float16 scales the loss against underflow. The result computes in float32 again.
+        seed: seed Keras' random generators (Python, numpy and the backend's) with this before
+            each fine-tune, so that a run repeats: the same data and recipe give the same
+            weights (up to the backend's float rounding). Null: leave them as they are.
 
     Example:
 
@@ -94,6 +97,7 @@ class FineTune(Options):
     weight_decay: float | None = option(None, "decoupled weight decay")
     distribution: str | None = option(None, "data_parallel: train on every local device")
     mixed_precision: str | None = option(None, "mixed_bfloat16 or mixed_float16 compute")
+    seed: int | None = option(None, "seed the random generators before each fine-tune")
 
     def __post_init__(self):
         check_int(self.name, "epochs", self.epochs, low=1)
@@ -115,6 +119,7 @@ class FineTune(Options):
                      allow_none=True)
         check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
                      allow_none=True)
+        check_int(self.name, "seed", self.seed, low=0, allow_none=True)
 
     def total_steps(self, data) -> int:
         """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""
@@ -144,6 +149,8 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         parallel = DataParallel()
     if parallel is not None:
         parallel.check_batch_size(config.batch_size)
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
     streamed = isinstance(data, Stream)
     x, y = data.head() if streamed else data  # a stream's first labels choose the loss
     reference = teacher if teacher is not None else model

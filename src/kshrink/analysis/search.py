@@ -1,0 +1,488 @@
+"""`search`: the per-layer recipe that compresses a model most within an accuracy budget.
+
+How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
+
+1. **Hold out** `validation_data`, or else the last 10% of `data`; the search fine-tunes on
+   the rest and judges every candidate on the held-out examples.
+2. **Probe each layer alone**: every level of the search space (a sparsity, a bit width) is
+   applied to that one layer, at once and without training, through `compress`, and the rise
+   of the held-out loss is measured.
+3. **Allocate greedily**: from every layer at its first level, take again and again the move
+   (one layer to a deeper level) that saves the most of the objective per unit of loss it
+   costs. The moves in that order make a path from the least to the most compressed model.
+4. **Bisect the path**: a candidate is a point on the path, compressed with its recipe and
+   fine-tuned for `epochs` from the original (distilling from it), then measured: objective
+   and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
+   looks halfway (in the objective, on a log scale) between the best candidate within the
+   budget and the smallest one found outside it.
+
+The winner's recipe is plain data: `compress(model, report.recipe, data=report.training_data
+...)` (or `kshrink compress --recipe`) on the same training examples gives the same weights,
+since the recipe's fine-tune seeds the random generators.
+
+Example:
+
+```python
+small, report = kshrink.search(model, (x, y), objective="size", max_accuracy_drop=0.3,
+                               epochs=2)
+print(report.to_text())
+print(report.recipe.to_yaml())
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kshrink.api import compress
+from kshrink.artifact import save as save_compact
+from kshrink.cluster import Cluster
+from kshrink.core.data import check_data, example_count, labels_of, model_inputs
+from kshrink.core.graph import copy_model, leaf_layers, path_of
+from kshrink.core.progress import Progress, counting, within
+from kshrink.core.recipe import Recipe
+from kshrink.core.select import Select
+from kshrink.core.technique import StepContext, check_choice, check_int, check_range
+from kshrink.core.training import FineTune, task_loss
+from kshrink.errors import KshrinkError
+from kshrink.layers import keras_quantizes
+from kshrink.layers.specs import kernel_weights
+from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
+from kshrink.measure.weights import weight_stats
+from kshrink.prune import Prune, SparsityOverride
+from kshrink.quantize import Override, Quantize
+from kshrink.quantize.technique import skip_reason as quantize_skip_reason
+from kshrink.render import Table
+
+OBJECTIVES = ("size", "memory")
+SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
+BIT_WIDTHS = ("float", "int8", "int4")
+CLUSTERS = 16  # weight sharing behind pruning for `size`: 4-bit indices into 16 centroids
+HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
+_FREE = 1e-6  # the loss a move that costs nothing is taken to cost, so it goes first
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One recipe the search compressed, fine-tuned and measured.
+
+    Attributes:
+        levels: the level each layer was given (a sparsity, or a bit width), by path.
+        recipe: the recipe that made it.
+        objective: what it measured: file bytes for `size`, resident weight bytes for
+            `memory`.
+        accuracy: top-1 accuracy on the held-out examples.
+        within_budget: whether it lost at most `max_accuracy_drop`.
+        seconds: how long compressing it took.
+    """
+
+    levels: dict
+    recipe: Recipe
+    objective: int
+    accuracy: float
+    within_budget: bool
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchReport:
+    """What `search` tried and what it chose.
+
+    Attributes:
+        objective: `"size"` or `"memory"`.
+        max_accuracy_drop: the budget, in percentage points of held-out accuracy.
+        accuracy: the original model's held-out accuracy.
+        original_objective: the original's objective (its compact file's bytes for `size`).
+        float_bytes: the original's weight bytes.
+        training_examples: how many examples of `data` the candidates were fine-tuned on
+            (the first ones; the rest were held out unless `validation_data` was given).
+        held_out_examples: how many examples judged the candidates.
+        levels: the levels each layer could take, least compressed first.
+        loss_rise: per layer path, the held-out loss rise at each level, the layer alone.
+        candidates: every candidate, in the order they were tried.
+        chosen: the index of the winner in `candidates`; None when none kept the budget.
+    """
+
+    objective: str
+    max_accuracy_drop: float
+    accuracy: float
+    original_objective: int
+    float_bytes: int
+    training_examples: int
+    held_out_examples: int
+    levels: tuple
+    loss_rise: dict
+    candidates: tuple[Candidate, ...]
+    chosen: int | None
+
+    @property
+    def best(self) -> Candidate | None:
+        return None if self.chosen is None else self.candidates[self.chosen]
+
+    @property
+    def recipe(self) -> Recipe | None:
+        """The winner's recipe (None when no candidate kept the budget)."""
+        return None if self.best is None else self.best.recipe
+
+    def front(self) -> list[Candidate]:
+        """The candidates no other beats on both objective and accuracy, smallest first."""
+        ordered = sorted(self.candidates, key=lambda c: (c.objective, -c.accuracy))
+        front, best = [], -1.0
+        for candidate in ordered:
+            if candidate.accuracy > best:
+                front.append(candidate)
+                best = candidate.accuracy
+        return front
+
+    @property
+    def objective_label(self) -> str:
+        return "file bytes (.kshrink)" if self.objective == "size" else "weight bytes in memory"
+
+    def plot_points(self) -> tuple[str, list]:
+        """`(label, [(objective, accuracy, chosen), ...])`, as `kshrink.report.html(front=)`
+        takes them; the original is the first point."""
+        points = [(self.original_objective, self.accuracy, False)]
+        points += [(c.objective, c.accuracy, i == self.chosen)
+                   for i, c in enumerate(self.candidates)]
+        return self.objective_label, points
+
+    def table(self) -> Table:
+        front = {id(c) for c in self.front()}
+        rows = [("original", f"{self.original_objective:,}", "1.00x",
+                 f"{100 * self.accuracy:.2f}%", "+0.00", "", "")]
+        for i, c in enumerate(self.candidates):
+            mark = "chosen" if i == self.chosen else ("front" if id(c) in front else "")
+            rows.append((f"{i + 1}: {_describe(c.levels)}", f"{c.objective:,}",
+                         f"{self.original_objective / c.objective:.2f}x",
+                         f"{100 * c.accuracy:.2f}%",
+                         f"{100 * (c.accuracy - self.accuracy):+.2f}",
+                         "yes" if c.within_budget else "no", mark))
+        title = (f"search for {self.objective} within {self.max_accuracy_drop:g} pp, judged on "
+                 f"{self.held_out_examples:,} held-out examples")
+        return Table(title, ("candidate", self.objective_label, "smaller", "accuracy",
+                             "change (pp)", "in budget", ""), rows)
+
+    def layer_table(self) -> Table:
+        rows = [(path, f"{_level_text(self.best.levels[path]) if self.best else '-'}",
+                 *(f"{rise:+.4f}" for rise in rises)) for path, rises in self.loss_rise.items()]
+        return Table("held-out loss rise with one layer compressed alone, and the choice",
+                     ("layer", "chosen", *map(_level_text, self.levels)), rows)
+
+    def to_text(self) -> str:
+        lines = [self.table().to_text(), "", self.layer_table().to_text()]
+        if self.best is None:
+            lines += ["", f"no candidate kept held-out accuracy within "
+                          f"{self.max_accuracy_drop:g} pp: nothing is chosen"]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_dict(self) -> dict:
+        return {
+            "objective": self.objective, "max_accuracy_drop": self.max_accuracy_drop,
+            "accuracy": self.accuracy, "original_objective": self.original_objective,
+            "float_bytes": self.float_bytes, "training_examples": self.training_examples,
+            "held_out_examples": self.held_out_examples, "levels": list(self.levels),
+            "loss_rise": {k: list(v) for k, v in self.loss_rise.items()},
+            "chosen": self.chosen,
+            "candidates": [{"levels": c.levels, "recipe": c.recipe.to_data(),
+                            "objective": c.objective, "accuracy": c.accuracy,
+                            "within_budget": c.within_budget, "seconds": c.seconds}
+                           for c in self.candidates],
+        }
+
+
+def search(model: keras.Model, data, *, objective: str = "size",
+           max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
+           batch_size: int = 128, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
+           progress: Progress | None = None):
+    """Searches per-layer compression levels for the smallest model within an accuracy budget.
+
+    Args:
+        model: the float model (not modified).
+        data: `(x, y)` arrays (`x` may be a dict by input name), with class labels.
+        objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
+            sparsity (0 to 98%) with 16-cluster weight sharing after it; `"memory"`: bytes
+            of the weights held in memory, searched over float/int8/int4 per layer (int4 in
+            groups of 128 inputs; quantization-aware training when `epochs` > 0).
+        max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
+            result may lose.
+        validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
+            candidates fine-tune on the rest.
+        epochs: fine-tuning epochs of every candidate (per step, distilling from the
+            original); 0: post-training only.
+        batch_size: fine-tuning batch size.
+        rounds: candidates compressed and measured at most.
+        probe_samples: held-out examples the one-layer probes measure the loss on.
+        seed: seeds every fine-tune; the same seed and data give the same result.
+        progress: told of each probe and each round, e.g. `print` or
+            `kshrink.core.progress.Console()`.
+
+    Returns:
+        `(model, SearchReport)`: the chosen candidate's model (the original, copied, when
+        none kept the budget: `report.chosen` is then None) and the report.
+    """
+    check_choice("search", "objective", objective, OBJECTIVES)
+    check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
+    check_int("search", "epochs", epochs, low=0)
+    check_int("search", "batch_size", batch_size, low=1)
+    check_int("search", "rounds", rounds, low=1)
+    check_int("search", "probe_samples", probe_samples, low=1)
+    check_int("search", "seed", seed, low=0)
+    train, held = _split(model, data, validation_data)
+    x_held, y_held = held
+    reference = predict(model, x_held)
+    if not is_classifier(reference):
+        raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
+                           f"class scores. Received: outputs of shape {np.shape(reference)}")
+    space = _SizeSpace(model) if objective == "size" else _MemorySpace(model)
+    if not space.layers:
+        raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
+                           f"{objective}")
+    accuracy = top1_accuracy(reference, y_held)
+    fine_tune = FineTune(epochs=epochs, batch_size=batch_size, distill=True,
+                         seed=seed) if epochs else None
+    measure = _measure_size if objective == "size" else _measure_memory
+    probe = _subset(held, probe_samples)
+    rise = _loss_rises(model, space, probe, progress)
+    path = _greedy_path(space, rise)
+    candidates, seen = [], {}
+
+    def evaluate(point: int) -> Candidate:
+        if point not in seen:
+            levels = path[point]
+            recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
+            say = within(progress, f"search: round {len(candidates) + 1}/{rounds}")
+            if say:
+                say(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} bytes)")
+            started = time.perf_counter()
+            small, _ = compress(model, recipe, data=train, fidelity_samples=0,
+                                fine_tune=fine_tune and dataclasses.replace(fine_tune,
+                                                                             verbose=False),
+                                progress=say, verbose=False)
+            measured = top1_accuracy(predict(small, x_held), y_held)
+            seen[point] = len(candidates)
+            candidates.append(Candidate(
+                levels, recipe, measure(small), measured,
+                100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
+                time.perf_counter() - started))
+            models[point] = small
+        return candidates[seen[point]]
+
+    models = {}
+    good, bad = None, None  # path points: the deepest within budget, the first outside it
+    for _ in range(rounds):
+        point = _next_point(space, path, good, bad)
+        if point is None:
+            break
+        if evaluate(point).within_budget:
+            good = point
+        else:
+            bad = point
+    within_budget = [i for i, c in enumerate(candidates) if c.within_budget]
+    chosen = min(within_budget, key=lambda i: candidates[i].objective) if within_budget else None
+    report = SearchReport(
+        objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
+        original_objective=measure(model), float_bytes=weight_stats(model).bytes,
+        training_examples=example_count(model_inputs(train)),
+        held_out_examples=example_count(x_held), levels=space.levels,
+        loss_rise={p: tuple(r) for p, r in rise.items()}, candidates=tuple(candidates),
+        chosen=chosen)
+    if chosen is None:
+        return copy_model(model), report
+    point = next(p for p, i in seen.items() if i == chosen)
+    return models[point], report
+
+
+class _SizeSpace:
+    """Per-layer sparsity, then 16-cluster weight sharing: what the compact file stores is
+    about the non-zero weights, at 4 bits each."""
+
+    levels = SPARSITIES
+
+    def __init__(self, model):
+        self.layers = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
+                       for layer in leaf_layers(model)
+                       if kernel_weights(layer) and not getattr(layer, "quantization_mode", None)}
+
+    def probe(self, path, sparsity):
+        return [Prune(sparsity=sparsity, schedule="one_shot", skip_first_last=False,
+                      layers=Select(names=(path,)))]
+
+    def cost(self, path, sparsity) -> float:
+        """Estimated bytes: a 4-bit index and about 2 bits of position per non-zero."""
+        return self.layers[path] * (1 - sparsity) * 0.75
+
+    def estimate(self, levels) -> float:
+        return sum(self.cost(p, s) for p, s in levels.items())
+
+    def recipe(self, levels, trains: bool) -> list:
+        pruned = {p: s for p, s in levels.items() if s > 0}
+        steps = []
+        if pruned:
+            # The level most layers share is the step's sparsity; the others are overrides.
+            counts = Counter(pruned.values())
+            main = max(counts, key=lambda s: (counts[s], s))
+            overrides = tuple(
+                SparsityOverride(layers=Select(names=tuple(sorted(
+                    p for p, v in pruned.items() if v == s))), sparsity=s)
+                for s in sorted(counts, reverse=True) if s != main)
+            steps.append(Prune(sparsity=main, skip_first_last=False,
+                               schedule="polynomial" if trains else "one_shot",
+                               layers=Select(names=tuple(sorted(pruned))), overrides=overrides))
+        steps.append(Cluster(clusters=CLUSTERS))
+        return steps
+
+
+class _MemorySpace:
+    """float, int8 or int4 weights per layer: the bytes held in memory."""
+
+    levels = BIT_WIDTHS
+    BYTES = {"float": 4.0, "int8": 1.0, "int4": 0.5}
+
+    def __init__(self, model):
+        layers = StepContext(original=model).choose_layers(
+            model, None, None, quantize_skip_reason, in_place=keras_quantizes)
+        self.layers = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
+                       for layer in layers}
+
+    def probe(self, path, mode):
+        return None if mode == "float" else [Quantize(mode=mode, layers=Select(names=(path,)))]
+
+    def cost(self, path, mode) -> float:
+        return self.layers[path] * self.BYTES[mode]
+
+    def estimate(self, levels) -> float:
+        return sum(self.cost(p, m) for p, m in levels.items())
+
+    def recipe(self, levels, trains: bool) -> list:
+        quantized = tuple(sorted(p for p, m in levels.items() if m != "float"))
+        int4 = tuple(sorted(p for p, m in levels.items() if m == "int4"))
+        overrides = (Override(layers=Select(names=int4), mode="int4"),) if int4 else ()
+        return [Quantize(mode="int8", qat=trains, layers=Select(names=quantized),
+                         overrides=overrides)]
+
+
+def _split(model, data, validation_data):
+    """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
+    last tenth of `data`."""
+    for name, part in (("data", data), ("validation_data", validation_data)):
+        if part is not None and labels_of(part) is None:
+            raise KshrinkError(f"search: {name} must be (x, y) with class labels, to judge "
+                               "accuracy; received inputs only")
+        check_data(part, model, name)
+    if data is None:
+        raise KshrinkError("search needs data=(x, y): candidates are fine-tuned and judged on it")
+    if validation_data is not None:
+        return tuple(data), tuple(validation_data)
+    x, y = data
+    count = example_count(x)
+    held = max(1, int(round(count * HELD_OUT)))
+    if count - held < 1:
+        raise KshrinkError(f"search: data holds {count} example(s); it needs at least 2, to "
+                           "hold some out, or pass validation_data")
+    cut = count - held
+
+    def part(values, sl):
+        return {k: v[sl] for k, v in values.items()} if isinstance(values, dict) else values[sl]
+
+    return ((part(x, slice(None, cut)), np.asarray(y)[:cut]),
+            (part(x, slice(cut, None)), np.asarray(y)[cut:]))
+
+
+def _subset(data, limit: int):
+    x, y = data
+    return model_inputs(data, limit), np.asarray(y)[:limit]
+
+
+def _loss_rises(model, space, probe, progress) -> dict:
+    """Per layer, the held-out loss rise at each level with that layer alone compressed,
+    made non-decreasing along the levels (a deeper level never counts as cheaper)."""
+    x, y = probe
+    loss = task_loss(model, y)
+    base = _loss(loss, y, predict(model, x))
+    work = [(path, level) for path in space.layers for level in space.levels]
+    measured = {}
+    for path, level in counting(progress, "search: probing layers one at a time", work,
+                                lambda item: f"{item[0]} at {_level_text(item[1])}"):
+        steps = space.probe(path, level)
+        if not steps or level == 0.0:
+            measured[path, level] = 0.0
+            continue
+        alone, _ = compress(model, steps, fidelity_samples=0, verbose=False)
+        measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
+    rises = {}
+    for path in space.layers:
+        rises[path] = list(np.maximum.accumulate([measured[path, lv] for lv in space.levels]))
+    return rises
+
+
+def _greedy_path(space, rise) -> list[dict]:
+    """The allocation after each greedy move, from one move to every layer at its deepest."""
+    index = {path: 0 for path in space.layers}
+    path = []
+    while True:
+        best = None
+        for layer, k in index.items():
+            for j in range(k + 1, len(space.levels)):
+                saving = space.cost(layer, space.levels[k]) - space.cost(layer, space.levels[j])
+                loss = max(rise[layer][j] - rise[layer][k], _FREE)
+                if best is None or saving / loss > best[0]:
+                    best = (saving / loss, layer, j)
+        if best is None:
+            return path
+        index[best[1]] = best[2]
+        path.append({layer: space.levels[k] for layer, k in index.items()})
+
+
+def _next_point(space, path, good, bad) -> int | None:
+    """The point halfway, in log estimated bytes, between the deepest point within budget
+    (or the start) and the first one outside it (or the end); None when they are adjacent."""
+    low = -1 if good is None else good
+    high = len(path) if bad is None else bad
+    if high - low <= 1:
+        return None
+    start = space.estimate({p: space.levels[0] for p in space.layers})
+    size_low = start if low < 0 else space.estimate(path[low])
+    if bad is None:
+        size_high = space.estimate(path[-1]) / 2  # aim past the end: the end gets tried
+    else:
+        size_high = space.estimate(path[high])
+    target = math.sqrt(max(size_low, 1.0) * max(size_high, 1.0))
+    options = range(low + 1, high)
+    return min(options, key=lambda i: abs(math.log(max(space.estimate(path[i]), 1.0))
+                                          - math.log(target)))
+
+
+def _measure_size(model) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        return save_compact(model, Path(folder) / "candidate.kshrink").stat().st_size
+
+
+def _measure_memory(model) -> int:
+    return weight_stats(model).bytes
+
+
+def _level_text(level) -> str:
+    return f"{level:.0%}" if isinstance(level, float) else str(level)
+
+
+def _describe(levels: dict) -> str:
+    """`fc1 98%, conv2 90%, ...`: the layers that moved, deepest first."""
+    moved = [(p, v) for p, v in levels.items() if v not in (0.0, "float")]
+    if not moved:
+        return "no layer compressed"
+    return ", ".join(f"{p} {_level_text(v)}" for p, v in moved)
+
+
+def _loss(loss, y, outputs) -> float:
+    return float(keras.ops.convert_to_numpy(loss(y, outputs)))

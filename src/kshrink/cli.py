@@ -93,6 +93,32 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also write a self-contained HTML report with tables and plots")
     p.set_defaults(run=_compress)
 
+    p = sub.add_parser("search", help="find the per-layer recipe that compresses a .keras "
+                                      "model most within an accuracy budget")
+    p.add_argument("model", help="input .keras file (float)")
+    p.add_argument("--data", required=True,
+                   help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val]); the "
+                        "search fine-tunes on the training split less its last 10%%, judges "
+                        "candidates on that 10%%, and the test split scores the result")
+    p.add_argument("--objective", choices=("size", "memory"), default="size",
+                   help="size: bytes of the .kshrink file (per-layer sparsity + 16 clusters); "
+                        "memory: weight bytes held (float/int8/int4 per layer)")
+    p.add_argument("--max-accuracy-drop", type=float, required=True, metavar="PP",
+                   help="held-out top-1 accuracy the result may lose, in percentage points")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="fine-tuning epochs per candidate step (0: post-training only)")
+    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
+    p.add_argument("--seed", type=int, default=0, help="seeds every fine-tune")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .keras (plain Keras) or .kshrink (compact)")
+    p.add_argument("--recipe-out", metavar="RECIPE.yaml",
+                   help="also write the chosen recipe (rerun it with kshrink compress)")
+    p.add_argument("--report", metavar="REPORT.html",
+                   help="also write a self-contained HTML report with the candidates' plot")
+    p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p.set_defaults(run=_search)
+
     p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
     p.add_argument("model", help=".keras or .kshrink file")
     p.add_argument("--baseline", help="the original model file to compare against")
@@ -179,6 +205,57 @@ def _compress(args) -> int:
             line = _before_after(model, small, data)
         print(f"\n{line}")
     print(f"\nwrote {target}", file=sys.stderr)
+    return 0
+
+
+def _search(args) -> int:
+    from kshrink.analysis import search
+    from kshrink.errors import KshrinkError
+    from kshrink.io import save_model_file
+
+    source, target = Path(args.model), Path(args.output)
+    _check_output(target, source)
+    _check_html(args.report, source)
+    if args.recipe_out and Path(args.recipe_out).suffix.lower() not in (".yaml", ".yml",
+                                                                         ".json"):
+        raise KshrinkError("the recipe is written as YAML or JSON: name it .yaml, .yml or "
+                           f".json. Received: {args.recipe_out}")
+    model = _load(args, source)
+    data = _data(args.data, model)
+    with _progress(args) as say:
+        small, report = search(model, data.train, objective=args.objective,
+                               max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs,
+                               batch_size=args.batch_size, rounds=args.rounds, seed=args.seed,
+                               progress=say)
+    if args.format == "json":
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table().to_markdown() if args.format == "md" else report.to_text())
+    if report.recipe is None:
+        raise KshrinkError(f"no candidate kept held-out accuracy within "
+                           f"{args.max_accuracy_drop:g} pp; nothing is written. Allow a larger "
+                           "drop, more --epochs or more --rounds")
+    save_model_file(small, target)
+    if args.recipe_out:
+        from kshrink.core.atomic import atomic_output
+
+        text = (report.recipe.to_json() if args.recipe_out.endswith(".json")
+                else report.recipe.to_yaml())
+        with atomic_output(Path(args.recipe_out)) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    if args.report:
+        _write_html(args, args.report, small, model, report=report, front=report.plot_points(),
+                    title=f"kshrink search: {model.name}, {args.objective}")
+    if args.format != "json":
+        with _progress(args) as say:
+            say("evaluating")
+            line = _before_after(model, small, data)
+        print(f"\n{line}\n\nchosen recipe (kshrink compress --recipe; it fine-tunes on the "
+              f"first {report.training_examples:,} training examples):\n"
+              f"{report.recipe.to_yaml()}")
+    print(f"wrote {target}", file=sys.stderr)
     return 0
 
 

@@ -47,7 +47,7 @@ from kshrink.artifact import save as save_compact
 from kshrink.cluster import Cluster
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, path_of
-from kshrink.core.progress import Progress, counting, within
+from kshrink.core.progress import Message, Progress, counting, within
 from kshrink.core.recipe import Recipe
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_choice, check_int, check_range
@@ -176,6 +176,9 @@ class SearchReport:
         return Table("held-out loss rise with one layer compressed alone, and the choice",
                      ("layer", "chosen", *map(_level_text, self.levels)), rows)
 
+    def tables(self) -> list[Table]:
+        return [self.table(), self.layer_table()]
+
     def to_text(self) -> str:
         lines = [self.table().to_text(), "", self.layer_table().to_text()]
         if self.best is None:
@@ -263,7 +266,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
             recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
             say = within(progress, f"search: round {len(candidates) + 1}/{rounds}")
             if say:
-                say(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} bytes)")
+                say(Message(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} "
+                            "bytes)", result=True))
             started = time.perf_counter()
             small, _ = compress(model, recipe, data=train, fidelity_samples=0,
                                 fine_tune=fine_tune and dataclasses.replace(fine_tune,
@@ -271,11 +275,16 @@ def search(model: keras.Model, data, *, objective: str = "size",
                                 progress=say, verbose=False)
             measured = top1_accuracy(predict(small, x_held), y_held)
             seen[point] = len(candidates)
-            candidates.append(Candidate(
-                levels, recipe, measure(small), measured,
-                100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
-                time.perf_counter() - started))
+            candidate = Candidate(levels, recipe, measure(small), measured,
+                                  100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
+                                  time.perf_counter() - started)
+            candidates.append(candidate)
             models[point] = small
+            if say:
+                say(Message(f"{candidate.objective:,} bytes, accuracy {100 * measured:.2f}% "
+                            f"({100 * (measured - accuracy):+.2f} pp): "
+                            + ("within" if candidate.within_budget else "outside")
+                            + " the budget", result=True))
         return candidates[seen[point]]
 
     models = {}

@@ -19,18 +19,20 @@ Progress = Callable[[str], None]
 
 class Message(str):
     """A progress message; for counted work, `done` of `total` units of `stage` are done and
-    `item` is the one under way."""
+    `item` is the one under way. A `result` (what a round of a search measured) is a line of
+    its own, however quickly the next message follows."""
 
     stage: str
     done: int | None
     total: int | None
     item: str
+    result: bool
 
     def __new__(cls, text: str, stage: str | None = None, done: int | None = None,
-                total: int | None = None, item: str = ""):
+                total: int | None = None, item: str = "", result: bool = False):
         message = super().__new__(cls, text)
         message.stage, message.done, message.total = stage or text, done, total
-        message.item = item
+        message.item, message.result = item, result
         return message
 
 
@@ -54,7 +56,7 @@ def within(progress: Progress | None, prefix: str) -> Progress | None:
     def say(message: str) -> None:
         if isinstance(message, Message):
             message = Message(f"{prefix}: {message}", f"{prefix}: {message.stage}",
-                              message.done, message.total, message.item)
+                              message.done, message.total, message.item, message.result)
         else:
             message = f"{prefix}: {message}"
         progress(message)
@@ -84,6 +86,10 @@ class Console:
         self._started = 0.0
 
     def __call__(self, message: str) -> None:
+        if getattr(message, "result", False):
+            self._end_stage()
+            self._line(message)
+            return
         counted = isinstance(message, Message) and message.total is not None
         stage = message.stage if isinstance(message, Message) else message
         if stage != self._stage:

@@ -322,3 +322,54 @@ def test_compress_and_measure_write_html_reports(lenet, int8_recipe, tmp_path, c
     assert code == 0 and "<h2>Latency</h2>" in measured.read_text()
     code, _, err = run_cli(capsys, "measure", small, "--html", tmp_path / "page.txt")
     assert code == 2 and "name it .html" in err and not (tmp_path / "page.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(tmp_path_factory):
+    """An MLP trained briefly on the digits, saved as .keras."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu", name="fc1"),
+        keras.layers.Dense(10, activation="softmax", name="fc2")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(*datasets.load("digits").train, epochs=20, verbose=0)
+    path = tmp_path_factory.mktemp("models") / "digits_mlp.keras"
+    model.save(path)
+    return path
+
+
+def test_search_writes_the_model_its_recipe_and_a_report_that_compress_repeats(
+        digits_mlp, tmp_path, capsys):
+    out, recipe, page = tmp_path / "s.kshrink", tmp_path / "chosen.yaml", tmp_path / "s.html"
+    code, text, err = run_cli(capsys, "search", digits_mlp, "--data", "digits", "--objective",
+                              "size", "--max-accuracy-drop", 3, "--epochs", 1, "--rounds", 3,
+                              "-o", out, "--recipe-out", recipe, "--report", page)
+    assert code == 0, err
+    assert "search for size within 3 pp" in text and "chosen" in text
+    assert "round 1/3" in err and "accuracy on digits test:" in text
+    assert "Candidates" in page.read_text() and page.read_text().count("<svg") >= 4
+    from kshrink import Recipe, compress, load
+
+    searched = load(out)
+    assert os.path.getsize(digits_mlp) / os.path.getsize(out) >= 5
+    # The recipe file, run as a user would on the examples the search trained on (the
+    # training split less its last tenth), repeats the model.
+    x, y = datasets.load("digits").train
+    cut = len(x) - round(len(x) * 0.1)
+    again, _ = compress(keras.saving.load_model(digits_mlp), Recipe.from_file(recipe),
+                        data=(x[:cut], y[:cut]), verbose=False)
+    for a, b in zip(searched.get_weights(), again.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "s.keras"
+    for extra, message in ((["--recipe-out", tmp_path / "r.txt"], "name it .yaml"),
+                           (["--objective", "speed"], "invalid choice"),
+                           (["--epochs", "-1"], "epochs")):
+        code, _, err = run_cli(capsys, "search", digits_mlp, "--data", "digits",
+                               "--max-accuracy-drop", 1, "-o", out, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -1,0 +1,131 @@
+"""`kshrink.search`: the budget holds on the held-out examples, the recipe repeats the model,
+the front is a front, and bad input is one line."""
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.analysis import search
+from kshrink.analysis.search import BIT_WIDTHS, SPARSITIES, _greedy_path
+from kshrink.errors import KshrinkError
+from kshrink.measure import predict, weight_stats
+from kshrink.measure.accuracy import top1_accuracy
+
+from conftest import weights_of
+
+
+@pytest.fixture(scope="module")
+def classifier(digits):
+    """An MLP trained to about 95% on the digits (pixels 0-255), ending in logits."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8)),
+        keras.layers.Rescaling(1 / 255, name="rescale"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(128, activation="relu", name="fc1"),
+        keras.layers.Dense(64, activation="relu", name="fc2"),
+        keras.layers.Dense(10, name="fc3"),
+    ], name="digits_mlp")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=30, batch_size=32, verbose=0)
+    return model
+
+
+def held_out(data):
+    """The last tenth of `data`, which search holds out when no validation_data is given."""
+    x, y = data
+    cut = len(x) - round(len(x) * 0.1)
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def test_size_search_keeps_the_budget_shrinks_the_file_and_its_recipe_repeats(
+        classifier, digits, tmp_path):
+    small, report = search(classifier, digits.train, objective="size", max_accuracy_drop=2.0,
+                           epochs=1, batch_size=64, rounds=4)
+    x_train, y_train, x_held, y_held = held_out(digits.train)
+    assert report.chosen is not None and report.training_examples == len(x_train)
+    best = report.best
+    # The budget, checked again here on the held-out examples the search judged by.
+    before = top1_accuracy(predict(classifier, x_held), y_held)
+    after = top1_accuracy(predict(small, x_held), y_held)
+    assert after == pytest.approx(best.accuracy) and 100 * (before - after) <= 2.0
+    # Its objective is the compact file's bytes, and the search shrank it.
+    size = kshrink.save(small, tmp_path / "small.kshrink").stat().st_size
+    assert size == best.objective
+    assert weight_stats(classifier).bytes / size >= 5
+    # Pruned as the levels say, in every layer the levels name.
+    for path, sparsity in best.levels.items():
+        kernel = np.asarray(small.get_layer(path).kernel)
+        assert np.mean(kernel == 0) >= sparsity - 0.01, path
+    # The recipe alone, on the same training examples, gives the same weights.
+    again, _ = kshrink.compress(classifier, report.recipe, data=(x_train, y_train),
+                                verbose=False)
+    for a, b in zip(weights_of(small), weights_of(again)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert kshrink.Recipe.from_yaml(report.recipe.to_yaml()) == report.recipe
+    # No candidate on the front is beaten on both counts by another candidate.
+    for c in report.front():
+        assert not any(o.objective < c.objective and o.accuracy > c.accuracy
+                       for o in report.candidates)
+    assert "chosen" in report.to_text() and len(report.plot_points()[1]) == \
+        len(report.candidates) + 1
+
+
+def test_memory_search_chooses_bit_widths_post_training(classifier, digits):
+    validation = digits.test
+    small, report = search(classifier, digits.train, objective="memory", epochs=0,
+                           max_accuracy_drop=1.0, validation_data=validation, rounds=4)
+    assert report.chosen is not None
+    assert report.training_examples == len(digits.train[0])
+    assert set(report.best.levels.values()) <= set(BIT_WIDTHS)
+    assert weight_stats(small).bytes == report.best.objective
+    assert report.best.objective <= report.float_bytes / 3.5  # int8 at least, per layer
+    accuracy = top1_accuracy(predict(small, validation[0]), validation[1])
+    assert 100 * (report.accuracy - accuracy) <= 1.0
+
+
+class _Space:
+    """Two layers: `big` costs nothing to prune to 90%, `small` costs at once."""
+
+    levels = (0.0, 0.5, 0.9)
+    layers = {"big": 1000, "small": 10}
+
+    def cost(self, path, level):
+        return self.layers[path] * (1 - level)
+
+    def estimate(self, levels):
+        return sum(self.cost(p, v) for p, v in levels.items())
+
+
+def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed():
+    rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
+    path = _greedy_path(_Space(), rises)
+    assert path[0] == {"big": 0.9, "small": 0.0}  # straight to the free deepest level
+    assert path[-1] == {"big": 0.9, "small": 0.9}
+    sizes = [_Space().estimate(levels) for levels in path]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(objective="speed"), "objective"),
+    (dict(max_accuracy_drop=-1), "max_accuracy_drop"),
+    (dict(epochs=-1), "epochs"),
+    (dict(data="inputs only"), "class labels"),
+])
+def test_bad_input_is_one_line(classifier, digits, call, message):
+    options = dict(call)
+    data = digits.train[0] if options.pop("data", None) else digits.train
+    with pytest.raises(KshrinkError, match=message):
+        search(classifier, data, **options)
+
+
+def test_a_model_without_class_scores_is_refused(digits):
+    inputs = keras.Input((8, 8))
+    regression = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(KshrinkError, match="class scores"):
+        search(regression, digits.train)
+
+
+def test_levels_are_the_documented_ones():
+    assert SPARSITIES[0] == 0.0 and max(SPARSITIES) < 1

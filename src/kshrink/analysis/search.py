@@ -258,47 +258,39 @@ def search(model: keras.Model, data, *, objective: str = "size",
     probe = _subset(held, probe_samples)
     rise = _loss_rises(model, space, probe, progress)
     path = _greedy_path(space, rise)
-    candidates, seen = [], {}
-
-    def evaluate(point: int) -> Candidate:
-        if point not in seen:
-            levels = path[point]
-            recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
-            say = within(progress, f"search: round {len(candidates) + 1}/{rounds}")
-            if say:
-                say(Message(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} "
-                            "bytes)", result=True))
-            started = time.perf_counter()
-            small, _ = compress(model, recipe, data=train, fidelity_samples=0,
-                                fine_tune=fine_tune and dataclasses.replace(fine_tune,
-                                                                             verbose=False),
-                                progress=say, verbose=False)
-            measured = top1_accuracy(predict(small, x_held), y_held)
-            seen[point] = len(candidates)
-            candidate = Candidate(levels, recipe, measure(small), measured,
-                                  100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
-                                  time.perf_counter() - started)
-            candidates.append(candidate)
-            models[point] = small
-            if say:
-                say(Message(f"{candidate.objective:,} bytes, accuracy {100 * measured:.2f}% "
-                            f"({100 * (measured - accuracy):+.2f} pp): "
-                            + ("within" if candidate.within_budget else "outside")
-                            + " the budget", result=True))
-        return candidates[seen[point]]
-
-    models = {}
+    candidates, chosen, kept = [], None, None  # kept: the chosen candidate's model
     good, bad = None, None  # path points: the deepest within budget, the first outside it
-    for _ in range(rounds):
+    for round_ in range(1, rounds + 1):
         point = _next_point(space, path, good, bad)
         if point is None:
             break
-        if evaluate(point).within_budget:
+        levels = path[point]
+        recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
+        say = within(progress, f"search: round {round_}/{rounds}")
+        if say:
+            say(Message(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} bytes)",
+                        result=True))
+        started = time.perf_counter()
+        small, _ = compress(model, recipe, data=train, fidelity_samples=0, progress=say,
+                            fine_tune=fine_tune and dataclasses.replace(fine_tune,
+                                                                         verbose=False),
+                            verbose=False)
+        measured = top1_accuracy(predict(small, x_held), y_held)
+        candidate = Candidate(levels, recipe, measure(small), measured,
+                              100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
+                              time.perf_counter() - started)
+        candidates.append(candidate)
+        if say:
+            say(Message(f"{candidate.objective:,} bytes, accuracy {100 * measured:.2f}% "
+                        f"({100 * (measured - accuracy):+.2f} pp): "
+                        + ("within" if candidate.within_budget else "outside") + " the budget",
+                        result=True))
+        if candidate.within_budget:
             good = point
+            if chosen is None or candidate.objective < candidates[chosen].objective:
+                chosen, kept = len(candidates) - 1, small
         else:
             bad = point
-    within_budget = [i for i, c in enumerate(candidates) if c.within_budget]
-    chosen = min(within_budget, key=lambda i: candidates[i].objective) if within_budget else None
     report = SearchReport(
         objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
         original_objective=measure(model), float_bytes=weight_stats(model).bytes,
@@ -306,10 +298,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
         held_out_examples=example_count(x_held), levels=space.levels,
         loss_rise={p: tuple(r) for p, r in rise.items()}, candidates=tuple(candidates),
         chosen=chosen)
-    if chosen is None:
-        return copy_model(model), report
-    point = next(p for p, i in seen.items() if i == chosen)
-    return models[point], report
+    return (copy_model(model) if kept is None else kept), report
 
 
 class _SizeSpace:
@@ -409,8 +398,7 @@ def _split(model, data, validation_data):
 
 
 def _subset(data, limit: int):
-    x, y = data
-    return model_inputs(data, limit), np.asarray(y)[:limit]
+    return model_inputs(data, limit), np.asarray(labels_of(data))[:limit]
 
 
 def _loss_rises(model, space, probe, progress) -> dict:

@@ -1,0 +1,132 @@
+"""`kshrink.search` for size against the best uniform recipe at the same accuracy budget.
+
+Models: a LeNet-5 (Caffe variant) defined and trained here with plain Keras (not kshrink's zoo:
+its own seed and epochs), on MNIST; and the zoo's residual CNN on Fashion-MNIST. Both sides
+fine-tune on the first 90% of the training split with the same budget (2 epochs per step,
+distilling from the original, batch 128, seed 0) and are judged on its last 10%; the test
+split scores the results.
+
+- search: `kshrink.search(objective="size", epochs=2, rounds=6)`: per-layer sparsity
+  allocated from one-layer probes, then 16-cluster weight sharing.
+- uniform: `Prune(sparsity=s)` (every layer at s, the first and last kept dense where cheap)
+  then `Cluster(clusters=16)`, for each s in UNIFORM; the best is the smallest file within
+  the budget on the held-out examples.
+
+Ratio = float32 weight bytes / `.kshrink` file bytes. Writes `results/search.json` and the
+HTML report of each search to `results/search-<model>.html`.
+
+Run: .venv/bin/python benchmarks/search.py [--models lenet5 resnet_fashion]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+from common import RESULTS, replace_rows, write_rows
+
+import kshrink
+from kshrink import Cluster, FineTune, Prune, datasets, zoo
+from kshrink.measure import predict, weight_stats
+from kshrink.measure.accuracy import top1_accuracy
+
+UNIFORM = (0.8, 0.9, 0.95, 0.97)
+BUDGETS = {"lenet5": 0.3, "resnet_fashion": 1.0}  # pp of held-out accuracy
+DATASETS = {"lenet5": "mnist", "resnet_fashion": "fashion_mnist"}
+EPOCHS, BATCH, SEED = 2, 128, 0
+
+
+def plain_lenet5() -> keras.Model:
+    """LeNet-5 trained with model.fit alone: 8 epochs of Adam from seed 1, cached."""
+    path = zoo.cache_dir() / "benchmarks" / "lenet5-plain-keras.keras"
+    if path.is_file():
+        return keras.saving.load_model(path)
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((28, 28))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Reshape((28, 28, 1))(x)
+    x = keras.layers.Conv2D(20, 5, name="conv1")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(50, 5, name="conv2")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(500, activation="relu", name="fc1")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="fc2")(x)
+    model = keras.Model(inputs, outputs, name="lenet5")
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(*datasets.load("mnist").train, epochs=8, batch_size=128, verbose=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return keras.saving.load_model(path)
+
+
+def file_bytes(model) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        return kshrink.save(model, Path(folder) / "m.kshrink").stat().st_size
+
+
+def run(name: str) -> list[dict]:
+    model = plain_lenet5() if name == "lenet5" else zoo.pretrained(name)
+    data = datasets.load(DATASETS[name])
+    x, y = data.train
+    cut = len(x) - round(len(x) * 0.1)
+    train, held = (x[:cut], y[:cut]), (x[cut:], y[cut:])
+    budget = BUDGETS[name]
+    float_bytes = weight_stats(model).bytes
+    base_held = top1_accuracy(predict(model, held[0]), held[1])
+    base_test = top1_accuracy(predict(model, data.test[0]), data.test[1])
+
+    def row(method, small, seconds, recipe, **extra):
+        size = file_bytes(small)
+        held_acc = top1_accuracy(predict(small, held[0]), held[1])
+        test_acc = top1_accuracy(predict(small, data.test[0]), data.test[1])
+        print(f"{name} {method}: {float_bytes / size:.1f}x, held-out "
+              f"{100 * (held_acc - base_held):+.2f} pp, test {100 * (test_acc - base_test):+.2f}"
+              f" pp, {seconds:.0f} s", flush=True)
+        return dict(model=name, method=method, budget_pp=budget, float_bytes=float_bytes,
+                    file_bytes=size, ratio=float_bytes / size, held_out_accuracy=held_acc,
+                    baseline_held_out_accuracy=base_held, test_accuracy=test_acc,
+                    baseline_test_accuracy=base_test,
+                    within_budget=100 * (base_held - held_acc) <= budget + 1e-9,
+                    seconds=seconds, recipe=recipe.to_data(), **extra)
+
+    rows = []
+    started = time.perf_counter()
+    small, report = kshrink.search(model, data.train, objective="size", max_accuracy_drop=budget,
+                                   epochs=EPOCHS, batch_size=BATCH, seed=SEED, rounds=6,
+                                   progress=print)
+    seconds = time.perf_counter() - started
+    print(report.to_text())
+    if report.recipe is not None:
+        rows.append(row("search", small, seconds, report.recipe,
+                        candidates=len(report.candidates), levels=report.best.levels))
+        kshrink.report.html(RESULTS / f"search-{name}.html", small, model, report=report,
+                            front=report.plot_points(), title=f"kshrink search: {name}")
+    fine_tune = FineTune(epochs=EPOCHS, batch_size=BATCH, distill=True, seed=SEED,
+                         verbose=False)
+    for sparsity in UNIFORM:
+        recipe = kshrink.Recipe([Prune(sparsity=sparsity), Cluster(clusters=16)], fine_tune)
+        started = time.perf_counter()
+        small, _ = kshrink.compress(model, recipe, data=train, fidelity_samples=0,
+                                    verbose=False)
+        rows.append(row(f"uniform {sparsity:.0%}", small, time.perf_counter() - started,
+                        recipe))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=tuple(BUDGETS), default=tuple(BUDGETS))
+    args = parser.parse_args()
+    rows = [r for name in args.models for r in run(name)]
+    if (RESULTS / "search.json").exists():
+        replace_rows("search", rows, lambda r: r["model"] in args.models)
+    else:
+        write_rows("search", rows)
+
+
+if __name__ == "__main__":
+    main()

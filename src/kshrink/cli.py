@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def main(argv=None) -> int:
     from kshrink.errors import KshrinkError
 
     _start_keras_quietly(run_op=True)
+    # Compressing and measuring many models in one process makes TensorFlow warn that its
+    # functions retrace, which is expected here and nothing a user can act on.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
     try:
         return args.run(args) or 0

@@ -268,8 +268,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
         recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
         say = within(progress, f"search: round {round_}/{rounds}")
         if say:
-            say(Message(f"{_describe(levels)} (estimated {space.estimate(levels):,.0f} bytes)",
-                        result=True))
+            say(Message(f"{_describe(levels)} (kernels about {space.estimate(levels):,.0f} "
+                        "bytes)", result=True))
         started = time.perf_counter()
         small, _ = compress(model, recipe, data=train, fidelity_samples=0, progress=say,
                             fine_tune=fine_tune and dataclasses.replace(fine_tune,

@@ -104,14 +104,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val]); the "
                         "search fine-tunes on the training split less its last 10%%, judges "
                         "candidates on that 10%%, and the test split scores the result")
-    p.add_argument("--objective", choices=("size", "memory"), default="size",
+    p.add_argument("--objective", choices=("size", "memory", "latency"), default="size",
                    help="size: bytes of the .kshrink file (per-layer sparsity + 16 clusters); "
-                        "memory: weight bytes held (float/int8/int4 per layer)")
+                        "memory: weight bytes held (float/int8/int4 per layer); latency: "
+                        "time per forward pass here (residual blocks and channels removed)")
     p.add_argument("--max-accuracy-drop", type=float, required=True, metavar="PP",
                    help="held-out top-1 accuracy the result may lose, in percentage points")
     p.add_argument("--epochs", type=int, default=2,
                    help="fine-tuning epochs per candidate step (0: post-training only)")
-    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--batch-size", type=_positive, default=128, help="fine-tuning batch size")
+    p.add_argument("--latency-batch-size", type=_positive, default=1,
+                   help="latency: the batch size it is timed at")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
     p.add_argument("--seed", type=int, default=0, help="seeds every fine-tune")
     p.add_argument("-o", "--output", required=True,
@@ -230,7 +233,7 @@ def _search(args) -> int:
         small, report = search(model, data.train, objective=args.objective,
                                max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs,
                                batch_size=args.batch_size, rounds=args.rounds, seed=args.seed,
-                               progress=say)
+                               latency_batch_size=args.latency_batch_size, progress=say)
     if args.format == "json":
         import json
 

@@ -88,11 +88,11 @@ def test_memory_search_chooses_bit_widths_post_training(classifier, digits):
 class _Space:
     """Two layers: `big` costs nothing to prune to 90%, `small` costs at once."""
 
-    levels = (0.0, 0.5, 0.9)
-    layers = {"big": 1000, "small": 10}
+    weights = {"big": 1000, "small": 10}
+    choices = {"big": (0.0, 0.5, 0.9), "small": (0.0, 0.5, 0.9)}
 
     def cost(self, path, level):
-        return self.layers[path] * (1 - level)
+        return self.weights[path] * (1 - level)
 
     def estimate(self, levels):
         return sum(self.cost(p, v) for p, v in levels.items())
@@ -129,3 +129,27 @@ def test_a_model_without_class_scores_is_refused(digits):
 
 def test_levels_are_the_documented_ones():
     assert SPARSITIES[0] == 0.0 and max(SPARSITIES) < 1
+
+
+def test_latency_search_removes_blocks_or_channels_and_times_every_candidate(digits):
+    from conftest import small_cnn
+
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*digits.train, epochs=6, batch_size=32, verbose=0)
+    small, report = search(model, digits.train, objective="latency", max_accuracy_drop=5.0,
+                           epochs=1, batch_size=64, rounds=2)
+    # The residual block and the channel ratio are the dimensions, probed at every level.
+    assert dict(report.loss_rise["add"]).keys() == {"keep", "remove"}
+    assert [level for level, _ in report.loss_rise["channels"]] == [0.0, 0.25, 0.5, 0.75]
+    assert all(c.objective > 0 for c in report.candidates)
+    assert report.chosen is not None, report.to_text()
+    names = [step.name for step in report.recipe]
+    assert names[-1] == "fold" and len(names) >= 2
+    # The chosen model is what its levels say: narrower layers, or the block gone.
+    levels = report.best.levels
+    layer_names = {layer.name for layer in small.layers}
+    assert ("conv2" in layer_names) == (levels["add"] == "keep")
+    if levels["channels"]:
+        assert small.get_layer("fc1").units < 32
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in small.layers)

@@ -4,9 +4,10 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
 
 1. **Hold out** `validation_data`, or else the last 10% of `data`; the search fine-tunes on
    the rest and judges every candidate on the held-out examples.
-2. **Probe each layer alone**: every level of the search space (a sparsity, a bit width) is
-   applied to that one layer, at once and without training, through `compress`, and the rise
-   of the held-out loss is measured.
+2. **Probe each layer alone**: every level of the search space (a sparsity, a bit width, a
+   residual block removed, a channel ratio) is applied alone, at once and without training,
+   through `compress`, and the rise of the held-out loss is measured; for `latency`, the
+   probe's model is timed too, which makes the table of what each level saves (NetAdapt).
 3. **Allocate greedily**: from every layer at its first level, take again and again the move
    (one layer to a deeper level) that saves the most of the objective per unit of loss it
    costs. The moves in that order make a path from the least to the most compressed model.
@@ -57,14 +58,19 @@ from kshrink.layers import keras_quantizes
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.measure.weights import weight_stats
-from kshrink.prune import Prune, SparsityOverride
+from kshrink.fold import Fold
+from kshrink.measure.latency import latency
+from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
 from kshrink.quantize import Override, Quantize
 from kshrink.quantize.technique import skip_reason as quantize_skip_reason
 from kshrink.render import Table
 
-OBJECTIVES = ("size", "memory")
+OBJECTIVES = ("size", "memory", "latency")
+UNITS = {"size": "bytes", "memory": "bytes", "latency": "us"}
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
+CHANNEL_RATIOS = (0.0, 0.25, 0.5, 0.75)  # share of each layer's channels removed
+LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
 CLUSTERS = 16  # weight sharing behind pruning for `size`: 4-bit indices into 16 centroids
 HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
 _FREE = 1e-6  # the loss a move that costs nothing is taken to cost, so it goes first
@@ -78,7 +84,7 @@ class Candidate:
         levels: the level each layer was given (a sparsity, or a bit width), by path.
         recipe: the recipe that made it.
         objective: what it measured: file bytes for `size`, resident weight bytes for
-            `memory`.
+            `memory`, microseconds per forward pass for `latency`.
         accuracy: top-1 accuracy on the held-out examples.
         within_budget: whether it lost at most `max_accuracy_drop`.
         seconds: how long compressing it took.
@@ -97,16 +103,18 @@ class SearchReport:
     """What `search` tried and what it chose.
 
     Attributes:
-        objective: `"size"` or `"memory"`.
+        objective: `"size"`, `"memory"` or `"latency"`.
         max_accuracy_drop: the budget, in percentage points of held-out accuracy.
         accuracy: the original model's held-out accuracy.
-        original_objective: the original's objective (its compact file's bytes for `size`).
+        original_objective: the original's objective (its compact file's bytes for `size`,
+            its latency unfolded for `latency`).
         float_bytes: the original's weight bytes.
         training_examples: how many examples of `data` the candidates were fine-tuned on
             (the first ones; the rest were held out unless `validation_data` was given).
         held_out_examples: how many examples judged the candidates.
-        levels: the levels each layer could take, least compressed first.
-        loss_rise: per layer path, the held-out loss rise at each level, the layer alone.
+        loss_rise: per layer (or block, or `channels`), `(level, loss rise)` for each level
+            it could take, least compressed first: the held-out loss rise with it alone
+            compressed so.
         candidates: every candidate, in the order they were tried.
         chosen: the index of the winner in `candidates`; None when none kept the budget.
     """
@@ -118,7 +126,6 @@ class SearchReport:
     float_bytes: int
     training_examples: int
     held_out_examples: int
-    levels: tuple
     loss_rise: dict
     candidates: tuple[Candidate, ...]
     chosen: int | None
@@ -144,7 +151,8 @@ class SearchReport:
 
     @property
     def objective_label(self) -> str:
-        return "file bytes (.kshrink)" if self.objective == "size" else "weight bytes in memory"
+        return {"size": "file bytes (.kshrink)", "memory": "weight bytes in memory",
+                "latency": "latency, us"}[self.objective]
 
     def plot_points(self) -> tuple[str, list]:
         """`(label, [(objective, accuracy, chosen), ...])`, as `kshrink.report.html(front=)`
@@ -167,14 +175,23 @@ class SearchReport:
                          "yes" if c.within_budget else "no", mark))
         title = (f"search for {self.objective} within {self.max_accuracy_drop:g} pp, judged on "
                  f"{self.held_out_examples:,} held-out examples")
-        return Table(title, ("candidate", self.objective_label, "smaller", "accuracy",
+        return Table(title, ("candidate", self.objective_label, "gain", "accuracy",
                              "change (pp)", "in budget", ""), rows)
 
     def layer_table(self) -> Table:
-        rows = [(path, f"{_level_text(self.best.levels[path]) if self.best else '-'}",
-                 *(f"{rise:+.4f}" for rise in rises)) for path, rises in self.loss_rise.items()]
-        return Table("held-out loss rise with one layer compressed alone, and the choice",
-                     ("layer", "chosen", *map(_level_text, self.levels)), rows)
+        title = "held-out loss rise with one layer compressed alone, and the choice"
+        choices = {tuple(level for level, _ in pairs) for pairs in self.loss_rise.values()}
+        rows = []
+        for path, pairs in self.loss_rise.items():
+            chosen = _level_text(self.best.levels[path]) if self.best else "-"
+            if len(choices) == 1:
+                rows.append((path, chosen, *(f"{rise:+.4f}" for _, rise in pairs)))
+            else:
+                rows.append((path, chosen, ", ".join(f"{_level_text(level)} {rise:+.4f}"
+                                                     for level, rise in pairs)))
+        if len(choices) == 1:
+            return Table(title, ("layer", "chosen", *map(_level_text, choices.pop())), rows)
+        return Table(title, ("layer", "chosen", "loss rise by level"), rows)
 
     def tables(self) -> list[Table]:
         return [self.table(), self.layer_table()]
@@ -194,8 +211,8 @@ class SearchReport:
             "objective": self.objective, "max_accuracy_drop": self.max_accuracy_drop,
             "accuracy": self.accuracy, "original_objective": self.original_objective,
             "float_bytes": self.float_bytes, "training_examples": self.training_examples,
-            "held_out_examples": self.held_out_examples, "levels": list(self.levels),
-            "loss_rise": {k: list(v) for k, v in self.loss_rise.items()},
+            "held_out_examples": self.held_out_examples,
+            "loss_rise": {k: [list(pair) for pair in v] for k, v in self.loss_rise.items()},
             "chosen": self.chosen,
             "candidates": [{"levels": c.levels, "recipe": c.recipe.to_data(),
                             "objective": c.objective, "accuracy": c.accuracy,
@@ -207,7 +224,7 @@ class SearchReport:
 def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
            batch_size: int = 128, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
-           progress: Progress | None = None):
+           latency_batch_size: int = 1, progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest model within an accuracy budget.
 
     Args:
@@ -216,7 +233,10 @@ def search(model: keras.Model, data, *, objective: str = "size",
         objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
             sparsity (0 to 98%) with 16-cluster weight sharing after it; `"memory"`: bytes
             of the weights held in memory, searched over float/int8/int4 per layer (int4 in
-            groups of 128 inputs; quantization-aware training when `epochs` > 0).
+            groups of 128 inputs; quantization-aware training when `epochs` > 0);
+            `"latency"`: the median time of a forward pass at `latency_batch_size` on this
+            machine, searched over removing each residual block (`DepthPrune`) and a share
+            of every layer's channels (`StructuredPrune`, 0 to 75%), BatchNorm folded.
         max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
             result may lose.
         validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
@@ -227,6 +247,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
         rounds: candidates compressed and measured at most.
         probe_samples: held-out examples the one-layer probes measure the loss on.
         seed: seeds every fine-tune; the same seed and data give the same result.
+        latency_batch_size: the batch size `latency` is timed at.
         progress: told of each probe and each round, e.g. `print` or
             `kshrink.core.progress.Console()`.
 
@@ -241,20 +262,25 @@ def search(model: keras.Model, data, *, objective: str = "size",
     check_int("search", "rounds", rounds, low=1)
     check_int("search", "probe_samples", probe_samples, low=1)
     check_int("search", "seed", seed, low=0)
+    check_int("search", "latency_batch_size", latency_batch_size, low=1)
     train, held = _split(model, data, validation_data)
     x_held, y_held = held
     reference = predict(model, x_held)
     if not is_classifier(reference):
         raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
                            f"class scores. Received: outputs of shape {np.shape(reference)}")
-    space = _SizeSpace(model) if objective == "size" else _MemorySpace(model)
-    if not space.layers:
+    if objective == "size":
+        space = _SizeSpace(model)
+    elif objective == "memory":
+        space = _MemorySpace(model)
+    else:
+        space = _LatencySpace(model, x_held, latency_batch_size)
+    if not space.choices:
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
                            f"{objective}")
     accuracy = top1_accuracy(reference, y_held)
     fine_tune = FineTune(epochs=epochs, batch_size=batch_size, distill=True,
                          seed=seed) if epochs else None
-    measure = _measure_size if objective == "size" else _measure_memory
     probe = _subset(held, probe_samples)
     rise = _loss_rises(model, space, probe, progress)
     path = _greedy_path(space, rise)
@@ -268,20 +294,20 @@ def search(model: keras.Model, data, *, objective: str = "size",
         recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
         say = within(progress, f"search: round {round_}/{rounds}")
         if say:
-            say(Message(f"{_describe(levels)} (kernels about {space.estimate(levels):,.0f} "
-                        "bytes)", result=True))
+            say(Message(f"{_describe(levels)} ({space.estimate_text(levels)})", result=True))
         started = time.perf_counter()
         small, _ = compress(model, recipe, data=train, fidelity_samples=0, progress=say,
                             fine_tune=fine_tune and dataclasses.replace(fine_tune,
                                                                          verbose=False),
                             verbose=False)
         measured = top1_accuracy(predict(small, x_held), y_held)
-        candidate = Candidate(levels, recipe, measure(small), measured,
+        candidate = Candidate(levels, recipe, space.measure(small), measured,
                               100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
                               time.perf_counter() - started)
         candidates.append(candidate)
         if say:
-            say(Message(f"{candidate.objective:,} bytes, accuracy {100 * measured:.2f}% "
+            say(Message(f"{candidate.objective:,} {UNITS[objective]}, accuracy "
+                        f"{100 * measured:.2f}% "
                         f"({100 * (measured - accuracy):+.2f} pp): "
                         + ("within" if candidate.within_budget else "outside") + " the budget",
                         result=True))
@@ -293,35 +319,58 @@ def search(model: keras.Model, data, *, objective: str = "size",
             bad = point
     report = SearchReport(
         objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
-        original_objective=measure(model), float_bytes=weight_stats(model).bytes,
+        original_objective=space.measure(model), float_bytes=weight_stats(model).bytes,
         training_examples=example_count(model_inputs(train)),
-        held_out_examples=example_count(x_held), levels=space.levels,
-        loss_rise={p: tuple(r) for p, r in rise.items()}, candidates=tuple(candidates),
+        held_out_examples=example_count(x_held),
+        loss_rise={p: tuple(zip(space.choices[p], r)) for p, r in rise.items()},
+        candidates=tuple(candidates),
         chosen=chosen)
     return (copy_model(model) if kept is None else kept), report
 
 
-class _SizeSpace:
+class _Space:
+    """A search space: for each dimension (a layer, a residual block, the channel ratio) the
+    levels it can take, untouched first; what each level is estimated to cost in the
+    objective; and the recipe for a choice of levels."""
+
+    probes_need_data = False
+    choices: dict  # dimension -> its levels
+
+    def start(self) -> dict:
+        return {p: levels[0] for p, levels in self.choices.items()}
+
+    def estimate(self, levels) -> float:
+        return sum(self.cost(p, v) for p, v in levels.items())
+
+    def observe(self, path, level, model) -> None:
+        """Sees the model a probe made (the latency space times it)."""
+
+
+class _SizeSpace(_Space):
     """Per-layer sparsity, then 16-cluster weight sharing: what the compact file stores is
     about the non-zero weights, at 4 bits each."""
 
-    levels = SPARSITIES
-
     def __init__(self, model):
-        self.layers = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
-                       for layer in leaf_layers(model)
-                       if kernel_weights(layer) and not getattr(layer, "quantization_mode", None)}
+        self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
+                        for layer in leaf_layers(model)
+                        if kernel_weights(layer)
+                        and not getattr(layer, "quantization_mode", None)}
+        self.choices = {path: SPARSITIES for path in self.weights}
 
     def probe(self, path, sparsity):
         return [Prune(sparsity=sparsity, schedule="one_shot", skip_first_last=False,
-                      layers=Select(names=(path,)))]
+                      layers=Select(names=(path,)))] if sparsity else None
 
     def cost(self, path, sparsity) -> float:
         """Estimated bytes: a 4-bit index and about 2 bits of position per non-zero."""
-        return self.layers[path] * (1 - sparsity) * 0.75
+        return self.weights[path] * (1 - sparsity) * 0.75
 
-    def estimate(self, levels) -> float:
-        return sum(self.cost(p, s) for p, s in levels.items())
+    def estimate_text(self, levels) -> str:
+        return f"kernels about {self.estimate(levels):,.0f} bytes"
+
+    def measure(self, model) -> int:
+        with tempfile.TemporaryDirectory() as folder:
+            return save_compact(model, Path(folder) / "candidate.kshrink").stat().st_size
 
     def recipe(self, levels, trains: bool) -> list:
         pruned = {p: s for p, s in levels.items() if s > 0}
@@ -341,26 +390,29 @@ class _SizeSpace:
         return steps
 
 
-class _MemorySpace:
+class _MemorySpace(_Space):
     """float, int8 or int4 weights per layer: the bytes held in memory."""
 
-    levels = BIT_WIDTHS
     BYTES = {"float": 4.0, "int8": 1.0, "int4": 0.5}
 
     def __init__(self, model):
         layers = StepContext(original=model).choose_layers(
             model, None, None, quantize_skip_reason, in_place=keras_quantizes)
-        self.layers = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
-                       for layer in layers}
+        self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
+                        for layer in layers}
+        self.choices = {path: BIT_WIDTHS for path in self.weights}
 
     def probe(self, path, mode):
         return None if mode == "float" else [Quantize(mode=mode, layers=Select(names=(path,)))]
 
     def cost(self, path, mode) -> float:
-        return self.layers[path] * self.BYTES[mode]
+        return self.weights[path] * self.BYTES[mode]
 
-    def estimate(self, levels) -> float:
-        return sum(self.cost(p, m) for p, m in levels.items())
+    def estimate_text(self, levels) -> str:
+        return f"kernels about {self.estimate(levels):,.0f} bytes"
+
+    def measure(self, model) -> int:
+        return weight_stats(model).bytes
 
     def recipe(self, levels, trains: bool) -> list:
         quantized = tuple(sorted(p for p, m in levels.items() if m != "float"))
@@ -368,6 +420,59 @@ class _MemorySpace:
         overrides = (Override(layers=Select(names=int4), mode="int4"),) if int4 else ()
         return [Quantize(mode="int8", qat=trains, layers=Select(names=quantized),
                          overrides=overrides)]
+
+
+class _LatencySpace(_Space):
+    """Residual blocks kept or removed, and a share of every layer's channels removed, then
+    BatchNorm folded: what a forward pass at the given batch size takes on this machine.
+
+    What each level saves is timed once, on the model a probe made (NetAdapt's measured
+    table); a candidate's estimate adds those savings, and each candidate is timed whole.
+    """
+
+    probes_need_data = True
+    CHANNELS = "channels"
+
+    def __init__(self, model, x, batch_size: int):
+        self.x, self.batch_size = x, batch_size
+        self.choices = {block.merge: ("keep", "remove") for block in residual_blocks(model)}
+        self.choices[self.CHANNELS] = CHANNEL_RATIOS
+        folded, _ = compress(model, Fold(), verbose=False)
+        self.base = self.measure(folded)
+        self.saved = {}
+
+    def probe(self, path, level):
+        if level in ("keep", 0.0):
+            return None
+        first = (StructuredPrune(ratio=level, round_to=4) if path == self.CHANNELS
+                 else DepthPrune(blocks=1, layers=Select(names=(path,))))
+        return [first, Fold()]
+
+    def observe(self, path, level, model) -> None:
+        self.saved[path, level] = max(self.base - self.measure(model), 0)
+
+    def cost(self, path, level) -> float:
+        """Minus the time the level saves, timed alone (none for an untouched level)."""
+        levels = self.choices[path]
+        saved = [self.saved.get((path, lv), 0) for lv in levels[:levels.index(level) + 1]]
+        return -max(saved)
+
+    def estimate(self, levels) -> float:
+        return max(self.base + super().estimate(levels), 0.05 * self.base)
+
+    def estimate_text(self, levels) -> str:
+        return f"about {self.estimate(levels):,.0f} us"
+
+    def measure(self, model) -> int:
+        timed = latency(model, self.x, batch_sizes=(self.batch_size,), runs=LATENCY_RUNS)
+        return round(1000 * timed[0].median_ms)
+
+    def recipe(self, levels, trains: bool) -> list:
+        removed = tuple(sorted(p for p, v in levels.items() if v == "remove"))
+        steps = [DepthPrune(blocks=len(removed), layers=Select(names=removed))] if removed else []
+        if levels.get(self.CHANNELS):
+            steps.append(StructuredPrune(ratio=levels[self.CHANNELS], round_to=4))
+        return steps + [Fold()]
 
 
 def _split(model, data, validation_data):
@@ -402,54 +507,56 @@ def _subset(data, limit: int):
 
 
 def _loss_rises(model, space, probe, progress) -> dict:
-    """Per layer, the held-out loss rise at each level with that layer alone compressed,
+    """Per dimension, the held-out loss rise at each level with that one alone compressed,
     made non-decreasing along the levels (a deeper level never counts as cheaper)."""
     x, y = probe
     loss = task_loss(model, y)
     base = _loss(loss, y, predict(model, x))
-    work = [(path, level) for path in space.layers for level in space.levels]
+    work = [(path, level) for path, levels in space.choices.items() for level in levels]
     measured = {}
     for path, level in counting(progress, "search: probing layers one at a time", work,
                                 lambda item: f"{item[0]} at {_level_text(item[1])}"):
         steps = space.probe(path, level)
-        if not steps or level == 0.0:
+        if not steps:
             measured[path, level] = 0.0
             continue
-        alone, _ = compress(model, steps, fidelity_samples=0, verbose=False)
+        alone, _ = compress(model, steps, data=probe if space.probes_need_data else None,
+                            fidelity_samples=0, verbose=False)
+        space.observe(path, level, alone)
         measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
-    rises = {}
-    for path in space.layers:
-        rises[path] = list(np.maximum.accumulate([measured[path, lv] for lv in space.levels]))
-    return rises
+    return {path: list(np.maximum.accumulate([measured[path, lv] for lv in levels]))
+            for path, levels in space.choices.items()}
 
 
 def _greedy_path(space, rise) -> list[dict]:
-    """The allocation after each greedy move, from one move to every layer at its deepest."""
-    index = {path: 0 for path in space.layers}
+    """The allocation after each greedy move, from one move to every dimension at its
+    deepest level."""
+    index = {path: 0 for path in space.choices}
     path = []
     while True:
         best = None
         for layer, k in index.items():
-            for j in range(k + 1, len(space.levels)):
-                saving = space.cost(layer, space.levels[k]) - space.cost(layer, space.levels[j])
+            levels = space.choices[layer]
+            for j in range(k + 1, len(levels)):
+                saving = space.cost(layer, levels[k]) - space.cost(layer, levels[j])
                 loss = max(rise[layer][j] - rise[layer][k], _FREE)
                 if best is None or saving / loss > best[0]:
                     best = (saving / loss, layer, j)
         if best is None:
             return path
         index[best[1]] = best[2]
-        path.append({layer: space.levels[k] for layer, k in index.items()})
+        path.append({layer: space.choices[layer][k] for layer, k in index.items()})
 
 
 def _next_point(space, path, good, bad) -> int | None:
-    """The point halfway, in log estimated bytes, between the deepest point within budget
-    (or the start) and the first one outside it (or the end); None when they are adjacent."""
+    """The point halfway, on a log scale of the estimate, between the deepest point within
+    budget (or the start) and the first one outside it (or the end); None when they are
+    adjacent."""
     low = -1 if good is None else good
     high = len(path) if bad is None else bad
     if high - low <= 1:
         return None
-    start = space.estimate({p: space.levels[0] for p in space.layers})
-    size_low = start if low < 0 else space.estimate(path[low])
+    size_low = space.estimate(space.start() if low < 0 else path[low])
     if bad is None:
         size_high = space.estimate(path[-1]) / 2  # aim past the end: the end gets tried
     else:
@@ -460,22 +567,13 @@ def _next_point(space, path, good, bad) -> int | None:
                                           - math.log(target)))
 
 
-def _measure_size(model) -> int:
-    with tempfile.TemporaryDirectory() as folder:
-        return save_compact(model, Path(folder) / "candidate.kshrink").stat().st_size
-
-
-def _measure_memory(model) -> int:
-    return weight_stats(model).bytes
-
-
 def _level_text(level) -> str:
     return f"{level:.0%}" if isinstance(level, float) else str(level)
 
 
 def _describe(levels: dict) -> str:
     """`fc1 98%, conv2 90%, ...`: the layers that moved, deepest first."""
-    moved = [(p, v) for p, v in levels.items() if v not in (0.0, "float")]
+    moved = [(p, v) for p, v in levels.items() if v not in (0.0, "float", "keep")]
     if not moved:
         return "no layer compressed"
     return ", ".join(f"{p} {_level_text(v)}" for p, v in moved)

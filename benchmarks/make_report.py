@@ -371,6 +371,30 @@ def search_section(data):
     ])
 
 
+def search_latency_section(data):
+    rows, base = [], data["rows"][0]
+    for r in data["rows"]:
+        held = 100 * (r["held_out_accuracy"] - r["baseline_held_out_accuracy"])
+        test = 100 * (r["test_accuracy"] - r["baseline_test_accuracy"])
+        rows.append((r["model"], r["method"], f"{held:+.2f}",
+                     "yes" if r["within_budget"] else "no", f"{test:+.2f}",
+                     f"{r['batch1_ms']:.3f} ms", f"{base['batch1_ms'] / r['batch1_ms']:.2f}x",
+                     f"{r['batch32_ms']:.3f} ms", f"{base['batch32_ms'] / r['batch32_ms']:.2f}x",
+                     f"{r['seconds']:.0f}"))
+    return section(data, [
+        "### Search for latency",
+        "`benchmarks/search.py --latency`: `kshrink.search(objective='latency')` at batch 1 "
+        f"within {base['budget_pp']:g} pp on the residual CNN (residual blocks removed and a "
+        "channel ratio, BatchNorm folded), against `StructuredPrune(ratio=r, round_to=4)` + "
+        "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, batch "
+        "128, seed 0, first 90% of the training split; the last 10% judges the budget). All "
+        "models are timed in turns (`predict_on_batch`, TensorFlow), each figure the median of "
+        "7 rounds of 30 calls.",
+        table(("model", "recipe", "held-out change (pp)", "within budget", "test change (pp)",
+               "batch 1", "speed-up", "batch 32", "speed-up", "seconds"), rows),
+    ])
+
+
 def main():
     sections = ["# Benchmarks",
                 "Every figure here is written by a script in `benchmarks/` from the JSON rows in "
@@ -385,6 +409,7 @@ def main():
                          ("export", export_section),
                          ("fine_tune_at_scale", fine_tune_at_scale_section),
                          ("search", search_section),
+                         ("search_latency", search_latency_section),
                          ("load_large", load_large_section),
                          ("fuzz_loader", fuzz_section)):
         data = load(name)

@@ -12,15 +12,25 @@ split scores the results.
   then `Cluster(clusters=16)`, for each s in UNIFORM; the best is the smallest file within
   the budget on the held-out examples.
 
-Ratio = float32 weight bytes / `.kshrink` file bytes. Writes `results/search.json` and the
-HTML report of each search to `results/search-<model>.html`.
+Ratio = float32 weight bytes / `.kshrink` file bytes.
 
-Run: .venv/bin/python benchmarks/search.py [--models lenet5 resnet_fashion]
+Latency (`--latency`, the residual CNN): `kshrink.search(objective="latency")` at batch 1,
+within 1 pp, against `StructuredPrune(ratio=r, round_to=4)` + `Fold` for each r in RATIOS with
+the same fine-tune; the best uniform is the fastest within the budget on the held-out
+examples. The original, the search's model and every uniform one are then timed in turns
+(`latency_in_turns`, TensorFlow `predict_on_batch`), TIMING_ROUNDS times; each figure is the
+median.
+
+Writes `results/search.json` (and `results/search_latency.json`) and the HTML report of each
+search to `results/search-<model>[-latency].html`.
+
+Run: .venv/bin/python benchmarks/search.py [--models lenet5 resnet_fashion] [--latency]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +39,14 @@ import keras
 from common import RESULTS, replace_rows, write_rows
 
 import kshrink
-from kshrink import Cluster, FineTune, Prune, datasets, zoo
+from kshrink import Cluster, FineTune, Fold, Prune, StructuredPrune, datasets, zoo
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy
+from kshrink.measure.latency import latency_in_turns
 
 UNIFORM = (0.8, 0.9, 0.95, 0.97)
+RATIOS = (0.25, 0.5, 0.75)
+TIMING_ROUNDS = 7
 BUDGETS = {"lenet5": 0.3, "resnet_fashion": 1.0}  # pp of held-out accuracy
 DATASETS = {"lenet5": "mnist", "resnet_fashion": "fashion_mnist"}
 EPOCHS, BATCH, SEED = 2, 128, 0
@@ -117,10 +130,68 @@ def run(name: str) -> list[dict]:
     return rows
 
 
+def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]:
+    model = zoo.pretrained(name)
+    data = datasets.load(DATASETS[name])
+    x, y = data.train
+    cut = len(x) - round(len(x) * 0.1)
+    train, held = (x[:cut], y[:cut]), (x[cut:], y[cut:])
+    fine_tune = FineTune(epochs=EPOCHS, batch_size=BATCH, distill=True, seed=SEED,
+                         verbose=False)
+    base_held = top1_accuracy(predict(model, held[0]), held[1])
+    variants = {}  # method -> (model, seconds, recipe)
+    started = time.perf_counter()
+    small, report = kshrink.search(model, data.train, objective="latency",
+                                   max_accuracy_drop=budget, epochs=EPOCHS, batch_size=BATCH,
+                                   seed=SEED, rounds=5, progress=print)
+    print(report.to_text())
+    if report.recipe is not None:
+        variants["search"] = (small, time.perf_counter() - started, report.recipe)
+        kshrink.report.html(RESULTS / f"search-{name}-latency.html", small, model,
+                            report=report, front=report.plot_points(),
+                            title=f"kshrink search: {name}, latency")
+    for ratio in RATIOS:
+        recipe = kshrink.Recipe([StructuredPrune(ratio=ratio, round_to=4), Fold()], fine_tune)
+        started = time.perf_counter()
+        pruned, _ = kshrink.compress(model, recipe, data=train, fidelity_samples=0,
+                                     verbose=False)
+        variants[f"uniform {ratio:.0%} channels"] = (pruned, time.perf_counter() - started,
+                                                    recipe)
+    models = [model] + [v[0] for v in variants.values()]
+    sample = data.test[0][:64]
+    timings = [latency_in_turns(models, [sample] * len(models), batch_sizes=(1, 32), runs=30)
+               for _ in range(TIMING_ROUNDS)]
+
+    def median_ms(index, batch):
+        return statistics.median(t[index][batch].median_ms for t in timings)
+
+    rows = []
+    base_test = top1_accuracy(predict(model, data.test[0]), data.test[1])
+    for index, (method, (variant, seconds, recipe)) in enumerate(
+            [("original", (model, 0.0, None))] + list(variants.items())):
+        held_acc = top1_accuracy(predict(variant, held[0]), held[1])
+        test_acc = top1_accuracy(predict(variant, data.test[0]), data.test[1])
+        rows.append(dict(
+            model=name, method=method, budget_pp=budget, batch1_ms=median_ms(index, 0),
+            batch32_ms=median_ms(index, 1), held_out_accuracy=held_acc,
+            baseline_held_out_accuracy=base_held, test_accuracy=test_acc,
+            baseline_test_accuracy=base_test,
+            within_budget=100 * (base_held - held_acc) <= budget + 1e-9, seconds=seconds,
+            recipe=recipe.to_data() if recipe else None))
+        print(f"{name} {method}: batch 1 {rows[-1]['batch1_ms']:.3f} ms, held-out "
+              f"{100 * (held_acc - base_held):+.2f} pp", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=tuple(BUDGETS), default=tuple(BUDGETS))
+    parser.add_argument("--latency", action="store_true",
+                        help="only the latency search on the residual CNN")
     args = parser.parse_args()
+    if args.latency:
+        write_rows("search_latency", run_latency())
+        return
     rows = [r for name in args.models for r in run(name)]
     if (RESULTS / "search.json").exists():
         replace_rows("search", rows, lambda r: r["model"] in args.models)

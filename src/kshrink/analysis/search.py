@@ -14,12 +14,12 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
 4. **Bisect the path**: a candidate is a point on the path, compressed with its recipe and
    fine-tuned for `epochs` from the original (distilling from it), then measured: objective
    and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
-   looks halfway (in the objective, on a log scale) between the best candidate within the
-   budget and the smallest one found outside it.
+   looks halfway (in the estimated objective, on a log scale) between the deepest point
+   within the budget and the first one found outside it.
 
-The winner's recipe is plain data: `compress(model, report.recipe, data=report.training_data
-...)` (or `kshrink compress --recipe`) on the same training examples gives the same weights,
-since the recipe's fine-tune seeds the random generators.
+The winner's recipe is plain data: `compress(model, report.recipe, data=...)` (or `kshrink
+compress --recipe`) on the same training examples (the first `report.training_examples` of
+`data`) gives the same weights, since the recipe's fine-tune seeds the random generators.
 
 Example:
 
@@ -54,12 +54,12 @@ from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_choice, check_int, check_range
 from kshrink.core.training import FineTune, task_loss
 from kshrink.errors import KshrinkError
+from kshrink.fold import Fold
 from kshrink.layers import keras_quantizes
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
-from kshrink.measure.weights import weight_stats
-from kshrink.fold import Fold
 from kshrink.measure.latency import latency
+from kshrink.measure.weights import weight_stats
 from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
 from kshrink.quantize import Override, Quantize
 from kshrink.quantize.technique import skip_reason as quantize_skip_reason
@@ -225,7 +225,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
            batch_size: int = 128, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
            latency_batch_size: int = 1, progress: Progress | None = None):
-    """Searches per-layer compression levels for the smallest model within an accuracy budget.
+    """Searches per-layer compression levels for the smallest (or fastest) model within an
+    accuracy budget.
 
     Args:
         model: the float model (not modified).
@@ -572,7 +573,7 @@ def _level_text(level) -> str:
 
 
 def _describe(levels: dict) -> str:
-    """`fc1 98%, conv2 90%, ...`: the layers that moved, deepest first."""
+    """`conv2 90%, fc1 98%`: the dimensions that moved from their untouched level."""
     moved = [(p, v) for p, v in levels.items() if v not in (0.0, "float", "keep")]
     if not moved:
         return "no layer compressed"

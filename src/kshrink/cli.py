@@ -248,7 +248,7 @@ def _search(args) -> int:
     if args.recipe_out:
         from kshrink.core.atomic import atomic_output
 
-        text = (report.recipe.to_json() if args.recipe_out.endswith(".json")
+        text = (report.recipe.to_json() if Path(args.recipe_out).suffix.lower() == ".json"
                 else report.recipe.to_yaml())
         with atomic_output(Path(args.recipe_out)) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")

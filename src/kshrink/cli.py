@@ -104,10 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val]); the "
                         "search fine-tunes on the training split less its last 10%%, judges "
                         "candidates on that 10%%, and the test split scores the result")
-    p.add_argument("--objective", choices=("size", "memory", "latency"), default="size",
+    p.add_argument("--objective", choices=("size", "memory", "latency", "macs"),
+                   default="size",
                    help="size: bytes of the .kshrink file (per-layer sparsity + 16 clusters); "
                         "memory: weight bytes held (float/int8/int4 per layer); latency: "
-                        "time per forward pass here (residual blocks and channels removed)")
+                        "time per forward pass here (residual blocks and channels removed); "
+                        "macs: multiply-accumulates per example (the same space)")
     p.add_argument("--max-accuracy-drop", type=float, required=True, metavar="PP",
                    help="held-out top-1 accuracy the result may lose, in percentage points")
     p.add_argument("--epochs", type=int, default=2,

@@ -131,14 +131,19 @@ def test_levels_are_the_documented_ones():
     assert SPARSITIES[0] == 0.0 and max(SPARSITIES) < 1
 
 
-def test_latency_search_removes_blocks_or_channels_and_times_every_candidate(digits):
+@pytest.mark.parametrize("objective", ["latency", "macs"])
+def test_latency_and_macs_searches_remove_blocks_or_channels(digits, objective):
     from conftest import small_cnn
+
+    from kshrink.measure import macs
 
     model = small_cnn()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*digits.train, epochs=6, batch_size=32, verbose=0)
-    small, report = search(model, digits.train, objective="latency", max_accuracy_drop=5.0,
+    small, report = search(model, digits.train, objective=objective, max_accuracy_drop=5.0,
                            epochs=1, batch_size=64, rounds=2)
+    if objective == "macs":
+        assert report.best.objective == macs(small).total < macs(model).total
     # The residual block and the channel ratio are the dimensions, probed at every level.
     assert dict(report.loss_rise["add"]).keys() == {"keep", "remove"}
     assert [level for level, _ in report.loss_rise["channels"]] == [0.0, 0.25, 0.5, 0.75]

@@ -59,14 +59,15 @@ from kshrink.layers import keras_quantizes
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.measure.latency import latency
+from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
 from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
 from kshrink.quantize import Override, Quantize
 from kshrink.quantize.technique import skip_reason as quantize_skip_reason
 from kshrink.render import Table
 
-OBJECTIVES = ("size", "memory", "latency")
-UNITS = {"size": "bytes", "memory": "bytes", "latency": "us"}
+OBJECTIVES = ("size", "memory", "latency", "macs")
+UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.25, 0.5, 0.75)  # share of each layer's channels removed
@@ -84,7 +85,8 @@ class Candidate:
         levels: the level each layer was given (a sparsity, or a bit width), by path.
         recipe: the recipe that made it.
         objective: what it measured: file bytes for `size`, resident weight bytes for
-            `memory`, microseconds per forward pass for `latency`.
+            `memory`, microseconds per forward pass for `latency`, MACs per example for
+            `macs`.
         accuracy: top-1 accuracy on the held-out examples.
         within_budget: whether it lost at most `max_accuracy_drop`.
         seconds: how long compressing it took.
@@ -103,7 +105,7 @@ class SearchReport:
     """What `search` tried and what it chose.
 
     Attributes:
-        objective: `"size"`, `"memory"` or `"latency"`.
+        objective: `"size"`, `"memory"`, `"latency"` or `"macs"`.
         max_accuracy_drop: the budget, in percentage points of held-out accuracy.
         accuracy: the original model's held-out accuracy.
         original_objective: the original's objective (its compact file's bytes for `size`,
@@ -152,7 +154,7 @@ class SearchReport:
     @property
     def objective_label(self) -> str:
         return {"size": "file bytes (.kshrink)", "memory": "weight bytes in memory",
-                "latency": "latency, us"}[self.objective]
+                "latency": "latency, us", "macs": "MACs per example"}[self.objective]
 
     def plot_points(self) -> tuple[str, list]:
         """`(label, [(objective, accuracy, chosen), ...])`, as `kshrink.report.html(front=)`
@@ -237,7 +239,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
             groups of 128 inputs; quantization-aware training when `epochs` > 0);
             `"latency"`: the median time of a forward pass at `latency_batch_size` on this
             machine, searched over removing each residual block (`DepthPrune`) and a share
-            of every layer's channels (`StructuredPrune`, 0 to 75%), BatchNorm folded.
+            of every layer's channels (`StructuredPrune`, 0 to 75%), BatchNorm folded;
+            `"macs"`: the same space, counted in multiply-accumulates per example.
         max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
             result may lose.
         validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
@@ -274,6 +277,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
         space = _SizeSpace(model)
     elif objective == "memory":
         space = _MemorySpace(model)
+    elif objective == "macs":
+        space = _MacsSpace(model)
     else:
         space = _LatencySpace(model, x_held, latency_batch_size)
     if not space.choices:
@@ -474,6 +479,20 @@ class _LatencySpace(_Space):
         if levels.get(self.CHANNELS):
             steps.append(StructuredPrune(ratio=levels[self.CHANNELS], round_to=4))
         return steps + [Fold()]
+
+
+class _MacsSpace(_LatencySpace):
+    """The latency space's dimensions, counted in multiply-accumulates per example
+    (`kshrink.measure.macs`) instead of timed: exact and the same on every machine."""
+
+    def __init__(self, model):
+        super().__init__(model, None, 1)
+
+    def estimate_text(self, levels) -> str:
+        return f"about {self.estimate(levels):,.0f} MACs"
+
+    def measure(self, model) -> int:
+        return macs(model).total
 
 
 def _split(model, data, validation_data):

@@ -112,10 +112,14 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(max_accuracy_drop=-1), "max_accuracy_drop"),
     (dict(epochs=-1), "epochs"),
     (dict(data="inputs only"), "class labels"),
+    (dict(data="a stream"), "must be arrays"),
 ])
 def test_bad_input_is_one_line(classifier, digits, call, message):
+    from conftest import Batches
+
     options = dict(call)
-    data = digits.train[0] if options.pop("data", None) else digits.train
+    data = {None: digits.train, "inputs only": digits.train[0],
+            "a stream": Batches(*digits.train, 32)}[options.pop("data", None)]
     with pytest.raises(KshrinkError, match=message):
         search(classifier, data, **options)
 

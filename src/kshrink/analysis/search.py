@@ -499,6 +499,10 @@ def _split(model, data, validation_data):
     """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
     last tenth of `data`."""
     for name, part in (("data", data), ("validation_data", validation_data)):
+        if part is not None and not isinstance(part, (tuple, list, dict, np.ndarray)):
+            raise KshrinkError(f"search: {name} must be arrays (x, y): every candidate is "
+                               "fine-tuned and judged on the same examples. Received: "
+                               f"{type(part).__name__}")
         if part is not None and labels_of(part) is None:
             raise KshrinkError(f"search: {name} must be (x, y) with class labels, to judge "
                                "accuracy; received inputs only")

@@ -162,3 +162,11 @@ def test_latency_and_macs_searches_remove_blocks_or_channels(digits, objective):
     if levels["channels"]:
         assert small.get_layer("fc1").units < 32
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in small.layers)
+
+
+def test_a_capped_dimension_stops_short_of_its_cap_on_a_new_path():
+    rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
+    path = _greedy_path(_Space(), rises, caps={"big": 1})
+    assert path[0] == {"big": 0.5, "small": 0.0}
+    assert all(levels["big"] <= 0.5 for levels in path)
+    assert _greedy_path(_Space(), rises, caps={"big": 0, "small": 0}) == []

@@ -15,7 +15,8 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
    fine-tuned for `epochs` from the original (distilling from it), then measured: objective
    and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
    looks halfway (in the estimated objective, on a log scale) between the deepest point
-   within the budget and the first one found outside it.
+   within the budget and the first one found outside it. When even the path's first move
+   loses too much, that move is ruled out and the path planned again without it.
 
 The winner's recipe is plain data: `compress(model, report.recipe, data=...)` (or `kshrink
 compress --recipe`) on the same training examples (the first `report.training_examples` of
@@ -289,11 +290,20 @@ def search(model: keras.Model, data, *, objective: str = "size",
                          seed=seed) if epochs else None
     probe = _subset(held, probe_samples)
     rise = _loss_rises(model, space, probe, progress)
+    caps = {}  # dimension -> the deepest level index a new path may give it
     path = _greedy_path(space, rise)
     candidates, chosen, kept = [], None, None  # kept: the chosen candidate's model
     good, bad = None, None  # path points: the deepest within budget, the first outside it
     for round_ in range(1, rounds + 1):
         point = _next_point(space, path, good, bad)
+        if point is None and good is None and bad == 0:
+            # Even the path's first move lost too much: the probes misjudged it. Plan again
+            # with that move ruled out (its dimension held one level short of it).
+            moved, level = next((d, v) for d, v in path[0].items()
+                                if v != space.choices[d][0])
+            caps[moved] = space.choices[moved].index(level) - 1
+            path, bad = _greedy_path(space, rise, caps), None
+            point = _next_point(space, path, good, bad)
         if point is None:
             break
         levels = path[point]
@@ -552,16 +562,18 @@ def _loss_rises(model, space, probe, progress) -> dict:
             for path, levels in space.choices.items()}
 
 
-def _greedy_path(space, rise) -> list[dict]:
+def _greedy_path(space, rise, caps=None) -> list[dict]:
     """The allocation after each greedy move, from one move to every dimension at its
-    deepest level."""
+    deepest level (or at its cap: `caps` maps a dimension to the deepest level index it may
+    take)."""
+    caps = caps or {}
     index = {path: 0 for path in space.choices}
     path = []
     while True:
         best = None
         for layer, k in index.items():
             levels = space.choices[layer]
-            for j in range(k + 1, len(levels)):
+            for j in range(k + 1, caps.get(layer, len(levels) - 1) + 1):
                 saving = space.cost(layer, levels[k]) - space.cost(layer, levels[j])
                 loss = max(rise[layer][j] - rise[layer][k], _FREE)
                 if best is None or saving / loss > best[0]:

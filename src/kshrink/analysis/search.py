@@ -245,7 +245,9 @@ def search(model: keras.Model, data, *, objective: str = "size",
         max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
             result may lose.
         validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
-            candidates fine-tune on the rest.
+            candidates fine-tune on the rest. Best: examples the model was never trained on;
+            ones it was trained on flatter the original, so the budget turns down candidates
+            that would keep its test accuracy.
         epochs: fine-tuning epochs of every candidate (per step, distilling from the
             original); 0: post-training only.
         batch_size: fine-tuning batch size.

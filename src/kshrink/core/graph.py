@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import keras
 
@@ -178,6 +178,15 @@ class Bypass:
     operand: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Inline:
+    """For `rewrite`: the layer is replaced by `build(*args, **kwargs)`, called on the layer's
+    own (symbolic) arguments; it calls other layers and returns their outputs, e.g. a custom
+    block rebuilt as the stock layers it is made of."""
+
+    build: Callable
+
+
 def rewrite(model: keras.Model, replace) -> keras.Model:
     """The same graph with each top-level layer `l` replaced by `replace(l)`:
 
@@ -185,7 +194,8 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
     - another layer: used instead (it must take the same inputs);
     - a list of layers: applied in a chain, e.g. a factorized Dense as two Dense layers;
     - an empty list: removed, its input passed on (a single-input layer only);
-    - `Bypass(i)`: removed, its i-th input passed on. Layers that then feed nothing drop out.
+    - `Bypass(i)`: removed, its i-th input passed on. Layers that then feed nothing drop out;
+    - `Inline(build)`: replaced by the layers `build` calls (functional models only).
 
     Works on Sequential and functional models through public Keras API (`clone_model` with a
     `call_function`), without tracing. Nested models are kept as they are.
@@ -197,13 +207,13 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
 
     def chain(layer):
         found = replacements.get(id(layer), layer)
-        if isinstance(found, Bypass):
+        if isinstance(found, (Bypass, Inline)):
             return found
         return found if isinstance(found, list) else [found]
 
     if isinstance(model, keras.Sequential):
-        if any(isinstance(found, Bypass) for found in replacements.values()):
-            raise ValueError("Bypass applies to multi-input layers, which Sequential lacks")
+        if any(isinstance(found, (Bypass, Inline)) for found in replacements.values()):
+            raise ValueError("Bypass and Inline apply to functional models only")
         layers = [new for layer in model.layers for new in chain(layer)]
         source = model.inputs[0]
         return keras.Sequential([keras.Input(source.shape[1:], dtype=source.dtype)] + layers,
@@ -213,6 +223,8 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
         layers = chain(layer)
         if isinstance(layers, Bypass):
             return keras.tree.flatten((args, kwargs))[layers.operand]
+        if isinstance(layers, Inline):
+            return layers.build(*args, **kwargs)
         if not layers:
             return args[0]
         outputs = layers[0](*args, **kwargs)

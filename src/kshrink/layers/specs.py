@@ -224,10 +224,16 @@ def _dense_macs(config, input_shape, output_shape, layer):
 def _einsum_macs(config, input_shape, output_shape, layer):
     # Output elements times the kernel axes that are summed over (those not in the output).
     inputs, output = config["equation"].split("->")
-    kernel_axes = inputs.split(",")[1]
+    input_axes, kernel_axes = inputs.split(",")
     shape = tuple(layer.kernel.shape)
     summed = math.prod(shape[i] for i, axis in enumerate(kernel_axes) if axis not in output)
-    return math.prod(output_shape[1:]) * summed
+    per_example = output_shape[1:]
+    if "..." not in output:  # an output axis the config leaves None has its input's size
+        sizes = dict(zip(kernel_axes, shape)) | dict(zip(input_axes[1:], input_shape[1:]))
+        per_example = [sizes.get(axis) for axis in output if axis != input_axes[0]]
+    if any(d is None for d in per_example):
+        return None
+    return math.prod(per_example) * summed
 
 
 def _conv_macs(config, input_shape, output_shape, layer):
@@ -254,17 +260,24 @@ def _separable_macs(config, input_shape, output_shape, layer):
     return per_position * _spatial(output_shape, config)
 
 
-def layer_macs(layer) -> int | None:
-    """MACs of one example through `layer`, or None for a layer kind that is not counted."""
+def layer_macs(layer, sequence_length: int | None = None) -> int | None:
+    """MACs of one example through `layer`, or None for a layer kind that is not counted, or
+    whose input has a dimension only known at run time and no `sequence_length` to take for
+    it."""
     spec = spec_for(layer)
     build = layer.get_build_config() if layer.built else None
     if spec is None or spec.macs is None or not build or "input_shape" not in build:
         return None
-    input_shape = tuple(build["input_shape"])
+    def known(shape):
+        shape = tuple(shape)
+        return shape[:1] + tuple(sequence_length if d is None else d for d in shape[1:])
+
+    input_shape = known(build["input_shape"])
     if not all(isinstance(d, int) for d in input_shape[1:]):
-        return None  # a dimension only known at run time
-    output_shape = tuple(layer.compute_output_shape(input_shape))
-    return int(spec.macs(layer.get_config(), input_shape, output_shape, layer))
+        return None
+    output_shape = known(layer.compute_output_shape(input_shape))
+    count = spec.macs(layer.get_config(), input_shape, output_shape, layer)
+    return None if count is None else int(count)
 
 
 def _dense_kernel(config, input_shape):

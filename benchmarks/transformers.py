@@ -1,21 +1,36 @@
-"""Quantizing keras-hub transformers: kshrink's `Quantize` against Keras' own `model.quantize`,
-side by side on the same models in the same run.
+"""Compressing keras-hub transformers: kshrink's `Quantize` against Keras' own
+`model.quantize`, side by side on the same models in the same run, and kshrink's structured
+pruning of attention heads and feed-forward units.
 
-Models (built from config, random weights, offline; the two tools see the same weights):
-- `bert_minilm`: a `BertBackbone` the size of a MiniLM-L6 sentence encoder (6 layers, hidden
-  384, 12 heads, feed-forward 1536, vocabulary 30,522: 22.7M parameters);
+Models (offline; the two tools see the same weights):
+- `minilm_pretrained`: the real all-MiniLM-L6-v2 sentence encoder, ported into a keras-hub
+  `BertBackbone` (`pretrained.minilm`), on real sentences (standard-library docstrings,
+  tokenized by its own tokenizer);
+- `bert_minilm`: a `BertBackbone` of the same size built from config with random weights
+  (6 layers, hidden 384, 12 heads, feed-forward 1536, vocabulary 30,522: 22.7M parameters);
 - `encoder_classifier`: a plain functional model around keras-hub blocks
   (`TokenAndPositionEmbedding`, 4 `TransformerEncoder`s, a Dense head), as users write them.
 
-For each: fp32 weight bytes over quantized weight bytes (as `kshrink.measure` counts them),
-the `.keras` file size, mean cosine of the outputs against float on 64 random token
-sequences, whether the saved file reloads with the same outputs, and the seconds taken. For
-kshrink's rows also the compact `.kshrink` file, and the load time and resident memory of
-both files (median of 3 fresh processes, over a process that only imported Keras).
+Quantization rows: fp32 weight bytes over quantized weight bytes (as `kshrink.measure`
+counts them), the `.keras` file size, mean cosine of the outputs against float on 64 token
+sequences (for the pretrained encoder also of its sentence embeddings), whether the saved
+file reloads with the same outputs, and the seconds taken. For kshrink's rows also the
+compact `.kshrink` file, whether `kshrink.load` gives the same outputs, and the load time and
+resident memory of both files (median of 3 fresh processes, over one that only imported
+Keras).
 
-Run: .venv/bin/python benchmarks/transformers.py
+Structured rows (`StructuredPrune(ratio=0.25)`: a quarter of the heads and of the
+feed-forward units): MACs at 128 tokens, batch-32 latency against float (timed in alternating
+rounds), cosine, and whether the `.keras` file loads in a fresh process importing only keras
+and keras_hub with the same outputs. Calibrated rows on the pretrained encoder run the steps
+that take calibration data as a dict of inputs (128 other sentences).
+
+Run: .venv/bin/python benchmarks/transformers.py [--models minilm_pretrained ...]
 """
 
+import argparse
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -24,11 +39,13 @@ from pathlib import Path
 import keras
 import keras_hub
 import numpy as np
-from common import write_rows
+import pretrained
+from common import median, replace_rows, write_rows
 
 import kshrink
 from kshrink.core.graph import copy_model
-from kshrink.measure import load_cost, weight_stats
+from kshrink.measure import load_cost, macs, weight_stats
+from kshrink.measure.latency import latency_in_turns
 
 SEQUENCE = 128
 VOCABULARY = 30522
@@ -49,10 +66,16 @@ def encoder_classifier():
     return keras.Model(tokens, keras.layers.Dense(4)(h))
 
 
-MODELS = {"bert_minilm": bert_minilm, "encoder_classifier": encoder_classifier}
+MODELS = {"minilm_pretrained": pretrained.minilm, "bert_minilm": bert_minilm,
+          "encoder_classifier": encoder_classifier}
 
 
-def inputs(model, n=64, seed=0):
+def inputs(name, model, n=64, seed=0):
+    """`n` inputs: real sentences for the pretrained encoder (`seed` picks which), random
+    tokens otherwise."""
+    if name == "minilm_pretrained":
+        texts = pretrained.sentences(n * (seed + 1))[n * seed:]
+        return pretrained.tokenize(texts, SEQUENCE)
     tokens = np.random.default_rng(seed).integers(1, VOCABULARY, (n, SEQUENCE)).astype("int32")
     if len(model.inputs) == 1:
         return tokens
@@ -84,11 +107,20 @@ def by_kshrink(model, mode):
     return kshrink.compress(model, kshrink.Quantize(mode=mode))[0]
 
 
+def sentence_cosine(name, model, small, x):
+    if name != "minilm_pretrained":
+        return {}
+    embed = [pretrained.sentence_embeddings(m.predict(x, batch_size=16, verbose=0),
+                                            x["padding_mask"]) for m in (model, small)]
+    return {"sentence_cosine": float(np.mean(np.sum(embed[0] * embed[1], 1)))}
+
+
 def row(name, tool, mode, model, small, x, reference, seconds):
     result = {"model": name, "tool": tool, "mode": mode, "seconds": round(seconds, 1),
               "weight_ratio": weight_stats(model).bytes / weight_stats(small).bytes}
     expected = outputs(small, x)
     result["cosine"] = cosine(reference, expected)
+    result.update(sentence_cosine(name, model, small, x))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
         small.save(path)
@@ -104,6 +136,8 @@ def row(name, tool, mode, model, small, x, reference, seconds):
             compact = Path(tmp) / "model.kshrink"
             kshrink.save(small, compact)
             result["kshrink_file_mb"] = compact.stat().st_size / 1e6
+            result["kshrink_reload_max_diff"] = float(
+                np.abs(outputs(kshrink.load(compact), x) - expected).max())
             for suffix, file, loader in (("keras", path, "keras"), ("kshrink", compact, "kshrink")):
                 cost = load_cost(file, runs=3, loader=loader)
                 result[f"{suffix}_load_s"] = round(cost.seconds, 3)
@@ -111,12 +145,85 @@ def row(name, tool, mode, model, small, x, reference, seconds):
     return result
 
 
-def main():
+# Loads a .keras file in a process that imports only keras and keras_hub, and saves its
+# outputs on the saved inputs.
+_PLAIN_LOAD = """
+import sys, keras, keras_hub, numpy as np
+model = keras.saving.load_model(sys.argv[1])
+x = dict(np.load(sys.argv[2]))
+x = x["x"] if list(x) == ["x"] else x
+out = model.predict(x, batch_size=16, verbose=0)
+np.savez(sys.argv[3], *keras.tree.flatten(out))
+print("kshrink" in sys.modules)
+"""
+
+
+def plain_reload_diff(small, x, expected) -> float:
+    """Max difference between `small`'s outputs and those of its `.keras` file loaded with
+    keras and keras_hub alone (raises if kshrink was needed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small.save(tmp / "model.keras")
+        np.savez(tmp / "x.npz", **(x if isinstance(x, dict) else {"x": x}))
+        done = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, tmp / "model.keras",
+                               tmp / "x.npz", tmp / "y.npz"], capture_output=True, text=True)
+        if done.returncode != 0 or done.stdout.split()[-1:] != ["False"]:
+            raise RuntimeError(f"plain load failed: {done.stderr[-300:]}")
+        with np.load(tmp / "y.npz") as saved:
+            got = np.concatenate([np.reshape(saved[k], (len(saved[k]), -1))
+                                  for k in sorted(saved, key=lambda k: int(k.split("_")[1]))],
+                                 axis=1)
+    return float(np.abs(got - expected).max())
+
+
+def structured_row(name, model, x, reference):
+    start = time.perf_counter()
+    small, _ = kshrink.compress(model, kshrink.StructuredPrune(ratio=0.25))
+    seconds = time.perf_counter() - start
+    expected = outputs(small, x)
+    timings = [latency_in_turns([model, small], [x, x], batch_sizes=(32,), runs=10, rounds=5)
+               for _ in range(3)]
+    float_ms = median([t[0][0].median_ms for t in timings])
+    small_ms = median([t[1][0].median_ms for t in timings])
+    result = {"model": name, "tool": "kshrink", "mode": "heads+ffn 25%",
+              "seconds": round(seconds, 1),
+              "parameters_ratio": model.count_params() / small.count_params(),
+              "macs_cut": 1 - macs(small, SEQUENCE).total / macs(model, SEQUENCE).total,
+              "float_batch32_ms": round(float_ms, 1), "batch32_ms": round(small_ms, 1),
+              "speedup_batch32": float_ms / small_ms, "cosine": cosine(reference, expected),
+              "plain_reload_max_diff": plain_reload_diff(small, x, expected)}
+    result.update(sentence_cosine(name, model, small, x))
+    return result
+
+
+def calibrated_rows(name, model, x, reference):
+    """The steps that take calibration data, given as a dict of inputs."""
+    calibration = inputs(name, model, n=128, seed=1)
     rows = []
-    for name, build in MODELS.items():
+    for mode, step in (("low rank, tolerance 0.2", kshrink.LowRank(tolerance=0.2)),
+                       ("int8, 8-bit activations",
+                        kshrink.Quantize(mode="int8", activation_bits=8))):
+        start = time.perf_counter()
+        small, report = kshrink.compress(model, step, data=calibration)
+        rows.append({"model": name, "tool": "kshrink", "mode": mode,
+                     "seconds": round(time.perf_counter() - start, 1),
+                     "weight_ratio": weight_stats(model).bytes / weight_stats(small).bytes,
+                     "cosine": cosine(reference, outputs(small, x)),
+                     "summary": report.steps[0].summary or "",
+                     **sentence_cosine(name, model, small, x)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
         keras.utils.set_random_seed(0)
-        model = build()
-        x = inputs(model)
+        model = MODELS[name]()
+        x = inputs(name, model)
         reference = outputs(model, x)
         with tempfile.TemporaryDirectory() as tmp:
             model.save(Path(tmp) / "float.keras")
@@ -131,7 +238,14 @@ def main():
                 rows.append(row(name, tool, mode, model, small, x, reference,
                                 time.perf_counter() - start))
                 print(rows[-1], flush=True)
-    write_rows("transformers", rows)
+        rows.append(structured_row(name, model, x, reference))
+        print(rows[-1], flush=True)
+        if name == "minilm_pretrained":
+            rows += calibrated_rows(name, model, x, reference)
+    if set(args.models) == set(MODELS):
+        write_rows("transformers", rows)
+    else:
+        replace_rows("transformers", rows, lambda r: r["model"] in args.models)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,8 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
                     visit(sublayer, inputs)
         if i == marked[-1]:
             break  # nothing after it is needed
-        outputs = [keras.tree.flatten(layer(*args, **{"training": False, **kwargs}))
+        mode = {"training": False} if isinstance(layer, keras.layers.Layer) else {}
+        outputs = [keras.tree.flatten(layer(*args, **{**mode, **kwargs}))
                    for args, kwargs in arguments]
         for j, tensor in enumerate(call.outputs):
             values[id(tensor)] = [out[j] for out in outputs]
@@ -304,7 +305,10 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit) ->
 
 
 def _inside(layer, wanted: set) -> list:
-    """The sublayers of `layer` (a custom layer, not a model) whose ids are in `wanted`."""
+    """The sublayers of `layer` (a custom layer, not a model) whose ids are in `wanted`; none
+    for an operation that is not a layer (a slice in a functional graph)."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
     return [l for l in layer._flatten_layers(include_self=False) if id(l) in wanted]
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import leaf_layers, path_of
+from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import within
 from kshrink.errors import KshrinkError
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
@@ -23,9 +23,7 @@ def prune_from_calibration(model, config, ctx) -> None:
     that the method takes; the others keep their magnitude masks, recorded in
     `ctx.state["methods"]`.
 
-    Output statistics are not matched here (`reconstruct(reference=...)`): BatchNorm
-    re-estimation after the step does that for BN networks, and on the residual CNN matching
-    as well cost agreement (SparseGPT 50%: 0.926 without, 0.910 with).
+    Each layer is solved toward the unpruned model's output (`reconstruct(original=...)`).
     """
     if ctx.data is None:
         raise KshrinkError(f"prune: method {config.method} needs calibration data: pass "
@@ -60,4 +58,16 @@ def prune_from_calibration(model, config, ctx) -> None:
         mask.assign(from_matrix(kept, tuple(mask.shape), axes))
         return new
 
-    reconstruct(model, x, targets, solve, progress=within(ctx.progress, f"prune, {config.method}"))
+    reconstruct(model, x, targets, solve, original=_unmasked(model),
+                progress=within(ctx.progress, f"prune, {config.method}"))
+
+
+def _unmasked(model):
+    """A copy of the wrapped `model` whose masks keep everything: the model before pruning,
+    in the same graph."""
+    copy = copy_model(model)
+    for layer in leaf_layers(copy):
+        if isinstance(layer, PruneWrapper):
+            for mask in layer.masks:
+                mask.assign(keras.ops.ones(mask.shape, mask.dtype))
+    return copy

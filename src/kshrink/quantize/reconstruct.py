@@ -10,7 +10,7 @@ from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.core.progress import within
 from kshrink.errors import KshrinkError
-from kshrink.layers import INTEGER_MODES, keras_base, keras_quantizes, kernel_specs
+from kshrink.layers import INTEGER_MODES, keras_base, keras_quantizes
 from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
@@ -54,12 +54,8 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
         found.setdefault(path_of(layer), {})[name] = scales
         return gptq(weights, hessian, grouped(per_row, g), qmax)
 
-    factors = reconstruct(model, x, targets, solve, reference=copy_model(model),
-                          progress=within(ctx.progress, "quantize, GPTQ"))
-    for name, factor in factors.items():  # matched output spreads: the grid scales with them
-        last = kernel_specs(layers[name])[-1][1].name
-        found[name][last] = (found[name][last] * factor[None, :]).astype("float32")
-    ctx.state["corrected"] = set(factors)
+    reconstruct(model, x, targets, solve, original=copy_model(model),
+                progress=within(ctx.progress, "quantize, GPTQ"))
     return found
 
 

@@ -287,8 +287,7 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
 def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
     key = path_of(layer)
     if key in scales:
-        corrected = key in ctx.state.get("corrected", ())
-        return f"{by}, GPTQ{', output statistics matched' if corrected else ''}"
+        return f"{by}, GPTQ"
     rounded = ctx.state.get("rounded", {})
     if key in rounded:
         return f"{by}; rounded to nearest, as GPTQ does not take {rounded[key]}"

@@ -177,3 +177,22 @@ def moments(layer, name: str, batches, seed: int = 0) -> tuple[np.ndarray, np.nd
     if count == 0:
         raise ValueError(f"no calibration rows reach layer {layer.name!r}")
     return first / count, second / count
+
+
+def cross_moment(layer, name: str, batches, reference_batches,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean of r (G, r), mean of x r^T (G, r, r))` over rows: `x` the rows kernel `name` of
+    `layer` multiplies on `batches`, `r` those it would multiply on `reference_batches` (the
+    same examples as the uncompressed model feeds them), at the positions `moments` counts."""
+    rngs = np.random.default_rng(seed), np.random.default_rng(seed)
+    first = second = None
+    count = 0
+    for x, r in zip(batches, reference_batches):
+        for rows, ref in zip(kernel_rows(layer, name, x, ROWS_PER_EXAMPLE, rngs[0]),
+                             kernel_rows(layer, name, r, ROWS_PER_EXAMPLE, rngs[1])):
+            product = np.matmul(rows.transpose(0, 2, 1), ref).astype("float64")
+            sums = ref.sum(axis=1, dtype="float64")
+            first = sums if first is None else first + sums
+            second = product if second is None else second + product
+            count += rows.shape[1]
+    return first / count, second / count

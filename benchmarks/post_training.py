@@ -26,6 +26,7 @@ VARIANTS = {
     "int8 rtn": [kshrink.Quantize(mode="int8")],
     "int4 rtn": [kshrink.Quantize(mode="int4", group_size=None)],
     "int4 gptq": [kshrink.Quantize(mode="int4", group_size=None, method="gptq")],
+    "int4/g128 gptq": [kshrink.Quantize(mode="int4", method="gptq")],  # the defaults
     "int4/g32 rtn": [kshrink.Quantize(mode="int4", group_size=32)],
     "int4/g32 gptq": [kshrink.Quantize(mode="int4", group_size=32, method="gptq")],
     "prune 50% magnitude": [kshrink.Prune(**PRUNE, reestimate_batchnorm=False)],

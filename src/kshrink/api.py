@@ -172,8 +172,8 @@ class _FidelityProbe:
                               None if f.top1_agreement is None else round(f.top1_agreement, 6))
         warning = None
         if warn and self.last - result.score > self.tolerance:
-            moved = ", ".join(f"{path} ({change:.0%})"
-                              for path, change in weight_drift(self.original, model)[:3])
+            moved = ", ".join(f"{path} ({change:.0%})" for path, change in
+                              weight_drift(self.original, model)[:3] if change >= 0.005)
             measure = "cosine" if result.agreement is None else "top-1 agreement"
             warning = (f"{step.technique} lowered {measure} with the original from "
                        f"{self.last:.3f} to {result.score:.3f}"

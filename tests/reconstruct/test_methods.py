@@ -141,11 +141,33 @@ def test_clustering_weighted_by_input_energy_moves_outputs_less(trained, digits)
     for weighted in (False, True):
         small, report = kshrink.compress(
             trained, kshrink.Cluster(clusters=4, granularity="channel", weighted=weighted,
-                                         reestimate_batchnorm=False), data=x)
+                                     method="kmeans", reestimate_batchnorm=False), data=x)
         errors[weighted] = 1 - cosine(trained, small, digits.test[0])
         assert all(("weighted by input energy" in r.detail) == weighted
                    for r in report.steps[0].applied)
     assert errors[True] < errors[False], errors
+
+
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+def test_clustering_by_reconstruction_moves_outputs_less_than_kmeans(trained, digits,
+                                                                     granularity):
+    x = digits.train[0][:CALIBRATION]
+    errors = {}
+    for method in ("kmeans", "gptq"):
+        small, report = kshrink.compress(
+            trained, kshrink.Cluster(clusters=4, granularity=granularity, method=method,
+                                     reestimate_batchnorm=False), data=x)
+        errors[method] = 1 - cosine(trained, small, digits.test[0])
+    assert errors["gptq"] < 0.7 * errors["kmeans"], errors
+    assert all("GPTQ sweep" in r.detail for r in report.steps[0].applied)
+    default, _ = kshrink.compress(trained, kshrink.Cluster(  # with data and no fine-tuning
+        clusters=4, granularity=granularity, reestimate_batchnorm=False), data=x)
+    assert 1 - cosine(trained, default, digits.test[0]) == pytest.approx(errors["gptq"])
+    kernel = keras.ops.convert_to_numpy(small.get_layer("fc1").kernel)
+    if granularity == "channel":
+        assert max(len(np.unique(kernel[:, c])) for c in range(kernel.shape[1])) <= 4
+    else:
+        assert len(np.unique(kernel)) <= 4
 
 
 def test_weighted_kmeans_puts_centroids_where_the_weight_is():
@@ -170,7 +192,8 @@ def two_input_model():
 
 @pytest.mark.parametrize("config", [kshrink.Quantize(mode="int4", method="gptq"),
                                     kshrink.Prune(schedule="one_shot", method="sparsegpt",
-                                                  skip_first_last=False)])
+                                                  skip_first_last=False),
+                                    kshrink.Cluster(clusters=8, method="gptq")])
 def test_methods_reach_nested_layers_with_dict_data(config):
     model = two_input_model()
     rng = np.random.default_rng(0)
@@ -179,7 +202,7 @@ def test_methods_reach_nested_layers_with_dict_data(config):
     small, report = kshrink.compress(model, config, data=x)
     applied = {r.layer: r.detail for r in report.steps[0].applied}
     assert set(applied) == {"inner_fc", "side", "head"}
-    assert all(("GPTQ" in d) if isinstance(config, kshrink.Quantize) else ("sparsegpt" in d)
+    assert all(("sparsegpt" in d) if isinstance(config, kshrink.Prune) else ("GPTQ" in d)
                for d in applied.values()), applied
     out = keras.ops.convert_to_numpy(small(x))
     assert np.isfinite(out).all()

@@ -15,8 +15,9 @@ import keras
 import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
-from kshrink.core.data import model_inputs
-from kshrink.core.graph import leaf_layers, owner_of, replace_layers
+from kshrink.core.data import example_count, model_inputs
+from kshrink.core.graph import copy_model, leaf_layers, owner_of, replace_layers
+from kshrink.core.progress import within
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -31,9 +32,12 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
-from kshrink.reconstruct import input_energy
+from kshrink.reconstruct import input_energy, reconstruct, unsupported
+from kshrink.reconstruct.solvers import energy_matrix, gptq_codebook, grouped, ungrouped
 
 GRANULARITIES = ("layer", "channel")
+METHODS = ("kmeans", "gptq")
+MIN_SAMPLES = 8
 
 
 def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
@@ -95,8 +99,12 @@ class ClusterHandler(Handler):
             raise KshrinkError("cluster: weighted=true needs calibration data: pass data=(x, y) "
                                "(or just x) to compress")
         wrapped = [layer for layer in chosen if not owner_of(layer)]
+        method = config.method or (
+            "gptq" if ctx.data is not None and ctx.train_steps is None else "kmeans")
+        ctx.state["solved"] = _share_by_reconstruction(model, wrapped, config, ctx) \
+            if method == "gptq" else set()
         importance = (input_energy(model, model_inputs(ctx.data, config.calibration_samples),
-                                   wrapped) if weighted else {})
+                                   wrapped) if weighted and method == "kmeans" else {})
         ctx.state["weighted"] = set(importance)
         for layer in chosen:
             if owner_of(layer):
@@ -115,7 +123,7 @@ class ClusterHandler(Handler):
             values = np.where(values == 0, np.zeros_like(values), values)  # no -0.0
             w.assign(values.astype(w.dtype))
             distinct.append(len(np.unique(values)))
-        ctx.applied(layer, _describe(config, distinct, weighted=False))
+        ctx.applied(layer, _describe(config, distinct))
 
     @staticmethod
     def _wrap(layer, config: Cluster, importance=None) -> ClusterWrapper:
@@ -143,18 +151,64 @@ class ClusterHandler(Handler):
                 kernel.assign(values)
                 kernel.trainable = True
                 distinct.append(len(np.unique(values)))
-            ctx.applied(wrapper.layer, _describe(
-                config, distinct, wrapper.layer.name in ctx.state["weighted"]))
+            how = ("codebooks chosen layer by layer on data (GPTQ sweep)"
+                   if wrapper.layer.name in ctx.state["solved"] else
+                   "weighted by input energy" if wrapper.layer.name in ctx.state["weighted"]
+                   else None)
+            ctx.applied(wrapper.layer, _describe(config, distinct, how))
         unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)
         ctx.sort_results(unwrapped)
         return unwrapped
 
 
-def _describe(config: Cluster, distinct: list, weighted: bool) -> str:
+def _describe(config: Cluster, distinct: list, how: str | None = None) -> str:
     per = "layer" if config.granularity == "layer" else "output channel"
     return (f"{config.clusters} clusters per {per}; {max(distinct)} distinct values"
             + (", zeros kept" if config.preserve_sparsity else "")
-            + (", weighted by input energy" if weighted else ""))
+            + (f", {how}" if how else ""))
+
+
+def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepContext) -> set:
+    """Shares the weights of each of `layers` that reconstruction takes, in place and in graph
+    order, on calibration data: the layer is solved toward the original model's output (see
+    `kshrink.reconstruct`), its codebooks are k-means of that target weighted by input energy,
+    and the GPTQ sweep moves each weight to a centroid, spreading the error over the weights
+    not yet shared. Returns the names of the layers solved; the others are clustered as
+    usual."""
+    if ctx.data is None:
+        raise KshrinkError("cluster: method gptq needs calibration data: pass data=(x, y) "
+                           "(or just x) to compress")
+    x = model_inputs(ctx.data, config.calibration_samples)
+    if example_count(x) < MIN_SAMPLES:
+        raise KshrinkError(f"cluster: method gptq needs at least {MIN_SAMPLES} calibration "
+                           f"examples. Received: {example_count(x)}")
+    targets = [(layer, layer) for layer in layers if unsupported(layer) is None]
+
+    def solve(layer, name, weights, hessian):
+        g, rows, per_group = weights.shape
+        matrix = ungrouped(weights)
+        energy = energy_matrix(hessian, per_group)
+        keep = (matrix != 0) if config.preserve_sparsity else np.ones(matrix.shape, bool)
+        codebooks = [matrix] if config.granularity == "layer" else [
+            matrix[:, [c]] for c in range(matrix.shape[1])]
+        centroids = np.zeros((len(codebooks), config.clusters))
+        for i, values in enumerate(codebooks):
+            live = keep if config.granularity == "layer" else keep[:, [i]]
+            weight = energy if config.granularity == "layer" else energy[:, [i]]
+            found = kmeans_1d(values[live], config.clusters, config.init,
+                              weights=weight[live])[0] if live.any() else np.zeros(1)
+            centroids[i, :len(found)] = found
+            centroids[i, len(found):] = found[-1]  # fewer distinct values than clusters
+        if config.granularity == "layer":
+            centroids = np.repeat(centroids, matrix.shape[1], axis=0)
+        # float32 centroids, so that the stored kernel holds exactly these values
+        centroids = centroids.astype("float32").astype("float64").reshape(g, per_group, -1)
+        return gptq_codebook(weights, hessian, centroids, grouped(keep.astype("float64"), g))
+
+    if targets:
+        reconstruct(model, x, targets, solve, original=copy_model(model),
+                    progress=within(ctx.progress, "cluster, GPTQ"))
+    return {layer.name for _, layer in targets}
 
 
 @register_technique("cluster", handler=ClusterHandler(), stage=40)
@@ -176,7 +230,13 @@ class Cluster(Technique):
             default: with data and per-channel codebooks (on a CNN trained on digits it cut
             the output error by 10-30% per channel and did not help per layer). Dense and
             convolutions; others unweighted.
-        calibration_samples: examples of `data` used to weigh.
+        method: `"kmeans"` of each kernel's values, or `"gptq"`: layer by layer on
+            `calibration_samples` examples of `data`, each layer solved toward the original
+            model's output, its codebooks weighted k-means of that target, and each weight
+            moved to a centroid by the GPTQ sweep, which spreads the error over the weights
+            not yet shared (Dense and convolutions; others by k-means). Default: gptq when
+            data is given and no fine-tuning follows, else kmeans.
+        calibration_samples: examples of `data` used to weigh and to solve.
         layers, exclude: selections of layers to consider / to leave alone.
 
     Example:
@@ -194,7 +254,9 @@ class Cluster(Technique):
     preserve_sparsity: bool = option(True, "zeros stay zero and take no cluster")
     weighted: bool | None = option(
         None, "weigh by input energy on data (default: with data, channel granularity)")
-    calibration_samples: int = option(256, "weighted: examples of data used")
+    method: str | None = option(None, "kmeans, or gptq: codebooks chosen layer by layer on "
+                                      "data (default: gptq with data and no fine-tuning)")
+    calibration_samples: int = option(256, "weighted and gptq: examples of data used")
     layers: Select | None = option(None, "layers to consider (default: all with kernels)")
     exclude: Select | None = option(None, "layers to leave unclustered")
 
@@ -205,4 +267,5 @@ class Cluster(Technique):
         check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
         if self.weighted is not None:
             check_bool(self.name, "weighted", self.weighted)
+        check_choice(self.name, "method", self.method, METHODS, allow_none=True)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

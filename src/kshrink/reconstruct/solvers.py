@@ -122,16 +122,41 @@ def gptq(weights: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int
     matter most are rounded first, while the most rows remain to absorb their error); the
     scales are fixed beforehand, so the order does not change the grid.
     """
+    def snap(rows, values):
+        s = scales[rows]
+        return np.clip(np.round(values / s), -qmax, qmax) * s
+
+    return _ordered_sweep(weights, hessian, snap, damp, act_order)
+
+
+def gptq_codebook(weights: np.ndarray, hessian: np.ndarray, centroids: np.ndarray,
+                  keep: np.ndarray | None = None, *, damp: float = 0.01,
+                  act_order: bool = True) -> np.ndarray:
+    """The GPTQ sweep on grouped weights (G, r, c) with a codebook per column instead of an
+    integer grid: each weight goes to the nearest of its column's `centroids` (G, c, k), the
+    error is spread over the rows not yet shared. Where `keep` (G, r, c) is 0 the weight is
+    0 (pruned weights stay pruned)."""
+    def snap(rows, values):
+        nearest = np.abs(values[:, :, None] - centroids).argmin(axis=2)
+        shared = np.take_along_axis(centroids, nearest[:, :, None], axis=2)[:, :, 0]
+        return shared if keep is None else shared * keep[rows]
+
+    return _ordered_sweep(weights, hessian, snap, damp, act_order)
+
+
+def _ordered_sweep(weights, hessian, snap, damp: float, act_order: bool) -> np.ndarray:
+    """`_sweep` with `snap((group, row) index arrays, values (G, c)) -> (G, c)` compressing
+    one row of each group, rows taken by decreasing Hessian diagonal if `act_order`."""
     g, r, c = weights.shape
     order = np.argsort(-np.einsum("gii->gi", hessian), axis=1, kind="stable") if act_order \
         else np.tile(np.arange(r), (g, 1))
     take = np.arange(g)[:, None]
     w = weights[take, order]
-    s = scales[take, order]
     h = hessian[take[:, :, None], order[:, :, None], order[:, None, :]]
+    groups = np.arange(g)
 
     def step(row, block, i, _):
-        return np.clip(np.round(block[:, i] / s[:, row]), -qmax, qmax) * s[:, row]
+        return snap((groups, order[:, row]), block[:, i])
 
     q = _sweep(w, h, damp, step)
     out = np.empty_like(q)

@@ -39,10 +39,13 @@ VARIANTS = {
                                                method="sparsegpt",
                                                exclude=FIRST_AND_DEPTHWISE)],
     "cluster 16/channel": [kshrink.Cluster(clusters=16, granularity="channel", weighted=False,
-                                           reestimate_batchnorm=False)],
+                                           method="kmeans", reestimate_batchnorm=False)],
     "cluster 16/channel + BN": [kshrink.Cluster(clusters=16, granularity="channel",
-                                                weighted=False)],
-    "cluster 16/channel weighted + BN": [kshrink.Cluster(clusters=16, granularity="channel")],
+                                                weighted=False, method="kmeans")],
+    "cluster 16/channel weighted + BN": [kshrink.Cluster(clusters=16, granularity="channel",
+                                                         method="kmeans")],
+    # the defaults with data: codebooks by GPTQ sweep, toward the original
+    "cluster 16/channel gptq + BN": [kshrink.Cluster(clusters=16, granularity="channel")],
     "channels 50% removed + BN": [kshrink.StructuredPrune(ratio=0.5)],
     "channels 50% reconstruct + BN": [kshrink.StructuredPrune(ratio=0.5, method="reconstruct")],
 }

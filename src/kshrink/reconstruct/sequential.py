@@ -94,8 +94,9 @@ TARGET_RIDGE = 0.1
 
 def _toward(weights: np.ndarray, hessian: np.ndarray, cross: np.ndarray) -> np.ndarray:
     """`W*` per group (G, r, c): the weights that, on the inputs of `H`, best reproduce `W`
-    on the inputs `C` pairs them with, held to `W` by a ridge (`TARGET_RIDGE`):
-    `W* = (H + rD)^-1 (C W + rD W)`. Inputs that are always zero keep their weights."""
+    on the inputs `C` pairs them with, held to `W` by a ridge `r` (`TARGET_RIDGE` times the
+    mean of H's diagonal): `W* = (H + rI)^-1 (C W + r W)`. Inputs that are always zero keep
+    their weights."""
     h = hessian.copy()
     diagonal = np.einsum("gii->gi", h)
     dead = diagonal <= 0

@@ -163,11 +163,17 @@ def test_clustering_by_reconstruction_moves_outputs_less_than_kmeans(trained, di
     default, _ = kshrink.compress(trained, kshrink.Cluster(  # with data and no fine-tuning
         clusters=4, granularity=granularity, reestimate_batchnorm=False), data=x)
     assert 1 - cosine(trained, default, digits.test[0]) == pytest.approx(errors["gptq"])
-    kernel = keras.ops.convert_to_numpy(small.get_layer("fc1").kernel)
+    prune = kshrink.Prune(sparsity=0.6, schedule="one_shot")
+    pruned, _ = kshrink.compress(trained, prune, data=x)
+    shared, _ = kshrink.compress(pruned, kshrink.Cluster(clusters=4, granularity=granularity),
+                                 data=x)
+    zeros = keras.ops.convert_to_numpy(pruned.get_layer("fc1").kernel) == 0
+    kernel = keras.ops.convert_to_numpy(shared.get_layer("fc1").kernel)
+    assert zeros.mean() > 0.5 and np.all(kernel[zeros] == 0)  # the pruned zeros stay
     if granularity == "channel":
-        assert max(len(np.unique(kernel[:, c])) for c in range(kernel.shape[1])) <= 4
+        assert max(len(np.unique(kernel[:, c])) for c in range(kernel.shape[1])) <= 5
     else:
-        assert len(np.unique(kernel)) <= 4
+        assert len(np.unique(kernel)) <= 5  # 4 centroids and the zeros
 
 
 def test_weighted_kmeans_puts_centroids_where_the_weight_is():

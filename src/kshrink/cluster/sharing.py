@@ -33,6 +33,7 @@ from kshrink.core.technique import (
 from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
 from kshrink.reconstruct import input_energy, reconstruct, unsupported
+from kshrink.reconstruct.rows import matrix_axes
 from kshrink.reconstruct.solvers import energy_matrix, gptq_codebook, grouped, ungrouped
 
 GRANULARITIES = ("layer", "channel")
@@ -188,7 +189,10 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
         g, rows, per_group = weights.shape
         matrix = ungrouped(weights)
         energy = energy_matrix(hessian, per_group)
-        keep = (matrix != 0) if config.preserve_sparsity else np.ones(matrix.shape, bool)
+        # zeros of the kernel as it is (the target fills them in), e.g. from pruning
+        variable, spec = next((v, s) for v, s in kernel_specs(layer) if s.name == name)
+        current = as_matrix(keras.ops.convert_to_numpy(variable.value), matrix_axes(layer, spec))
+        keep = (current != 0) if config.preserve_sparsity else np.ones(matrix.shape, bool)
         codebooks = [matrix] if config.granularity == "layer" else [
             matrix[:, [c]] for c in range(matrix.shape[1])]
         centroids = np.zeros((len(codebooks), config.clusters))

@@ -75,14 +75,15 @@ def blocks(model: keras.Model) -> tuple[list, dict]:
     for layer in model.layers:
         if not (is_encoder(layer) or isinstance(layer, L.MultiHeadAttention)):
             continue
-        attention = layer._self_attention_layer if is_encoder(layer) else layer
         reason = reasons.get(id(layer))
         if counts.get(id(layer), 0) != 1:
             reason = "called more than once (shared weights)"
-        elif attention.quantization_mode is not None or layer.dtype_policy.quantization_mode:
-            reason = "already quantized"
-        elif len(attention._attention_axes) != 1:
-            reason = "attends over more than one axis"
+        elif reason is None:
+            attention = layer._self_attention_layer if is_encoder(layer) else layer
+            if attention.quantization_mode is not None or layer.dtype_policy.quantization_mode:
+                reason = "already quantized"
+            elif len(attention._attention_axes) != 1:
+                reason = "attends over more than one axis"
         if reason:
             why[id(layer)] = reason
         else:

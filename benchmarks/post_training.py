@@ -33,6 +33,9 @@ VARIANTS = {
     "prune 50% magnitude + BN": [kshrink.Prune(**PRUNE)],
     "prune 50% wanda + BN": [kshrink.Prune(**PRUNE, method="wanda")],
     "prune 50% sparsegpt + BN": [kshrink.Prune(**PRUNE, method="sparsegpt")],
+    # the defaults: the first and last layers stay dense
+    "prune 50% sparsegpt + BN, defaults": [kshrink.Prune(sparsity=0.5, schedule="one_shot",
+                                                         method="sparsegpt")],
     "prune 2:4 magnitude + BN": [kshrink.Prune(pattern="2:4", skip_first_last=False,
                                                exclude=FIRST_AND_DEPTHWISE)],
     "prune 2:4 sparsegpt + BN": [kshrink.Prune(pattern="2:4", skip_first_last=False,

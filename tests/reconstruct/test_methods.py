@@ -112,6 +112,8 @@ def test_by_default_new_statistics_are_kept_only_if_they_bring_outputs_closer(im
     (kshrink.Quantize(mode="int4", method="gptq"), "few", "needs at least 8 calibration"),
     (kshrink.Prune(schedule="one_shot", method="sparsegpt"), None,
      "method sparsegpt needs calibration data"),
+    (kshrink.Cluster(method="gptq"), None, "cluster: method gptq needs calibration data"),
+    (kshrink.Cluster(method="gptq"), "few", "needs at least 8 calibration"),
 ])
 def test_methods_without_enough_data_fail_in_one_line(config, data, message, digits):
     x = digits.train[0][:4] if data == "few" else None

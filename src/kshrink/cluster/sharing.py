@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
-from kshrink.core.data import example_count, model_inputs
+from kshrink.core.data import model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, replace_layers
 from kshrink.core.progress import within
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
@@ -32,13 +32,12 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
-from kshrink.reconstruct import input_energy, reconstruct, unsupported
+from kshrink.reconstruct import calibration_inputs, input_energy, reconstruct, unsupported
 from kshrink.reconstruct.rows import matrix_axes
 from kshrink.reconstruct.solvers import energy_matrix, gptq_codebook, grouped, ungrouped
 
 GRANULARITIES = ("layer", "channel")
 METHODS = ("kmeans", "gptq")
-MIN_SAMPLES = 8
 
 
 def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
@@ -176,13 +175,7 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
     and the GPTQ sweep moves each weight to a centroid, spreading the error over the weights
     not yet shared. Returns the names of the layers solved; the others are clustered as
     usual."""
-    if ctx.data is None:
-        raise KshrinkError("cluster: method gptq needs calibration data: pass data=(x, y) "
-                           "(or just x) to compress")
-    x = model_inputs(ctx.data, config.calibration_samples)
-    if example_count(x) < MIN_SAMPLES:
-        raise KshrinkError(f"cluster: method gptq needs at least {MIN_SAMPLES} calibration "
-                           f"examples. Received: {example_count(x)}")
+    x = calibration_inputs(ctx.data, config.calibration_samples, "cluster: method gptq")
     targets = [(layer, layer) for layer in layers if unsupported(layer) is None]
 
     def solve(layer, name, weights, hessian):

@@ -7,16 +7,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import within
-from kshrink.errors import KshrinkError
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
-from kshrink.reconstruct import reconstruct, sparsegpt, unsupported, wanda
+from kshrink.reconstruct import calibration_inputs, reconstruct, sparsegpt, unsupported, wanda
 from kshrink.reconstruct.solvers import ungrouped
-
-MIN_SAMPLES = 8
-
 
 def prune_from_calibration(model, config, ctx) -> None:
     """Re-chooses, in place, the masks and kept weights of every `PruneWrapper` of `model`
@@ -25,14 +20,8 @@ def prune_from_calibration(model, config, ctx) -> None:
 
     Each layer is solved toward the unpruned model's output (`reconstruct(original=...)`).
     """
-    if ctx.data is None:
-        raise KshrinkError(f"prune: method {config.method} needs calibration data: pass "
-                           "data=(x, y) (or just x) to compress")
-    x = model_inputs(ctx.data, config.calibration_samples)
-    count = example_count(x)
-    if count < MIN_SAMPLES:
-        raise KshrinkError(f"prune: method {config.method} needs at least {MIN_SAMPLES} "
-                           f"calibration examples. Received: {count}")
+    x = calibration_inputs(ctx.data, config.calibration_samples,
+                           f"prune: method {config.method}")
     wrappers = {w.layer.name: w for w in leaf_layers(model) if isinstance(w, PruneWrapper)}
     methods, targets = {}, []
     for wrapper in wrappers.values():

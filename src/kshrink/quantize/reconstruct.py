@@ -6,28 +6,17 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.core.progress import within
-from kshrink.errors import KshrinkError
 from kshrink.layers import INTEGER_MODES, keras_base, keras_quantizes
-from kshrink.reconstruct import choose_scales, gptq, reconstruct, unsupported
+from kshrink.reconstruct import calibration_inputs, choose_scales, gptq, reconstruct, unsupported
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
-
-MIN_SAMPLES = 8
-
 
 def gptq_scales(model, plans: dict, config, ctx) -> dict:
     """Runs GPTQ on every planned integer layer it takes, in place, and returns the grid of
     each: `{layer name: {kernel name: scales (groups, output channels)}}`. Layers it does not
     take are recorded in `ctx.state["rounded"]` with the reason."""
-    if ctx.data is None:
-        raise KshrinkError("quantize: method gptq needs calibration data: pass data=(x, y) "
-                           "(or just x) to compress")
-    x = model_inputs(ctx.data, config.calibration_samples)
-    if example_count(x) < MIN_SAMPLES:
-        raise KshrinkError(f"quantize: method gptq needs at least {MIN_SAMPLES} calibration "
-                           f"examples. Received: {example_count(x)}")
+    x = calibration_inputs(ctx.data, config.calibration_samples, "quantize: method gptq")
     targets, rounded = [], {}
     layers = {path_of(layer): layer for layer in leaf_layers(model)}
     for key, layer in layers.items():

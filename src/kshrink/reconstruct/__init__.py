@@ -6,6 +6,7 @@ Backend-agnostic: the layers run through Keras, the solvers in NumPy.
 
 from kshrink.reconstruct.rows import unsupported
 from kshrink.reconstruct.sequential import (
+    calibration_inputs,
     correct_batchnorm,
     input_energy,
     reconstruct,
@@ -13,5 +14,5 @@ from kshrink.reconstruct.sequential import (
 )
 from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
 
-__all__ = ["choose_scales", "correct_batchnorm", "gptq", "input_energy", "reconstruct",
+__all__ = ["calibration_inputs", "choose_scales", "correct_batchnorm", "gptq", "input_energy", "reconstruct",
            "reestimate_batchnorm", "sparsegpt", "unsupported", "wanda"]

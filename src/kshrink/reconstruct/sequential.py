@@ -10,13 +10,29 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from kshrink.core.data import example_count
+from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import graph_program
 from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.reconstruct import rows as rowlib
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
+
+MIN_SAMPLES = 8  # calibration examples a layer-wise method needs at least
+
+
+def calibration_inputs(data, samples: int, method: str):
+    """The inputs of the first `samples` examples of `data` for a layer-wise `method` (e.g.
+    "quantize: method gptq"): a one-line error when there is no data or too little."""
+    if data is None:
+        raise KshrinkError(f"{method} needs calibration data: pass data=(x, y) (or just x) "
+                           "to compress")
+    x = model_inputs(data, samples)
+    if example_count(x) < MIN_SAMPLES:
+        raise KshrinkError(f"{method} needs at least {MIN_SAMPLES} calibration examples. "
+                           f"Received: {example_count(x)}")
+    return x
+
 
 # solve(layer, kernel name, grouped weights (G, r, c), Hessian (G, r, r)) -> new grouped weights
 Solve = Callable[[keras.layers.Layer, str, np.ndarray, np.ndarray], np.ndarray]

@@ -200,7 +200,7 @@ def two_input_model():
 
 @pytest.mark.parametrize("config", [kshrink.Quantize(mode="int4", method="gptq"),
                                     kshrink.Prune(schedule="one_shot", method="sparsegpt",
-                                                  skip_first_last=False),
+                                                  skip_first_last=False, min_fan_in=0),
                                     kshrink.Cluster(clusters=8, method="gptq")])
 def test_methods_reach_nested_layers_with_dict_data(config):
     model = two_input_model()

@@ -21,6 +21,7 @@ import numpy as np
 
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
+from kshrink.layers.specs import matrix_shape
 from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -128,16 +129,16 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     # Layers an override names prune to its sparsity; the target holds over the others.
     free = [l for l in chosen if config.override_for(l) is None]
     effective = config
-    if config.skip_first_last and config.layers is None and len(everything) > 2:
-        ends = _ends_kept_dense(free, everything, config)
+    if config.layers is None:
+        kept = _kept_dense(free, everything, config)
         total = sum(map(_size, free))
-        for layer, which in ends:
-            ctx.skipped(layer, f"{which} prunable layer kept dense (skip_first_last; it holds "
-                               f"{_size(layer) / total:.1%} of the weights)")
-        dense = {id(layer) for layer, _ in ends}
+        for layer, why in kept:
+            ctx.skipped(layer, f"{why} kept dense (it holds {_size(layer) / total:.1%} of the "
+                               "weights)")
+        dense = {id(layer) for layer, _ in kept}
         chosen = [l for l in chosen if id(l) not in dense]
         free = [l for l in free if id(l) not in dense]
-        if ends and free and not config.pattern_spec.is_n_of_m:
+        if kept and free and not config.pattern_spec.is_n_of_m:
             scale = total / sum(map(_size, free))
             sparsity = config.target_sparsity * scale
             effective = dataclasses.replace(
@@ -157,24 +158,43 @@ def _size(layer) -> int:
     return sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
 
 
-def _ends_kept_dense(chosen: list, everything: list, config: Prune) -> list:
-    """The model's first and last prunable layers, if chosen, that can stay dense while the
-    others reach the target at a sensible sparsity: pruned no further than a quarter of the
-    way from the target to 1 (so they keep at least 3/4 of the density the target allows).
-    A first or last layer holding much of the weights (LeNet-300-100's fc1: 88%) is pruned."""
+def fan_in(layer) -> int:
+    """How many weights each output of `layer` is computed from (the fewest over its
+    kernels): 9 for a 3x3 depthwise convolution, 27 for a 3x3 convolution of RGB."""
+    return min(matrix_shape(tuple(w.shape), output_axes(layer, w.name))[0]
+               for w in kernel_weights(layer))
+
+
+def _kept_dense(chosen: list, everything: list, config: Prune) -> list:
+    """`(layer, why)` for the chosen layers that stay dense while the others reach the
+    target at a sensible sparsity: pruned no further than a quarter of the way from the
+    target to 1 (so they keep at least 3/4 of the density the target allows).
+
+    Candidates, in this order: the model's first and last prunable layers
+    (`skip_first_last`), then, smallest first, the layers whose outputs each see fewer than
+    `min_fan_in` weights (depthwise convolutions): with so few weights per output, the
+    ones left cannot make up for the ones pruned. A candidate holding much of the weights
+    (LeNet-300-100's fc1: 88%) is pruned. Under an N:M pattern every candidate stays dense."""
     total = sum(map(_size, chosen))
     target = config.target_sparsity
     ceiling = min(target + (1 - target) / 4, config.max_layer_sparsity)
-    ends, dense = [], 0
     chosen_ids = {id(layer) for layer in chosen}
-    for layer, which in ((everything[0], "first"), (everything[-1], "last")):
-        if id(layer) not in chosen_ids:
+    candidates = []
+    if config.skip_first_last and len(everything) > 2:
+        candidates += [(everything[0], "first prunable layer (skip_first_last)"),
+                       (everything[-1], "last prunable layer (skip_first_last)")]
+    narrow = sorted((l for l in chosen if fan_in(l) < config.min_fan_in), key=_size)
+    candidates += [(l, f"{type(l).__name__} with {fan_in(l)} weights per output "
+                       f"(min_fan_in {config.min_fan_in})") for l in narrow]
+    kept, dense = [], 0
+    for layer, why in candidates:
+        if id(layer) not in chosen_ids or any(layer is k for k, _ in kept):
             continue
         needed = target * total / max(total - dense - _size(layer), 1)
         if config.pattern_spec.is_n_of_m or needed <= ceiling:
-            ends.append((layer, which))
+            kept.append((layer, why))
             dense += _size(layer)
-    return ends
+    return kept
 
 
 def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -> keras.Model:
@@ -350,7 +370,10 @@ class Prune(Technique):
     accuracy for the least saving (LeNet-5: 2% of the weights); the other layers then prune
     further so the target still holds. A first or last layer that holds much of the weights
     (LeNet-300-100's first: 88%) is pruned after all: kept dense, it would push the others more
-    than a quarter of the way from the target to 1.
+    than a quarter of the way from the target to 1. Likewise, where cheap, layers whose outputs
+    each see fewer than `min_fan_in` weights (a 3x3 depthwise convolution: 9) stay dense: the
+    few weights left could not make up for the ones pruned (EfficientNet-Lite0, SparseGPT at
+    50% from 56 crops: agreement 0.686 with its depthwise kernels pruned, 0.77 without).
 
     Args:
         sparsity: target fraction of zeros in [0, 1) (default 0.5); implied by an N:M pattern.
@@ -367,6 +390,8 @@ class Prune(Technique):
         max_layer_sparsity: the per-layer ceiling for global scope.
         skip_first_last: keep the first and last prunable layers dense where the target can
             still be met (see above).
+        min_fan_in: keep layers with fewer weights per output dense where the target can
+            still be met (see above); 0 prunes them too.
         method: which weights go: `"magnitude"` (the smallest); from `calibration_samples`
             examples of `data`, at once (`schedule: one_shot`, or an N:M pattern), `"wanda"`
             (the smallest |weight| x input norm, Sun et al. 2024) or `"sparsegpt"` (Frantar &
@@ -398,6 +423,7 @@ class Prune(Technique):
     frequency: int | None = option(None, "steps between mask updates (default: ramp/10, <= 100)")
     max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
     skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
+    min_fan_in: int = option(32, "layers with fewer weights per output stay dense where cheap")
     method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
     calibration_samples: int = option(256, "wanda/sparsegpt: examples of data used")
     overrides: tuple[SparsityOverride, ...] = option((), "per-layer sparsity; first match wins")
@@ -425,6 +451,7 @@ class Prune(Technique):
         check_int(n, "frequency", self.frequency, low=1, allow_none=True)
         check_range(n, "max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0, high_open=True)
         check_bool(n, "skip_first_last", self.skip_first_last)
+        check_int(n, "min_fan_in", self.min_fan_in, low=0)
         check_choice(n, "method", self.method, METHODS)
         check_int(n, "calibration_samples", self.calibration_samples, low=1)
         if not isinstance(self.overrides, (list, tuple)):

@@ -280,3 +280,49 @@ def test_overrides_are_refused_where_they_cannot_hold(trained):
     with pytest.raises(kshrink.errors.SelectionError, match="nope"):
         kshrink.compress(trained, Prune(schedule="one_shot", overrides=[
             {"layers": {"names": ["nope"]}, "sparsity": 0.9}]), verbose=False)
+
+
+def mobile_block(seed=0):
+    """A stem, a 3x3 depthwise convolution (9 weights per output) and two pointwise ones."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 8))
+    x = keras.layers.Conv2D(40, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.Conv2D(32, 1, name="pw")(x)
+    x = keras.layers.Conv2D(32, 1, name="pw2")(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def test_depthwise_kernels_stay_dense_where_cheap_and_the_target_still_holds():
+    model = mobile_block()
+    small, report = kshrink.compress(model, Prune(sparsity=0.5, schedule="one_shot",
+                                                  skip_first_last=False))
+    assert kernel_sparsity(small.get_layer("dw")) == 0
+    reason = next(r.detail for r in report.steps[0].skipped if r.layer == "dw")
+    assert "9 weights per output" in reason and "min_fan_in" in reason
+    assert overall_sparsity(small) == pytest.approx(0.5, abs=0.01)  # the others prune further
+    pruned, _ = kshrink.compress(model, Prune(sparsity=0.5, schedule="one_shot",
+                                              skip_first_last=False, min_fan_in=0))
+    assert kernel_sparsity(pruned.get_layer("dw")) == pytest.approx(0.5, abs=0.01)
+
+
+def test_two_of_four_skips_kernels_it_cannot_divide_by_default():
+    model = mobile_block()
+    small, _ = kshrink.compress(model, Prune(pattern="2:4", skip_first_last=False))
+    assert kernel_sparsity(small.get_layer("dw")) == 0
+    assert kernel_sparsity(small.get_layer("pw")) == 0.5
+    with pytest.raises(KshrinkError, match="dw"):
+        kshrink.compress(model, Prune(pattern="2:4", skip_first_last=False, min_fan_in=0))
+
+
+@pytest.mark.parametrize("options, scope", [
+    (dict(), "layer"), (dict(method="sparsegpt", schedule="one_shot"), "global"),
+    (dict(method="wanda", schedule="one_shot"), "global"),
+    (dict(method="sparsegpt", pattern="2:4"), "layer"),
+    (dict(method="sparsegpt", schedule="one_shot", scope="layer"), "layer"),
+    (dict(method="sparsegpt", schedule="one_shot",
+          overrides=[{"layers": {"names": ["fc1"]}, "sparsity": 0.9}]), "layer")])
+def test_calibration_methods_allocate_sparsity_globally_by_default(options, scope):
+    config = Prune(**options)
+    assert config.scope == scope
+    assert Prune.from_config(config.get_config()).scope == scope

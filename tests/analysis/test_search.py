@@ -111,6 +111,7 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(objective="speed"), "objective"),
     (dict(max_accuracy_drop=-1), "max_accuracy_drop"),
     (dict(epochs=-1), "epochs"),
+    (dict(learning_rate=0.0), "learning_rate"),
     (dict(data="inputs only"), "class labels"),
     (dict(data="a stream"), "must be arrays"),
 ])

@@ -226,7 +226,7 @@ class SearchReport:
 
 def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
-           batch_size: int = 128, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
+           batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
            latency_batch_size: int = 1, progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
@@ -251,6 +251,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
         epochs: fine-tuning epochs of every candidate (per step, distilling from the
             original); 0: post-training only.
         batch_size: fine-tuning batch size.
+        learning_rate: fine-tuning initial learning rate (cosine decay).
         rounds: candidates compressed and measured at most.
         probe_samples: held-out examples the one-layer probes measure the loss on.
         seed: seeds every fine-tune; the same seed and data give the same result.
@@ -266,6 +267,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
     check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
     check_int("search", "epochs", epochs, low=0)
     check_int("search", "batch_size", batch_size, low=1)
+    check_range("search", "learning_rate", learning_rate, 1e-9, 10.0)
     check_int("search", "rounds", rounds, low=1)
     check_int("search", "probe_samples", probe_samples, low=1)
     check_int("search", "seed", seed, low=0)
@@ -288,8 +290,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
                            f"{objective}")
     accuracy = top1_accuracy(reference, y_held)
-    fine_tune = FineTune(epochs=epochs, batch_size=batch_size, distill=True,
-                         seed=seed) if epochs else None
+    fine_tune = FineTune(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         distill=True, seed=seed) if epochs else None
     probe = _subset(held, probe_samples)
     rise = _loss_rises(model, space, probe, progress)
     caps = {}  # dimension -> the deepest level index a new path may give it

@@ -226,8 +226,9 @@ class SearchReport:
 
 def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
-           batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6, probe_samples: int = 2000, seed: int = 0,
-           latency_batch_size: int = 1, progress: Progress | None = None):
+           batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
+           probe_samples: int = 2000, seed: int = 0, latency_batch_size: int = 1,
+           progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
 

@@ -158,7 +158,7 @@ def _size(layer) -> int:
     return sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
 
 
-def fan_in(layer) -> int:
+def _fan_in(layer) -> int:
     """How many weights each output of `layer` is computed from (the fewest over its
     kernels): 9 for a 3x3 depthwise convolution, 27 for a 3x3 convolution of RGB."""
     return min(matrix_shape(tuple(w.shape), output_axes(layer, w.name))[0]
@@ -183,8 +183,8 @@ def _kept_dense(chosen: list, everything: list, config: Prune) -> list:
     if config.skip_first_last and len(everything) > 2:
         candidates += [(everything[0], "first prunable layer (skip_first_last)"),
                        (everything[-1], "last prunable layer (skip_first_last)")]
-    narrow = sorted((l for l in chosen if fan_in(l) < config.min_fan_in), key=_size)
-    candidates += [(l, f"{type(l).__name__} with {fan_in(l)} weights per output "
+    narrow = sorted((l for l in chosen if _fan_in(l) < config.min_fan_in), key=_size)
+    candidates += [(l, f"{type(l).__name__} with {_fan_in(l)} weights per output "
                        f"(min_fan_in {config.min_fan_in})") for l in narrow]
     kept, dense = [], 0
     for layer, why in candidates:

@@ -435,7 +435,8 @@ def search_latency_section(data):
         f"within {base['budget_pp']:g} pp on the residual CNN (residual blocks removed and a "
         "channel ratio, BatchNorm folded), against `StructuredPrune(ratio=r, round_to=4)` + "
         "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, "
-        "learning rate 5e-3 with cosine decay, batch 128, seed 0, on the training split; the "
+        f"learning rate {base.get('learning_rate', 1e-3):g} with cosine decay, batch 128, "
+        "seed 0, on the training split; the "
         "first half of the test split judges the budget, the second half scores the result). "
         "All models are timed in turns (`predict_on_batch`, TensorFlow), each figure the median of "
         "7 rounds of 30 calls.",

@@ -188,7 +188,8 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
         held_acc = top1_accuracy(predict(variant, held[0]), held[1])
         test_acc = top1_accuracy(predict(variant, test[0]), test[1])
         rows.append(dict(
-            model=name, method=method, budget_pp=budget, batch1_ms=median_ms(index, 0),
+            model=name, method=method, budget_pp=budget, learning_rate=LATENCY_LR,
+            batch1_ms=median_ms(index, 0),
             batch32_ms=median_ms(index, 1), held_out_accuracy=held_acc,
             baseline_held_out_accuracy=base_held, test_accuracy=test_acc,
             baseline_test_accuracy=base_test,

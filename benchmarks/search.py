@@ -171,7 +171,7 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
         started = time.perf_counter()
         pruned, _ = kshrink.compress(model, recipe, data=train, fidelity_samples=0,
                                      verbose=False)
-        variants[f"uniform {ratio:.0%} channels"] = (pruned, time.perf_counter() - started,
+        variants[f"uniform {100 * ratio:g}% channels"] = (pruned, time.perf_counter() - started,
                                                     recipe)
     models = [model] + [v[0] for v in variants.values()]
     sample = test[0][:64]

@@ -16,7 +16,8 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
    and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
    looks halfway (in the estimated objective, on a log scale) between the deepest point
    within the budget and the first one found outside it. When even the path's first move
-   loses too much, that move is ruled out and the path planned again without it.
+   loses too much, that move is ruled out, the path planned again without it, and the new
+   path's first move tried next.
 
 The winner's recipe is plain data: `compress(model, report.recipe, data=...)` (or `kshrink
 compress --recipe`) on the same training examples (the first `report.training_examples` of
@@ -71,7 +72,7 @@ OBJECTIVES = ("size", "memory", "latency", "macs")
 UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
-CHANNEL_RATIOS = (0.0, 0.25, 0.5, 0.75)  # share of each layer's channels removed
+CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
 CLUSTERS = 16  # weight sharing behind pruning for `size`: 4-bit indices into 16 centroids
 HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
@@ -307,8 +308,10 @@ def search(model: keras.Model, data, *, objective: str = "size",
             moved, level = next((d, v) for d, v in path[0].items()
                                 if v != space.choices[d][0])
             caps[moved] = space.choices[moved].index(level) - 1
+            # Every point tried so far lost too much, so the new path's deeper points
+            # likely do too: try its first move, the least compression left.
             path, bad = _greedy_path(space, rise, caps), None
-            point = _next_point(space, path, good, bad)
+            point = 0 if path else None
         if point is None:
             break
         levels = path[point]

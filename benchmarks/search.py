@@ -154,7 +154,7 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
     started = time.perf_counter()
     small, report = kshrink.search(model, train, validation_data=held, objective="latency",
                                    max_accuracy_drop=budget, epochs=EPOCHS, batch_size=BATCH,
-                                   learning_rate=LATENCY_LR, seed=SEED, rounds=5,
+                                   learning_rate=LATENCY_LR, seed=SEED, rounds=6,
                                    progress=print)
     print(report.to_text())
     tried = [dict(model=name, method=f"search candidate {i + 1}", budget_pp=budget,

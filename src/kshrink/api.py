@@ -116,7 +116,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                               parallel=parallel)
         work = handler.finalize(work, technique, ctx)
         if technique.reestimates_batchnorm(data is not None, trains):
-            _reestimate_batchnorm(work, train, technique, ctx)
+            _reestimate_batchnorm(work, train, technique, ctx, trains)
         step = handler.report(work, technique, ctx)
         steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
     if work.compiled or parallel is not None:
@@ -135,11 +135,12 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     return work, report
 
 
-def _reestimate_batchnorm(model, data, technique, ctx: StepContext) -> None:
+def _reestimate_batchnorm(model, data, technique, ctx: StepContext, trained: bool) -> None:
     if data is None:
         raise KshrinkError("reestimate_batchnorm needs data: pass data=(x, y) (or just x)")
     note = correct_batchnorm(model, ctx.original, model_inputs(data, CALIBRATION_SAMPLES),
-                             only_if_closer=technique.reestimate_batchnorm is None)
+                             only_if_closer=technique.reestimate_batchnorm is None,
+                             trained=trained)
     if note:
         ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
 

@@ -97,6 +97,9 @@ class _Space:
     def estimate(self, levels):
         return sum(self.cost(p, v) for p, v in levels.items())
 
+    def start(self):
+        return {p: levels[0] for p, levels in self.choices.items()}
+
 
 def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
@@ -136,15 +139,22 @@ def test_levels_are_the_documented_ones():
     assert SPARSITIES[0] == 0.0 and max(SPARSITIES) < 1
 
 
-@pytest.mark.parametrize("objective", ["latency", "macs"])
-def test_latency_and_macs_searches_remove_blocks_or_channels(digits, objective):
+@pytest.fixture(scope="module")
+def cnn(digits):
+    """The test suite's small residual CNN, trained on the digits."""
     from conftest import small_cnn
-
-    from kshrink.measure import macs
 
     model = small_cnn()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*digits.train, epochs=6, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("objective", ["latency", "macs"])
+def test_latency_and_macs_searches_remove_blocks_or_channels(cnn, digits, objective):
+    from kshrink.measure import macs
+
+    model = cnn
     small, report = search(model, digits.train, objective=objective, max_accuracy_drop=5.0,
                            epochs=1, batch_size=64, rounds=2)
     if objective == "macs":
@@ -165,9 +175,32 @@ def test_latency_and_macs_searches_remove_blocks_or_channels(digits, objective):
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in small.layers)
 
 
+def test_structural_probes_are_fine_tuned_before_their_loss_counts(cnn, digits):
+    def probed(steps):
+        _, report = search(cnn, digits.train, objective="macs", max_accuracy_drop=5.0,
+                           epochs=1, batch_size=64, rounds=1, probe_steps=steps)
+        return report
+
+    at_once, tuned = probed(0), probed(8)
+    assert (at_once.probe_steps, tuned.probe_steps) == (0, 8)
+    assert "fine-tuned 8 steps" in tuned.layer_table().title
+    # Three quarters of the channels cost less once training has had a few steps.
+    deepest = {report.probe_steps: dict(report.loss_rise["channels"])[0.75]
+               for report in (at_once, tuned)}
+    assert deepest[8] < 0.9 * deepest[0], deepest
+    # At most one epoch of steps.
+    assert probed(1000).probe_steps == -(-len(held_out(digits.train)[0]) // 64)
+
+
 def test_a_capped_dimension_stops_short_of_its_cap_on_a_new_path():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
     path = _greedy_path(_Space(), rises, caps={"big": 1})
     assert path[0] == {"big": 0.5, "small": 0.0}
     assert all(levels["big"] <= 0.5 for levels in path)
     assert _greedy_path(_Space(), rises, caps={"big": 0, "small": 0}) == []
+
+
+def test_a_path_planned_from_a_point_moves_on_from_it():
+    rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
+    path = _greedy_path(_Space(), rises, caps={"big": 1}, start={"big": 0.5, "small": 0.0})
+    assert path == [{"big": 0.5, "small": 0.5}, {"big": 0.5, "small": 0.9}]

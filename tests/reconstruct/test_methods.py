@@ -96,6 +96,22 @@ def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained, digi
     assert "BatchNorm" not in (report.steps[0].summary or "")
 
 
+def test_after_a_fine_tune_statistics_are_estimated_anew(trained, digits):
+    """A few steps of training leave BatchNorm's moving averages mostly where they were: the
+    re-estimate is then the plain mean and variance of each layer's input on the data."""
+    x, y = (part[:CALIBRATION] for part in digits.train)
+    small, _ = kshrink.compress(
+        trained, kshrink.Prune(sparsity=0.5, reestimate_batchnorm=True), data=(x, y),
+        fine_tune=kshrink.FineTune(epochs=1, steps_per_epoch=3, learning_rate=1e-2,
+                                   verbose=False, seed=0))
+    (_, values), = layer_inputs(small, x, {id(small.get_layer("bn1"))})
+    values = np.asarray(values, dtype="float64").reshape(-1, 8)
+    bn = small.get_layer("bn1")
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(numpy(bn.moving_mean), values.mean(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(numpy(bn.moving_variance), values.var(0), rtol=1e-3, atol=1e-4)
+
+
 def test_by_default_new_statistics_are_kept_only_if_they_bring_outputs_closer(images):
     """An untrained model and noise: its BN statistics (0, 1) are far from those of the data,
     so re-estimating them moves the outputs away from the original's; auto keeps the old."""

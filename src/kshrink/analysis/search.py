@@ -5,9 +5,13 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
 1. **Hold out** `validation_data`, or else the last 10% of `data`; the search fine-tunes on
    the rest and judges every candidate on the held-out examples.
 2. **Probe each layer alone**: every level of the search space (a sparsity, a bit width, a
-   residual block removed, a channel ratio) is applied alone, at once and without training,
-   through `compress`, and the rise of the held-out loss is measured; for `latency`, the
-   probe's model is timed too, which makes the table of what each level saves (NetAdapt).
+   residual block removed, a channel ratio) is applied alone through `compress`, and the
+   rise of the held-out loss is measured; for `latency`, the probe's model is timed too,
+   which makes the table of what each level saves (NetAdapt). Sparsities and bit widths are
+   probed at once, without training. Blocks and channels removed are fine-tuned for
+   `probe_steps` first (NetAdapt's short-term fine-tune): one-shot, the loss a structural
+   change causes says little of what fine-tuning recovers (the residual CNN's first block
+   removed rose the loss most at once, and lost least after fine-tuning).
 3. **Allocate greedily**: from every layer at its first level, take again and again the move
    (one layer to a deeper level) that saves the most of the objective per unit of loss it
    costs. The moves in that order make a path from the least to the most compressed model.
@@ -15,9 +19,9 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
    fine-tuned for `epochs` from the original (distilling from it), then measured: objective
    and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
    looks halfway (in the estimated objective, on a log scale) between the deepest point
-   within the budget and the first one found outside it. When even the path's first move
-   loses too much, that move is ruled out, the path planned again without it, and the new
-   path's first move tried next.
+   within the budget and the first one found outside it. When the two are next to each
+   other, the move between them is ruled out, the path planned again from the deepest point
+   within the budget without it, and the new path's first move tried next.
 
 The winner's recipe is plain data: `compress(model, report.recipe, data=...)` (or `kshrink
 compress --recipe`) on the same training examples (the first `report.training_examples` of
@@ -60,7 +64,7 @@ from kshrink.fold import Fold
 from kshrink.layers import keras_quantizes
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
-from kshrink.measure.latency import latency
+from kshrink.measure.latency import latency, latency_in_turns
 from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
 from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
@@ -118,7 +122,7 @@ class SearchReport:
         held_out_examples: how many examples judged the candidates.
         loss_rise: per layer (or block, or `channels`), `(level, loss rise)` for each level
             it could take, least compressed first: the held-out loss rise with it alone
-            compressed so.
+            compressed so (after `probe_steps` of fine-tuning).
         candidates: every candidate, in the order they were tried.
         chosen: the index of the winner in `candidates`; None when none kept the budget.
     """
@@ -133,6 +137,7 @@ class SearchReport:
     loss_rise: dict
     candidates: tuple[Candidate, ...]
     chosen: int | None
+    probe_steps: int = 0  # optimizer steps each probe was fine-tuned for before its loss
 
     @property
     def best(self) -> Candidate | None:
@@ -184,6 +189,8 @@ class SearchReport:
 
     def layer_table(self) -> Table:
         title = "held-out loss rise with one layer compressed alone, and the choice"
+        if self.probe_steps:
+            title = title.replace(" alone,", f" alone and fine-tuned {self.probe_steps} steps,")
         choices = {tuple(level for level, _ in pairs) for pairs in self.loss_rise.values()}
         rows = []
         for path, pairs in self.loss_rise.items():
@@ -217,6 +224,7 @@ class SearchReport:
             "float_bytes": self.float_bytes, "training_examples": self.training_examples,
             "held_out_examples": self.held_out_examples,
             "loss_rise": {k: [list(pair) for pair in v] for k, v in self.loss_rise.items()},
+            "probe_steps": self.probe_steps,
             "chosen": self.chosen,
             "candidates": [{"levels": c.levels, "recipe": c.recipe.to_data(),
                             "objective": c.objective, "accuracy": c.accuracy,
@@ -228,8 +236,8 @@ class SearchReport:
 def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
            batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
-           probe_samples: int = 2000, seed: int = 0, latency_batch_size: int = 1,
-           progress: Progress | None = None):
+           probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
+           latency_batch_size: int = 1, progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
 
@@ -256,6 +264,10 @@ def search(model: keras.Model, data, *, objective: str = "size",
         learning_rate: fine-tuning initial learning rate (cosine decay).
         rounds: candidates compressed and measured at most.
         probe_samples: held-out examples the one-layer probes measure the loss on.
+        probe_steps: optimizer steps (at most an epoch) each probe that removes a block or
+            channels is fine-tuned for before its loss is measured, distilling from the
+            original at `learning_rate`; 0, or `epochs` 0: measured at once. Sparsity and
+            bit-width probes are always measured at once.
         seed: seeds every fine-tune; the same seed and data give the same result.
         latency_batch_size: the batch size `latency` is timed at.
         progress: told of each probe and each round, e.g. `print` or
@@ -272,6 +284,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
     check_range("search", "learning_rate", learning_rate, 1e-9, 10.0)
     check_int("search", "rounds", rounds, low=1)
     check_int("search", "probe_samples", probe_samples, low=1)
+    check_int("search", "probe_steps", probe_steps, low=0)
     check_int("search", "seed", seed, low=0)
     check_int("search", "latency_batch_size", latency_batch_size, low=1)
     train, held = _split(model, data, validation_data)
@@ -295,22 +308,29 @@ def search(model: keras.Model, data, *, objective: str = "size",
     fine_tune = FineTune(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                          distill=True, seed=seed) if epochs else None
     probe = _subset(held, probe_samples)
-    rise = _loss_rises(model, space, probe, progress)
+    recover = None
+    if fine_tune is not None and probe_steps and space.probes_recover:
+        per_epoch = math.ceil(example_count(model_inputs(train)) / batch_size)
+        recover = dataclasses.replace(fine_tune, epochs=1, verbose=False,
+                                      steps_per_epoch=min(probe_steps, per_epoch))
+    rise = _loss_rises(model, space, probe, progress, train, recover)
     caps = {}  # dimension -> the deepest level index a new path may give it
+    origin = space.start()  # where the path starts: the deepest levels known within budget
     path = _greedy_path(space, rise)
     candidates, chosen, kept = [], None, None  # kept: the chosen candidate's model
     good, bad = None, None  # path points: the deepest within budget, the first outside it
     for round_ in range(1, rounds + 1):
-        point = _next_point(space, path, good, bad)
-        if point is None and good is None and bad == 0:
-            # Even the path's first move lost too much: the probes misjudged it. Plan again
-            # with that move ruled out (its dimension held one level short of it).
-            moved, level = next((d, v) for d, v in path[0].items()
-                                if v != space.choices[d][0])
+        point = _next_point(space, origin, path, good, bad)
+        if point is None and bad is not None:
+            # The move into the first point outside the budget lost too much from the
+            # deepest point within it: the probes misjudged it. Rule it out (its dimension
+            # held one level short of it) and plan again from that point.
+            origin = origin if good is None else path[good]
+            moved, level = next((d, v) for d, v in path[bad].items() if v != origin[d])
             caps[moved] = space.choices[moved].index(level) - 1
-            # Every point tried so far lost too much, so the new path's deeper points
-            # likely do too: try its first move, the least compression left.
-            path, bad = _greedy_path(space, rise, caps), None
+            path, good, bad = _greedy_path(space, rise, caps, origin), None, None
+            # Every point tried past the origin lost too much, so the new path's deeper
+            # points likely do too: try its first move, the least compression left.
             point = 0 if path else None
         if point is None:
             break
@@ -348,7 +368,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
         held_out_examples=example_count(x_held),
         loss_rise={p: tuple(zip(space.choices[p], r)) for p, r in rise.items()},
         candidates=tuple(candidates),
-        chosen=chosen)
+        chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0)
     return (copy_model(model) if kept is None else kept), report
 
 
@@ -358,6 +378,7 @@ class _Space:
     objective; and the recipe for a choice of levels."""
 
     probes_need_data = False
+    probes_recover = False  # whether a probe is fine-tuned before its loss is measured
     choices: dict  # dimension -> its levels
 
     def start(self) -> dict:
@@ -454,15 +475,15 @@ class _LatencySpace(_Space):
     table); a candidate's estimate adds those savings, and each candidate is timed whole.
     """
 
-    probes_need_data = True
+    probes_need_data = probes_recover = True
     CHANNELS = "channels"
 
     def __init__(self, model, x, batch_size: int):
         self.x, self.batch_size = x, batch_size
         self.choices = {block.merge: ("keep", "remove") for block in residual_blocks(model)}
         self.choices[self.CHANNELS] = CHANNEL_RATIOS
-        folded, _ = compress(model, Fold(), verbose=False)
-        self.base = self.measure(folded)
+        self.folded, _ = compress(model, Fold(), verbose=False)
+        self.base = self.measure(self.folded)
         self.saved = {}
 
     def probe(self, path, level):
@@ -473,7 +494,15 @@ class _LatencySpace(_Space):
         return [first, Fold()]
 
     def observe(self, path, level, model) -> None:
-        self.saved[path, level] = max(self.base - self.measure(model), 0)
+        self.saved[path, level] = max(self.saving(model), 0)
+
+    def saving(self, model) -> float:
+        """What `model` saves against the original folded, both timed in turns: the
+        difference of two timings apart drifts with the machine by more than a small
+        level saves."""
+        timed = latency_in_turns([self.folded, model], [self.x, self.x],
+                                 batch_sizes=(self.batch_size,), runs=LATENCY_RUNS)
+        return 1000 * (timed[0][0].median_ms - timed[1][0].median_ms)
 
     def cost(self, path, level) -> float:
         """Minus the time the level saves, timed alone (none for an untouched level)."""
@@ -512,6 +541,9 @@ class _MacsSpace(_LatencySpace):
     def measure(self, model) -> int:
         return macs(model).total
 
+    def saving(self, model) -> float:
+        return self.base - self.measure(model)
+
 
 def _split(model, data, validation_data):
     """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
@@ -548,34 +580,41 @@ def _subset(data, limit: int):
     return model_inputs(data, limit), np.asarray(labels_of(data))[:limit]
 
 
-def _loss_rises(model, space, probe, progress) -> dict:
-    """Per dimension, the held-out loss rise at each level with that one alone compressed,
-    made non-decreasing along the levels (a deeper level never counts as cheaper)."""
+def _loss_rises(model, space, probe, progress, train=None, recover=None) -> dict:
+    """Per dimension, the held-out loss rise at each level with that one alone compressed
+    (and then fine-tuned on `train` with `recover`, a `FineTune`, if given), made
+    non-decreasing along the levels (a deeper level never counts as cheaper)."""
     x, y = probe
     loss = task_loss(model, y)
     base = _loss(loss, y, predict(model, x))
     work = [(path, level) for path, levels in space.choices.items() for level in levels]
     measured = {}
-    for path, level in counting(progress, "search: probing layers one at a time", work,
+    title = "search: probing layers one at a time" + (
+        f", each fine-tuned {recover.steps_per_epoch} steps" if recover else "")
+    for path, level in counting(progress, title, work,
                                 lambda item: f"{item[0]} at {_level_text(item[1])}"):
         steps = space.probe(path, level)
         if not steps:
             measured[path, level] = 0.0
             continue
-        alone, _ = compress(model, steps, data=probe if space.probes_need_data else None,
-                            fidelity_samples=0, verbose=False)
+        if recover:  # BatchNorm's moving averages lag a short fine-tune: estimated anew
+            steps = [dataclasses.replace(steps[0], reestimate_batchnorm=True), *steps[1:]]
+        data = train if recover else (probe if space.probes_need_data else None)
+        alone, _ = compress(model, steps, data=data, fine_tune=recover, fidelity_samples=0,
+                            verbose=False)
         space.observe(path, level, alone)
         measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
     return {path: list(np.maximum.accumulate([measured[path, lv] for lv in levels]))
             for path, levels in space.choices.items()}
 
 
-def _greedy_path(space, rise, caps=None) -> list[dict]:
-    """The allocation after each greedy move, from one move to every dimension at its
-    deepest level (or at its cap: `caps` maps a dimension to the deepest level index it may
-    take)."""
+def _greedy_path(space, rise, caps=None, start=None) -> list[dict]:
+    """The allocation after each greedy move from `start` (default: every dimension
+    untouched), from one move to every dimension at its deepest level (or at its cap: `caps`
+    maps a dimension to the deepest level index it may take)."""
     caps = caps or {}
-    index = {path: 0 for path in space.choices}
+    start = start or space.start()
+    index = {path: space.choices[path].index(start[path]) for path in space.choices}
     path = []
     while True:
         best = None
@@ -592,15 +631,15 @@ def _greedy_path(space, rise, caps=None) -> list[dict]:
         path.append({layer: space.choices[layer][k] for layer, k in index.items()})
 
 
-def _next_point(space, path, good, bad) -> int | None:
+def _next_point(space, origin, path, good, bad) -> int | None:
     """The point halfway, on a log scale of the estimate, between the deepest point within
-    budget (or the start) and the first one outside it (or the end); None when they are
-    adjacent."""
+    budget (or the path's origin) and the first one outside it (or the end); None when they
+    are adjacent."""
     low = -1 if good is None else good
     high = len(path) if bad is None else bad
     if high - low <= 1:
         return None
-    size_low = space.estimate(space.start() if low < 0 else path[low])
+    size_low = space.estimate(origin if low < 0 else path[low])
     if bad is None:
         size_high = space.estimate(path[-1]) / 2  # aim past the end: the end gets tried
     else:

@@ -98,8 +98,9 @@ class Technique(Options):
     # Keyword-only, so it follows every technique's own options: `Prune(0.9)` still works.
     reestimate_batchnorm: bool | None = dataclasses.field(
         default=None, kw_only=True, metadata={"help": (
-            "move BatchNorm statistics by the shift this step caused on data; default: with "
-            "data and no fine-tuning, kept only if the outputs get closer to the original")})
+            "move BatchNorm statistics by the shift this step caused on data (estimate them "
+            "anew after fine-tuning); default: with data and no fine-tuning, kept only if the "
+            "outputs get closer to the original")})
 
     def reestimates_batchnorm(self, has_data: bool, trains: bool) -> bool:
         """Whether BatchNorm statistics are recomputed on calibration data after this step."""

@@ -194,7 +194,7 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
 
 
 def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
-                      only_if_closer: bool = True) -> str | None:
+                      only_if_closer: bool = True, trained: bool = False) -> str | None:
     """Re-estimates `model`'s BatchNorm statistics on `x` relative to `original` (see
     `reestimate_batchnorm`): a step that moved weights without training shifts every later
     layer's input statistics (one-shot pruning of a pretrained BN network otherwise loses
@@ -203,6 +203,10 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
     Args:
         only_if_closer: keep the new statistics only if they bring the outputs on `x` closer
             to `original`'s; else restore the old ones.
+        trained: the step fine-tuned the model, so its statistics are moving averages over
+            training and no longer the original's: they are estimated anew on `x` (after a
+            short fine-tune they still hold much of what they were before it: 0.99^100 of
+            it after 100 steps at Keras' default momentum).
 
     Returns:
         One line for the report (None if the model has no BatchNormalization).
@@ -214,7 +218,7 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
              for v in (l.moving_mean, l.moving_variance)]
     reference = _outputs(original, x)
     before = _relative_error(reference, _outputs(model, x))
-    reestimate_batchnorm(model, x, reference=original)
+    reestimate_batchnorm(model, x, reference=None if trained else original)
     after = _relative_error(reference, _outputs(model, x))
     count = f"{example_count(x)} examples, {len(layers)} layer{'s' if len(layers) > 1 else ''}"
     if only_if_closer and after >= before:

@@ -7,7 +7,7 @@ import pytest
 
 import kshrink
 from kshrink.analysis import search
-from kshrink.analysis.search import BIT_WIDTHS, SPARSITIES, _greedy_path
+from kshrink.analysis.search import BIT_WIDTHS, SPARSITIES, _greedy_path, _Plan
 from kshrink.errors import KshrinkError
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy
@@ -204,3 +204,32 @@ def test_a_path_planned_from_a_point_moves_on_from_it():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
     path = _greedy_path(_Space(), rises, caps={"big": 1}, start={"big": 0.5, "small": 0.0})
     assert path == [{"big": 0.5, "small": 0.5}, {"big": 0.5, "small": 0.9}]
+
+
+def tried(within_budget, rounds=6):
+    """The levels a plan over `_Space` tries, each judged by `within_budget(levels)`."""
+    plan, seen = _Plan(_Space(), {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}), []
+    for _ in range(rounds):
+        levels = plan.next()
+        if levels is None:
+            return seen
+        seen.append(levels)
+        plan.tell(within_budget(levels))
+    return seen
+
+
+def test_a_misjudged_first_move_is_ruled_out_and_the_path_planned_again():
+    # The probes call `big` free at 90%; it keeps the budget only up to 50%.
+    assert tried(lambda levels: levels["big"] <= 0.5) == [
+        {"big": 0.9, "small": 0.0},  # the first move, outside
+        {"big": 0.5, "small": 0.0},  # the new path's first move, within
+        {"big": 0.5, "small": 0.9},  # the end of the new path, within: nothing is left
+    ]
+
+
+def test_a_misjudged_move_past_a_good_point_is_ruled_out_from_there():
+    assert tried(lambda levels: levels["small"] <= 0.5) == [
+        {"big": 0.9, "small": 0.0},  # within
+        {"big": 0.9, "small": 0.9},  # outside
+        {"big": 0.9, "small": 0.5},  # within, next to the one outside: no move is left
+    ]

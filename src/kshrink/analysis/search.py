@@ -314,27 +314,12 @@ def search(model: keras.Model, data, *, objective: str = "size",
         recover = dataclasses.replace(fine_tune, epochs=1, verbose=False,
                                       steps_per_epoch=min(probe_steps, per_epoch))
     rise = _loss_rises(model, space, probe, progress, train, recover)
-    caps = {}  # dimension -> the deepest level index a new path may give it
-    origin = space.start()  # where the path starts: the deepest levels known within budget
-    path = _greedy_path(space, rise)
+    plan = _Plan(space, rise)
     candidates, chosen, kept = [], None, None  # kept: the chosen candidate's model
-    good, bad = None, None  # path points: the deepest within budget, the first outside it
     for round_ in range(1, rounds + 1):
-        point = _next_point(space, origin, path, good, bad)
-        if point is None and bad is not None:
-            # The move into the first point outside the budget lost too much from the
-            # deepest point within it: the probes misjudged it. Rule it out (its dimension
-            # held one level short of it) and plan again from that point.
-            origin = origin if good is None else path[good]
-            moved, level = next((d, v) for d, v in path[bad].items() if v != origin[d])
-            caps[moved] = space.choices[moved].index(level) - 1
-            path, good, bad = _greedy_path(space, rise, caps, origin), None, None
-            # Every point tried past the origin lost too much, so the new path's deeper
-            # points likely do too: try its first move, the least compression left.
-            point = 0 if path else None
-        if point is None:
+        levels = plan.next()
+        if levels is None:
             break
-        levels = path[point]
         recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
         say = within(progress, f"search: round {round_}/{rounds}")
         if say:
@@ -355,12 +340,10 @@ def search(model: keras.Model, data, *, objective: str = "size",
                         f"({100 * (measured - accuracy):+.2f} pp): "
                         + ("within" if candidate.within_budget else "outside") + " the budget",
                         result=True))
-        if candidate.within_budget:
-            good = point
-            if chosen is None or candidate.objective < candidates[chosen].objective:
-                chosen, kept = len(candidates) - 1, small
-        else:
-            bad = point
+        plan.tell(candidate.within_budget)
+        if candidate.within_budget and (
+                chosen is None or candidate.objective < candidates[chosen].objective):
+            chosen, kept = len(candidates) - 1, small
     report = SearchReport(
         objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
         original_objective=space.measure(model), float_bytes=weight_stats(model).bytes,
@@ -606,6 +589,46 @@ def _loss_rises(model, space, probe, progress, train=None, recover=None) -> dict
         measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
     return {path: list(np.maximum.accumulate([measured[path, lv] for lv in levels]))
             for path, levels in space.choices.items()}
+
+
+class _Plan:
+    """Which levels to try next: points on the greedy path, bisected (see the module's
+    docstring, step 4), and a new path when a move between two neighbours proves misjudged."""
+
+    def __init__(self, space, rise):
+        self.space, self.rise = space, rise
+        self.caps = {}  # dimension -> the deepest level index a new path may give it
+        self.origin = space.start()  # where the path starts: the deepest levels known good
+        self.path = _greedy_path(space, rise)
+        self.good = self.bad = None  # path points: the deepest within budget, the first not
+        self.point = None
+
+    def next(self) -> dict | None:
+        """The levels to try next; None when nothing is left to try."""
+        point = _next_point(self.space, self.origin, self.path, self.good, self.bad)
+        if point is None and self.bad is not None:
+            # The move into the first point outside the budget lost too much from the
+            # deepest point within it: the probes misjudged it. Rule it out (its dimension
+            # held one level short of it) and plan again from that point.
+            if self.good is not None:
+                self.origin = self.path[self.good]
+            moved, level = next((d, v) for d, v in self.path[self.bad].items()
+                                if v != self.origin[d])
+            self.caps[moved] = self.space.choices[moved].index(level) - 1
+            self.path = _greedy_path(self.space, self.rise, self.caps, self.origin)
+            self.good = self.bad = None
+            # Every point tried past the origin lost too much, so the new path's deeper
+            # points likely do too: try its first move, the least compression left.
+            point = 0 if self.path else None
+        self.point = point
+        return None if point is None else self.path[point]
+
+    def tell(self, within_budget: bool) -> None:
+        """What the levels `next` gave measured."""
+        if within_budget:
+            self.good = self.point
+        else:
+            self.bad = self.point
 
 
 def _greedy_path(space, rise, caps=None, start=None) -> list[dict]:

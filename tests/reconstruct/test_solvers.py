@@ -4,7 +4,14 @@ their results are exactly what they claim: on the integer grid, at the sparsity,
 import numpy as np
 import pytest
 
-from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
+from kshrink.reconstruct.solvers import (
+    choose_scales,
+    gptq,
+    gptq_codebook,
+    refit_centroids,
+    sparsegpt,
+    wanda,
+)
 
 ROWS, COLUMNS, SAMPLES = 192, 24, 2048
 
@@ -65,3 +72,33 @@ def test_rows_whose_input_is_always_zero_are_handled(problem):
     scales = np.repeat(choose_scales(w, 127, None), ROWS, axis=0)[None].astype("float64")
     q = gptq(w[None], h, scales, 127)[0]
     assert np.isfinite(q).all() and (q[5] == 0).all()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_refit_centroids_solve_the_least_squares_of_the_assignment(problem, pooled):
+    x, w, h = problem
+    k = 8
+    start = np.quantile(w, np.linspace(0.05, 0.95, k), axis=0).T  # (columns, k)
+    if pooled:
+        start = np.broadcast_to(np.quantile(w, np.linspace(0.05, 0.95, k)), start.shape)
+    start = start.astype("float32").astype("float64")
+    swept = gptq_codebook(w[None], h, start[None].copy())[0]
+    shared, centroids = (part[0] for part in refit_centroids(w[None], h, swept[None],
+                                                             start[None], pooled=pooled))
+    # Every weight stays on the centroid it took, the centroids moved to fit X W better.
+    index = np.abs(swept[..., None] - start[None]).argmin(axis=2)
+    np.testing.assert_array_equal(shared, np.take_along_axis(centroids[None], index[..., None],
+                                                             axis=2)[..., 0])
+    assert relative_error(x, w, shared) < relative_error(x, w, swept)
+    # Exactly the least squares over the centroids, per column (or over all of them).
+    onehot = (index[..., None] == np.arange(k)).astype("float64")  # (rows, columns, k)
+    if pooled:
+        design = np.einsum("sr,rck->sck", x, onehot).transpose(1, 0, 2).reshape(-1, k)
+        best = np.linalg.lstsq(design, (x @ w).T.reshape(-1), rcond=None)[0]
+        np.testing.assert_allclose(centroids, np.broadcast_to(best, centroids.shape),
+                                   rtol=1e-4, atol=1e-6)
+    else:
+        for c in range(COLUMNS):
+            used = onehot[:, c].any(axis=0)
+            best = np.linalg.lstsq(x @ onehot[:, c][:, used], x @ w[:, c], rcond=None)[0]
+            np.testing.assert_allclose(centroids[c, used], best, rtol=1e-4, atol=1e-6)

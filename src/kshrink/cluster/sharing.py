@@ -34,7 +34,13 @@ from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
 from kshrink.reconstruct import calibration_inputs, input_energy, reconstruct, unsupported
 from kshrink.reconstruct.rows import matrix_axes
-from kshrink.reconstruct.solvers import energy_matrix, gptq_codebook, grouped, ungrouped
+from kshrink.reconstruct.solvers import (
+    energy_matrix,
+    gptq_codebook,
+    grouped,
+    refit_centroids,
+    ungrouped,
+)
 
 GRANULARITIES = ("layer", "channel")
 METHODS = ("kmeans", "gptq")
@@ -172,9 +178,9 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
     """Shares the weights of each of `layers` that reconstruction takes, in place and in graph
     order, on calibration data: the layer is solved toward the original model's output (see
     `kshrink.reconstruct`), its codebooks are k-means of that target weighted by input energy,
-    and the GPTQ sweep moves each weight to a centroid, spreading the error over the weights
-    not yet shared. Returns the names of the layers solved; the others are clustered as
-    usual."""
+    the GPTQ sweep moves each weight to a centroid, spreading the error over the weights
+    not yet shared, and the centroids are re-fitted by least squares to the weights that took
+    them. Returns the names of the layers solved; the others are clustered as usual."""
     x = calibration_inputs(ctx.data, config.calibration_samples, "cluster: method gptq")
     targets = [(layer, layer) for layer in layers if unsupported(layer) is None]
 
@@ -200,7 +206,10 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
             centroids = np.repeat(centroids, matrix.shape[1], axis=0)
         # float32 centroids, so that the stored kernel holds exactly these values
         centroids = centroids.astype("float32").astype("float64").reshape(g, per_group, -1)
-        return gptq_codebook(weights, hessian, centroids, grouped(keep.astype("float64"), g))
+        keep = grouped(keep.astype("float64"), g)
+        shared = gptq_codebook(weights, hessian, centroids, keep)
+        return refit_centroids(weights, hessian, shared, centroids, keep,
+                               pooled=config.granularity == "layer")[0]
 
     if targets:
         reconstruct(model, x, targets, solve, original=copy_model(model),
@@ -231,7 +240,8 @@ class Cluster(Technique):
             `calibration_samples` examples of `data`, each layer solved toward the original
             model's output, its codebooks weighted k-means of that target, and each weight
             moved to a centroid by the GPTQ sweep, which spreads the error over the weights
-            not yet shared (Dense and convolutions; others by k-means). Default: gptq when
+            not yet shared, then the centroids re-fitted by least squares on the layer's
+            inputs (Dense and convolutions; others by k-means). Default: gptq when
             data is given and no fine-tuning follows, else kmeans.
         calibration_samples: examples of `data` used to weigh and to solve.
         layers, exclude: selections of layers to consider / to leave alone.

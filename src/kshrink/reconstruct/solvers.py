@@ -144,6 +144,35 @@ def gptq_codebook(weights: np.ndarray, hessian: np.ndarray, centroids: np.ndarra
     return _ordered_sweep(weights, hessian, snap, damp, act_order)
 
 
+def refit_centroids(target: np.ndarray, hessian: np.ndarray, shared: np.ndarray,
+                    centroids: np.ndarray, keep: np.ndarray | None = None, *,
+                    pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`(shared weights, centroids)`: the centroids (G, c, k) that, with every weight of
+    `shared` (G, r, c) left on the centroid it took, bring `X Q` closest to `X target`, and
+    the weights on them. Per column, the least squares `(M^T H M) c = M^T H w` over its
+    assignment `M` (r, k); `pooled`: one codebook for all columns (their systems summed). A
+    centroid no weight took keeps its value. The GPTQ sweep chooses the assignment with the
+    centroids fixed; this re-fits them with it fixed. Centroids are rounded to float32, the
+    values a stored kernel holds."""
+    k = centroids.shape[2]
+    index = np.abs(shared[..., None] - centroids[:, None]).argmin(axis=3)  # (G, r, c)
+    onehot = (index[..., None] == np.arange(k)).astype("float64")  # (G, r, c, k)
+    if keep is not None:
+        onehot *= keep[..., None]
+    hm = np.einsum("gst,gtck->gsck", hessian, onehot)
+    a = np.einsum("gsci,gscj->gcij", onehot, hm)
+    b = np.einsum("gsck,gsc->gck", hm, target)
+    if pooled:
+        a = np.broadcast_to(a.sum(axis=(0, 1)), a.shape)
+        b = np.broadcast_to(b.sum(axis=(0, 1)), b.shape)
+    # A ridge toward the old centroids: unused ones (a zero row) stay where they were.
+    ridge = 1e-9 * np.maximum(np.einsum("gcii->gc", a).mean(), 1e-30)
+    fitted = np.linalg.solve(a + ridge * np.eye(k), (b + ridge * centroids)[..., None])[..., 0]
+    fitted = fitted.astype("float32").astype("float64")
+    values = np.take_along_axis(fitted[:, None], index[..., None], axis=3)[..., 0]
+    return (values if keep is None else values * keep), fitted
+
+
 def _ordered_sweep(weights, hessian, snap, damp: float, act_order: bool) -> np.ndarray:
     """`_sweep` with `snap((group, row) index arrays, values (G, c)) -> (G, c)` compressing
     one row of each group, rows taken by decreasing Hessian diagonal if `act_order`."""

@@ -47,7 +47,7 @@ from kshrink.measure.accuracy import top1_accuracy
 from kshrink.measure.latency import latency_in_turns
 
 UNIFORM = (0.8, 0.9, 0.95, 0.97)
-RATIOS = (0.125, 0.25, 0.5, 0.75)
+RATIOS = (0.125, 0.25, 0.375, 0.5, 0.75)
 TIMING_ROUNDS = 7
 BUDGETS = {"lenet5": 0.3, "resnet_fashion": 1.0}  # pp of held-out accuracy
 DATASETS = {"lenet5": "mnist", "resnet_fashion": "fashion_mnist"}
@@ -154,7 +154,7 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
     started = time.perf_counter()
     small, report = kshrink.search(model, train, validation_data=held, objective="latency",
                                    max_accuracy_drop=budget, epochs=EPOCHS, batch_size=BATCH,
-                                   learning_rate=LATENCY_LR, seed=SEED, rounds=6,
+                                   learning_rate=LATENCY_LR, seed=SEED, rounds=8,
                                    progress=print)
     print(report.to_text())
     tried = [dict(model=name, method=f"search candidate {i + 1}", budget_pp=budget,

@@ -368,7 +368,8 @@ def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, t
     out = tmp_path / "s.keras"
     for extra, message in ((["--recipe-out", tmp_path / "r.txt"], "name it .yaml"),
                            (["--objective", "speed"], "invalid choice"),
-                           (["--epochs", "-1"], "epochs")):
+                           (["--epochs", "-1"], "epochs"),
+                           (["--probe-steps", "-1"], "probe_steps")):
         code, _, err = run_cli(capsys, "search", digits_mlp, "--data", "digits",
                                "--max-accuracy-drop", 1, "-o", out, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -120,6 +120,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch-size", type=_positive, default=1,
                    help="latency: the batch size it is timed at")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
+    p.add_argument("--probe-steps", type=int, default=100,
+                   help="latency, macs: steps each block or channel probe is fine-tuned for "
+                        "before its loss counts (0: at once)")
     p.add_argument("--seed", type=int, default=0, help="seeds every fine-tune")
     p.add_argument("-o", "--output", required=True,
                    help="output file: .keras (plain Keras) or .kshrink (compact)")
@@ -237,8 +240,9 @@ def _search(args) -> int:
         small, report = search(model, data.train, objective=args.objective,
                                max_accuracy_drop=args.max_accuracy_drop, epochs=args.epochs,
                                batch_size=args.batch_size, learning_rate=args.learning_rate,
-                               rounds=args.rounds, seed=args.seed,
-                               latency_batch_size=args.latency_batch_size, progress=say)
+                               rounds=args.rounds, probe_steps=args.probe_steps,
+                               seed=args.seed, latency_batch_size=args.latency_batch_size,
+                               progress=say)
     if args.format == "json":
         import json
 

@@ -119,6 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning initial learning rate (cosine decay)")
     p.add_argument("--latency-batch-size", type=_positive, default=1,
                    help="latency: the batch size it is timed at")
+    p.add_argument("--latency-runtime", choices=("keras", "litert", "onnx"), default="keras",
+                   help="latency: timed in Keras (predict_on_batch) or exported (float) and "
+                        "timed in the deployment runtime, LiteRT or ONNX Runtime")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
     p.add_argument("--probe-steps", type=int, default=100,
                    help="latency, macs: steps each block or channel probe is fine-tuned for "
@@ -242,7 +245,7 @@ def _search(args) -> int:
                                batch_size=args.batch_size, learning_rate=args.learning_rate,
                                rounds=args.rounds, probe_steps=args.probe_steps,
                                seed=args.seed, latency_batch_size=args.latency_batch_size,
-                               progress=say)
+                               latency_runtime=args.latency_runtime, progress=say)
     if args.format == "json":
         import json
 

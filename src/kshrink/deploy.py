@@ -44,6 +44,7 @@ FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
+RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,32 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     return ExportReport(path, fmt, quantization, path.stat().st_size, len(x),
                         float(np.max(np.abs(outputs - expected))), agreement, len(carried),
                         note)
+
+
+def check_runtime(caller: str, runtime: str) -> None:
+    """A one-line error, before any work, for a runtime that is unknown or that this backend
+    cannot export to."""
+    if runtime not in RUNTIMES:
+        raise KshrinkError(f"{caller}: runtime must be one of {', '.join(RUNTIMES)}. "
+                           f"Received: {runtime!r}")
+    if runtime != "keras" and keras.backend.backend() not in BACKENDS[runtime]:
+        raise KshrinkError(f"{caller}: the {runtime} runtime needs an export, which runs on "
+                           f"the {' or '.join(BACKENDS[runtime])} backend: set KERAS_BACKEND="
+                           f"tensorflow")
+
+
+def in_runtime(model: keras.Model, runtime: str, data=None):
+    """`model` as `runtime` runs it: the model itself for `"keras"`; else its float export
+    (through a temporary file) loaded as a `Runtime`, which `kshrink.measure.latency` times
+    like a Keras model. `data`: check inputs for the export, as `export` takes them."""
+    check_runtime("in_runtime", runtime)
+    if runtime == "keras":
+        return model
+    suffix = next(s for s, fmt in FORMATS.items() if fmt == runtime)
+    with tempfile.TemporaryDirectory() as work:
+        report = export(model, Path(work) / f"model{suffix}", quantization="none",
+                        data=data, samples=64)
+        return Runtime(report.path)  # holds the file in memory: it may go
 
 
 def _inputs(model, data, samples: int) -> np.ndarray:
@@ -393,6 +420,7 @@ _ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
 
 class Runtime:
     """An exported file loaded in its runtime: `runtime(x)` returns the first output as NumPy.
+    The file is read whole when it loads; the runtime does not need it after.
 
     `predict_on_batch` is the same call, so `kshrink.measure.latency(runtime, x)` times it
     like a Keras model.
@@ -404,7 +432,7 @@ class Runtime:
         if fmt == "litert":
             from ai_edge_litert.interpreter import Interpreter
 
-            self._interpreter = Interpreter(model_path=str(self.path))
+            self._interpreter = Interpreter(model_content=self.path.read_bytes())
             (self._input,) = self._interpreter.get_input_details()
             (self._output,) = self._interpreter.get_output_details()
             self._shape = None

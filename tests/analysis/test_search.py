@@ -7,7 +7,7 @@ import pytest
 
 import kshrink
 from kshrink.analysis import search
-from kshrink.analysis.search import BIT_WIDTHS, SPARSITIES, _greedy_path, _Plan
+from kshrink.analysis.search import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES, _greedy_path, _Plan
 from kshrink.errors import KshrinkError
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy
@@ -117,6 +117,8 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(learning_rate=0.0), "learning_rate"),
     (dict(data="inputs only"), "class labels"),
     (dict(data="a stream"), "must be arrays"),
+    (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
+    (dict(latency_runtime="onnx"), "objective 'size' is not timed"),
 ])
 def test_bad_input_is_one_line(classifier, digits, call, message):
     from conftest import Batches
@@ -173,6 +175,35 @@ def test_latency_and_macs_searches_remove_blocks_or_channels(cnn, digits, object
     if levels["channels"]:
         assert small.get_layer("fc1").units < 32
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in small.layers)
+
+
+def test_a_latency_search_times_every_model_in_the_runtime_it_names(cnn, digits, monkeypatch):
+    if keras.backend.backend() not in ("tensorflow", "torch"):
+        with pytest.raises(KshrinkError, match="KERAS_BACKEND=tensorflow"):
+            search(cnn, digits.train, objective="latency", latency_runtime="onnx")
+        return
+    import importlib
+
+    from kshrink.deploy import Runtime
+
+    module = importlib.import_module("kshrink.analysis.search")  # the package names the function
+
+    timed, exported = [], module.in_runtime
+
+    def in_runtime(*args):
+        timed.append(exported(*args))
+        return timed[-1]
+
+    monkeypatch.setattr(module, "in_runtime", in_runtime)
+    _, report = search(cnn, digits.train, objective="latency", max_accuracy_drop=5.0,
+                       epochs=1, batch_size=64, rounds=1, probe_steps=0,
+                       latency_runtime="onnx")
+    assert report.latency_runtime == "onnx" and "ONNX Runtime" in report.objective_label
+    # The folded original, one model per probe, the candidate and the original: all exported.
+    probes = sum(len(levels) - 1 for levels in (("keep", "remove"), CHANNEL_RATIOS))
+    assert len(timed) == 1 + probes + 1 + 1
+    assert all(isinstance(runner, Runtime) and runner.format == "onnx" for runner in timed)
+    assert report.original_objective > 0 and report.candidates[0].objective > 0
 
 
 def test_structural_probes_are_fine_tuned_before_their_loss_counts(cnn, digits):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import kshrink
-from kshrink.deploy import Runtime, export
+from kshrink.deploy import Runtime, export, in_runtime
+from kshrink.errors import KshrinkError
 from kshrink.measure import latency
 
 on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
@@ -37,6 +38,34 @@ def test_float_export_reproduces_keras(trained, digits, tmp_path, suffix):
     x = digits.test[0][:5].astype("float64")  # any batch size, converted to the input dtype
     np.testing.assert_allclose(runtime(x), trained.predict(x, verbose=0), atol=1e-4 * scale)
     assert all(t.median_ms > 0 for t in latency(runtime, x, runs=3))
+
+
+@pytest.mark.parametrize("runtime", ["litert", "onnx"])
+def test_a_model_in_its_runtime_computes_what_keras_does_with_no_file_left(
+        trained, digits, runtime, tmp_path, monkeypatch):
+    if keras.backend.backend() not in {"litert": ("tensorflow",),
+                                       "onnx": ("tensorflow", "torch")}[runtime]:
+        with pytest.raises(KshrinkError, match=f"the {runtime} runtime needs an export"):
+            in_runtime(trained, runtime)
+        return
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    runner = in_runtime(trained, runtime, digits.test[0][:64])
+    assert isinstance(runner, Runtime) and runner.format == runtime
+    # The export went with its temporary folder (TensorFlow leaves autograph files there).
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".tflite", ".onnx")] == []
+    x = digits.test[0][:8]
+    scale = np.abs(trained.predict(x, verbose=0)).max()
+    np.testing.assert_allclose(runner.predict_on_batch(x), trained.predict(x, verbose=0),
+                               atol=1e-4 * scale)
+
+
+def test_keras_is_a_runtime_and_an_unknown_one_is_one_line(trained):
+    assert in_runtime(trained, "keras") is trained
+    with pytest.raises(KshrinkError, match="runtime must be one of keras, litert, onnx"):
+        in_runtime(trained, "tvm")
 
 
 @on_tensorflow

@@ -59,6 +59,7 @@ from kshrink.core.recipe import Recipe
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_choice, check_int, check_range
 from kshrink.core.training import FineTune, task_loss
+from kshrink.deploy import check_runtime, in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.fold import Fold
 from kshrink.layers import keras_quantizes
@@ -74,6 +75,7 @@ from kshrink.render import Table
 
 OBJECTIVES = ("size", "memory", "latency", "macs")
 UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
+RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
@@ -138,6 +140,7 @@ class SearchReport:
     candidates: tuple[Candidate, ...]
     chosen: int | None
     probe_steps: int = 0  # optimizer steps each probe was fine-tuned for before its loss
+    latency_runtime: str = "keras"  # where `latency` was timed
 
     @property
     def best(self) -> Candidate | None:
@@ -160,8 +163,10 @@ class SearchReport:
 
     @property
     def objective_label(self) -> str:
+        latency = "latency, us" + ("" if self.latency_runtime == "keras"
+                                   else f" ({RUNTIME_NAMES[self.latency_runtime]})")
         return {"size": "file bytes (.kshrink)", "memory": "weight bytes in memory",
-                "latency": "latency, us", "macs": "MACs per example"}[self.objective]
+                "latency": latency, "macs": "MACs per example"}[self.objective]
 
     def plot_points(self) -> tuple[str, list]:
         """`(label, [(objective, accuracy, chosen), ...])`, as `kshrink.report.html(front=)`
@@ -224,7 +229,7 @@ class SearchReport:
             "float_bytes": self.float_bytes, "training_examples": self.training_examples,
             "held_out_examples": self.held_out_examples,
             "loss_rise": {k: [list(pair) for pair in v] for k, v in self.loss_rise.items()},
-            "probe_steps": self.probe_steps,
+            "probe_steps": self.probe_steps, "latency_runtime": self.latency_runtime,
             "chosen": self.chosen,
             "candidates": [{"levels": c.levels, "recipe": c.recipe.to_data(),
                             "objective": c.objective, "accuracy": c.accuracy,
@@ -237,7 +242,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
            batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
            probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
-           latency_batch_size: int = 1, progress: Progress | None = None):
+           latency_batch_size: int = 1, latency_runtime: str = "keras",
+           progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
 
@@ -270,6 +276,11 @@ def search(model: keras.Model, data, *, objective: str = "size",
             bit-width probes are always measured at once.
         seed: seeds every fine-tune; the same seed and data give the same result.
         latency_batch_size: the batch size `latency` is timed at.
+        latency_runtime: where `latency` is timed: `"keras"` (`predict_on_batch`), or the
+            runtime the model will be deployed to, `"litert"` or `"onnx"`: every probe and
+            candidate is then exported (float) and timed there (`kshrink.deploy`). Keras
+            adds a fixed cost per call (about 0.5 ms on 2 cores) that a deployment runtime
+            does not, and runtimes time channel counts differently.
         progress: told of each probe and each round, e.g. `print` or
             `kshrink.core.progress.Console()`.
 
@@ -287,6 +298,11 @@ def search(model: keras.Model, data, *, objective: str = "size",
     check_int("search", "probe_steps", probe_steps, low=0)
     check_int("search", "seed", seed, low=0)
     check_int("search", "latency_batch_size", latency_batch_size, low=1)
+    if latency_runtime != "keras" and objective != "latency":
+        raise KshrinkError(f"search: latency_runtime times the latency objective; objective "
+                           f"{objective!r} is not timed. Received: "
+                           f"latency_runtime={latency_runtime!r}")
+    check_runtime("search", latency_runtime)
     train, held = _split(model, data, validation_data)
     x_held, y_held = held
     reference = predict(model, x_held)
@@ -300,7 +316,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
     elif objective == "macs":
         space = _MacsSpace(model)
     else:
-        space = _LatencySpace(model, x_held, latency_batch_size)
+        space = _LatencySpace(model, x_held, latency_batch_size, latency_runtime)
     if not space.choices:
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
                            f"{objective}")
@@ -351,7 +367,8 @@ def search(model: keras.Model, data, *, objective: str = "size",
         held_out_examples=example_count(x_held),
         loss_rise={p: tuple(zip(space.choices[p], r)) for p, r in rise.items()},
         candidates=tuple(candidates),
-        chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0)
+        chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0,
+        latency_runtime=latency_runtime)
     return (copy_model(model) if kept is None else kept), report
 
 
@@ -452,7 +469,8 @@ class _MemorySpace(_Space):
 
 class _LatencySpace(_Space):
     """Residual blocks kept or removed, and a share of every layer's channels removed, then
-    BatchNorm folded: what a forward pass at the given batch size takes on this machine.
+    BatchNorm folded: what a forward pass at the given batch size takes on this machine, in
+    Keras or, exported, in the runtime named.
 
     What each level saves is timed once, on the model a probe made (NetAdapt's measured
     table); a candidate's estimate adds those savings, and each candidate is timed whole.
@@ -461,12 +479,13 @@ class _LatencySpace(_Space):
     probes_need_data = probes_recover = True
     CHANNELS = "channels"
 
-    def __init__(self, model, x, batch_size: int):
-        self.x, self.batch_size = x, batch_size
+    def __init__(self, model, x, batch_size: int, runtime: str = "keras"):
+        self.x, self.batch_size, self.runtime = x, batch_size, runtime
         self.choices = {block.merge: ("keep", "remove") for block in residual_blocks(model)}
         self.choices[self.CHANNELS] = CHANNEL_RATIOS
-        self.folded, _ = compress(model, Fold(), verbose=False)
-        self.base = self.measure(self.folded)
+        folded, _ = compress(model, Fold(), verbose=False)
+        self.folded = self.runner(folded)
+        self.base = self.timed(self.folded)
         self.saved = {}
 
     def probe(self, path, level):
@@ -483,7 +502,7 @@ class _LatencySpace(_Space):
         """What `model` saves against the original folded, both timed in turns: the
         difference of two timings apart drifts with the machine by more than a small
         level saves."""
-        timed = latency_in_turns([self.folded, model], [self.x, self.x],
+        timed = latency_in_turns([self.folded, self.runner(model)], [self.x, self.x],
                                  batch_sizes=(self.batch_size,), runs=LATENCY_RUNS)
         return 1000 * (timed[0][0].median_ms - timed[1][0].median_ms)
 
@@ -499,9 +518,16 @@ class _LatencySpace(_Space):
     def estimate_text(self, levels) -> str:
         return f"about {self.estimate(levels):,.0f} us"
 
+    def runner(self, model):
+        """What is timed: the model, or its export loaded in the runtime."""
+        return in_runtime(model, self.runtime, self.x)
+
+    def timed(self, runner) -> int:
+        return round(1000 * latency(runner, self.x, batch_sizes=(self.batch_size,),
+                                    runs=LATENCY_RUNS)[0].median_ms)
+
     def measure(self, model) -> int:
-        timed = latency(model, self.x, batch_sizes=(self.batch_size,), runs=LATENCY_RUNS)
-        return round(1000 * timed[0].median_ms)
+        return self.timed(self.runner(model))
 
     def recipe(self, levels, trains: bool) -> list:
         removed = tuple(sorted(p for p, v in levels.items() if v == "remove"))
@@ -521,7 +547,7 @@ class _MacsSpace(_LatencySpace):
     def estimate_text(self, levels) -> str:
         return f"about {self.estimate(levels):,.0f} MACs"
 
-    def measure(self, model) -> int:
+    def timed(self, model) -> int:
         return macs(model).total
 
     def saving(self, model) -> float:

@@ -416,10 +416,36 @@ def search_section(data):
     ])
 
 
+RUNTIME_NAMES = {"keras": "Keras `predict_on_batch` (TensorFlow)", "onnx": "ONNX Runtime",
+                 "litert": "LiteRT"}
+
+
 def search_latency_section(data):
-    rows, base = [], data["rows"][0]
-    tried = [r for r in data["rows"] if r["method"].startswith("search candidate")]
+    by_runtime = {}
     for r in data["rows"]:
+        by_runtime.setdefault(r.get("runtime", "keras"), []).append(r)
+    first = next(iter(by_runtime.values()))[0]
+    lines = [
+        "### Search for latency",
+        "`benchmarks/search.py --latency [--latency-runtime R]`: "
+        "`kshrink.search(objective='latency', latency_runtime=R)` at batch 1 "
+        f"within {first['budget_pp']:g} pp on the residual CNN (residual blocks removed and a "
+        "channel ratio, BatchNorm folded), against `StructuredPrune(ratio=r, round_to=4)` + "
+        "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, "
+        f"learning rate {first.get('learning_rate', 1e-3):g} with cosine decay, batch 128, "
+        "seed 0, on the training split; the first half of the test split judges the budget, "
+        "the second half scores the result). The search times its probes and candidates in "
+        "runtime R (for LiteRT and ONNX Runtime, each model exported in float); afterwards "
+        "all models are timed in turns in R, each figure the median of 7 rounds of 30 calls."]
+    for runtime, rows_of in by_runtime.items():
+        lines += [f"Timed in {RUNTIME_NAMES[runtime]}:", *_latency_tables(rows_of)]
+    return section(data, lines)
+
+
+def _latency_tables(data_rows):
+    rows, base = [], data_rows[0]
+    tried = [r for r in data_rows if r["method"].startswith("search candidate")]
+    for r in data_rows:
         if r in tried:
             continue
         held = 100 * (r["held_out_accuracy"] - r["baseline_held_out_accuracy"])
@@ -429,26 +455,25 @@ def search_latency_section(data):
                      f"{r['batch1_ms']:.3f} ms", f"{base['batch1_ms'] / r['batch1_ms']:.2f}x",
                      f"{r['batch32_ms']:.3f} ms", f"{base['batch32_ms'] / r['batch32_ms']:.2f}x",
                      f"{r['seconds']:.0f}"))
-    return section(data, [
-        "### Search for latency",
-        "`benchmarks/search.py --latency`: `kshrink.search(objective='latency')` at batch 1 "
-        f"within {base['budget_pp']:g} pp on the residual CNN (residual blocks removed and a "
-        "channel ratio, BatchNorm folded), against `StructuredPrune(ratio=r, round_to=4)` + "
-        "`Fold` at each ratio with the same fine-tune (2 epochs per step, distillation, "
-        f"learning rate {base.get('learning_rate', 1e-3):g} with cosine decay, batch 128, "
-        "seed 0, on the training split; the "
-        "first half of the test split judges the budget, the second half scores the result). "
-        "All models are timed in turns (`predict_on_batch`, TensorFlow), each figure the median of "
-        "7 rounds of 30 calls.",
+    search = [r for r in data_rows if r["method"] == "search"]
+    uniform = [r for r in data_rows if r["method"].startswith("uniform") and r["within_budget"]]
+    verdict = []
+    if search and uniform:
+        best = min(uniform, key=lambda r: r["batch1_ms"])
+        verdict = [f"At batch 1 the search's model runs "
+                   f"{best['batch1_ms'] / search[0]['batch1_ms']:.2f}x as fast as the fastest "
+                   f"uniform ratio within the budget ({best['method']})."]
+    return [
         table(("model", "recipe", "held-out change (pp)", "within budget", "test change (pp)",
                "batch 1", "speed-up", "batch 32", "speed-up", "seconds"), rows),
+        *verdict,
         *(["The search's candidates, each timed alone while the search ran:",
            table(("candidate", "levels", "latency", "held-out change (pp)", "within budget"),
                  [(r["method"], ", ".join(f"{k} {v}" for k, v in r["levels"].items()),
                    f"{r['latency_us']:,} us",
                    f"{100 * (r['held_out_accuracy'] - r['baseline_held_out_accuracy']):+.2f}",
                    "yes" if r["within_budget"] else "no") for r in tried])] if tried else []),
-    ])
+    ]
 
 
 def main():

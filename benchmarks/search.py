@@ -42,6 +42,7 @@ from common import RESULTS, replace_rows, write_rows
 
 import kshrink
 from kshrink import Cluster, FineTune, Fold, Prune, StructuredPrune, datasets, zoo
+from kshrink.deploy import RUNTIMES, in_runtime
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy
 from kshrink.measure.latency import latency_in_turns
@@ -143,7 +144,8 @@ def run(name: str) -> list[dict]:
     return rows
 
 
-def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]:
+def run_latency(name: str = "resnet_fashion", budget: float = 1.0,
+                runtime: str = "keras") -> list[dict]:
     model = zoo.pretrained(name)
     data = datasets.load(DATASETS[name])
     train, held, test = splits(data)
@@ -155,17 +157,19 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
     small, report = kshrink.search(model, train, validation_data=held, objective="latency",
                                    max_accuracy_drop=budget, epochs=EPOCHS, batch_size=BATCH,
                                    learning_rate=LATENCY_LR, seed=SEED, rounds=8,
-                                   progress=print)
+                                   latency_runtime=runtime, progress=print)
     print(report.to_text())
-    tried = [dict(model=name, method=f"search candidate {i + 1}", budget_pp=budget,
+    tried = [dict(model=name, runtime=runtime, method=f"search candidate {i + 1}",
+                  budget_pp=budget,
                   levels=c.levels, latency_us=c.objective, held_out_accuracy=c.accuracy,
                   baseline_held_out_accuracy=base_held, within_budget=c.within_budget,
                   seconds=c.seconds) for i, c in enumerate(report.candidates)]
     if report.recipe is not None:
         variants["search"] = (small, time.perf_counter() - started, report.recipe)
-        kshrink.report.html(RESULTS / f"search-{name}-latency.html", small, model,
+        suffix = "" if runtime == "keras" else f"-{runtime}"
+        kshrink.report.html(RESULTS / f"search-{name}-latency{suffix}.html", small, model,
                             report=report, front=report.plot_points(),
-                            title=f"kshrink search: {name}, latency")
+                            title=f"kshrink search: {name}, latency ({runtime})")
     for ratio in RATIOS:
         recipe = kshrink.Recipe([StructuredPrune(ratio=ratio, round_to=4), Fold()], fine_tune)
         started = time.perf_counter()
@@ -173,9 +177,9 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
                                      verbose=False)
         variants[f"uniform {100 * ratio:g}% channels"] = (pruned, time.perf_counter() - started,
                                                     recipe)
-    models = [model] + [v[0] for v in variants.values()]
     sample = test[0][:64]
-    timings = [latency_in_turns(models, [sample] * len(models), batch_sizes=(1, 32), runs=30)
+    runners = [in_runtime(m, runtime, sample) for m in [model] + [v[0] for v in variants.values()]]
+    timings = [latency_in_turns(runners, [sample] * len(runners), batch_sizes=(1, 32), runs=30)
                for _ in range(TIMING_ROUNDS)]
 
     def median_ms(index, batch):
@@ -188,7 +192,8 @@ def run_latency(name: str = "resnet_fashion", budget: float = 1.0) -> list[dict]
         held_acc = top1_accuracy(predict(variant, held[0]), held[1])
         test_acc = top1_accuracy(predict(variant, test[0]), test[1])
         rows.append(dict(
-            model=name, method=method, budget_pp=budget, learning_rate=LATENCY_LR,
+            model=name, runtime=runtime, method=method, budget_pp=budget,
+            learning_rate=LATENCY_LR,
             batch1_ms=median_ms(index, 0),
             batch32_ms=median_ms(index, 1), held_out_accuracy=held_acc,
             baseline_held_out_accuracy=base_held, test_accuracy=test_acc,
@@ -205,9 +210,17 @@ def main():
     parser.add_argument("--models", nargs="+", choices=tuple(BUDGETS), default=tuple(BUDGETS))
     parser.add_argument("--latency", action="store_true",
                         help="only the latency search on the residual CNN")
+    parser.add_argument("--latency-runtime", choices=RUNTIMES, default="keras",
+                        help="where --latency times: Keras, or exported to LiteRT or ONNX "
+                             "Runtime (rows of other runtimes are kept)")
     args = parser.parse_args()
     if args.latency:
-        write_rows("search_latency", run_latency())
+        rows = run_latency(runtime=args.latency_runtime)
+        if (RESULTS / "search_latency.json").exists():
+            replace_rows("search_latency", rows,
+                         lambda r: r.get("runtime", "keras") == args.latency_runtime)
+        else:
+            write_rows("search_latency", rows)
         return
     rows = [r for name in args.models for r in run(name)]
     if (RESULTS / "search.json").exists():

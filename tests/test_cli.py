@@ -369,7 +369,8 @@ def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, t
     for extra, message in ((["--recipe-out", tmp_path / "r.txt"], "name it .yaml"),
                            (["--objective", "speed"], "invalid choice"),
                            (["--epochs", "-1"], "epochs"),
-                           (["--probe-steps", "-1"], "probe_steps")):
+                           (["--probe-steps", "-1"], "probe_steps"),
+                           (["--latency-runtime", "onnx"], "objective 'size' is not timed")):
         code, _, err = run_cli(capsys, "search", digits_mlp, "--data", "digits",
                                "--max-accuracy-drop", 1, "-o", out, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -45,6 +45,7 @@ FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
+RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 
 
 @dataclasses.dataclass(frozen=True)

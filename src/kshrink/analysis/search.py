@@ -59,7 +59,7 @@ from kshrink.core.recipe import Recipe
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_choice, check_int, check_range
 from kshrink.core.training import FineTune, task_loss
-from kshrink.deploy import check_runtime, in_runtime
+from kshrink.deploy import RUNTIME_NAMES, check_runtime, in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.fold import Fold
 from kshrink.layers import keras_quantizes
@@ -75,7 +75,6 @@ from kshrink.render import Table
 
 OBJECTIVES = ("size", "memory", "latency", "macs")
 UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
-RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed

@@ -225,3 +225,21 @@ def test_gradient_clipping_bounds_each_step(trained, digits):
     assert moved() > 1e-2
     with pytest.raises(kshrink.errors.RecipeError, match="clipnorm"):
         kshrink.FineTune(clipnorm=-1)
+
+
+def test_a_later_step_that_trains_keeps_what_earlier_steps_left_in_other_layers(
+        trained, digits):
+    """fc1 is pruned, fc2 shared, then conv2 clustered with a fine-tune: training that step
+    must neither refill fc1's zeros nor split fc2's shared values."""
+    select = kshrink.Select
+    recipe = [kshrink.Prune(sparsity=0.8, skip_first_last=False, layers=select(names=("fc1",))),
+              kshrink.Cluster(clusters=4, layers=select(names=("fc2",))),
+              kshrink.Cluster(clusters=8, layers=select(names=("conv2",)))]
+    small, _ = kshrink.compress(trained, recipe, data=digits.train,
+                                fine_tune=kshrink.FineTune(epochs=1, verbose=False))
+    kernel = {name: np.asarray(small.get_layer(name).kernel) for name in ("fc1", "fc2", "conv2")}
+    assert np.mean(kernel["fc1"] == 0) >= 0.79
+    assert len(np.unique(kernel["fc2"])) <= 4
+    assert len(np.unique(kernel["conv2"])) <= 8
+    # Frozen only while later steps train: every layer comes back trainable.
+    assert all(layer.trainable for layer in small.layers)

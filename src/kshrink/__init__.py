@@ -78,6 +78,7 @@ _EXPORTS = {
     "export": "kshrink.deploy",
     "ExportReport": "kshrink.deploy",
     "Cluster": "kshrink.cluster",
+    "ClusterOverride": "kshrink.cluster",
     "DepthPrune": "kshrink.prune",
     "Fold": "kshrink.fold",
     "LowRank": "kshrink.lowrank",

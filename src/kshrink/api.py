@@ -10,7 +10,7 @@ import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.distribute import DataParallel
-from kshrink.core.graph import copy_model
+from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import Console
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
@@ -95,7 +95,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     work = copy_model(model)
     check_finite_weights(work, "in the model to compress")
     before = weight_stats(work)
-    steps = []
+    steps, settled = [], set()  # settled: paths of layers earlier steps pruned or shared
     for technique in recipe:
         handler = handler_for(technique)
         trains = fine_tune is not None and handler.trains_with(technique)
@@ -111,13 +111,17 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                 if progress:  # the stage lasts as long as training: its line shows
                     progress(f"{technique.name}: fine-tuning"
                              + (f", {parallel}" if parallel else ""))
-                run_fine_tune(work, fine_tune, stream or train, validation_stream or held_out,
-                              teacher=model, callbacks=handler.callbacks(work, technique, ctx),
-                              parallel=parallel)
+                with _frozen(work, settled):
+                    run_fine_tune(work, fine_tune, stream or train,
+                                  validation_stream or held_out, teacher=model,
+                                  callbacks=handler.callbacks(work, technique, ctx),
+                                  parallel=parallel)
         work = handler.finalize(work, technique, ctx)
         if technique.reestimates_batchnorm(data is not None, trains):
             _reestimate_batchnorm(work, train, technique, ctx, trains)
         step = handler.report(work, technique, ctx)
+        if handler.settles:
+            settled |= {result.layer for result in step.applied}
         steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
     if work.compiled or parallel is not None:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
@@ -133,6 +137,24 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         weight_bytes_after=after.bytes,
     )
     return work, report
+
+
+@contextlib.contextmanager
+def _frozen(model, settled: set):
+    """Holds the layers of `settled` (paths) that this step did not wrap frozen while it
+    trains: training would undo the zeros or the shared values an earlier step left in them
+    (the layers a step wraps keep those themselves, e.g. `preserve_sparsity`)."""
+    wrappers = [l for l in leaf_layers(model) if isinstance(l, keras.layers.Wrapper)]
+    wrapped = {id(w.layer) for w in wrappers} | {id(w) for w in wrappers}
+    frozen = [l for l in leaf_layers(model)
+              if path_of(l) in settled and id(l) not in wrapped and l.trainable]
+    for layer in frozen:
+        layer.trainable = False
+    try:
+        yield
+    finally:
+        for layer in frozen:
+            layer.trainable = True
 
 
 def _reestimate_batchnorm(model, data, technique, ctx: StepContext, trained: bool) -> None:

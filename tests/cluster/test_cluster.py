@@ -73,6 +73,18 @@ def test_pruned_zeros_stay_zero_and_take_no_cluster(trained):
         assert len(np.unique(kernel[kernel != 0])) <= 4
 
 
+@pytest.mark.parametrize("data", [False, True])  # k-means, and the GPTQ sweep on data
+def test_overrides_give_layers_their_own_cluster_count(trained, digits, data):
+    step = Cluster(clusters=16, overrides=[{"layers": {"names": ["fc1"]}, "clusters": 4},
+                                           {"layers": ["fc1", "fc2"], "clusters": 8}])
+    assert kshrink.Recipe.from_yaml(kshrink.Recipe([step]).to_yaml()).steps == (step,)
+    small, report = kshrink.compress(trained, step, data=digits.train if data else None)
+    counts = {name: len(np.unique(kernel)) for name, kernel in kernels(small).items()}
+    assert counts["fc1"] <= 4 < counts["fc2"] <= 8 < counts["conv2"] <= 16  # first match wins
+    assert "4 clusters per layer" in next(r.detail for r in report.steps[0].applied
+                                          if r.layer == "fc1")
+
+
 def test_channel_granularity_gives_a_codebook_per_output_channel(trained):
     small, _ = kshrink.compress(trained, Cluster(clusters=2, granularity="channel"))
     kernel = kernels(small)["fc1"]
@@ -119,6 +131,8 @@ def test_clustered_file_loads_without_kshrink(trained, tmp_path):
     ({"clusters": 5000}, r"clusters must be an integer in \[2, 4096\]"),
     ({"init": "random"}, "init must be one of linear, density, kmeans\\+\\+"),
     ({"granularity": "block"}, "granularity must be one of layer, channel"),
+    ({"overrides": [{"clusters": 4}]}, "cluster override: layers must be a selection"),
+    ({"overrides": [{"layers": ["fc1"], "clusters": 1}]}, r"clusters must be an integer"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(RecipeError, match=message):

@@ -22,6 +22,7 @@ from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
+    Options,
     StepContext,
     Technique,
     check_bool,
@@ -30,7 +31,7 @@ from kshrink.core.technique import (
     option,
     register_technique,
 )
-from kshrink.errors import KshrinkError
+from kshrink.errors import KshrinkError, RecipeError
 from kshrink.layers.wrappers import ClusterWrapper
 from kshrink.reconstruct import calibration_inputs, input_energy, reconstruct, unsupported
 from kshrink.reconstruct.rows import matrix_axes
@@ -83,6 +84,7 @@ def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
 
 class ClusterHandler(Handler):
     trains = True
+    settles = True
 
     def prepare(self, model, config: Cluster, ctx: StepContext):
         def skip_reason(layer):
@@ -114,8 +116,9 @@ class ClusterHandler(Handler):
         ctx.state["weighted"] = set(importance)
         for layer in chosen:
             if owner_of(layer):
-                self._share_in_place(layer, config, ctx)
-        wrappers = {id(layer): self._wrap(layer, config, importance.get(layer.name))
+                self._share_in_place(layer, config.for_layer(layer), ctx)
+        wrappers = {id(layer): self._wrap(layer, config.for_layer(layer),
+                                          importance.get(layer.name))
                     for layer in wrapped}
         return replace_layers(model, lambda l: wrappers.get(id(l), l))
 
@@ -161,7 +164,7 @@ class ClusterHandler(Handler):
                    if wrapper.layer.name in ctx.state["solved"] else
                    "weighted by input energy" if wrapper.layer.name in ctx.state["weighted"]
                    else None)
-            ctx.applied(wrapper.layer, _describe(config, distinct, how))
+            ctx.applied(wrapper.layer, _describe(config.for_layer(wrapper.layer), distinct, how))
         unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)
         ctx.sort_results(unwrapped)
         return unwrapped
@@ -185,6 +188,7 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
     targets = [(layer, layer) for layer in layers if unsupported(layer) is None]
 
     def solve(layer, name, weights, hessian):
+        clusters = config.for_layer(layer).clusters
         g, rows, per_group = weights.shape
         matrix = ungrouped(weights)
         energy = energy_matrix(hessian, per_group)
@@ -194,11 +198,11 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
         keep = (current != 0) if config.preserve_sparsity else np.ones(matrix.shape, bool)
         codebooks = [matrix] if config.granularity == "layer" else [
             matrix[:, [c]] for c in range(matrix.shape[1])]
-        centroids = np.zeros((len(codebooks), config.clusters))
+        centroids = np.zeros((len(codebooks), clusters))
         for i, values in enumerate(codebooks):
             live = keep if config.granularity == "layer" else keep[:, [i]]
             weight = energy if config.granularity == "layer" else energy[:, [i]]
-            found = kmeans_1d(values[live], config.clusters, config.init,
+            found = kmeans_1d(values[live], clusters, config.init,
                               weights=weight[live])[0] if live.any() else np.zeros(1)
             centroids[i, :len(found)] = found
             centroids[i, len(found):] = found[-1]  # fewer distinct values than clusters
@@ -215,6 +219,27 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
         reconstruct(model, x, targets, solve, original=copy_model(model),
                     progress=within(ctx.progress, "cluster, GPTQ"))
     return {layer.name for _, layer in targets}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterOverride(Options):
+    """A different cluster count for some layers of a `Cluster` step (the first match wins).
+
+    Args:
+        layers: the layers this override applies to.
+        clusters: their centroids per layer (or per output channel), from 2 to 4096.
+    """
+
+    name = "cluster override"
+
+    layers: Select | None = option(None, "the layers this override applies to")
+    clusters: int = option(16, "centroids per layer or channel (2-4096)")
+
+    def __post_init__(self):
+        if not isinstance(self.layers, Select):
+            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
+                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
+        check_int(self.name, "clusters", self.clusters, low=2, high=4096)
 
 
 @register_technique("cluster", handler=ClusterHandler(), stage=40)
@@ -244,6 +269,8 @@ class Cluster(Technique):
             inputs (Dense and convolutions; others by k-means). Default: gptq when
             data is given and no fine-tuning follows, else kmeans.
         calibration_samples: examples of `data` used to weigh and to solve.
+        overrides: `ClusterOverride`s: other cluster counts for some layers (first match
+            wins), e.g. 8 for a large Dense and 64 for a small first convolution.
         layers, exclude: selections of layers to consider / to leave alone.
 
     Example:
@@ -264,6 +291,8 @@ class Cluster(Technique):
     method: str | None = option(None, "kmeans, or gptq: codebooks chosen layer by layer on "
                                       "data (default: gptq with data and no fine-tuning)")
     calibration_samples: int = option(256, "weighted and gptq: examples of data used")
+    overrides: tuple[ClusterOverride, ...] = option((), "per-layer cluster counts; first "
+                                                        "match wins")
     layers: Select | None = option(None, "layers to consider (default: all with kernels)")
     exclude: Select | None = option(None, "layers to leave unclustered")
 
@@ -276,3 +305,15 @@ class Cluster(Technique):
             check_bool(self.name, "weighted", self.weighted)
         check_choice(self.name, "method", self.method, METHODS, allow_none=True)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
+        if not isinstance(self.overrides, (list, tuple)):
+            raise RecipeError(f"{self.name}: overrides must be a list. "
+                              f"Received: overrides={self.overrides!r}")
+        object.__setattr__(self, "overrides", tuple(
+            o if isinstance(o, ClusterOverride) else ClusterOverride.from_config(o)
+            for o in self.overrides))
+
+    def for_layer(self, layer) -> Cluster:
+        """This step as it clusters `layer`: with its override's cluster count, if any."""
+        override = next((o for o in self.overrides if o.layers.matches(layer)), None)
+        return self if override is None else dataclasses.replace(
+            self, clusters=override.clusters, overrides=())

@@ -255,6 +255,10 @@ class Handler:
     """
 
     trains: bool = False
+    # Whether the layers this step compresses hold a pattern (zeros, shared values) that
+    # training would undo: `compress` then keeps them frozen while later steps fine-tune,
+    # unless a later step takes them itself.
+    settles: bool = False
 
     def trains_with(self, config: Technique) -> bool:
         return self.trains

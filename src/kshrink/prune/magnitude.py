@@ -48,6 +48,7 @@ DEFAULT_SPARSITY = 0.5
 
 class PruneHandler(Handler):
     trains = True
+    settles = True
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)

@@ -9,7 +9,7 @@ budget check then rejects candidates that keep test accuracy); the second half s
 results.
 
 - search: `kshrink.search(objective="size", epochs=2, rounds=6)`: per-layer sparsity
-  allocated from one-layer probes, then 16-cluster weight sharing.
+  and cluster counts (256 to 4 shared values) allocated from one-layer probes.
 - uniform: `Prune(sparsity=s)` (every layer at s, the first and last kept dense where cheap)
   then `Cluster(clusters=16)`, for each s in UNIFORM; the best is the smallest file within
   the budget on the held-out examples.

@@ -370,7 +370,11 @@ def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, t
                            (["--objective", "speed"], "invalid choice"),
                            (["--epochs", "-1"], "epochs"),
                            (["--probe-steps", "-1"], "probe_steps"),
-                           (["--latency-runtime", "onnx"], "objective 'size' is not timed")):
+                           (["--latency-runtime", "onnx"], "objective 'size' is not timed"),
+                           (["--techniques", "prune,depth_prune"], "not depth_prune"),
+                           (["--techniques", "[{prune: {method: magic}}]"], "method must be"),
+                           (["--techniques", "[prune"], "not valid YAML"),
+                           (["--channels", "per_layer"], "removes no channels")):
         code, _, err = run_cli(capsys, "search", digits_mlp, "--data", "digits",
                                "--max-accuracy-drop", 1, "-o", out, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

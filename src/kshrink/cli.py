@@ -106,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "candidates on that 10%%, and the test split scores the result")
     p.add_argument("--objective", choices=("size", "memory", "latency", "macs"),
                    default="size",
-                   help="size: bytes of the .kshrink file (per-layer sparsity + 16 clusters); "
+                   help="size: bytes of the .kshrink file (per-layer sparsity and clusters); "
                         "memory: weight bytes held (float/int8/int4 per layer); latency: "
                         "time per forward pass here (residual blocks and channels removed); "
                         "macs: multiply-accumulates per example (the same space)")
@@ -122,6 +122,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runtime", choices=("keras", "litert", "onnx"), default="keras",
                    help="latency: timed in Keras (predict_on_batch) or exported (float) and "
                         "timed in the deployment runtime, LiteRT or ONNX Runtime")
+    p.add_argument("--techniques", metavar="LIST",
+                   help="what the search may use, comma-separated (size: prune, cluster, "
+                        "quantize; default prune,cluster; latency, macs: depth_prune, "
+                        "structured_prune), or YAML with options, e.g. "
+                        "'[{prune: {method: sparsegpt}}, cluster]'")
+    p.add_argument("--channels", choices=("uniform", "per_layer"), default="uniform",
+                   help="latency, macs: one channel ratio for every layer, or one per set of "
+                        "tied layers")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
     p.add_argument("--probe-steps", type=int, default=100,
                    help="latency, macs: steps each block or channel probe is fine-tuned for "
@@ -225,6 +233,24 @@ def _compress(args) -> int:
     return 0
 
 
+def _techniques_option(text: str | None):
+    """`--techniques`: comma-separated names, or YAML (a list of names and {name: options})."""
+    if text is None:
+        return None
+    if not text.lstrip().startswith(("[", "{", "-")):
+        return [name.strip() for name in text.split(",") if name.strip()]
+    import yaml
+
+    from kshrink.errors import KshrinkError
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise KshrinkError(f"--techniques is not valid YAML: {' '.join(str(e).split())[:200]}") \
+            from None
+    return value if isinstance(value, list) else [value]
+
+
 def _search(args) -> int:
     from kshrink.analysis import search
     from kshrink.errors import KshrinkError
@@ -245,7 +271,9 @@ def _search(args) -> int:
                                batch_size=args.batch_size, learning_rate=args.learning_rate,
                                rounds=args.rounds, probe_steps=args.probe_steps,
                                seed=args.seed, latency_batch_size=args.latency_batch_size,
-                               latency_runtime=args.latency_runtime, progress=say)
+                               latency_runtime=args.latency_runtime,
+                               techniques=_techniques_option(args.techniques),
+                               channels=args.channels, progress=say)
     if args.format == "json":
         import json
 

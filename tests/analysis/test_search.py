@@ -7,7 +7,9 @@ import pytest
 
 import kshrink
 from kshrink.analysis import search
-from kshrink.analysis.search import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES, _greedy_path, _Plan
+from kshrink.analysis.search import (BIT_WIDTHS, CHANNEL_RATIOS, CLUSTER_COUNTS, SPARSITIES,
+                                     _greedy_path, _Plan)
+from kshrink.analysis.search import _Space as SearchSpace
 from kshrink.errors import KshrinkError
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy
@@ -54,10 +56,16 @@ def test_size_search_keeps_the_budget_shrinks_the_file_and_its_recipe_repeats(
     size = kshrink.save(small, tmp_path / "small.kshrink").stat().st_size
     assert size == best.objective
     assert weight_stats(classifier).bytes / size >= 5
-    # Pruned as the levels say, in every layer the levels name.
-    for path, sparsity in best.levels.items():
+    # Pruned and shared as the levels say, in every layer the levels name.
+    for dimension, level in best.levels.items():
+        path, _, encoding = dimension.partition(":")
         kernel = np.asarray(small.get_layer(path).kernel)
-        assert np.mean(kernel == 0) >= sparsity - 0.01, path
+        if not encoding:
+            assert np.mean(kernel == 0) >= level - 0.01, path
+        elif isinstance(level, int):
+            assert len(np.unique(kernel[kernel != 0])) <= level, dimension
+    assert {level for d, level in best.levels.items() if d.endswith(":weights")} <= {
+        "float", *CLUSTER_COUNTS}
     # The recipe alone, on the same training examples, gives the same weights.
     again, _ = kshrink.compress(classifier, report.recipe, data=(x_train, y_train),
                                 verbose=False)
@@ -85,7 +93,7 @@ def test_memory_search_chooses_bit_widths_post_training(classifier, digits):
     assert 100 * (report.accuracy - accuracy) <= 1.0
 
 
-class _Space:
+class _Space(SearchSpace):
     """Two layers: `big` costs nothing to prune to 90%, `small` costs at once."""
 
     weights = {"big": 1000, "small": 10}
@@ -93,12 +101,6 @@ class _Space:
 
     def cost(self, path, level):
         return self.weights[path] * (1 - level)
-
-    def estimate(self, levels):
-        return sum(self.cost(p, v) for p, v in levels.items())
-
-    def start(self):
-        return {p: levels[0] for p, levels in self.choices.items()}
 
 
 def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed():
@@ -119,6 +121,15 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(data="a stream"), "must be arrays"),
     (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
     (dict(latency_runtime="onnx"), "objective 'size' is not timed"),
+    (dict(techniques=["structured_prune"]), "searches prune, cluster, quantize; not "
+                                            "structured_prune"),
+    (dict(techniques=["prune", {"prune": {"method": "wanda"}}]), "prune is named twice"),
+    (dict(techniques=[]), "techniques is empty"),
+    (dict(techniques=["distill"]), "unknown technique"),
+    (dict(techniques=[{"prune": {"pattern": "2:4"}}]), "fixes each layer's sparsity"),
+    (dict(techniques=[{"cluster": {"clusters": 1}}]), "clusters must be an integer"),
+    (dict(channels="per_layer"), "removes no channels"),
+    (dict(objective="macs", channels="per_stage"), "channels must be one of"),
 ])
 def test_bad_input_is_one_line(classifier, digits, call, message):
     from conftest import Batches
@@ -264,3 +275,40 @@ def test_a_misjudged_move_past_a_good_point_is_ruled_out_from_there():
         {"big": 0.9, "small": 0.9},  # outside
         {"big": 0.9, "small": 0.5},  # within, next to the one outside: no move is left
     ]
+
+
+def test_techniques_name_the_space_and_configure_how_each_level_is_reached(classifier, digits):
+    # SparseGPT instead of magnitude pruning, int8/int4 instead of clusters, post-training.
+    small, report = search(classifier, digits.train, objective="size", epochs=0, rounds=3,
+                           max_accuracy_drop=2.0, validation_data=digits.test,
+                           techniques=[{"prune": {"method": "sparsegpt"}}, "quantize"])
+    assert report.chosen is not None, report.to_text()
+    encodings = {d: level for d, level in report.loss_rise.items() if d.endswith(":weights")}
+    assert encodings and all([lv for lv, _ in pairs] == ["float", "int8", "int4"]
+                             for pairs in encodings.values())
+    steps = {step.name: step for step in report.recipe}
+    assert set(steps) <= {"prune", "quantize"} and steps, report.recipe
+    if "prune" in steps:
+        assert steps["prune"].method == "sparsegpt" and steps["prune"].schedule == "one_shot"
+    # The recipe, rerun post-training on the same examples, makes the same file.
+    again, _ = kshrink.compress(classifier, report.recipe, data=digits.train, verbose=False)
+    for a, b in zip(weights_of(small), weights_of(again)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # A configured technique is a template too: a layer it excludes is not searched.
+    _, report = search(classifier, digits.train, objective="size", epochs=0, rounds=1,
+                       techniques=[kshrink.Cluster(exclude=kshrink.Select(names=("fc3",)))])
+    assert set(report.loss_rise) == {"fc1:weights", "fc2:weights"}
+
+
+def test_per_layer_channel_ratios_are_searched_per_set_of_tied_layers(cnn, digits):
+    small, report = search(cnn, digits.train, objective="macs", max_accuracy_drop=8.0,
+                           epochs=1, batch_size=64, rounds=3, probe_steps=0,
+                           techniques=["structured_prune"], channels="per_layer")
+    # conv1 and conv2 meet at the residual Add: their channels go together; fc1's alone.
+    assert set(report.loss_rise) == {"channels conv1+conv2", "channels fc1"}
+    assert report.chosen is not None, report.to_text()
+    levels = report.best.levels
+    widths = {"channels conv1+conv2": small.get_layer("conv1").filters,
+              "channels fc1": small.get_layer("fc1").units}
+    for dimension, full in (("channels conv1+conv2", 8), ("channels fc1", 32)):
+        assert (widths[dimension] < full) == (levels[dimension] > 0), (dimension, widths)

@@ -4,9 +4,10 @@ How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
 
 1. **Hold out** `validation_data`, or else the last 10% of `data`; the search fine-tunes on
    the rest and judges every candidate on the held-out examples.
-2. **Probe each layer alone**: every level of the search space (a sparsity, a bit width, a
-   residual block removed, a channel ratio) is applied alone through `compress`, and the
-   rise of the held-out loss is measured; for `latency`, the probe's model is timed too,
+2. **Probe each layer alone**: every level of the search space (a sparsity, an encoding: a
+   cluster count or a bit width, a residual block removed, a channel ratio) is applied alone
+   through `compress`, calibrated on training examples, and the rise of the held-out loss
+   is measured; for `latency`, the probe's model is timed too,
    which makes the table of what each level saves (NetAdapt). Sparsities and bit widths are
    probed at once, without training. Blocks and channels removed are fine-tuned for
    `probe_steps` first (NetAdapt's short-term fine-tune): one-shot, the loss a structural
@@ -51,13 +52,14 @@ import numpy as np
 
 from kshrink.api import compress
 from kshrink.artifact import save as save_compact
-from kshrink.cluster import Cluster
+from kshrink.cluster import Cluster, ClusterOverride
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import Message, Progress, counting, within
 from kshrink.core.recipe import Recipe
 from kshrink.core.select import Select
-from kshrink.core.technique import StepContext, check_choice, check_int, check_range
+from kshrink.core.technique import (StepContext, Technique, check_choice, check_int,
+                                    check_range, technique_class)
 from kshrink.core.training import FineTune, task_loss
 from kshrink.deploy import RUNTIME_NAMES, check_runtime, in_runtime
 from kshrink.errors import KshrinkError
@@ -69,6 +71,7 @@ from kshrink.measure.latency import latency, latency_in_turns
 from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
 from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
+from kshrink.prune.channels import channel_groups
 from kshrink.quantize import Override, Quantize
 from kshrink.quantize.technique import skip_reason as quantize_skip_reason
 from kshrink.render import Table
@@ -79,7 +82,19 @@ SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
-CLUSTERS = 16  # weight sharing behind pruning for `size`: 4-bit indices into 16 centroids
+CLUSTER_COUNTS = (256, 64, 16, 8, 4)  # centroids per layer (or channel) for `size`
+TECHNIQUES = {  # what each objective can search, and (first) what it searches by default
+    "size": ("prune", "cluster", "quantize"), "memory": ("quantize",),
+    "latency": ("depth_prune", "structured_prune"), "macs": ("depth_prune", "structured_prune"),
+}
+DEFAULT_TECHNIQUES = {"size": ("prune", "cluster"), "memory": ("quantize",),
+                      "latency": ("depth_prune", "structured_prune"),
+                      "macs": ("depth_prune", "structured_prune")}
+CHANNEL_SCOPES = ("uniform", "per_layer")
+# What a technique named without options starts from (the search sets its level and layers)
+DEFAULT_TEMPLATES = {"prune": Prune(schedule="one_shot"), "cluster": Cluster(),
+                     "quantize": Quantize(), "depth_prune": DepthPrune(),
+                     "structured_prune": StructuredPrune(round_to=4)}
 HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
 _FREE = 1e-6  # the loss a move that costs nothing is taken to cost, so it goes first
 
@@ -89,7 +104,10 @@ class Candidate:
     """One recipe the search compressed, fine-tuned and measured.
 
     Attributes:
-        levels: the level each layer was given (a sparsity, or a bit width), by path.
+        levels: the level each dimension was given, by name: a layer's path for its
+            sparsity (or its bit width for `memory`), `path:weights` for its encoding (a
+            cluster count, "int8", "int4" or "float"), a residual block's merge layer
+            ("keep" or "remove"), `channels` (or `channels conv1+conv2`) for a ratio.
         recipe: the recipe that made it.
         objective: what it measured: file bytes for `size`, resident weight bytes for
             `memory`, microseconds per forward pass for `latency`, MACs per example for
@@ -242,7 +260,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
            batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
            probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
            latency_batch_size: int = 1, latency_runtime: str = "keras",
-           progress: Progress | None = None):
+           techniques=None, channels: str = "uniform", progress: Progress | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
 
@@ -250,13 +268,14 @@ def search(model: keras.Model, data, *, objective: str = "size",
         model: the float model (not modified).
         data: `(x, y)` arrays (`x` may be a dict by input name), with class labels.
         objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
-            sparsity (0 to 98%) with 16-cluster weight sharing after it; `"memory"`: bytes
-            of the weights held in memory, searched over float/int8/int4 per layer (int4 in
-            groups of 128 inputs; quantization-aware training when `epochs` > 0);
-            `"latency"`: the median time of a forward pass at `latency_batch_size` on this
-            machine, searched over removing each residual block (`DepthPrune`) and a share
-            of every layer's channels (`StructuredPrune`, 0 to 75%), BatchNorm folded;
-            `"macs"`: the same space, counted in multiply-accumulates per example.
+            sparsity (`prune`, 0 to 98%) and per-layer weight encoding: float, or 256 to 4
+            shared values (`cluster`), or int8/int4 (`quantize`); `"memory"`: bytes of the
+            weights held in memory, searched over float/int8/int4 per layer (int4 in groups
+            of 128 inputs; quantization-aware training when `epochs` > 0); `"latency"`: the
+            median time of a forward pass at `latency_batch_size` on this machine, searched
+            over removing each residual block (`depth_prune`) and a share of the channels
+            (`structured_prune`, 0 to 75%), BatchNorm folded; `"macs"`: the same space,
+            counted in multiply-accumulates per example.
         max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
             result may lose.
         validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
@@ -280,6 +299,18 @@ def search(model: keras.Model, data, *, objective: str = "size",
             candidate is then exported (float) and timed there (`kshrink.deploy`). Keras
             adds a fixed cost per call (about 0.5 ms on 2 cores) that a deployment runtime
             does not, and runtimes time channel counts differently.
+        techniques: what the search may use, each a name, `{name: options}` or a
+            technique config, e.g. `["prune", "cluster", "quantize"]` or
+            `[kshrink.Prune(method="sparsegpt", schedule="one_shot"), "cluster"]`. The
+            search sets each one's level (prune's sparsity, cluster's clusters, quantize's
+            mode, structured_prune's ratio, depth_prune's blocks), its layers and its
+            schedule; every other option is the one given (the layers it `exclude`s, or
+            leaves out of its `layers`, are not searched). Default: `prune` and `cluster`
+            for size, `quantize` for memory, `depth_prune` and `structured_prune` (keeping
+            multiples of 4 channels) for latency and macs.
+        channels: `structured_prune`'s ratio: `"uniform"`, one for every layer, or
+            `"per_layer"`, one per set of layers whose channels are tied (e.g. by residual
+            Adds): more probes, a finer choice.
         progress: told of each probe and each round, e.g. `print` or
             `kshrink.core.progress.Console()`.
 
@@ -302,6 +333,12 @@ def search(model: keras.Model, data, *, objective: str = "size",
                            f"{objective!r} is not timed. Received: "
                            f"latency_runtime={latency_runtime!r}")
     check_runtime("search", latency_runtime)
+    check_choice("search", "channels", channels, CHANNEL_SCOPES)
+    templates = _templates(objective, techniques)
+    if channels != "uniform" and "structured_prune" not in templates:
+        raise KshrinkError(f"search: channels={channels!r} sets how structured_prune's ratio "
+                           f"is searched, and objective {objective!r} with techniques "
+                           f"{', '.join(templates)} removes no channels")
     train, held = _split(model, data, validation_data)
     x_held, y_held = held
     reference = predict(model, x_held)
@@ -309,13 +346,14 @@ def search(model: keras.Model, data, *, objective: str = "size",
         raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
                            f"class scores. Received: outputs of shape {np.shape(reference)}")
     if objective == "size":
-        space = _SizeSpace(model)
+        space = _SizeSpace(model, templates, trains=bool(epochs))
     elif objective == "memory":
-        space = _MemorySpace(model)
+        space = _MemorySpace(model, templates)
     elif objective == "macs":
-        space = _MacsSpace(model)
+        space = _MacsSpace(model, templates, channels)
     else:
-        space = _LatencySpace(model, x_held, latency_batch_size, latency_runtime)
+        space = _LatencySpace(model, templates, x_held, latency_batch_size, latency_runtime,
+                              channels)
     if not space.choices:
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
                            f"{objective}")
@@ -376,7 +414,6 @@ class _Space:
     levels it can take, untouched first; what each level is estimated to cost in the
     objective; and the recipe for a choice of levels."""
 
-    probes_need_data = False
     probes_recover = False  # whether a probe is fine-tuned before its loss is measured
     choices: dict  # dimension -> its levels
 
@@ -386,28 +423,91 @@ class _Space:
     def estimate(self, levels) -> float:
         return sum(self.cost(p, v) for p, v in levels.items())
 
+    def move_saving(self, levels, dimension, level) -> float:
+        """What moving `dimension` from its level in `levels` to `level` saves, estimated."""
+        return self.cost(dimension, levels[dimension]) - self.cost(dimension, level)
+
     def observe(self, path, level, model) -> None:
         """Sees the model a probe made (the latency space times it)."""
 
 
 class _SizeSpace(_Space):
-    """Per-layer sparsity, then 16-cluster weight sharing: what the compact file stores is
-    about the non-zero weights, at 4 bits each."""
+    """Per layer, a sparsity (`prune`) and an encoding of the weights left: float, or a
+    cluster count (`cluster`: shared values, an index of log2(count) bits each), or int8 /
+    int4 (`quantize`). What the compact file stores is about the non-zero weights at the
+    bits their encoding takes."""
 
-    def __init__(self, model):
+    BITS = {"float": 32.0, "int8": 8.0, "int4": 4.25}  # int4: and a scale per 128 inputs
+    POSITION_BITS = 2.0  # about what the compressed bitmap of a sparse layer costs a non-zero
+
+    def __init__(self, model, templates, trains: bool = False):
+        self.templates = self.probing = templates
+        cluster = templates.get("cluster")
+        if trains and cluster is not None and cluster.method is None:
+            # Probes are not fine-tuned, but cluster as the fine-tuned candidates do (their
+            # method follows from whether fine-tuning comes after): k-means, not gptq.
+            self.probing = {**templates, "cluster": dataclasses.replace(cluster, method="kmeans")}
+        kernels = [layer for layer in leaf_layers(model)
+                   if kernel_weights(layer) and not getattr(layer, "quantization_mode", None)]
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
-                        for layer in leaf_layers(model)
-                        if kernel_weights(layer)
-                        and not getattr(layer, "quantization_mode", None)}
-        self.choices = {path: SPARSITIES for path in self.weights}
+                        for layer in kernels}
+        self.channels = {path_of(layer): int(kernel_weights(layer)[0].shape[-1])
+                         for layer in kernels}
+        self.choices, self.layer_of = {}, {}
+        if "prune" in templates:
+            for path in _selected(model, templates["prune"], kernels):
+                self.choices[path] = SPARSITIES
+                self.layer_of[path] = path
+        clustered = set(_selected(model, templates["cluster"], kernels)
+                        if "cluster" in templates else ())
+        quantized = set(_quantizable(model, templates["quantize"])
+                        if "quantize" in templates else ())
+        for path in self.weights:
+            levels = ("float",) + (("int8",) if path in quantized else ()) + tuple(
+                count for count in CLUSTER_COUNTS if path in clustered)
+            if path in quantized:
+                levels += ("int4",)
+            if len(levels) > 1:
+                key = self.encoding_of(path)
+                self.choices[key] = tuple(sorted(levels, key=self.bits, reverse=True))
+                self.layer_of[key] = path
 
-    def probe(self, path, sparsity):
-        return [Prune(sparsity=sparsity, schedule="one_shot", skip_first_last=False,
-                      layers=Select(names=(path,)))] if sparsity else None
+    @staticmethod
+    def encoding_of(path) -> str:
+        """The dimension that holds a layer's encoding."""
+        return f"{path}:weights"
 
-    def cost(self, path, sparsity) -> float:
-        """Estimated bytes: a 4-bit index and about 2 bits of position per non-zero."""
-        return self.weights[path] * (1 - sparsity) * 0.75
+    def bits(self, encoding) -> float:
+        return self.BITS[encoding] if isinstance(encoding, str) else math.log2(encoding)
+
+    def probe(self, dimension, level):
+        path = self.layer_of[dimension]
+        if dimension == path:
+            return [_prune_step(self.probing["prune"], {path: level}, False)] if level else None
+        return _encoding_steps(self.probing, {path: level}, False) or None
+
+    def layer_bytes(self, path, sparsity, encoding) -> float:
+        """Estimated bytes of a layer's kernels at a sparsity and an encoding."""
+        bits = self.bits(encoding) + (self.POSITION_BITS if sparsity else 0.0)
+        stored = self.weights[path] * (1 - sparsity) * bits / 8
+        if isinstance(encoding, int):  # the codebook: per layer or per output channel
+            books = self.channels[path] if self.templates["cluster"].granularity == "channel" \
+                else 1
+            stored += 4 * encoding * books
+        return stored
+
+    def layer_levels(self, levels, path) -> tuple:
+        return levels.get(path, 0.0), levels.get(self.encoding_of(path), "float")
+
+    def estimate(self, levels) -> float:
+        return sum(self.layer_bytes(path, *self.layer_levels(levels, path))
+                   for path in self.weights)
+
+    def move_saving(self, levels, dimension, level) -> float:
+        path = self.layer_of[dimension]
+        moved = {**levels, dimension: level}
+        return (self.layer_bytes(path, *self.layer_levels(levels, path))
+                - self.layer_bytes(path, *self.layer_levels(moved, path)))
 
     def estimate_text(self, levels) -> str:
         return f"kernels about {self.estimate(levels):,.0f} bytes"
@@ -417,21 +517,92 @@ class _SizeSpace(_Space):
             return save_compact(model, Path(folder) / "candidate.kshrink").stat().st_size
 
     def recipe(self, levels, trains: bool) -> list:
-        pruned = {p: s for p, s in levels.items() if s > 0}
-        steps = []
-        if pruned:
-            # The level most layers share is the step's sparsity; the others are overrides.
-            counts = Counter(pruned.values())
-            main = max(counts, key=lambda s: (counts[s], s))
-            overrides = tuple(
-                SparsityOverride(layers=Select(names=tuple(sorted(
-                    p for p, v in pruned.items() if v == s))), sparsity=s)
-                for s in sorted(counts, reverse=True) if s != main)
-            steps.append(Prune(sparsity=main, skip_first_last=False,
-                               schedule="polynomial" if trains else "one_shot",
-                               layers=Select(names=tuple(sorted(pruned))), overrides=overrides))
-        steps.append(Cluster(clusters=CLUSTERS))
-        return steps
+        pruned = {p: s for p, s in levels.items() if self.layer_of[p] == p and s > 0}
+        encodings = {self.layer_of[d]: v for d, v in levels.items()
+                     if self.layer_of[d] != d and v != "float"}
+        steps = [_prune_step(self.templates["prune"], pruned, trains)] if pruned else []
+        return steps + _encoding_steps(self.templates, encodings, trains)
+
+
+def _prune_step(template: Prune, sparsities: dict, trains: bool) -> Prune:
+    """The template pruning each layer of `sparsities` (path -> sparsity) to its own: the
+    sparsity most layers share is the step's, the others are overrides."""
+    main, overrides = _shared_level(sparsities)
+    overrides = tuple(SparsityOverride(layers=layers, sparsity=s) for s, layers in overrides)
+    gradual = trains and template.method == "magnitude"
+    return dataclasses.replace(
+        template, sparsity=main, scope="layer", skip_first_last=False, overrides=overrides,
+        schedule=(template.schedule if template.schedule != "one_shot" else "polynomial")
+        if gradual else "one_shot",
+        layers=Select(names=tuple(sorted(sparsities))), exclude=None)
+
+
+def _encoding_steps(templates: dict, encodings: dict, trains: bool) -> list:
+    """The steps giving each layer of `encodings` (path -> a cluster count, "int8" or
+    "int4") its encoding: a `cluster` step, then a `quantize` step (post-training when the
+    cluster step trains, so that the shared values stay)."""
+    clustered = {p: v for p, v in encodings.items() if isinstance(v, int)}
+    steps = [_cluster_step(templates["cluster"], clustered)] if clustered else []
+    quantized = tuple(sorted(p for p, v in encodings.items() if v in ("int8", "int4")))
+    if quantized:
+        steps.append(_quantize_step(templates["quantize"], encodings, trains and not steps))
+    return steps
+
+
+def _cluster_step(template: Cluster, counts: dict) -> Cluster:
+    """The template clustering each layer of `counts` (path -> clusters) to its count: the
+    count most layers share is the step's, the others are overrides."""
+    main, overrides = _shared_level(counts)
+    return dataclasses.replace(
+        template, clusters=main, layers=Select(names=tuple(sorted(counts))), exclude=None,
+        overrides=tuple(ClusterOverride(layers=layers, clusters=c) for c, layers in overrides))
+
+
+def _shared_level(levels: dict) -> tuple:
+    """`(main, [(level, Select), ...])`: the level most paths of `levels` share (the
+    deepest on a tie), and a selection of the paths at each other level, deepest first.
+    Levels are sparsities (deeper: more) or cluster counts (deeper: fewer)."""
+    counts = Counter(levels.values())
+
+    def depth(level):
+        return -level if isinstance(level, int) else level
+
+    main = max(counts, key=lambda v: (counts[v], depth(v)))
+    return main, [(v, Select(names=tuple(sorted(p for p, w in levels.items() if w == v))))
+                  for v in sorted(counts, key=depth, reverse=True) if v != main]
+
+
+def _quantize_step(template: Quantize, modes: dict, trains: bool) -> Quantize:
+    """The template quantizing each layer of `modes` (path -> "int8" or "int4"; others are
+    left alone) to its mode."""
+    quantized = tuple(sorted(p for p, m in modes.items() if m in ("int8", "int4")))
+    int4 = tuple(sorted(p for p, m in modes.items() if m == "int4"))
+    overrides = (Override(layers=Select(names=int4), mode="int4",
+                          group_size=template.group_size),) if int4 else ()
+    return dataclasses.replace(template, mode="int8", qat=trains, overrides=overrides,
+                               layers=Select(names=quantized), exclude=None)
+
+
+def _selected(model, template, layers) -> list[str]:
+    """The paths of `layers` that the template's own `layers` and `exclude` leave to it."""
+    chosen, excluded = _chosen_and_excluded(model, template)
+    return [path for path in map(path_of, layers) if path in chosen and path not in excluded]
+
+
+def _chosen_and_excluded(model, template) -> tuple[set, set]:
+    """The paths of the layers the template's `layers` name (all: None) and of those its
+    `exclude` names."""
+    every = list(leaf_layers(model))
+    chosen = template.layers.resolve(every) if template.layers is not None else every
+    excluded = template.exclude.resolve(every) if template.exclude is not None else []
+    return set(map(path_of, chosen)), set(map(path_of, excluded))
+
+
+def _quantizable(model, template: Quantize) -> list[str]:
+    """The paths of the layers `template` can quantize."""
+    layers = StepContext(original=model).choose_layers(
+        model, template.layers, template.exclude, quantize_skip_reason, in_place=keras_quantizes)
+    return [path_of(layer) for layer in layers]
 
 
 class _MemorySpace(_Space):
@@ -439,15 +610,15 @@ class _MemorySpace(_Space):
 
     BYTES = {"float": 4.0, "int8": 1.0, "int4": 0.5}
 
-    def __init__(self, model):
-        layers = StepContext(original=model).choose_layers(
-            model, None, None, quantize_skip_reason, in_place=keras_quantizes)
+    def __init__(self, model, templates):
+        self.template = templates["quantize"]
+        quantizable = set(_quantizable(model, self.template))
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
-                        for layer in layers}
+                        for layer in leaf_layers(model) if path_of(layer) in quantizable}
         self.choices = {path: BIT_WIDTHS for path in self.weights}
 
     def probe(self, path, mode):
-        return None if mode == "float" else [Quantize(mode=mode, layers=Select(names=(path,)))]
+        return None if mode == "float" else [_quantize_step(self.template, {path: mode}, False)]
 
     def cost(self, path, mode) -> float:
         return self.weights[path] * self.BYTES[mode]
@@ -459,29 +630,43 @@ class _MemorySpace(_Space):
         return weight_stats(model).bytes
 
     def recipe(self, levels, trains: bool) -> list:
-        quantized = tuple(sorted(p for p, m in levels.items() if m != "float"))
-        int4 = tuple(sorted(p for p, m in levels.items() if m == "int4"))
-        overrides = (Override(layers=Select(names=int4), mode="int4"),) if int4 else ()
-        return [Quantize(mode="int8", qat=trains, layers=Select(names=quantized),
-                         overrides=overrides)]
+        return [_quantize_step(self.template, levels, trains)]
 
 
 class _LatencySpace(_Space):
-    """Residual blocks kept or removed, and a share of every layer's channels removed, then
-    BatchNorm folded: what a forward pass at the given batch size takes on this machine, in
-    Keras or, exported, in the runtime named.
+    """Residual blocks kept or removed (`depth_prune`), and a share of the channels removed
+    (`structured_prune`): one ratio for every layer, or one per layer (`per_layer`: per set
+    of layers whose channels are tied, e.g. by residual Adds), then BatchNorm folded: what a
+    forward pass at the given batch size takes on this machine, in Keras or, exported, in the
+    runtime named.
 
     What each level saves is timed once, on the model a probe made (NetAdapt's measured
     table); a candidate's estimate adds those savings, and each candidate is timed whole.
     """
 
-    probes_need_data = probes_recover = True
+    probes_recover = True
     CHANNELS = "channels"
 
-    def __init__(self, model, x, batch_size: int, runtime: str = "keras"):
-        self.x, self.batch_size, self.runtime = x, batch_size, runtime
-        self.choices = {block.merge: ("keep", "remove") for block in residual_blocks(model)}
-        self.choices[self.CHANNELS] = CHANNEL_RATIOS
+    def __init__(self, model, templates, x, batch_size: int, runtime: str = "keras",
+                 channels: str = "uniform"):
+        self.templates, self.x, self.batch_size, self.runtime = templates, x, batch_size, runtime
+        self.choices, self.units, self.blocks = {}, {}, {}
+        if "depth_prune" in templates:
+            chosen, excluded = _chosen_and_excluded(model, templates["depth_prune"])
+            for block in residual_blocks(model):
+                names = {block.merge, *block.branch}
+                if names & chosen and not names & excluded:
+                    self.choices[block.merge] = ("keep", "remove")
+                    self.blocks[block.merge] = names
+        if "structured_prune" in templates and channels == "uniform":
+            self.choices[self.CHANNELS] = CHANNEL_RATIOS
+        elif "structured_prune" in templates:
+            chosen, excluded = _chosen_and_excluded(model, templates["structured_prune"])
+            spaces = {g.space for g in channel_groups(model) if g.pinned_by is None}
+            for space in sorted(spaces):
+                if set(space) <= chosen and not set(space) & excluded:
+                    key = f"{self.CHANNELS} {'+'.join(space)}"
+                    self.choices[key], self.units[key] = CHANNEL_RATIOS, space
         folded, _ = compress(model, Fold(), verbose=False)
         self.folded = self.runner(folded)
         self.base = self.timed(self.folded)
@@ -490,9 +675,18 @@ class _LatencySpace(_Space):
     def probe(self, path, level):
         if level in ("keep", 0.0):
             return None
-        first = (StructuredPrune(ratio=level, round_to=4) if path == self.CHANNELS
-                 else DepthPrune(blocks=1, layers=Select(names=(path,))))
+        if path in self.blocks:
+            first = dataclasses.replace(self.templates["depth_prune"], blocks=1,
+                                        layers=Select(names=(path,)), exclude=None)
+        else:
+            first = self.channel_step(level, self.units.get(path))
         return [first, Fold()]
+
+    def channel_step(self, ratio, names=None) -> StructuredPrune:
+        """The template removing `ratio` of the channels of the layers `names` (all: None)."""
+        return dataclasses.replace(self.templates["structured_prune"], ratio=ratio,
+                                   **({"layers": Select(names=tuple(names)), "exclude": None}
+                                      if names else {}))
 
     def observe(self, path, level, model) -> None:
         self.saved[path, level] = max(self.saving(model), 0)
@@ -530,9 +724,18 @@ class _LatencySpace(_Space):
 
     def recipe(self, levels, trains: bool) -> list:
         removed = tuple(sorted(p for p, v in levels.items() if v == "remove"))
-        steps = [DepthPrune(blocks=len(removed), layers=Select(names=removed))] if removed else []
+        steps = [dataclasses.replace(self.templates["depth_prune"], blocks=len(removed),
+                                     layers=Select(names=removed), exclude=None)
+                 ] if removed else []
         if levels.get(self.CHANNELS):
-            steps.append(StructuredPrune(ratio=levels[self.CHANNELS], round_to=4))
+            steps.append(self.channel_step(levels[self.CHANNELS]))
+        gone = set().union(*(self.blocks[p] for p in removed))
+        ratios = {key: levels[key] for key in self.units if levels[key]}
+        for ratio in sorted(set(ratios.values()), reverse=True):
+            names = sorted({name for key, r in ratios.items() if r == ratio
+                            for name in self.units[key] if name not in gone})
+            if names:
+                steps.append(self.channel_step(ratio, names))
         return steps + [Fold()]
 
 
@@ -540,8 +743,8 @@ class _MacsSpace(_LatencySpace):
     """The latency space's dimensions, counted in multiply-accumulates per example
     (`kshrink.measure.macs`) instead of timed: exact and the same on every machine."""
 
-    def __init__(self, model):
-        super().__init__(model, None, 1)
+    def __init__(self, model, templates, channels: str = "uniform"):
+        super().__init__(model, templates, None, 1, channels=channels)
 
     def estimate_text(self, levels) -> str:
         return f"about {self.estimate(levels):,.0f} MACs"
@@ -551,6 +754,53 @@ class _MacsSpace(_LatencySpace):
 
     def saving(self, model) -> float:
         return self.base - self.measure(model)
+
+
+def _templates(objective: str, techniques) -> dict:
+    """`techniques` (names, `{name: options}` or configured techniques; None: the
+    objective's defaults) as name -> the technique config the search varies the level of."""
+    allowed = TECHNIQUES[objective]
+    if techniques is None:
+        techniques = DEFAULT_TECHNIQUES[objective]
+    elif isinstance(techniques, (str, Technique, dict)):
+        techniques = [techniques]
+    templates = {}
+    for entry in techniques:
+        if isinstance(entry, Technique):
+            name, template = entry.name, entry
+        else:  # a name, or {name: options}: the options go on top of the search's defaults
+            name, options = (entry, None) if isinstance(entry, str) else (
+                next(iter(entry.items())) if isinstance(entry, dict) and len(entry) == 1
+                else (None, None))
+            if not isinstance(name, str) or not isinstance(options, (dict, type(None))):
+                raise KshrinkError("search: each technique is a name, {name: {options}} or a "
+                                   f"technique config. Received: {entry!r}")
+            technique_class(name)  # an unknown name is one line naming the known ones
+        if name not in allowed:
+            raise KshrinkError(f"search: objective {objective!r} searches "
+                               f"{', '.join(allowed)}; not {name}. Received: "
+                               f"techniques={_names(techniques)}")
+        if name in templates:
+            raise KshrinkError(f"search: {name} is named twice. Received: "
+                               f"techniques={_names(techniques)}")
+        if not isinstance(entry, Technique):
+            base = DEFAULT_TEMPLATES[name]
+            template = type(base).from_config({**base.get_config(), **(options or {})})
+        templates[name] = template
+    if not templates:
+        raise KshrinkError(f"search: techniques is empty; objective {objective!r} searches "
+                           f"{', '.join(allowed)}")
+    prune = templates.get("prune")
+    if prune is not None and prune.pattern_spec.is_n_of_m:
+        raise KshrinkError(f"search: pattern {prune.pattern} fixes each layer's sparsity, and "
+                           "the search chooses it: give prune an unstructured or block pattern")
+    return templates
+
+
+def _names(techniques) -> str:
+    return "[" + ", ".join(t.name if isinstance(t, Technique) else
+                           next(iter(t)) if isinstance(t, dict) and t else str(t)
+                           for t in techniques) + "]"
 
 
 def _split(model, data, validation_data):
@@ -588,10 +838,11 @@ def _subset(data, limit: int):
     return model_inputs(data, limit), np.asarray(labels_of(data))[:limit]
 
 
-def _loss_rises(model, space, probe, progress, train=None, recover=None) -> dict:
+def _loss_rises(model, space, probe, progress, train, recover=None) -> dict:
     """Per dimension, the held-out loss rise at each level with that one alone compressed
-    (and then fine-tuned on `train` with `recover`, a `FineTune`, if given), made
-    non-decreasing along the levels (a deeper level never counts as cheaper)."""
+    (calibrated on as many examples of `train` as `probe` holds; or fine-tuned on `train`
+    with `recover`, a `FineTune`, if given), made non-decreasing along the levels (a deeper
+    level never counts as cheaper)."""
     x, y = probe
     loss = task_loss(model, y)
     base = _loss(loss, y, predict(model, x))
@@ -607,7 +858,7 @@ def _loss_rises(model, space, probe, progress, train=None, recover=None) -> dict
             continue
         if recover:  # BatchNorm's moving averages lag a short fine-tune: estimated anew
             steps = [dataclasses.replace(steps[0], reestimate_batchnorm=True), *steps[1:]]
-        data = train if recover else (probe if space.probes_need_data else None)
+        data = train if recover else _subset(train, example_count(x))
         alone, _ = compress(model, steps, data=data, fine_tune=recover, fidelity_samples=0,
                             verbose=False)
         space.observe(path, level, alone)
@@ -666,10 +917,13 @@ def _greedy_path(space, rise, caps=None, start=None) -> list[dict]:
     path = []
     while True:
         best = None
+        levels = {layer: space.choices[layer][k] for layer, k in index.items()}
         for layer, k in index.items():
-            levels = space.choices[layer]
-            for j in range(k + 1, caps.get(layer, len(levels) - 1) + 1):
-                saving = space.cost(layer, levels[k]) - space.cost(layer, levels[j])
+            choices = space.choices[layer]
+            for j in range(k + 1, caps.get(layer, len(choices) - 1) + 1):
+                saving = space.move_saving(levels, layer, choices[j])
+                if saving < 0:  # e.g. int4's scales outweigh 16 clusters' codebook
+                    continue
                 loss = max(rise[layer][j] - rise[layer][k], _FREE)
                 if best is None or saving / loss > best[0]:
                     best = (saving / loss, layer, j)

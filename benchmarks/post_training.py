@@ -25,7 +25,7 @@ import sys
 import time
 
 import numpy as np
-from common import replace_rows, write_rows
+from common import replace_rows
 
 import kshrink
 
@@ -183,8 +183,8 @@ def main():
     if args.replace:
         replace_rows("post_training", rows, lambda r: r["model"] in args.models
                      and r["variant"] in args.variants + ["float"])
-    else:
-        write_rows("post_training", rows)
+    else:  # everything but the --at-scale rows, which stay
+        replace_rows("post_training", rows, lambda r: "peak_memory_mb" not in r)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,15 @@ def test_comparing_a_model_with_its_copy_claims_no_speed_up(mlp, images):
         if all("faster" not in r and "slower" not in r for r in rows):
             return
     raise AssertionError("a copy was claimed faster or slower in 3 runs:\n" + texts[-1])
+
+
+def test_measuring_batches_hold_a_bounded_size_of_inputs():
+    from kshrink.measure.accuracy import BATCH_BYTES, BATCH_EXAMPLES, batch_size_for
+
+    assert batch_size_for(np.zeros((1000, 28, 28), "float32")) == BATCH_EXAMPLES
+    images = np.zeros((600, 224, 224, 3), "float32")
+    size = batch_size_for(images)
+    assert size * images[0].nbytes <= BATCH_BYTES < (size + 1) * images[0].nbytes
+    both = {"a": images, "b": images}
+    assert batch_size_for(both) == BATCH_BYTES // (2 * images[0].nbytes)
+    assert batch_size_for(np.zeros((10, 4096, 4096), "float32")) == 1

@@ -230,3 +230,27 @@ def test_methods_reach_nested_layers_with_dict_data(config):
                for d in applied.values()), applied
     out = keras.ops.convert_to_numpy(small(x))
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("config", [kshrink.Quantize(mode="int4", method="gptq"),
+                                    kshrink.Prune(sparsity=0.5, schedule="one_shot",
+                                                  method="sparsegpt")])
+def test_activations_spilled_to_disk_give_the_same_model(trained, digits, config,
+                                                         monkeypatch, tmp_path):
+    """Past `STREAM_MEMORY` bytes the layer inputs live in files: same weights, and the
+    files are gone afterwards."""
+    from kshrink.reconstruct import sequential
+
+    x = digits.train[0][:64]
+    in_memory, _ = kshrink.compress(trained, config, data=x)
+    monkeypatch.setattr(sequential, "STREAM_MEMORY", 0)
+    monkeypatch.setattr(sequential.tempfile, "tempdir", str(tmp_path))
+    written = []
+    save = np.save
+    monkeypatch.setattr(sequential.np, "save", lambda path, v: (written.append(path),
+                                                                save(path, v)))
+    spilled, _ = kshrink.compress(trained, config, data=x)
+    assert written and all(str(p).startswith(str(tmp_path)) for p in written)
+    assert list(tmp_path.iterdir()) == []
+    for a, b in zip(in_memory.get_weights(), spilled.get_weights()):
+        np.testing.assert_array_equal(a, b)

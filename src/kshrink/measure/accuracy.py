@@ -8,9 +8,24 @@ import keras
 import numpy as np
 
 
-def predict(model: keras.Model, x, batch_size: int = 256):
+# Examples per batch when measuring: at most this many, and at most `BATCH_BYTES` of inputs (a
+# batch of 256 224x224 images would make TensorFlow hold several GB of activations).
+BATCH_EXAMPLES = 256
+BATCH_BYTES = 16 << 20
+
+
+def batch_size_for(x) -> int:
+    """Examples per batch to run `x` (an array or a structure of arrays) through a model."""
+    per_example = sum(v.nbytes // max(len(v), 1) for v in keras.tree.flatten(x)
+                      if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0)
+    return int(max(1, min(BATCH_EXAMPLES, BATCH_BYTES // max(per_example, 1))))
+
+
+def predict(model: keras.Model, x, batch_size: int | None = None):
     """The model's outputs for `x` as float32 numpy: one array, or for a model with several
-    outputs (a dict, say) a list of them in `keras.tree.flatten` order."""
+    outputs (a dict, say) a list of them in `keras.tree.flatten` order. `batch_size`
+    defaults to `batch_size_for(x)`."""
+    batch_size = batch_size or batch_size_for(x)
     outputs = keras.tree.flatten(model.predict(x, batch_size=batch_size, verbose=0))
     outputs = [np.asarray(o, dtype=np.float32) for o in outputs]
     return outputs[0] if len(outputs) == 1 else outputs
@@ -28,11 +43,12 @@ def top1_accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(outputs.argmax(-1).reshape(-1) == labels))
 
 
-def evaluate(model: keras.Model, x, y, batch_size: int = 256) -> dict:
+def evaluate(model: keras.Model, x, y, batch_size: int | None = None) -> dict:
     """Task metrics: top-1 accuracy for a classifier, plus the model's own compiled metrics if
     it has any. A model that is not a classifier (an encoder, a regressor) has no accuracy:
     compare it by `fidelity` instead."""
     metrics = {}
+    batch_size = batch_size or batch_size_for(x)
     outputs = predict(model, x, batch_size)
     if is_classifier(outputs):
         metrics["accuracy"] = top1_accuracy(outputs, y)

@@ -53,7 +53,7 @@ def refit(original: keras.Model, pruned: keras.Model, x, kept_outputs: dict, *,
     recorded = {}
 
     def record(layer, inputs):
-        recorded[layer.name] = inputs
+        recorded[layer.name] = list(inputs)  # valid during the visit only
 
     run_layer_by_layer(original, batches, {id(l) for l in originals.values()}, record)
     done = []

@@ -5,6 +5,8 @@ BatchNorm statistics re-estimated on calibration data.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 
 import keras
@@ -260,7 +262,8 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
     """Runs `model` on each batch one layer call at a time, in graph order, every call once,
     until the last layer in `wanted` (ids, at any depth) has run. Before each call of a wanted
     layer, `visit(layer, its input per batch as NumPy arrays)` may change the layer's
-    weights: the call, and so every later layer, then runs with the new ones.
+    weights: the call, and so every later layer, then runs with the new ones. The inputs a
+    visit receives are valid during the visit only.
 
     A wanted layer inside a custom layer (a transformer block) is visited when the block
     runs: the block runs once with the wanted sublayers' inputs recorded, each is visited in
@@ -269,14 +272,11 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
 
     With `reference` (a model of the same graph, layer for layer: the model before
     compression), it runs alongside on the same batches, and a wanted layer of the top-level
-    graph is visited as `visit(layer, inputs, the reference layer's inputs)`."""
+    graph is visited as `visit(layer, inputs, the reference layer's inputs)`.
+
+    The values of the tensors still needed are held in memory up to `STREAM_MEMORY` bytes,
+    and past it on disk."""
     calls, inputs, _ = graph_program(model)
-    names = [t.name for t in model.inputs]
-    streams = [_Stream(calls, inputs, names, batches)]
-    if reference is not None:
-        twin = graph_program(reference)
-        if [c.layer.name for c in twin[0]] == [c.layer.name for c in calls]:
-            streams.append(_Stream(twin[0], twin[1], names, batches))
 
     def holds(layer):
         return id(layer) in wanted or (isinstance(layer, keras.Model)
@@ -286,77 +286,134 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
     marked = [i for i, call in enumerate(calls) if holds(call.layer)]
     if not marked:
         return
-    visited = set()
-    for i, call in enumerate(calls[:marked[-1] + 1]):
-        layer = call.layer
-        arguments = streams[0].arguments(i)
-        if id(layer) in wanted:
-            if len(call.inputs) != 1 or id(layer) in visited:
-                raise KshrinkError(f"reconstruction: layer {layer.name!r} must be called once, "
-                                   "on one input")
-            visited.add(id(layer))
-            visit(layer, *[_AsNumpy(stream.inputs(i)) for stream in streams])
-        if isinstance(layer, keras.Model) and holds(layer):
-            run_layer_by_layer(layer, [args[0] for args, _ in arguments], wanted, visit)
-        elif not isinstance(layer, keras.Model) and id(layer) not in wanted:
-            inner = _inside(layer, wanted)
-            if inner:
-                for sublayer, inputs in _recorded(layer, inner, arguments):
-                    visit(sublayer, inputs)
-        if i == marked[-1]:
-            break  # nothing after it is needed
-        for stream in streams:
-            stream.run(i)
+    names = [t.name for t in model.inputs]
+    with _Store(STREAM_MEMORY) as store:
+        streams = [_Stream(calls, inputs, names, batches, store)]
+        if reference is not None:
+            twin = graph_program(reference)
+            if [c.layer.name for c in twin[0]] == [c.layer.name for c in calls]:
+                streams.append(_Stream(twin[0], twin[1], names, batches, store))
+        visited = set()
+        for i, call in enumerate(calls[:marked[-1] + 1]):
+            layer = call.layer
+            if id(layer) in wanted:
+                if len(call.inputs) != 1 or id(layer) in visited:
+                    raise KshrinkError(f"reconstruction: layer {layer.name!r} must be called "
+                                       "once, on one input")
+                visited.add(id(layer))
+                visit(layer, *[stream.inputs(i) for stream in streams])
+            if isinstance(layer, keras.Model) and holds(layer):
+                run_layer_by_layer(layer, [args[0] for args, _ in streams[0].arguments(i)],
+                                   wanted, visit)
+            elif not isinstance(layer, keras.Model) and id(layer) not in wanted:
+                inner = _inside(layer, wanted)
+                if inner:
+                    for sublayer, recorded in _recorded(layer, inner, streams[0].arguments(i)):
+                        visit(sublayer, recorded)
+            if i == marked[-1]:
+                break  # nothing after it is needed
+            for stream in streams:
+                stream.run(i)
 
 
-class _AsNumpy(Sequence):
-    """A layer's input on every batch, each batch converted to NumPy when it is read: a visit
-    that goes through the batches one at a time never holds a NumPy copy of all of them (on
-    a 224x224 CNN with 512 calibration images, one such copy is 2.5 GB)."""
+# Bytes of tensor values `run_layer_by_layer` holds in memory before it writes further ones to
+# disk: a 224x224 CNN's widest activation is 5 MB an image, so 512 calibration images would
+# need several GB of it in memory at once.
+STREAM_MEMORY = 1 << 30
 
-    def __init__(self, values: list):
-        self._values = values
+
+class _Store:
+    """Arrays kept in memory while they fit in `budget` bytes, and past it each in a file of
+    a temporary folder, read back when used. A context manager: the folder goes on exit."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held, self.files = budget, 0, 0
+        self.folder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.folder is not None:
+            self.folder.cleanup()
+
+    def put(self, value):
+        """A handle to `value` (a tensor or array) as a NumPy array."""
+        value = np.asarray(keras.ops.convert_to_numpy(value))
+        if self.held + value.nbytes <= self.budget:
+            self.held += value.nbytes
+            return value
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="kshrink-")
+        self.files += 1
+        path = os.path.join(self.folder.name, f"{self.files}.npy")
+        np.save(path, value)
+        return path
+
+    def get(self, handle) -> np.ndarray:
+        return np.load(handle) if isinstance(handle, str) else handle
+
+    def drop(self, handle) -> None:
+        if isinstance(handle, str):
+            os.remove(handle)
+        else:
+            self.held -= handle.nbytes
+
+
+class _Batches(Sequence):
+    """A tensor's value on every batch, each read from its store when it is used."""
+
+    def __init__(self, store: _Store, handles: list):
+        self._store, self._handles = store, handles
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._handles)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [keras.ops.convert_to_numpy(v) for v in self._values[index]]
-        return keras.ops.convert_to_numpy(self._values[index])
+            return [self._store.get(h) for h in self._handles[index]]
+        return self._store.get(self._handles[index])
 
 
 class _Stream:
     """The values of one graph's tensors on every batch, computed one call at a time."""
 
-    def __init__(self, calls, inputs, names, batches):
-        self.calls = calls
-        self.values = {id(t): [_bind(b, k, names) for b in batches] for k, t in enumerate(inputs)}
-        self.batches = len(batches)
+    def __init__(self, calls, inputs, names, batches, store: _Store):
+        self.calls, self.store, self.batches = calls, store, len(batches)
+        self.values = {id(t): [store.put(_bind(b, k, names)) for b in batches]
+                       for k, t in enumerate(inputs)}
         self.last_use = {}
         for i, call in enumerate(calls):
             for tensor in call.inputs:
                 self.last_use[id(tensor)] = i
 
-    def inputs(self, i: int) -> list:
-        return self.values[id(self.calls[i].inputs[0])]
+    def inputs(self, i: int) -> _Batches:
+        """Call `i`'s first input on every batch."""
+        return _Batches(self.store, self.values[id(self.calls[i].inputs[0])])
 
-    def arguments(self, i: int) -> list:
+    def arguments(self, i: int):
+        """Call `i`'s `(args, kwargs)` on each batch in turn."""
         call = self.calls[i]
-        return [keras.tree.map_structure(
-            lambda t: self.values[id(t)][b] if isinstance(t, keras.KerasTensor) else t,
-            (call.args, call.kwargs)) for b in range(self.batches)]
+        for b in range(self.batches):
+            yield keras.tree.map_structure(
+                lambda t: (self.store.get(self.values[id(t)][b])
+                           if isinstance(t, keras.KerasTensor) else t),
+                (call.args, call.kwargs))
 
     def run(self, i: int) -> None:
         call = self.calls[i]
         mode = {"training": False} if isinstance(call.layer, keras.layers.Layer) else {}
-        outputs = [keras.tree.flatten(call.layer(*args, **{**mode, **kwargs}))
-                   for args, kwargs in self.arguments(i)]
-        for j, tensor in enumerate(call.outputs):
-            self.values[id(tensor)] = [out[j] for out in outputs]
+        outputs = [[] for _ in call.outputs]
+        for args, kwargs in self.arguments(i):
+            for j, value in enumerate(keras.tree.flatten(
+                    call.layer(*args, **{**mode, **kwargs}))):
+                outputs[j].append(self.store.put(value))
+        for tensor, handles in zip(call.outputs, outputs):
+            self.values[id(tensor)] = handles
         for tensor in call.inputs:
             if self.last_use.get(id(tensor)) == i:
-                self.values.pop(id(tensor), None)
+                for handle in self.values.pop(id(tensor), ()):
+                    self.store.drop(handle)
 
 
 def _inside(layer, wanted: set) -> list:

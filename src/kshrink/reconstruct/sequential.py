@@ -5,9 +5,11 @@ BatchNorm statistics re-estimated on calibration data.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -317,14 +319,16 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
 
 
 # Bytes of tensor values `run_layer_by_layer` holds in memory before it writes further ones to
-# disk: a 224x224 CNN's widest activation is 5 MB an image, so 512 calibration images would
-# need several GB of it in memory at once.
-STREAM_MEMORY = 1 << 30
+# disk: a 224x224 CNN's widest activation is 5 MB an image, 2.5 GB for 512 calibration images,
+# and a step needs it for both the compressed and the original model (EfficientNet-Lite0, int4
+# GPTQ on 512 images: 3.7 GB peak at this budget, 4.3 GB at 1 GB, 12.7 GB without a budget).
+STREAM_MEMORY = 512 << 20
 
 
 class _Store:
-    """Arrays kept in memory while they fit in `budget` bytes, and past it each in a file of
-    a temporary folder, read back when used. A context manager: the folder goes on exit."""
+    """Values kept as they are (backend tensors) while they fit in `budget` bytes, and past it
+    each as a NumPy file in a temporary folder, read back when used. A context manager: the
+    folder goes on exit."""
 
     def __init__(self, budget: int):
         self.budget, self.held, self.files = budget, 0, 0
@@ -338,30 +342,39 @@ class _Store:
             self.folder.cleanup()
 
     def put(self, value):
-        """A handle to `value` (a tensor or array) as a NumPy array."""
-        value = np.asarray(keras.ops.convert_to_numpy(value))
-        if self.held + value.nbytes <= self.budget:
-            self.held += value.nbytes
+        """A handle to `value` (a tensor or array)."""
+        size = _bytes(value)
+        if self.held + size <= self.budget:
+            self.held += size
             return value
         if self.folder is None:
             self.folder = tempfile.TemporaryDirectory(prefix="kshrink-")
         self.files += 1
         path = os.path.join(self.folder.name, f"{self.files}.npy")
-        np.save(path, value)
-        return path
+        np.save(path, keras.ops.convert_to_numpy(value))
+        return _Spilled(path)
 
-    def get(self, handle) -> np.ndarray:
-        return np.load(handle) if isinstance(handle, str) else handle
+    def get(self, handle):
+        return np.load(handle.path) if isinstance(handle, _Spilled) else handle
 
     def drop(self, handle) -> None:
-        if isinstance(handle, str):
-            os.remove(handle)
+        if isinstance(handle, _Spilled):
+            os.remove(handle.path)
         else:
-            self.held -= handle.nbytes
+            self.held -= _bytes(handle)
+
+
+class _Spilled(NamedTuple):
+    path: str
+
+
+def _bytes(value) -> int:
+    itemsize = np.dtype(keras.backend.standardize_dtype(value.dtype)).itemsize
+    return math.prod(value.shape) * itemsize
 
 
 class _Batches(Sequence):
-    """A tensor's value on every batch, each read from its store when it is used."""
+    """A tensor's value on every batch, each read from its store, as NumPy, when it is used."""
 
     def __init__(self, store: _Store, handles: list):
         self._store, self._handles = store, handles
@@ -371,8 +384,8 @@ class _Batches(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [self._store.get(h) for h in self._handles[index]]
-        return self._store.get(self._handles[index])
+            return [self[i] for i in range(len(self))[index]]
+        return keras.ops.convert_to_numpy(self._store.get(self._handles[index]))
 
 
 class _Stream:
@@ -401,19 +414,25 @@ class _Stream:
                 (call.args, call.kwargs))
 
     def run(self, i: int) -> None:
+        """Runs call `i` on every batch. An input no later call reads goes batch by batch as
+        its outputs come: the call never holds both whole."""
         call = self.calls[i]
         mode = {"training": False} if isinstance(call.layer, keras.layers.Layer) else {}
+        done = list({id(t): t for t in call.inputs if self.last_use.get(id(t)) == i}.values())
         outputs = [[] for _ in call.outputs]
-        for args, kwargs in self.arguments(i):
+        for b, (args, kwargs) in enumerate(self.arguments(i)):
             for j, value in enumerate(keras.tree.flatten(
                     call.layer(*args, **{**mode, **kwargs}))):
                 outputs[j].append(self.store.put(value))
+            del args, kwargs
+            for tensor in done:
+                handles = self.values[id(tensor)]
+                self.store.drop(handles[b])
+                handles[b] = None
+        for tensor in done:
+            del self.values[id(tensor)]
         for tensor, handles in zip(call.outputs, outputs):
             self.values[id(tensor)] = handles
-        for tensor in call.inputs:
-            if self.last_use.get(id(tensor)) == i:
-                for handle in self.values.pop(id(tensor), ()):
-                    self.store.drop(handle)
 
 
 def _inside(layer, wanted: set) -> list:

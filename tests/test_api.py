@@ -97,13 +97,23 @@ def test_subclassed_and_unbuilt_models_are_refused():
         kshrink.compress("model.keras", Quantize())
 
 
-def test_compressed_model_is_uncompiled_and_carries_no_optimizer(digits, tmp_path):
+def test_compressed_model_is_compiled_like_the_original_without_its_optimizer_state(
+        digits, tmp_path):
     model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
                               keras.layers.Dense(256, name="fc1"), keras.layers.Dense(10, name="fc2")])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(keras.optimizers.Adam(3e-4),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=3)])
     model.fit(*digits.train, epochs=1, verbose=0)  # builds Adam's slots: 2 more weight copies
     small, _ = kshrink.compress(model, Quantize(layers=Select(names=("fc2",))))
-    assert not small.compiled
+    assert small.compiled
+    assert isinstance(small.optimizer, keras.optimizers.Adam)
+    assert small.optimizer is not model.optimizer and int(small.optimizer.iterations) == 0
+    assert float(small.optimizer.learning_rate) == pytest.approx(3e-4)
+    before = model.evaluate(*digits.test, verbose=0, return_dict=True)
+    after = small.evaluate(*digits.test, verbose=0, return_dict=True)
+    assert set(after) == set(before) == {"loss", "sparse_top_k_categorical_accuracy"}
+    assert after["loss"] == pytest.approx(before["loss"], abs=0.05)
     trained_path, small_path = tmp_path / "trained.keras", tmp_path / "small.keras"
     model.save(trained_path)
     small.save(small_path)
@@ -195,13 +205,14 @@ def test_a_fine_tuned_model_comes_back_without_its_optimizer(trained, digits, tm
 
     small, _ = kshrink.compress(trained, kshrink.Prune(sparsity=0.5), data=digits.train,
                                 fine_tune=kshrink.FineTune(epochs=1, verbose=False))
-    assert not small.compiled
+    assert small.compiled == trained.compiled
     small.save(tmp_path / "pruned.keras")
     with zipfile.ZipFile(tmp_path / "pruned.keras") as archive:
         import h5py
 
         with archive.open("model.weights.h5") as f, h5py.File(f) as weights:
-            assert "optimizer" not in weights
+            # A fresh optimizer: its step count and learning rate, no slot per weight.
+            assert len(weights.get("optimizer/vars", {})) <= 2
 
 
 def test_gradient_clipping_bounds_each_step(trained, digits):

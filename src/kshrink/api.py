@@ -10,7 +10,7 @@ import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.distribute import DataParallel
-from kshrink.core.graph import copy_model, leaf_layers, path_of
+from kshrink.core.graph import copy_model, keep_layer_policies, leaf_layers, path_of
 from kshrink.core.progress import Console
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
@@ -21,9 +21,12 @@ from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
 from kshrink.measure.accuracy import fidelity, predict
 from kshrink.measure.weights import weight_drift, weight_stats
-from kshrink.reconstruct import correct_batchnorm
+from kshrink.reconstruct import correct_batchnorm, stale_batchnorm
 
 CALIBRATION_SAMPLES = 512  # examples BatchNorm statistics are re-estimated on
+# Agreement a fine-tuned step may lose before it is warned about: fine-tuning moves away from
+# the original on purpose, but not this far.
+COLLAPSE = 0.1
 
 
 def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
@@ -48,8 +51,10 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             `data`); 0 turns it off.
         fidelity_tolerance: a step that does not fine-tune and lowers top-1 agreement with
             the original (for a model that is not a classifier, the outputs' cosine) by more
-            than this gets a one-line warning naming the layers whose weights moved most. (A
-            fine-tuned step moves away from the original on purpose: accuracy judges it.)
+            than this gets a one-line warning naming the layers whose weights moved most and
+            what to try. A fine-tuned step moves away from the original on purpose: it is
+            warned about only when agreement collapses (drops by more than
+            `COLLAPSE`, 0.1).
         progress: called with a short message as the work advances (each step, each layer a
             calibration method solves, each block scored), e.g. `print`; None: `verbose`
             decides.
@@ -58,7 +63,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             for silence. Fine-tuning shows Keras' own progress as `FineTune(verbose)` says.
 
     Returns:
-        `(compressed_model, CompressionReport)`.
+        `(compressed_model, CompressionReport)`. The model is compiled as `model` was (same
+        loss and metrics, a fresh optimizer of the same class), or uncompiled if it was not.
 
     Example:
 
@@ -117,17 +123,24 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                                   callbacks=handler.callbacks(work, technique, ctx),
                                   parallel=parallel)
         work = handler.finalize(work, technique, ctx)
-        if technique.reestimates_batchnorm(data is not None, trains):
-            _reestimate_batchnorm(work, train, technique, ctx, trains)
+        stale = trains and stale_batchnorm(work, ctx.train_steps)
+        reestimated = technique.reestimates_batchnorm(data is not None, trains, bool(stale))
+        if reestimated:
+            _reestimate_batchnorm(work, train, technique, ctx, trains, stale)
         step = handler.report(work, technique, ctx)
         if handler.settles:
             settled |= {result.layer for result in step.applied}
-        steps.append(step if probe is None else probe.measure(step, work, warn=not trains))
+        if probe is not None:
+            step = probe.measure(step, work, technique, trains, reestimated)
+        steps.append(step)
     if work.compiled or parallel is not None:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
         # optimizer would ride into the saved file (Adam: twice the weights). A copy made out
         # of a strategy's scope is a plain model again.
         work = copy_model(work)
+    keep_layer_policies(work)
+    if model.compiled:
+        _compile_like(work, model)
     after = weight_stats(work)
     report = CompressionReport(
         steps=tuple(steps),
@@ -137,6 +150,32 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         weight_bytes_after=after.bytes,
     )
     return work, report
+
+
+def _compile_like(model, original) -> None:
+    """Compiles `model` as `original` was (loss, metrics, an optimizer of the same class and
+    settings, fresh): the result evaluates and trains on as the original did."""
+    try:
+        config = keras.saving.deserialize_keras_object(original.get_compile_config())
+        model.compile(**config)
+    except Exception as e:  # a custom loss or metric Keras cannot rebuild by name
+        warnings.warn(f"the compressed model is not compiled: its original's compile "
+                      f"settings could not be rebuilt ({' '.join(str(e).split())[:160]}); "
+                      "call compile() on it before evaluate() or fit()", stacklevel=3)
+
+
+def _remedy(model, technique, trained: bool, reestimated: bool) -> str:
+    """What to try after a step that lost agreement, as the option to pass."""
+    has_batchnorm = any(isinstance(l, keras.layers.BatchNormalization)
+                        for l in leaf_layers(model))
+    if trained:
+        if has_batchnorm and not reestimated:
+            return (f"try {technique.name}(reestimate_batchnorm=True), then more epochs or a "
+                    "lower learning rate (FineTune(epochs=..., learning_rate=...))")
+        return ("try more epochs, a lower learning rate or distillation (FineTune(epochs=..., "
+                "learning_rate=..., distill=True))")
+    return ("try a milder setting, exclude those layers (exclude={'names': [...]}), a "
+            "calibration method (method=...) or fine-tuning (fine_tune=FineTune(...))")
 
 
 @contextlib.contextmanager
@@ -157,12 +196,18 @@ def _frozen(model, settled: set):
             layer.trainable = True
 
 
-def _reestimate_batchnorm(model, data, technique, ctx: StepContext, trained: bool) -> None:
+def _reestimate_batchnorm(model, data, technique, ctx: StepContext, trained: bool,
+                          stale) -> None:
     if data is None:
         raise KshrinkError("reestimate_batchnorm needs data: pass data=(x, y) (or just x)")
     note = correct_batchnorm(model, ctx.original, model_inputs(data, CALIBRATION_SAMPLES),
                              only_if_closer=technique.reestimate_batchnorm is None,
                              trained=trained)
+    if note and stale:
+        momentum = float(stale.momentum)
+        note += (f" after {ctx.train_steps} fine-tune steps, too few for momentum {momentum:g}: "
+                 f"{stale.name} still held {momentum ** ctx.train_steps:.0%} of its old "
+                 "statistics")
     if note:
         ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
 
@@ -189,18 +234,24 @@ class _FidelityProbe:
         x = keras.tree.map_structure(lambda v: v[n - count:], x)
         return cls(original, x, held_back, tolerance)
 
-    def measure(self, step: StepReport, model, warn: bool) -> StepReport:
+    def measure(self, step: StepReport, model, technique, trained: bool,
+                reestimated: bool) -> StepReport:
         f = fidelity(self.reference, predict(model, self.x))
         result = StepFidelity(example_count(self.x), self.held_back, round(f.cosine, 6),
                               None if f.top1_agreement is None else round(f.top1_agreement, 6))
         warning = None
-        if warn and self.last - result.score > self.tolerance:
-            moved = ", ".join(f"{path} ({change:.0%})" for path, change in
-                              weight_drift(self.original, model)[:3] if change >= 0.005)
+        if self.last - result.score > (COLLAPSE if trained else self.tolerance):
             measure = "cosine" if result.agreement is None else "top-1 agreement"
-            warning = (f"{step.technique} lowered {measure} with the original from "
-                       f"{self.last:.3f} to {result.score:.3f}"
-                       + (f"; weights moved most in {moved}" if moved else ""))
+            warning = (f"{step.technique}{' (fine-tuned)' if trained else ''} lowered "
+                       f"{measure} with the original from {self.last:.3f} to "
+                       f"{result.score:.3f}")
+            if not trained:
+                moved = [(path, change) for path, change in
+                         weight_drift(self.original, model)[:3] if change >= 0.005]
+                if moved:
+                    warning += "; weights moved most in " + ", ".join(
+                        f"{path} ({change:.0%})" for path, change in moved)
+            warning += "; " + _remedy(model, technique, trained, reestimated)
             warnings.warn(warning, stacklevel=3)
         self.last = result.score
         return dataclasses.replace(step, fidelity=dataclasses.replace(result, warning=warning))

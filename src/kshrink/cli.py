@@ -1,21 +1,18 @@
 """The `kshrink` command: compress, measure, convert, sensitivity, export, techniques, demo.
 
+`kshrink_cli` parses the arguments (without importing Keras); this module runs the commands.
 Bad input exits with code 2 and one line on stderr; existing files are never touched.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-EXIT_BAD_INPUT = 2
+from kshrink_cli import EXIT_BAD_INPUT
 
 # Prune 92% of LeNet-300-100's weights, then share the rest among 16 values per layer, each
 # step fine-tuned with the original model as teacher; the compact file stores what is left.
@@ -26,36 +23,16 @@ steps:
 fine_tune: {epochs: 4, distill: true}
 """
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 or len(text) > 12:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text[:20]!r}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, as for every other bad input
-        raise _UsageError(f"{self.prog}: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
 
 def main(argv=None) -> int:
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.command is None:
-        parser.print_help()
-        return EXIT_BAD_INPUT
+    """Runs the `kshrink` command with `argv` (default: the process's arguments)."""
+    from kshrink_cli import main as launch
+
+    return launch(argv)
+
+
+def run(args) -> int:
+    """Runs the command `kshrink_cli` parsed: bad input exits 2 with one line."""
     from kshrink import _start_keras_quietly
     from kshrink.errors import KshrinkError
 
@@ -65,137 +42,16 @@ def main(argv=None) -> int:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
     try:
-        return args.run(args) or 0
+        from kshrink.core.classes import import_modules
+
+        args.custom_objects = import_modules(args.imports)
+        return COMMANDS[args.run](args) or 0
     except KshrinkError as e:
         print(f"kshrink: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kshrink: interrupted", file=sys.stderr)
         return 130
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kshrink", description="Compress and measure Keras 3 models.")
-    parser.set_defaults(command=None)
-    parser.add_argument("--max-parameters", type=_positive, default=None, metavar="N",
-                        help="refuse input models whose config implies more kernel values "
-                             "(default 2^31)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress on stderr (results and errors still print)")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    p = sub.add_parser("compress", help="apply a recipe to a .keras model")
-    p.add_argument("model", help="input .keras file")
-    p.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
-    p.add_argument("-o", "--output", required=True,
-                   help="output file: .keras (plain Keras) or .kshrink (compact)")
-    p.add_argument("--data", help="mnist, fashion_mnist, digits, FILE.npz (x, y[, x_val, y_val], "
-                                  "or one array per model input) or a folder of class "
-                                  "subfolders of images (streamed)")
-    p.add_argument("--format", choices=("text", "md", "json"), default="text")
-    p.add_argument("--report", metavar="REPORT.html",
-                   help="also write a self-contained HTML report with tables and plots")
-    p.set_defaults(run=_compress)
-
-    p = sub.add_parser("search", help="find the per-layer recipe that compresses a .keras "
-                                      "model most within an accuracy budget")
-    p.add_argument("model", help="input .keras file (float)")
-    p.add_argument("--data", required=True,
-                   help="mnist, fashion_mnist, digits or FILE.npz (x, y[, x_val, y_val]); the "
-                        "search fine-tunes on the training split less its last 10%%, judges "
-                        "candidates on that 10%%, and the test split scores the result")
-    p.add_argument("--objective", choices=("size", "memory", "latency", "macs"),
-                   default="size",
-                   help="size: bytes of the .kshrink file (per-layer sparsity and clusters); "
-                        "memory: weight bytes held (float/int8/int4 per layer); latency: "
-                        "time per forward pass here (residual blocks and channels removed); "
-                        "macs: multiply-accumulates per example (the same space)")
-    p.add_argument("--max-accuracy-drop", type=float, required=True, metavar="PP",
-                   help="held-out top-1 accuracy the result may lose, in percentage points")
-    p.add_argument("--epochs", type=int, default=2,
-                   help="fine-tuning epochs per candidate step (0: post-training only)")
-    p.add_argument("--batch-size", type=_positive, default=128, help="fine-tuning batch size")
-    p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="fine-tuning initial learning rate (cosine decay)")
-    p.add_argument("--latency-batch-size", type=_positive, default=1,
-                   help="latency: the batch size it is timed at")
-    p.add_argument("--latency-runtime", choices=("keras", "litert", "onnx"), default="keras",
-                   help="latency: timed in Keras (predict_on_batch) or exported (float) and "
-                        "timed in the deployment runtime, LiteRT or ONNX Runtime")
-    p.add_argument("--techniques", metavar="LIST",
-                   help="what the search may use, comma-separated (size: prune, cluster, "
-                        "quantize; default prune,cluster; latency, macs: depth_prune, "
-                        "structured_prune), or YAML with options, e.g. "
-                        "'[{prune: {method: sparsegpt}}, cluster]'")
-    p.add_argument("--channels", choices=("uniform", "per_layer"), default="uniform",
-                   help="latency, macs: one channel ratio for every layer, or one per set of "
-                        "tied layers")
-    p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
-    p.add_argument("--probe-steps", type=int, default=100,
-                   help="latency, macs: steps each block or channel probe is fine-tuned for "
-                        "before its loss counts (0: at once)")
-    p.add_argument("--seed", type=int, default=0, help="seeds every fine-tune")
-    p.add_argument("-o", "--output", required=True,
-                   help="output file: .keras (plain Keras) or .kshrink (compact)")
-    p.add_argument("--recipe-out", metavar="RECIPE.yaml",
-                   help="also write the chosen recipe (rerun it with kshrink compress)")
-    p.add_argument("--report", metavar="REPORT.html",
-                   help="also write a self-contained HTML report with the candidates' plot")
-    p.add_argument("--format", choices=("text", "md", "json"), default="text")
-    p.set_defaults(run=_search)
-
-    p = sub.add_parser("measure", help="measure a model, optionally against a baseline")
-    p.add_argument("model", help=".keras or .kshrink file")
-    p.add_argument("--baseline", help="the original model file to compare against")
-    p.add_argument("--data", help="mnist, fashion_mnist, digits, FILE.npz or a folder of "
-                                  "class subfolders of images")
-    p.add_argument("--format", choices=("text", "md", "json"), default="text")
-    p.add_argument("--html", metavar="REPORT.html",
-                   help="also write a self-contained HTML report with tables and plots")
-    p.add_argument("--load-runs", type=_positive, default=3,
-                   help="fresh processes for load figures")
-    p.add_argument("--latency-runs", type=_positive, default=50,
-                   help="timed calls per batch size")
-    p.set_defaults(run=_measure)
-
-    p = sub.add_parser("convert", help="convert between .keras and the compact .kshrink")
-    p.add_argument("model", help="input .keras or .kshrink file")
-    p.add_argument("output", help="output .keras or .kshrink file")
-    p.set_defaults(run=_convert)
-
-    p = sub.add_parser("sensitivity",
-                       help="quantize one layer at a time and rank layers by what it costs")
-    p.add_argument("model", help=".keras or .kshrink file (float)")
-    p.add_argument("--data", required=True, help="mnist, fashion_mnist, digits or FILE.npz")
-    p.add_argument("--mode", choices=("int8", "int4", "float16", "bfloat16"), default="int8")
-    p.add_argument("--group-size", type=_positive, default=None,
-                   help="int4: inputs per scale group (default: one scale per channel)")
-    p.add_argument("--samples", type=_positive, default=2000, help="test examples used")
-    p.add_argument("--seed", type=int, default=0, help="which examples are drawn")
-    p.add_argument("--format", choices=("text", "md", "json"), default="text")
-    p.set_defaults(run=_sensitivity)
-
-    p = sub.add_parser("export", help="write a model for LiteRT (.tflite) or ONNX (.onnx), "
-                                      "checked against Keras")
-    p.add_argument("model", help=".keras or .kshrink file")
-    p.add_argument("output", help="output .tflite or .onnx file")
-    p.add_argument("--quantization", choices=("auto", "none", "dynamic", "int8"), default="auto",
-                   help="auto: int8 weights if the model has integer layers (default); "
-                        "int8: weights and activations, calibrated on --data (LiteRT)")
-    p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz: calibration and "
-                                  "check inputs (default for the check: random inputs)")
-    p.add_argument("--samples", type=_positive, default=256,
-                   help="examples to calibrate and check")
-    p.set_defaults(run=_export)
-
-    p = sub.add_parser("techniques", help="list the registered techniques and their options")
-    p.set_defaults(run=_techniques)
-
-    p = sub.add_parser("demo", help="compress LeNet-300-100 on MNIST and show before/after")
-    p.add_argument("--output-dir", default="kshrink-demo", help="where the models are written")
-    p.add_argument("--recipe", help="recipe file (default: prune 92%%, 16 clusters, fine-tuned)")
-    p.set_defaults(run=_demo)
-    return parser
 
 
 def _compress(args) -> int:
@@ -206,7 +62,7 @@ def _compress(args) -> int:
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
     _check_html(args.report, source)
-    recipe = Recipe.from_file(args.recipe)
+    recipe = Recipe.named(args.recipe)
     if recipe.fine_tune is not None and not args.data:
         raise KshrinkError("the recipe fine-tunes (it has fine_tune), so it needs --data")
     model = _load(args, source)
@@ -336,6 +192,7 @@ def _measure(args) -> int:
     runs = dict(load_runs=args.load_runs, latency_runs=args.latency_runs)
     with _progress(args) as say:
         progress = within(say, "measuring")
+        runs["custom_objects"] = args.custom_objects
         if baseline is not None:
             result = compare(baseline, model, data, original_path=args.baseline,
                              compressed_path=args.model, progress=progress, **runs)
@@ -392,12 +249,18 @@ def _export(args) -> int:
 def _load(args, path):
     from kshrink.io import MAX_PARAMETERS, load_model_file
 
-    return load_model_file(path, max_parameters=args.max_parameters or MAX_PARAMETERS)
+    return load_model_file(path, max_parameters=args.max_parameters or MAX_PARAMETERS,
+                           custom_objects=args.custom_objects)
 
 
 def _techniques(args) -> int:
     from kshrink import FineTune, registered_techniques
+    from kshrink.core.recipe import PRESETS
 
+    print("presets (--recipe NAME, or compress(model, NAME)):")
+    for name, (_, what) in PRESETS.items():
+        print(f"  {name:<17} {what}")
+    print()
     for cls in registered_techniques() + [FineTune]:
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         where = "recipe key" if cls is FineTune else f"step, stage {cls.stage}"
@@ -414,7 +277,7 @@ def _demo(args) -> int:
     from kshrink.io import save_model_file
     from kshrink.measure import compare
 
-    recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.from_yaml(DEMO_RECIPE)
+    recipe = Recipe.named(args.recipe) if args.recipe else Recipe.from_yaml(DEMO_RECIPE)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print("kshrink demo: LeNet-300-100 on MNIST, compressed with this recipe:\n")
@@ -501,7 +364,7 @@ def _data(spec: str, model, streamed: bool = False):
             head = [as_stream(part).head() for part in (data.train, data.test)]
             data = datasets.Dataset(data.name, *head[0], *head[1])
     else:
-        data = datasets.load(spec)
+        data = datasets.shaped_for(datasets.load(spec), model)
     datasets.check_fits(data, model)
     return data
 
@@ -513,6 +376,10 @@ def _progress(args):
 
     return contextlib.nullcontext(lambda message: None) if args.quiet else Console()
 
+
+COMMANDS = {"compress": _compress, "search": _search, "measure": _measure, "convert": _convert,
+            "sensitivity": _sensitivity, "export": _export, "techniques": _techniques,
+            "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

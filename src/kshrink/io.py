@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,14 +23,26 @@ MAX_PARAMETERS = 1 << 31
 WEIGHTS = "model.weights.h5"
 
 
-def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS) -> keras.Model:
+def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS,
+                    custom_objects: dict | None = None) -> keras.Model:
     """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`.
 
     A `.keras` file is checked before Keras reads it: its config's size and layer count, and
     the kernel values the config implies, against `max_parameters` and against the bytes its
     weights file holds (so a small file cannot make Keras allocate gigabytes).
+
+    Args:
+        path: the file.
+        max_parameters: refuse a config that implies more kernel values.
+        custom_objects: the user's classes the model is made of (custom layers, losses), by
+            class name, as `keras.saving.load_model` takes them
+            (`kshrink.core.classes.import_modules` collects a module's).
     """
-    path = Path(path)
+    with keras.saving.CustomObjectScope(custom_objects or {}):
+        return _load(Path(path), max_parameters)
+
+
+def _load(path: Path, max_parameters: int) -> keras.Model:
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():
@@ -61,8 +74,27 @@ def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS) -> keras.Mode
     except ModelFileError:
         raise
     except Exception as e:
-        message = " ".join(str(e).split())[:300] or type(e).__name__
-        raise ModelFileError(f"cannot load {path}: {message}") from None
+        raise ModelFileError(f"cannot load {path}: {load_error(e)}") from None
+
+
+def load_error(error: Exception) -> str:
+    """Keras' reason a model did not load, in full but without the configs it dumps, and for
+    a class it cannot find, how to give it."""
+    message = " ".join(str(error).split())
+    # Keras wraps the cause in a message about the outer class; the cause comes last.
+    message = message.rpartition("Exception encountered: ")[2]
+    message = message.split(" Full object config:")[0].split(" config={")[0]
+    missing = re.search(r"Could not locate class '([\w.]+)'", message)
+    if missing:
+        name = missing.group(1)
+        module = re.search(r"'module': '([\w.]+)', 'class_name': '" + re.escape(name) + "'",
+                           str(error))
+        where = module.group(1) if module else "MODULE"
+        fix = ("import kshrink first (import kshrink)" if where.startswith("kshrink")
+               else f"import the module that defines it: kshrink --import {where} ... on the "
+                    f"command line, custom_objects={{'{name}': {name}}} in Python")
+        message = f"{missing.group(0)}; {fix}"
+    return message[:1000] or type(error).__name__
 
 
 def _check_keras_config(archive: zipfile.ZipFile, path: Path, max_parameters: int) -> None:

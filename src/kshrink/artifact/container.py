@@ -260,8 +260,8 @@ def _check_classes(config: dict, safe_mode: bool, path: Path) -> None:
         if not module.startswith("keras") and keras.saving.get_registered_object(
                 registered) is None:
             raise ArtifactError(f"{path} needs the unknown class {registered!r}: import the "
-                                "code that registers it (keras.saving."
-                                "register_keras_serializable) before loading")
+                                f"module that defines it ({module}) before loading, or pass "
+                                "custom_objects (kshrink --import MODULE on the command line)")
 
 
 def _one_line(error: Exception) -> str:

@@ -47,12 +47,48 @@ def copy_model(model: keras.Model) -> keras.Model:
     would carry the original's optimizer into its file.
     """
     ensure_supported(model)
+    keep_layer_policies(model)
     # The classes in use resolve by name, so custom layers need no registration.
     classes = {type(layer).__name__: type(layer) for layer in _all_layers(model)}
     with keras.saving.CustomObjectScope(classes):
         copy = type(model).from_config(model.get_config())
+    keep_layer_policies(copy)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def keep_layer_policies(model: keras.Model) -> None:
+    """Makes a keras-hub task model's config carry the dtype policy of every quantized layer,
+    and gives every layer its own policy rather than a `DTypePolicyMap`.
+
+    A task (`BertTextClassifier`, `ImageClassifier`) rebuilds from its backbone's config and
+    builds its own head layers with the backbone's dtype policy; a backbone saves the policies
+    of its own quantized layers only. Recording the head's there too, as a `DTypePolicyMap` by
+    layer path, lets a copy, a saved file and its reload keep a quantized head. A layer built
+    from such a map keeps the map as its policy, and Keras 3.15's quantized `Embedding` then
+    fails to save ("Invalid dtype: object": it asks the map, not its entry, for the mode), so
+    each layer gets its entry.
+    """
+    policies = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        policy = layer.dtype_policy
+        if isinstance(layer, keras.Model) or not layer.path:
+            continue
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            policy = layer._dtype_policy = policy[layer.path]
+        if policy.quantization_mode is not None:
+            policies[layer.path] = policy
+    backbone = getattr(model, "backbone", None)
+    if is_plain(model) or not isinstance(backbone, keras.Model) or not policies:
+        return
+    current = backbone.dtype_policy
+    if isinstance(current, keras.dtype_policies.DTypePolicyMap):
+        for path, policy in policies.items():
+            if path not in current:
+                current[path] = policy
+    else:
+        backbone.dtype_policy = keras.dtype_policies.DTypePolicyMap(
+            default_policy=current, policy_map=policies)
 
 
 def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:

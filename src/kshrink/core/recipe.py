@@ -143,17 +143,56 @@ class Recipe:
         )
 
     @classmethod
+    def named(cls, name) -> Recipe:
+        """A preset by name (`PRESETS`: "int8", "int4-gptq", "prune-50"...), else the recipe
+        file at that path."""
+        if isinstance(name, str) and name in PRESETS:
+            return cls.from_data(PRESETS[name][0])
+        path = Path(name)
+        if not path.exists() and path.suffix.lower() not in (".json", ".yaml", ".yml"):
+            raise RecipeError(f"unknown recipe {short(str(name))}: neither a preset "
+                              f"({', '.join(PRESETS)}) nor a recipe file")
+        return cls.from_file(path)
+
+    @classmethod
     def coerce(cls, recipe) -> Recipe:
-        """Accepts a Recipe, a technique, a list of techniques or data, or a file path."""
+        """Accepts a Recipe, a technique, a list of techniques or data, a preset's name
+        (`PRESETS`) or a recipe file's path."""
         if isinstance(recipe, Recipe):
             return recipe
         if isinstance(recipe, Technique):
             return cls([recipe])
         if isinstance(recipe, (str, Path)):
-            return cls.from_file(recipe)
+            return cls.named(recipe)
         if isinstance(recipe, list) and all(isinstance(s, Technique) for s in recipe):
             return cls(recipe)
         return cls.from_data(recipe)
+
+
+# Ready-made recipes, by name: (recipe data, what it does). The CLI's --recipe and
+# `compress(model, "int8")` take these names; README lists them.
+PRESETS = {
+    "int8": ([{"quantize": {"mode": "int8"}}],
+             "int8 weights, every layer that has a quantized form (4x smaller)"),
+    "int4": ([{"quantize": {"mode": "int4"}}],
+             "int4 weights in groups of 128 inputs, round to nearest (8x smaller)"),
+    "int4-gptq": ([{"quantize": {"mode": "int4", "method": "gptq"}}],
+                  "int4 weights solved layer by layer with GPTQ (needs data)"),
+    "float16": ([{"quantize": {"mode": "float16"}}], "float16 weights (2x smaller)"),
+    "prune-50": ([{"prune": {"sparsity": 0.5}}],
+                 "50% of weights zeroed by magnitude (gradual with fine-tuning)"),
+    "prune-90": ([{"prune": {"sparsity": 0.9, "scope": "global"}}],
+                 "90% of weights zeroed, one threshold over the model; fine-tune it"),
+    "prune-2:4": ([{"prune": {"pattern": "2:4"}}], "2 of every 4 weights zeroed (N:M)"),
+    "sparsegpt-50": ([{"prune": {"sparsity": 0.5, "method": "sparsegpt"}}],
+                     "50% sparsity solved layer by layer with SparseGPT (needs data)"),
+    "cluster-16": ([{"cluster": {"clusters": 16}}], "16 shared values per layer"),
+    "fold": ([{"fold": {}}], "BatchNorm folded into the layer before it (same outputs)"),
+    "deep-compression": ([{"prune": {"sparsity": 0.8, "scope": "global"}},
+                          {"cluster": {"clusters": 16}}],
+                         "80% sparse, then 16 shared values per layer: smallest as a "
+                         ".kshrink file; fine-tune it"),
+}
 
 
 def _stage_order() -> str:

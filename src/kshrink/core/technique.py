@@ -99,16 +99,18 @@ class Technique(Options):
     reestimate_batchnorm: bool | None = dataclasses.field(
         default=None, kw_only=True, metadata={"help": (
             "move BatchNorm statistics by the shift this step caused on data (estimate them "
-            "anew after fine-tuning); default: with data and no fine-tuning, kept only if the "
-            "outputs get closer to the original")})
+            "anew after fine-tuning); default: with data, after a step that does not "
+            "fine-tune or fine-tunes too few steps for the statistics' momentum to follow, "
+            "kept only if the outputs get closer to the original")})
 
-    def reestimates_batchnorm(self, has_data: bool, trains: bool) -> bool:
-        """Whether BatchNorm statistics are recomputed on calibration data after this step."""
+    def reestimates_batchnorm(self, has_data: bool, trains: bool, stale: bool = False) -> bool:
+        """Whether BatchNorm statistics are recomputed on calibration data after this step;
+        `stale`: its fine-tune ran too few steps for the moving statistics to follow."""
         if self.reestimate_batchnorm not in (None, True, False):
             raise RecipeError(f"{self.name}: reestimate_batchnorm must be true, false or null. "
                               f"Received: reestimate_batchnorm={short(self.reestimate_batchnorm)}")
         if self.reestimate_batchnorm is None:
-            return has_data and not trains
+            return has_data and (not trains or stale)
         return self.reestimate_batchnorm
 
 

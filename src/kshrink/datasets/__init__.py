@@ -198,6 +198,18 @@ def _digits() -> Dataset:
     return Dataset("digits", x[train], y[train], x[test], y[test])
 
 
+def shaped_for(data: Dataset, model) -> Dataset:
+    """`data` with a channel axis added to its images when `model`'s one input wants one:
+    the named datasets are (N, 28, 28), the usual CNN takes `Input((28, 28, 1))`."""
+    if len(model.inputs) != 1 or not isinstance(data.x_train, np.ndarray):
+        return data
+    expected = tuple(model.inputs[0].shape[1:])
+    if len(expected) != data.x_train.ndim or expected[-1] != 1:
+        return data
+    return dataclasses.replace(data, x_train=data.x_train[..., None],
+                               x_test=data.x_test[..., None])
+
+
 def check_fits(data: Dataset, model) -> None:
     """Raises `KshrinkError` if `data`'s inputs are not the ones `model` takes, by name and
     shape."""

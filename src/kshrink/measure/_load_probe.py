@@ -1,7 +1,9 @@
 """Runs in a fresh process: loads one model file and prints the time and memory it took.
 
 Started as a script by `kshrink.measure.load`, so it never imports kshrink unless the file
-needs kshrink's loader or holds kshrink's quantized layers. Memory is the increase over the
+needs kshrink's loader or holds kshrink's quantized layers. Modules named after the loader
+argument (the user's custom layers) are imported first, and the classes they define passed to
+the loader as custom objects. Memory is the increase over the
 process after `import keras` (which alone costs hundreds of MB): peak from VmHWM after
 resetting it, resident from VmRSS.
 """
@@ -30,10 +32,25 @@ def _needs_kshrink_layers(path):
         return '"kshrink>' in archive.read("config.json").decode()
 
 
-def main(path, loader):
+def _custom_objects(modules):
+    """The classes `modules` define, by name (as `kshrink.core.classes.import_modules`)."""
+    import importlib
+    import inspect
+
+    found = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if inspect.isclass(value) and value.__module__ == module.__name__:
+                found[value.__name__] = value
+    return found
+
+
+def main(path, loader, modules=()):
     import keras
 
     keras.ops.convert_to_numpy(keras.ops.ones((2, 2)) + 1)  # bring the backend runtime up
+    scope = keras.saving.CustomObjectScope(_custom_objects(modules))
     if loader == "kshrink":
         import kshrink
 
@@ -45,7 +62,8 @@ def main(path, loader):
     rss_before = _status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    model = load(path)
+    with scope:
+        model = load(path)
     seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
@@ -58,4 +76,4 @@ def main(path, loader):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

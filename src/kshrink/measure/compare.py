@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from kshrink.core.classes import is_user_class, model_classes, probe_imports
 from kshrink.core.data import check_data, labels_of, model_inputs
 from kshrink.core.stream import as_stream
 from kshrink.errors import MeasurementError
@@ -39,7 +42,7 @@ class Measurement:
     weights: WeightStats
     macs: int
     file: FileSize
-    load: LoadCost
+    load: LoadCost | None  # None: not measured
     latency: tuple[Latency, ...]
     metrics: dict | None
 
@@ -83,7 +86,8 @@ class Comparison:
 
 
 def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
-            latency_runs: int = 50, progress: Progress | None = None) -> Measurement:
+            latency_runs: int = 50, progress: Progress | None = None,
+            custom_objects: dict | None = None) -> Measurement:
     """Measures one model.
 
     Args:
@@ -93,27 +97,42 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
             uses random inputs).
         path: its saved `.keras` or `.kshrink` file; if None it is saved to a temporary
             `.keras` file first.
-        load_runs: fresh processes for load time and memory (median reported).
+        load_runs: fresh processes for load time and memory (median reported); 0: not
+            measured.
         latency_runs: timed calls per batch size.
         progress: called with a short message before each phase.
+        custom_objects: the user's classes the saved file needs beyond those `model` is made
+            of (a custom loss or metric it was compiled with), by name. The fresh processes
+            import the modules of these and of the model's own custom layers; a class defined
+            in `__main__` cannot be imported there, and load cost is then not measured (with
+            a warning).
     """
     say = progress or (lambda message: None)
     data = _Data(data, model)
-    untimed = _untimed(model, data, path, load_runs, say)
+    untimed = _untimed(model, data, path, load_runs, say, custom_objects)
     say("latency")
     x = model_inputs(data.sample) if data.sample is not None else example_inputs(model, 32)
     return dataclasses.replace(untimed, latency=tuple(latency(model, x, runs=latency_runs)))
 
 
-def _untimed(model, data, path, load_runs: int, say) -> Measurement:
+def _untimed(model, data, path, load_runs: int, say, custom_objects) -> Measurement:
     """Everything but latency."""
+    classes = {**model_classes(model), **{name: cls for name, cls in
+                                          (custom_objects or {}).items()
+                                          if inspect.isclass(cls) and is_user_class(cls)}}
     with tempfile.TemporaryDirectory(prefix="kshrink-") as tmp:
         if path is None:
-            path = Path(tmp) / f"{model.name}.keras"
+            path = Path(tmp) / "model.keras"
             model.save(path)
-        say(f"load time and memory of {Path(path).name} ({load_runs} fresh processes)")
-        loader = "kshrink" if Path(path).suffix == ".kshrink" else "keras"
-        load = load_cost(path, runs=load_runs, loader=loader)
+        load = None
+        why_not = probe_imports(classes.values())[2]
+        if why_not and load_runs:
+            warnings.warn(f"load time and memory of {Path(path).name} not measured: {why_not}",
+                          stacklevel=3)
+        elif load_runs:
+            say(f"load time and memory of {Path(path).name} ({load_runs} fresh processes)")
+            loader = "kshrink" if Path(path).suffix == ".kshrink" else "keras"
+            load = load_cost(path, runs=load_runs, loader=loader, classes=classes.values())
         size = file_size(path)
     metrics = None
     if labels_of(data.sample) is not None:
@@ -124,7 +143,7 @@ def _untimed(model, data, path, load_runs: int, say) -> Measurement:
 
 def compare(original: keras.Model, compressed: keras.Model, data=None, *, original_path=None,
             compressed_path=None, load_runs: int = 3, latency_runs: int = 50,
-            progress: Progress | None = None) -> Comparison:
+            progress: Progress | None = None, custom_objects: dict | None = None) -> Comparison:
     """Measures both models in the same run and puts them side by side, with ratios.
 
     Latency is timed in alternating rounds of the two models. A time that changed by less
@@ -136,7 +155,7 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
         data: evaluation data as `measure` takes it, or None (then no accuracy or
             fidelity; fidelity is measured on at most the first 2,048 examples).
         original_path, compressed_path: their saved files, if already saved.
-        load_runs, latency_runs, progress: as in `measure`.
+        load_runs, latency_runs, progress, custom_objects: as in `measure`.
 
     Example:
 
@@ -146,8 +165,8 @@ def compare(original: keras.Model, compressed: keras.Model, data=None, *, origin
     """
     say = progress or (lambda message: None)
     data = _Data(data, original)
-    a = _untimed(original, data, original_path, load_runs, say)
-    b = _untimed(compressed, data, compressed_path, load_runs, say)
+    a = _untimed(original, data, original_path, load_runs, say, custom_objects)
+    b = _untimed(compressed, data, compressed_path, load_runs, say, custom_objects)
     say("latency, both models in turns")
     inputs = [model_inputs(data.sample) if data.sample is not None else example_inputs(m, 32)
               for m in (original, compressed)]
@@ -227,12 +246,14 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     row("MACs per example", a.macs, b and b.macs, "{:,}".format, smaller)
     row("file size", a.file.bytes, b and b.file.bytes, mb, smaller)
     row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, smaller)
-    row("load time", a.load.seconds, b and b.load.seconds, lambda v: f"{v * 1e3:.0f} ms",
-        b and (lambda x, y: faster(x, y, a.load.seconds_range, b.load.seconds_range)
-               if min(a.load.runs, b.load.runs) >= 3 else "too few runs to tell"))
-    row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, smaller)
-    row("load memory, resident", a.load.resident_bytes, b and b.load.resident_bytes, mb,
-        smaller)
+    if a.load is not None and (b is None or b.load is not None):
+        row("load time", a.load.seconds, b and b.load.seconds,
+            lambda v: f"{v * 1e3:.0f} ms",
+            b and (lambda x, y: faster(x, y, a.load.seconds_range, b.load.seconds_range)
+                   if min(a.load.runs, b.load.runs) >= 3 else "too few runs to tell"))
+        row("load memory, peak", a.load.peak_bytes, b and b.load.peak_bytes, mb, smaller)
+        row("load memory, resident", a.load.resident_bytes, b and b.load.resident_bytes, mb,
+            smaller)
     for i, t in enumerate(a.latency):
         tb = b.latency[i] if b is not None else None
         row(f"latency, batch {t.batch_size} (median)", t.median_ms, tb and tb.median_ms,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import keras
 
+from kshrink.core.classes import probe_imports
 from kshrink.errors import MeasurementError
 
 _PROBE = Path(__file__).with_name("_load_probe.py")
@@ -37,7 +38,7 @@ class LoadCost:
 
 
 def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None = None,
-              timeout: float = 600) -> LoadCost:
+              timeout: float = 600, classes=()) -> LoadCost:
     """Measures loading `path` in `runs` fresh processes and returns the medians.
 
     Args:
@@ -45,17 +46,29 @@ def load_cost(path, *, runs: int = 3, loader: str = "keras", backend: str | None
         runs: number of fresh processes; the median of each figure is reported.
         loader: `"keras"` (`keras.saving.load_model`, kshrink never imported) or `"kshrink"`.
         backend: Keras backend of the probe process (default: the current one).
+        classes: the user's classes the model is made of (custom layers): each probe
+            imports their modules first.
+
+    Raises:
+        MeasurementError: a probe failed, or a class of `classes` lives where another
+            process cannot import it (`__main__`).
     """
     if loader not in ("keras", "kshrink"):
         raise MeasurementError(f"loader must be 'keras' or 'kshrink'. Received: loader={loader!r}")
     if not isinstance(runs, int) or runs < 1:
         raise MeasurementError(f"runs must be a positive integer. Received: runs={runs!r}")
+    modules, roots, why_not = probe_imports(classes)
+    if why_not:
+        raise MeasurementError(f"cannot time loading {path} in a fresh process: {why_not}")
     env = dict(os.environ, KERAS_BACKEND=backend or keras.backend.backend(),
                TF_CPP_MIN_LOG_LEVEL="3")
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep)
     samples = []
     for _ in range(runs):
         done = subprocess.run(
-            [sys.executable, str(_PROBE), str(path), loader],
+            [sys.executable, str(_PROBE), str(path), loader, *modules],
             capture_output=True, text=True, env=env, timeout=timeout,
         )
         lines = [l for l in done.stdout.splitlines() if l.startswith("KSHRINK_PROBE ")]

@@ -62,7 +62,7 @@ class StructuredPruneHandler(Handler):
         _report(model, groups, remove, ctx)
         if remove:
             pruned = narrowed(model, remove)
-            if config.method == "reconstruct":
+            if _method(config, ctx) == "reconstruct":
                 _refit(model, pruned, remove, config, ctx)
             model = pruned
         return _cut_blocks(model, config, ctx)
@@ -119,6 +119,13 @@ def _report_cut(c: attention.Cut, layers: list, ctx: StepContext) -> None:
         else:
             ctx.skipped(layer, "the hidden size stays: LayerNormalization and the residual "
                                "Adds read it")
+
+
+def _method(config, ctx: StepContext) -> str:
+    """The method asked for; by default re-fit when there is data to re-fit on."""
+    if config.method is not None:
+        return config.method
+    return "remove" if ctx.data is None else "reconstruct"
 
 
 def _refit(model, pruned, remove, config, ctx: StepContext) -> None:
@@ -335,7 +342,8 @@ class StructuredPrune(Technique):
             convolution that read removed channels by least squares on (at most 512 of the
             first `calibration_samples`) examples of `data`, so it computes what it did from
             what it still receives (He et al. 2017; ThiNet). BatchNorm statistics are
-            re-estimated after the step as usual.
+            re-estimated after the step as usual. Default (null): reconstruct when `compress`
+            has data, remove otherwise.
         calibration_samples: examples of `data` used by taylor importance and reconstruct.
         layers: the layers whose output channels may be removed (default: all).
         exclude: layers whose output channels stay.
@@ -352,8 +360,9 @@ class StructuredPrune(Technique):
 
     ratio: float = option(0.5, "share of channels to remove")
     importance: str = option("l1", "l1, l2, bn_gamma or taylor")
-    method: str = option("remove", "remove, or reconstruct: re-fit the layers reading removed "
-                                   "channels on data")
+    method: str | None = option(None, "remove, or reconstruct: re-fit the layers reading "
+                                      "removed channels on data (default: reconstruct with "
+                                      "data)")
     scope: str = option("layer", "layer or global")
     round_to: int = option(1, "keep a multiple of this many channels per layer")
     min_channels: int = option(1, "fewest channels a layer keeps")
@@ -364,7 +373,7 @@ class StructuredPrune(Technique):
     def __post_init__(self):
         check_range(self.name, "ratio", self.ratio, 0.0, 1.0, high_open=True)
         check_choice(self.name, "importance", self.importance, IMPORTANCES)
-        check_choice(self.name, "method", self.method, METHODS)
+        check_choice(self.name, "method", self.method, METHODS, allow_none=True)
         check_choice(self.name, "scope", self.scope, SCOPES)
         check_int(self.name, "round_to", self.round_to, low=1)
         check_int(self.name, "min_channels", self.min_channels, low=1)

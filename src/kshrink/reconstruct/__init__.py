@@ -11,8 +11,9 @@ from kshrink.reconstruct.sequential import (
     input_energy,
     reconstruct,
     reestimate_batchnorm,
+    stale_batchnorm,
 )
 from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
 
 __all__ = ["calibration_inputs", "choose_scales", "correct_batchnorm", "gptq", "input_energy", "reconstruct",
-           "reestimate_batchnorm", "sparsegpt", "unsupported", "wanda"]
+           "reestimate_batchnorm", "sparsegpt", "stale_batchnorm", "unsupported", "wanda"]

@@ -197,6 +197,26 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
     return [l.name for l in layers]
 
 
+# Share of its statistics before a fine-tune that a BatchNorm's moving average may still hold
+# after it before they count as stale (momentum ** steps): the weights moved, the statistics
+# mostly did not.
+STALE_SHARE = 0.1
+
+
+def stale_batchnorm(model: keras.Model, steps: int) -> keras.layers.BatchNormalization | None:
+    """The first BatchNormalization whose moving statistics `steps` training steps cannot have
+    moved far from where they were (`momentum ** steps > STALE_SHARE`), or None.
+
+    keras.applications models use momentum 0.999: a moving average of about 1,000 steps, so a
+    fine-tune of a few dozen leaves statistics that no longer fit the weights (a MobileNetV2
+    went from 90% to 12% so)."""
+    for layer in _leaves(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and \
+                float(layer.momentum) ** steps > STALE_SHARE:
+            return layer
+    return None
+
+
 def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
                       only_if_closer: bool = True, trained: bool = False) -> str | None:
     """Re-estimates `model`'s BatchNorm statistics on `x` relative to `original` (see

@@ -77,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.add_argument("--report", metavar="REPORT.html",
                    help="also write a self-contained HTML report with tables and plots")
+    p.add_argument("--layers", action="store_true",
+                   help="list every layer each step applied to or skipped (default: one line "
+                        "per step, skip reasons grouped)")
     p.set_defaults(run="compress")
 
     p = sub.add_parser("search", help="find the per-layer recipe that compresses a .keras "

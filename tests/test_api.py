@@ -99,6 +99,7 @@ def test_subclassed_and_unbuilt_models_are_refused():
 
 def test_compressed_model_is_compiled_like_the_original_without_its_optimizer_state(
         digits, tmp_path):
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
                               keras.layers.Dense(256, name="fc1"), keras.layers.Dense(10, name="fc2")])
     model.compile(keras.optimizers.Adam(3e-4),
@@ -113,7 +114,7 @@ def test_compressed_model_is_compiled_like_the_original_without_its_optimizer_st
     before = model.evaluate(*digits.test, verbose=0, return_dict=True)
     after = small.evaluate(*digits.test, verbose=0, return_dict=True)
     assert set(after) == set(before) == {"loss", "sparse_top_k_categorical_accuracy"}
-    assert after["loss"] == pytest.approx(before["loss"], abs=0.05)
+    assert after["loss"] == pytest.approx(before["loss"], rel=0.05)
     trained_path, small_path = tmp_path / "trained.keras", tmp_path / "small.keras"
     model.save(trained_path)
     small.save(small_path)

@@ -18,10 +18,8 @@ other name is imported on first use.
 """
 
 import importlib
-import os
 import re
 import sys
-import tempfile
 
 __version__ = "0.1.0"
 
@@ -33,23 +31,15 @@ _STARTUP_NOISE = re.compile(
 
 
 def _start_keras_quietly(run_op: bool = False) -> None:
-    """Imports Keras (and with `run_op` starts its backend) with file descriptor 2 captured,
-    then replays everything but TensorFlow's start-up notices."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import keras
+    """Imports Keras (and with `run_op` starts its backend) without TensorFlow's start-up
+    notices."""
+    from kshrink._stderr import quiet_stderr
 
-            if run_op:
-                keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines():
-                if not _STARTUP_NOISE.search(line):
-                    print(line, file=sys.stderr)
+    with quiet_stderr(_STARTUP_NOISE):
+        import keras
+
+        if run_op:
+            keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
 
 
 if "keras" not in sys.modules:
@@ -68,6 +58,7 @@ _EXPORTS = {
     "LayerResult": "kshrink.core.report",
     "StepReport": "kshrink.core.report",
     "Select": "kshrink.core.select",
+    "as_functional": "kshrink.core.graph",
     "Handler": "kshrink.core.technique",
     "StepContext": "kshrink.core.technique",
     "Technique": "kshrink.core.technique",

@@ -59,8 +59,9 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             calibration method solves, each block scored), e.g. `print`; None: `verbose`
             decides.
         verbose: with no `progress`, show it on stderr: a bar for counted work on a
-            terminal, otherwise one line per stage (`kshrink.core.progress.Console`). False
-            for silence. Fine-tuning shows Keras' own progress as `FineTune(verbose)` says.
+            terminal, otherwise one line per stage (`kshrink.core.progress.Console`), and
+            Keras' own progress while fine-tuning as `FineTune(verbose)` says. False for
+            silence (warnings still show).
 
     Returns:
         `(compressed_model, CompressionReport)`. The model is compiled as `model` was (same
@@ -80,6 +81,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                             fidelity_tolerance=fidelity_tolerance, progress=console)
     recipe = Recipe.coerce(recipe)
     fine_tune = fine_tune or recipe.fine_tune
+    if fine_tune is not None and not verbose:
+        fine_tune = dataclasses.replace(fine_tune, verbose=False)
     steps_per_epoch = fine_tune.steps_per_epoch if fine_tune else None
     stream = as_stream(data, model, steps_per_epoch)
     validation_stream = as_stream(validation_data, model)
@@ -132,6 +135,10 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
             settled |= {result.layer for result in step.applied}
         if probe is not None:
             step = probe.measure(step, work, technique, trains, reestimated)
+        if step.skipped and not step.applied:
+            first = step.skipped[0]
+            warnings.warn(f"{technique.name} changed no layer ({len(step.skipped)} skipped; the "
+                          f"first, {first.layer}: {first.detail})", stacklevel=3)
         steps.append(step)
     if work.compiled or parallel is not None:
         # Fine-tuning compiled it, and Keras' clone_model compiles its clones alike: the
@@ -170,10 +177,9 @@ def _remedy(model, technique, trained: bool, reestimated: bool) -> str:
                         for l in leaf_layers(model))
     if trained:
         if has_batchnorm and not reestimated:
-            return (f"try {technique.name}(reestimate_batchnorm=True), then more epochs or a "
-                    "lower learning rate (FineTune(epochs=..., learning_rate=...))")
-        return ("try more epochs, a lower learning rate or distillation (FineTune(epochs=..., "
-                "learning_rate=..., distill=True))")
+            return (f"try reestimate_batchnorm=True on the {technique.name} step, then "
+                    "distillation or more epochs (FineTune(distill=True, epochs=...))")
+        return "try distillation or more epochs (FineTune(distill=True, epochs=...))"
     return ("try a milder setting, exclude those layers (exclude={'names': [...]}), a "
             "calibration method (method=...) or fine-tuning (fine_tune=FineTune(...))")
 

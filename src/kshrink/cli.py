@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from kshrink_cli import EXIT_BAD_INPUT
@@ -37,6 +38,8 @@ def run(args) -> int:
     from kshrink.errors import KshrinkError
 
     _start_keras_quietly(run_op=True)
+    # A warning is one line on the terminal, like an error: not the source line that raised it.
+    warnings.formatwarning = lambda message, *_, **__: f"kshrink: warning: {message}\n"
     # Compressing and measuring many models in one process makes TensorFlow warn that its
     # functions retrace, which is expected here and nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -74,18 +77,28 @@ def _compress(args) -> int:
                                  validation_data=data and data.test, fine_tune=fine_tune,
                                  progress=say)
     save_model_file(small, target)
+    comparison = None
+    if args.report or args.format != "json":
+        from kshrink.core.progress import within
+        from kshrink.measure import compare
+
+        # Load cost takes fresh processes: only for the page, which has room for it.
+        with _progress(args) as say:
+            comparison = compare(model, small, data and data.test, original_path=source,
+                                 compressed_path=target, load_runs=1 if args.report else 0,
+                                 latency_runs=20, progress=within(say, "measuring"),
+                                 custom_objects=args.custom_objects)
     if args.report:
-        _write_html(args, args.report, small, model, report=report)
+        _write_html(args, args.report, small, model, report=report, comparison=comparison)
     if args.format == "json":
         print(report.to_json())
     else:
-        print(report.to_markdown() if args.format == "md" else report.to_text())
-    if data is not None and args.format != "json":
-        with _progress(args) as say:
-            say("evaluating")
-            line = _before_after(model, small, data)
-        print(f"\n{line}")
-    print(f"\nwrote {target}", file=sys.stderr)
+        summary = comparison.summary()
+        print(summary.to_markdown() if args.format == "md" else summary.to_text())
+        print()
+        print(report.to_markdown(layers=args.layers) if args.format == "md"
+              else report.to_text(layers=args.layers))
+    print(f"\n{_wrote(small, target)}", file=sys.stderr)
     return 0
 
 
@@ -155,11 +168,20 @@ def _search(args) -> int:
         with _progress(args) as say:
             say("evaluating")
             line = _before_after(model, small, data)
-        print(f"\n{line}\n\nchosen recipe (kshrink compress --recipe; it fine-tunes on the "
-              f"first {report.training_examples:,} training examples):\n"
+        how = (f"it fine-tunes on the first {report.training_examples:,} training examples"
+               if report.recipe.fine_tune is not None else "no fine-tuning")
+        print(f"\n{line}\n\nchosen recipe (kshrink compress --recipe; {how}):\n"
               f"{report.recipe.to_yaml()}")
-    print(f"wrote {target}", file=sys.stderr)
+    print(_wrote(small, target), file=sys.stderr)
     return 0
+
+
+def _wrote(model, target: Path) -> str:
+    """The line that says a model file was written, and what its reader needs."""
+    from kshrink.io import loading_needs
+
+    needs = loading_needs(model, target)
+    return f"wrote {target}" + (f" (to load it: {needs})" if needs else "")
 
 
 def _before_after(model, small, data) -> str:
@@ -213,7 +235,10 @@ def _convert(args) -> int:
     model = _load(args, source)
     save_model_file(model, target)
     before, after = file_size(source).bytes, file_size(target).bytes
-    print(f"wrote {target}: {after:,} bytes ({before:,} before, {before / after:.2f}x)")
+    change = (f"{before / after:.2f}x smaller" if after < before
+              else f"{after / before:.2f}x larger" if after > before else "the same size")
+    print(f"{_wrote(model, target)}: {after:,} bytes, {change} than {source.name} "
+          f"({before:,} bytes)")
     return 0
 
 

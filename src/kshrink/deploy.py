@@ -27,13 +27,18 @@ Quantization:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
@@ -46,6 +51,8 @@ BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
+# What LiteRT prints as it starts an interpreter.
+RUNTIME_NOISE = re.compile(r"Created TensorFlow Lite XNNPACK delegate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +361,7 @@ def _write_onnx(model, path, quantization, x) -> None:
         quantize_static,
     )
 
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, _quiet_quantizer():
         float_path = Path(work) / "float.onnx"
         model.export(float_path, format="onnx", verbose=False)
         if quantization == "dynamic":
@@ -365,6 +372,21 @@ def _write_onnx(model, path, quantization, x) -> None:
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         extra_options={"TensorQuantOverrides": ranges})
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizer logs advice on the root logger ("consider pre-processing"),
+    and tf2onnx's NumPy use a FutureWarning: neither is the user's to act on."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def _fake_quant_ranges(path: Path) -> dict:
@@ -458,7 +480,8 @@ class Runtime:
         x = x.astype(self._input["dtype"], copy=False)
         if x.shape != self._shape:
             self._interpreter.resize_tensor_input(self._input["index"], x.shape)
-            self._interpreter.allocate_tensors()
+            with quiet_stderr(RUNTIME_NOISE):  # where LiteRT applies its delegate
+                self._interpreter.allocate_tensors()
             self._shape = x.shape
         self._interpreter.set_tensor(self._input["index"], x)
         self._interpreter.invoke()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import keras
 
 from kshrink.core.atomic import atomic_output
+from kshrink.core.classes import is_user_class
 from kshrink.errors import ModelFileError
 from kshrink.layers.specs import implied_kernel_elements
 
@@ -38,7 +40,11 @@ def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS,
             class name, as `keras.saving.load_model` takes them
             (`kshrink.core.classes.import_modules` collects a module's).
     """
-    with keras.saving.CustomObjectScope(custom_objects or {}):
+    with keras.saving.CustomObjectScope(custom_objects or {}), warnings.catch_warnings():
+        # A compiled model saved before it trained (as `compress` returns it) holds its
+        # optimizer's step count only; Keras builds the optimizer on load and says it skipped
+        # those: nothing was lost.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         return _load(Path(path), max_parameters)
 
 
@@ -122,6 +128,21 @@ def _check_keras_config(archive: zipfile.ZipFile, path: Path, max_parameters: in
     if implied > 2 * stored + (1 << 16):  # int4 kernels take half a byte per value
         raise ModelFileError(f"{path}: its config implies {implied:,} kernel values, its "
                              f"weights file holds {stored:,} bytes")
+
+
+def loading_needs(model: keras.Model, path) -> str | None:
+    """What it takes to load `model` once saved at `path` beyond `keras.saving.load_model`,
+    as a phrase (None: plain Keras reads it)."""
+    if Path(path).suffix == ".kshrink":
+        return "kshrink.load"
+    classes = {type(l) for l in model._flatten_layers(include_self=True, recursive=True)}
+    modules = sorted({cls.__module__ for cls in classes if is_user_class(cls)})
+    needs = []
+    if any(cls.__module__.startswith("kshrink") for cls in classes):
+        needs.append("import kshrink (it holds kshrink's quantized layers)")
+    if modules:
+        needs.append(f"import {', '.join(modules)} (its custom layers)")
+    return ", then ".join(needs) or None
 
 
 def check_output_path(path) -> Path:

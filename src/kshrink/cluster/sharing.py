@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from kshrink.cluster.kmeans import INITS, kmeans_1d
+from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, replace_layers
 from kshrink.core.progress import within
@@ -91,13 +92,17 @@ class ClusterHandler(Handler):
             if getattr(layer, "quantization_mode", None):
                 return "quantized layers keep their integer weights"
             if not kernel_specs(layer):
-                return f"{type(layer).__name__}: no kernel to share"
+                return f"{type(layer).__name__}: no kernel to share" + (
+                    "; register a LayerSpec naming its kernels (kshrink.layers.register_spec)"
+                    if is_user_class(type(layer)) else "")
             return None
 
         # Without training, the layers a container builds take their centroids in place;
         # training the centroids needs a wrapper, which those layers cannot have.
         in_place = (lambda layer: True) if ctx.train_steps is None else None
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place)
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place,
+                                   "a cluster step without fine-tuning shares it where it "
+                                   "stands")
         if not chosen:
             raise ctx.nothing_left("cluster", "cluster")
         weighted = config.weighted

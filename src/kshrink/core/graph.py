@@ -67,15 +67,18 @@ def keep_layer_policies(model: keras.Model) -> None:
     layer path, lets a copy, a saved file and its reload keep a quantized head. A layer built
     from such a map keeps the map as its policy, and Keras 3.15's quantized `Embedding` then
     fails to save ("Invalid dtype: object": it asks the map, not its entry, for the mode), so
-    each layer gets its entry.
+    each layer without sublayers gets its entry (a block keeps its map: it builds its
+    sublayers from it).
     """
     policies = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
         policy = layer.dtype_policy
         if isinstance(layer, keras.Model) or not layer.path:
             continue
-        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and not _children(layer):
             policy = layer._dtype_policy = policy[layer.path]
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            continue
         if policy.quantization_mode is not None:
             policies[layer.path] = policy
     backbone = getattr(model, "backbone", None)
@@ -157,7 +160,7 @@ def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
         if isinstance(layer, keras.Model):
             inner = owner if is_plain(layer) else owner or (
                 f"part of {type(layer).__name__} {layer.name!r}, whose constructor builds "
-                "its layers")
+                "its layers (kshrink.as_functional(model) makes them replaceable)")
             for child in layer.layers:
                 yield from walk(child, "", inner)
             return
@@ -194,6 +197,39 @@ def replace_layers(model: keras.Model, replace) -> keras.Model:
     _check_rebuildable(model)
     return keras.models.clone_model(model, clone_function=lambda l: replaced.get(id(l), l),
                                     recursive=True)
+
+
+def as_functional(model: keras.Model) -> keras.Model:
+    """`model` as one flat functional model of the same layers (shared, weights and all): the
+    layers of every model inside it (a keras-hub task's backbone) called in its own graph.
+
+    A model subclass builds its layers in its constructor, so kshrink can change them only in
+    place; techniques that replace layers or rewrite the graph (int8/int4 convolutions,
+    structured and depth pruning, low rank, BatchNorm folding) need the plain graph this
+    returns. The result is no longer of the subclass (a `ResNetImageClassifier` becomes a
+    `Functional`) and saves as such. Meant for models made of stock layers (CNN
+    classifiers): a transformer task is best compressed as it is, its blocks changed in place.
+
+    Example:
+
+    ```python
+    small, report = kshrink.compress(kshrink.as_functional(classifier), "int8")
+    ```
+    """
+    ensure_supported(model)
+    if is_plain(model) and not any(isinstance(l, keras.Model) for l in model.layers):
+        return model
+    plain = keras.Model(model.input, model.output, name=model.name)
+
+    def inline(layer):
+        if not isinstance(layer, keras.Model):
+            return layer
+        inner = as_functional(layer)
+        # The inner graph called anew on the outer tensors: its layers join the outer graph.
+        return Inline(lambda *args, **kwargs: keras.models.clone_model(
+            inner, input_tensors=args[0], clone_function=lambda l: l).output)
+
+    return rewrite(plain, inline)
 
 
 def _check_rebuildable(model: keras.Model, nested: bool = True) -> None:

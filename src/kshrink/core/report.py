@@ -81,6 +81,12 @@ class StepReport:
         )
 
 
+def _some(names: list, shown: int = 3) -> str:
+    """`a, b, c and 5 more`."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressionReport:
     """Every step of a `kshrink.compress` run, with the weight totals before and after.
@@ -101,7 +107,10 @@ class CompressionReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def tables(self) -> list[Table]:
+    def tables(self, layers: bool = True) -> list[Table]:
+        """The report as tables: each step's layers (with `layers`; else one line per step
+        and the skip reasons grouped), the weights before and after, and the outputs against
+        the original after each step."""
         summary = Table(
             title="weights",
             columns=("", "before", "after", "ratio"),
@@ -112,7 +121,8 @@ class CompressionReport:
                  smaller(self.weight_bytes_before, self.weight_bytes_after)),
             ],
         )
-        tables = [step.table() for step in self.steps] + [summary]
+        tables = ([step.table() for step in self.steps] if layers else self._overview()) + [
+            summary]
         measured = [step for step in self.steps if step.fidelity is not None]
         if measured:
             f = measured[0].fidelity
@@ -126,11 +136,27 @@ class CompressionReport:
                       for step in measured]))
         return tables
 
-    def to_text(self) -> str:
-        return "\n\n".join(t.to_text() for t in self.tables())
+    def _overview(self) -> list[Table]:
+        steps = Table("steps", ("step", "applied", "skipped", ""),
+                      [(s.technique, str(len(s.applied)), str(len(s.skipped)), s.summary or "")
+                       for s in self.steps])
+        reasons: dict = {}
+        for s in self.steps:
+            for r in s.skipped:
+                reasons.setdefault((s.technique, r.detail), []).append(r.layer)
+        if not reasons:
+            return [steps]
+        skipped = Table("skipped layers, by reason", ("step", "layers", "reason"),
+                        [(step, _some(names), reason)
+                         for (step, reason), names in reasons.items()])
+        return [steps, skipped]
 
-    def to_markdown(self) -> str:
-        return "\n\n".join(t.to_markdown() for t in self.tables())
+    def to_text(self, layers: bool = True) -> str:
+        """Aligned text; `layers=False` leaves out the per-layer rows (`tables`)."""
+        return "\n\n".join(t.to_text() for t in self.tables(layers))
+
+    def to_markdown(self, layers: bool = True) -> str:
+        return "\n\n".join(t.to_markdown() for t in self.tables(layers))
 
     def __str__(self) -> str:
         return self.to_text()

@@ -197,7 +197,8 @@ class StepContext:
         self.results.append(LayerResult(path_of(layer), type(layer).__name__, SKIPPED, reason))
 
     def choose_layers(self, model: keras.Model, include: Select | None,
-                      exclude: Select | None, skip_reason, in_place=None) -> list:
+                      exclude: Select | None, skip_reason, in_place=None,
+                      in_place_fix: str | None = None) -> list:
         """The layers with weights a technique works on, recording every other one as skipped.
 
         Args:
@@ -208,6 +209,8 @@ class StepContext:
             in_place: `layer -> bool`, whether the technique can change the layer where it
                 stands; layers inside containers or built by a model subclass (`owner_of`)
                 can only be changed so. None: it replaces layers, so it takes none of those.
+            in_place_fix: how the user gets those layers changed in place (the options to
+                set), ending their skip reason.
         """
         candidates = list(leaf_layers(model))
         if include is not None:
@@ -223,7 +226,7 @@ class StepContext:
             owner = owner_of(layer)
             if not reason and owner and not (in_place and in_place(layer)):
                 reason = f"{owner}: this step replaces layers, and this one can only change " \
-                         "in place"
+                         "in place" + (f"; {in_place_fix}" if in_place_fix else "")
             if reason:
                 self.skipped(layer, reason)
             else:

@@ -25,7 +25,9 @@ from kshrink.measure.accuracy import (
     predict,
     top1_accuracy,
 )
-from kshrink.measure.files import FileSize, file_size
+from kshrink.artifact import save as save_compact
+from kshrink.core.graph import copy_model
+from kshrink.measure.files import FileSize, file_size, optimizer_state_bytes
 from kshrink.measure.latency import Latency, latency, latency_in_turns
 from kshrink.measure.load import LoadCost, load_cost
 from kshrink.measure.macs import macs
@@ -33,6 +35,9 @@ from kshrink.measure.weights import WeightStats, weight_stats
 from kshrink.render import Table, faster, smaller
 
 Progress = Callable[[str], None]
+# Bytes of optimizer state a compiled, untrained model's file holds (its step count and
+# learning rate): below this, a file is measured as it is.
+OPTIMIZER_NOISE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +45,12 @@ class Measurement:
     """What one model costs: weights, MACs, file, load, latency and (with data) accuracy."""
 
     weights: WeightStats
-    macs: int
+    macs: int | None  # None: it depends on a length only known at run time (give data)
     file: FileSize
     load: LoadCost | None  # None: not measured
     latency: tuple[Latency, ...]
     metrics: dict | None
+    compact_bytes: int | None = None  # the model as a compact `.kshrink` file
 
     def table(self) -> Table:
         return _table(self, None, None)
@@ -66,6 +72,42 @@ class Comparison:
     def table(self) -> Table:
         return _table(self.original, self.compressed, self.fidelity)
 
+    def summary(self) -> Table:
+        """The card a person reads first: size on disk in each format, weights, accuracy or
+        agreement, latency, and a one-line verdict as its title."""
+        a, b = self.original, self.compressed
+        mb = lambda v: f"{v / 1e6:.3f} MB"
+        suffix = Path(b.file.path).suffix or "file"
+        rows = [(f"file ({suffix})", mb(a.file.bytes), mb(b.file.bytes),
+                 smaller(a.file.bytes, b.file.bytes))]
+        if a.compact_bytes and b.compact_bytes and suffix != ".kshrink":
+            rows.append(("compact file (.kshrink)", mb(a.compact_bytes), mb(b.compact_bytes),
+                         smaller(a.compact_bytes, b.compact_bytes)))
+        rows.append(("weights in memory", mb(a.weights.bytes), mb(b.weights.bytes),
+                     smaller(a.weights.bytes, b.weights.bytes)))
+        quality = None
+        if a.metrics and b.metrics and "accuracy" in a.metrics:
+            change = (b.metrics["accuracy"] - a.metrics["accuracy"]) * 100
+            rows.append(("accuracy", f"{a.metrics['accuracy']:.4f}",
+                         f"{b.metrics['accuracy']:.4f}", f"{change:+.2f} pp"))
+            quality = f"accuracy {change:+.2f} pp"
+        elif self.fidelity is not None:
+            measure, value = (("top-1 agreement", self.fidelity.top1_agreement)
+                              if self.fidelity.top1_agreement is not None
+                              else ("output cosine", self.fidelity.cosine))
+            rows.append((measure, "", f"{value:.4f}", ""))
+            quality = f"{measure} {value:.4f}"
+        ta, tb = a.latency[0], b.latency[0]
+        speed = faster(ta.median_ms, tb.median_ms, ta.spread_ms, tb.spread_ms)
+        rows.append((f"latency, batch {ta.batch_size}", f"{ta.median_ms:.2f} ms",
+                     f"{tb.median_ms:.2f} ms", speed))
+        best = min((b.file.bytes, suffix), ((b.compact_bytes or b.file.bytes), ".kshrink"))
+        verdict = [f"{smaller(a.file.bytes, best[0])} on disk (as {best[1]})"]
+        verdict += [quality] if quality else []
+        verdict.append(f"latency: {speed}")
+        return Table("summary: " + ", ".join(verdict), ("", "original", "compressed",
+                                                         "change"), rows)
+
     def to_dict(self) -> dict:
         return {
             "original": self.original.to_dict(),
@@ -77,10 +119,10 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_text(self) -> str:
-        return self.table().to_text()
+        return f"{self.summary().to_text()}\n\n{self.table().to_text()}"
 
     def to_markdown(self) -> str:
-        return self.table().to_markdown()
+        return f"{self.summary().to_markdown()}\n\n{self.table().to_markdown()}"
 
     __str__ = to_text
 
@@ -96,7 +138,9 @@ def measure(model: keras.Model, data=None, *, path=None, load_runs: int = 3,
             (accuracy over all of it, latency on its first examples), or None (latency then
             uses random inputs).
         path: its saved `.keras` or `.kshrink` file; if None it is saved to a temporary
-            `.keras` file first.
+            `.keras` file first. A `.keras` file that holds optimizer state (a trained,
+            compiled model) is measured as a temporary copy without it, and the table says
+            how much was left out: the model does not need it.
         load_runs: fresh processes for load time and memory (median reported); 0: not
             measured.
         latency_runs: timed calls per batch size.
@@ -121,9 +165,14 @@ def _untimed(model, data, path, load_runs: int, say, custom_objects) -> Measurem
                                           (custom_objects or {}).items()
                                           if inspect.isclass(cls) and is_user_class(cls)}}
     with tempfile.TemporaryDirectory(prefix="kshrink-") as tmp:
+        optimizer_bytes = 0
+        if path is not None and Path(path).suffix == ".keras":
+            optimizer_bytes = optimizer_state_bytes(path)
+            if optimizer_bytes > OPTIMIZER_NOISE:  # not what the model needs: measure without
+                path = None
         if path is None:
             path = Path(tmp) / "model.keras"
-            model.save(path)
+            copy_model(model).save(path)  # uncompiled: no optimizer state in the file
         load = None
         why_not = probe_imports(classes.values())[2]
         if why_not and load_runs:
@@ -133,12 +182,40 @@ def _untimed(model, data, path, load_runs: int, say, custom_objects) -> Measurem
             say(f"load time and memory of {Path(path).name} ({load_runs} fresh processes)")
             loader = "kshrink" if Path(path).suffix == ".kshrink" else "keras"
             load = load_cost(path, runs=load_runs, loader=loader, classes=classes.values())
-        size = file_size(path)
+        size = dataclasses.replace(file_size(path), optimizer_bytes=optimizer_bytes)
+        compact_bytes = _compact_bytes(model, Path(path), Path(tmp) / "model.kshrink")
     metrics = None
     if labels_of(data.sample) is not None:
         say("accuracy")
         metrics = data.evaluate(model)
-    return Measurement(weight_stats(model), macs(model).total, size, load, (), metrics)
+    counted = macs(model, _sequence_length(model, data.sample))
+    # A total that leaves out the layers whose length is unknown would mislead: none.
+    total = None if counted.unknown else counted.total
+    return Measurement(weight_stats(model), total, size, load, (), metrics, compact_bytes)
+
+
+def _sequence_length(model, sample) -> int | None:
+    """The length of the run-time dimension (a transformer's sequence) in `sample`, if the
+    model's first input leaves it open."""
+    if sample is None:
+        return None
+    spec = model.inputs[0].shape
+    if len(spec) < 2 or spec[1] is not None:
+        return None
+    first = keras.tree.flatten(model_inputs(sample))[0]
+    return int(first.shape[1]) if getattr(first, "ndim", 0) >= 2 else None
+
+
+def _compact_bytes(model, path: Path, scratch: Path) -> int | None:
+    """The size of `model` as a compact file: `path` if it is one, else written to `scratch`
+    (None for a model the compact format cannot hold)."""
+    if path.suffix == ".kshrink":
+        return path.stat().st_size
+    try:
+        save_compact(model, scratch)
+    except Exception:  # e.g. a layer class the format cannot name; the rest still measures
+        return None
+    return scratch.stat().st_size
 
 
 def compare(original: keras.Model, compressed: keras.Model, data=None, *, original_path=None,
@@ -236,7 +313,7 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
         show = lambda v: "-" if v is None else fmt(v)
         cells = [label, show(va)]
         if b is not None:
-            cells += [show(vb), change(va, vb) if change and vb is not None else ""]
+            cells += [show(vb), change(va, vb) if change and None not in (va, vb) else ""]
         rows.append(cells)
 
     mb = lambda v: f"{v / 1e6:.3f} MB"
@@ -246,6 +323,11 @@ def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table
     row("MACs per example", a.macs, b and b.macs, "{:,}".format, smaller)
     row("file size", a.file.bytes, b and b.file.bytes, mb, smaller)
     row("file size, deflated", a.file.deflated, b and b.file.deflated, mb, smaller)
+    if a.compact_bytes is not None:
+        row("compact file (.kshrink)", a.compact_bytes, b and b.compact_bytes, mb, smaller)
+    if a.file.optimizer_bytes or (b is not None and b.file.optimizer_bytes):
+        row("optimizer state, left out of the file", a.file.optimizer_bytes,
+            b and b.file.optimizer_bytes, mb)
     if a.load is not None and (b is None or b.load is not None):
         row("load time", a.load.seconds, b and b.load.seconds,
             lambda v: f"{v * 1e3:.0f} ms",

@@ -15,6 +15,7 @@ import numpy as np
 
 from kshrink.core.atomic import atomic_output
 from kshrink.core.graph import leaf_layers, path_of
+from kshrink.core.report import CompressionReport
 from kshrink.layers import kernel_specs
 from kshrink.layers.specs import layer_macs
 from kshrink.measure.weights import _is_packed_int4, _nonzero_nibbles
@@ -32,6 +33,7 @@ th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #dde2e8; text-align: ri
 th:first-child, td:first-child { text-align: left; }
 th { background: #f2f5f8; }
 figure { margin: 1em 0; } svg { max-width: 100%; height: auto; }
+details > summary { cursor: pointer; color: #2d5b8a; margin: 0.5em 0; }
 """
 
 
@@ -58,13 +60,21 @@ def html(path, compressed: keras.Model, original: keras.Model | None = None, *,
     matplotlib.use("Agg")
     layers = _layer_rows(compressed, original)
     parts = [f"<h1>{escape.escape(title or f'kshrink: {compressed.name}')}</h1>"]
+    if comparison is not None and hasattr(comparison, "summary"):
+        parts += ["<h2>Summary</h2>", _table(comparison.summary())]
+    if isinstance(report, CompressionReport):
+        parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables(layers=False)]
+        parts += [_details("Every layer, step by step",
+                           "".join(_table(step.table()) for step in report.steps))]
+    elif report is not None:  # a search's candidates and probes
+        parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables()]
     if comparison is not None:
         parts += ["<h2>Measured</h2>", _table(comparison.table())]
-    if report is not None:
-        parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables()]
     parts += ["<h2>Where the bytes are</h2>", _figure(_bytes_plot(layers)),
               _figure(_storage_plot(compressed, original)),
-              "<h2>Layer by layer</h2>", _figure(_layer_plot(layers)), _table(_layer_table(layers))]
+              "<h2>Layer by layer</h2>", _figure(_layer_plot(layers)),
+              _details(f"All {len(layers)} layers, before and after",
+                       _table(_layer_table(layers)))]
     latency = _latency_plot(comparison)
     if latency is not None:
         parts += ["<h2>Latency</h2>", _figure(latency)]
@@ -265,3 +275,8 @@ def _table(table: Table) -> str:
                    for row in table.rows)
     return (f"<table><caption>{escape.escape(table.title)}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _details(label: str, body: str) -> str:
+    """A section folded by default: long per-layer tables."""
+    return f"<details><summary>{escape.escape(label)}</summary>{body}</details>"

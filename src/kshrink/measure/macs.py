@@ -20,9 +20,11 @@ from kshrink.render import Table
 
 @dataclasses.dataclass(frozen=True)
 class MacStats:
-    """MACs per example: `layers` maps layer name -> (class name, MACs)."""
+    """MACs per example: `layers` maps layer name -> (class name, MACs); `unknown` names the
+    layers whose count depends on a length only known at run time (not counted)."""
 
     layers: dict[str, tuple[str, int]]
+    unknown: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -42,9 +44,11 @@ def macs(model: keras.Model, sequence_length: int | None = None) -> MacStats:
         sequence_length: the length to count for a dimension only known at run time (a
             transformer's sequence); without it, layers with such inputs are not counted.
     """
-    counted = {}
+    counted, unknown = {}, []
     for layer in leaf_layers(model):
         count = layer_macs(layer, sequence_length)
         if count is not None:
             counted[path_of(layer)] = (type(layer).__name__, count)
-    return MacStats(counted)
+        elif sequence_length is None and layer_macs(layer, 1) is not None:
+            unknown.append(path_of(layer))
+    return MacStats(counted, tuple(unknown))

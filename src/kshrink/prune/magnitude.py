@@ -19,6 +19,7 @@ import weakref
 import keras
 import numpy as np
 
+from kshrink.core.classes import is_user_class
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
 from kshrink.layers.specs import matrix_shape
@@ -115,7 +116,10 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
         if getattr(layer, "quantization_mode", None):
             return "quantized layers are not pruned; prune before quantize"
         if not kernel_weights(layer):
-            return f"{type(layer).__name__}: no prunable weights"
+            return f"{type(layer).__name__}: no prunable weights" + (
+                "; give the class get_prunable_weights() returning its kernels, or register "
+                "a LayerSpec (kshrink.layers.register_spec)" if is_user_class(type(layer))
+                else "")
         return None
 
     # A layer built by its container is pruned where it stands, with no wrapper, so its mask
@@ -123,7 +127,8 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     fixed = (config.schedule == "one_shot" or config.pattern_spec.is_n_of_m
              or config.method != "magnitude")
     in_place = (lambda layer: True) if fixed or ctx.train_steps is None else None
-    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place)
+    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place,
+                               "schedule: one_shot prunes it where it stands")
     ctx.state["counted"] = {path_of(l) for l in chosen}
     for override in config.overrides:
         override.layers.resolve(chosen)  # each must match a layer the step prunes

@@ -8,6 +8,7 @@ import dataclasses
 
 import keras
 
+from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.select import Select
@@ -156,7 +157,10 @@ def skip_reason(layer) -> str | None:
     name = type(layer).__name__
     if "Normalization" in name:
         return f"{name}: normalization layers stay in float"
-    return f"{name}: no quantized version of this layer"
+    return f"{name}: no quantized version of this layer" + (
+        "; build it from Dense or EinsumDense sublayers (created with "
+        "dtype=self.dtype_policy), which Keras quantizes in place"
+        if is_user_class(type(layer)) else "")
 
 
 def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan]:
@@ -191,7 +195,9 @@ def _drop_unreloadable(model, plans: dict, ctx: StepContext) -> None:
             for layer in inner:
                 del plans[path_of(layer)]
                 ctx.skipped(layer, f"{owner_of(layer)}, which does not pass its dtype policy "
-                                   "to its sublayers: quantized, they would not reload")
+                                   "to its sublayers: quantized, they would not reload; "
+                                   "create them with dtype=self.dtype_policy and a name of "
+                                   "their own (name=...)")
 
 
 def _group(plan: _Plan) -> int | None:

@@ -33,11 +33,18 @@ PRUNE = dict(sparsity=0.5, schedule="one_shot", skip_first_last=False, min_fan_i
 VIEWS = 10  # scored views of each photo
 VARIANTS = {
     "int8 rtn": [kshrink.Quantize(mode="int8")],
-    "int4 rtn": [kshrink.Quantize(mode="int4", group_size=None)],
-    "int4 gptq": [kshrink.Quantize(mode="int4", group_size=None, method="gptq")],
-    "int4/g128 gptq": [kshrink.Quantize(mode="int4", method="gptq")],  # the defaults
-    "int4/g32 rtn": [kshrink.Quantize(mode="int4", group_size=32)],
-    "int4/g32 gptq": [kshrink.Quantize(mode="int4", group_size=32, method="gptq")],
+    # every layer int4 (keep_int8=False), as these rows measured before keep_int8 existed
+    "int4 rtn": [kshrink.Quantize(mode="int4", group_size=None, keep_int8=False)],
+    "int4 gptq": [kshrink.Quantize(mode="int4", group_size=None, method="gptq",
+                                   keep_int8=False)],
+    "int4/g128 gptq": [kshrink.Quantize(mode="int4", method="gptq", keep_int8=False)],
+    "int4/g32 rtn": [kshrink.Quantize(mode="int4", group_size=32, keep_int8=False)],
+    "int4/g32 gptq": [kshrink.Quantize(mode="int4", group_size=32, method="gptq",
+                                       keep_int8=False)],
+    # the defaults: the first and last layers and the depthwise convolutions stay int8
+    "int4 rtn, keep_int8": [kshrink.Quantize(mode="int4", group_size=None)],
+    "int4 gptq, keep_int8": [kshrink.Quantize(mode="int4", group_size=None, method="gptq")],
+    "int4/g128 gptq, keep_int8": [kshrink.Quantize(mode="int4", method="gptq")],
     "prune 50% magnitude": [kshrink.Prune(**PRUNE, reestimate_batchnorm=False)],
     "prune 50% magnitude + BN": [kshrink.Prune(**PRUNE)],
     "prune 50% wanda + BN": [kshrink.Prune(**PRUNE, method="wanda")],

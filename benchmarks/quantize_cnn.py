@@ -37,10 +37,12 @@ def kshrink_variants(qat_epochs):
     return {
         "kshrink PTQ int8": (kshrink.Quantize(mode="int8"), None),
         "kshrink PTQ int8 W8A8": (kshrink.Quantize(mode="int8", activation_bits=8), None),
-        "kshrink PTQ int4": (kshrink.Quantize(mode="int4", group_size=None), None),
+        "kshrink PTQ int4": (kshrink.Quantize(mode="int4", group_size=None, keep_int8=False),
+                             None),
         "kshrink QAT int8 W8A8": (kshrink.Quantize(mode="int8", activation_bits=8, qat=True),
                                   tune),
-        "kshrink QAT int4": (kshrink.Quantize(mode="int4", group_size=None, qat=True), tune),
+        "kshrink QAT int4": (kshrink.Quantize(mode="int4", group_size=None, qat=True,
+                                              keep_int8=False), tune),
     }
 
 

@@ -252,7 +252,7 @@ def test_gptq_reaches_the_dense_layers_inside_blocks(tmp_path):
 
     def quantized(method, group_size=None):
         return kshrink.compress(model, kshrink.Quantize(mode="int4", group_size=group_size,
-                                                        method=method,
+                                                        method=method, keep_int8=False,
                                                         exclude=kshrink.Select(names=["embed"])),
                                 data=calibration, fidelity_samples=0)
 

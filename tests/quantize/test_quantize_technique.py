@@ -150,3 +150,34 @@ def test_qat_keeps_the_zeros_of_a_pruned_model(trained, digits):
         mode="int8", activation_bits=8, qat=True, preserve_sparsity=False)], data=(x, y),
         fine_tune=tune, verbose=False)
     assert np.mean(numpy(kept.get_layer("fc1").kernel) == 0) < 0.5  # training regrows them
+
+
+def _mobile_block():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, name="stem")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, name="depthwise")(x)
+    x = keras.layers.Conv2D(16, 1, name="pointwise")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="classifier")(x))
+
+
+def test_int4_keeps_the_first_last_and_depthwise_layers_at_int8_unless_told():
+    model = _mobile_block()
+    small, report = kshrink.compress(model, Quantize(mode="int4", group_size=None),
+                                     verbose=False)
+    modes = {name: small.get_layer(name).quantization_mode or small.get_layer(name).mode
+             for name in ("stem", "depthwise", "pointwise", "classifier")}
+    assert modes == {"stem": "int8", "depthwise": "int8", "pointwise": "int4",
+                     "classifier": "int8"}
+    # what the three cost over int4: half a byte per weight
+    extra = (3 * 3 * 3 * 8 + 3 * 3 * 8 + 16 * 10) // 2
+    assert f"3 layers kept at int8 (keep_int8)" in report.steps[0].summary
+    assert f"{extra:,} bytes more than int4" in report.steps[0].summary
+
+    every, _ = kshrink.compress(model, Quantize(mode="int4", group_size=None, keep_int8=False),
+                                verbose=False)
+    assert {every.get_layer(n).quantization_mode or every.get_layer(n).mode
+            for n in modes} == {"int4"}
+    told, _ = kshrink.compress(model, Quantize(mode="int4", group_size=None, overrides=[
+        {"layers": {"names": ["stem"]}, "mode": "int4", "group_size": None}]), verbose=False)
+    assert told.get_layer("stem").mode == "int4" and told.get_layer("depthwise").mode == "int8"

@@ -106,7 +106,7 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
                                                            in_place=keras_quantizes)
     entries = []
     for layer in counting(progress, f"sensitivity at {mode}", candidates, path_of):
-        config = Quantize(mode=mode, group_size=group_size,
+        config = Quantize(mode=mode, group_size=group_size, keep_int8=False,
                           layers=Select(names=(path_of(layer),)))
         quantized, _ = compress(model, config, verbose=False)
         outputs = predict(quantized, x)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 
 from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
@@ -38,6 +39,7 @@ from kshrink.layers import (
     kernel_weights,
     quantize_layer,
 )
+from kshrink.layers.specs import PER_CHANNEL, spec_for
 from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.quantize.calibrate import METHODS, input_ranges
 from kshrink.quantize.keras_native import (
@@ -163,17 +165,37 @@ def skip_reason(layer) -> str | None:
         if is_user_class(type(layer)) else "")
 
 
+def _sensitive(everything: list) -> dict[int, str]:
+    """The layers 4-bit weights hurt most and runtimes keep at 8 bits (`keep_int8`), by id,
+    with why: the first and the last layer with a kernel, and depthwise convolutions (a 3x3
+    filter per channel has too few weights to absorb rounding; LiteRT runs int4 for CONV_2D
+    and FULLY_CONNECTED only)."""
+    kernels = [l for l in everything if kernel_specs(l)]
+    found = {id(l): "depthwise" for l in kernels
+             if (spec := spec_for(l)) is not None and spec.channels == PER_CHANNEL}
+    if kernels:
+        found[id(kernels[-1])] = "last layer"
+        found[id(kernels[0])] = "first layer"
+    return found
+
+
 def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan]:
-    """The mode of every chosen layer: the first override that selects it, else the default."""
+    """The mode of every chosen layer: the first override that selects it, else the default
+    (int8 for the sensitive layers of an int4 step, `keep_int8`)."""
     everything = list(leaf_layers(model))
     claimed = [{id(l) for l in o.layers.resolve(everything)} for o in config.overrides]
-    plans = {}
+    sensitive = _sensitive(everything) if config.mode == "int4" and config.keep_int8 else {}
+    plans, kept = {}, []
     for layer in chosen:
         mode, group_size = config.mode, config.group_size
+        if id(layer) in sensitive:
+            mode, group_size = "int8", None
         for override, ids in zip(config.overrides, claimed):
             if id(layer) in ids:
                 mode, group_size = override.mode, override.group_size
                 break
+        if mode == "int8" and id(layer) in sensitive:
+            kept.append((layer, sensitive[id(layer)]))
         if mode == KEEP_FLOAT:
             ctx.skipped(layer, "kept in float by an override")
         elif mode in FLOAT_MODES and owner_of(layer):
@@ -182,6 +204,14 @@ def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan
         else:
             plans[path_of(layer)] = _Plan(mode, group_size)
     _drop_unreloadable(model, plans, ctx)
+    kept = [(layer, why) for layer, why in kept if path_of(layer) in plans]
+    if kept:
+        extra = sum(int(np.prod(v.shape)) for layer, _ in kept for v in kernel_weights(layer))
+        names = ", ".join(f"{path_of(l)} ({why})" for l, why in kept[:4])
+        more = f" and {len(kept) - 4} more" if len(kept) > 4 else ""
+        note = (f"{len(kept)} layer{'s' if len(kept) > 1 else ''} kept at int8 (keep_int8): "
+                f"{names}{more}; {extra // 2:,} bytes more than int4")
+        ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
     return plans
 
 
@@ -354,6 +384,11 @@ class Quantize(Technique):
         fold_batchnorm: first fold each BatchNormalization into the layer before it (as
             `fold` does), so the quantized kernels are the ones that run and BN's parameters
             are gone.
+        keep_int8: with `mode="int4"`, the first and the last layer with a kernel and the
+            depthwise convolutions stay int8, as every published 4-bit CNN result keeps them
+            and as LiteRT runs them (int4 kernels for CONV_2D and FULLY_CONNECTED only); the
+            report names them and what they cost in bytes. An override still decides for
+            the layers it selects; false: every layer int4.
         overrides: per-layer modes, the first matching override wins, e.g. keep the first
             convolution in float: `[{layers: {names: [conv1]}, mode: float}]`.
         layers: the layers to consider (default: all).
@@ -377,6 +412,8 @@ class Quantize(Technique):
     qat: bool = option(False, "quantization-aware training (needs fine_tune)")
     preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero")
     fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
+    keep_int8: bool = option(True, "int4: the first and last layers and depthwise "
+                                   "convolutions stay int8")
     overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all)")
     exclude: Select | None = option(None, "layers to leave in float")
@@ -396,6 +433,7 @@ class Quantize(Technique):
         check_bool(self.name, "qat", self.qat)
         check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
         check_bool(self.name, "fold_batchnorm", self.fold_batchnorm)
+        check_bool(self.name, "keep_int8", self.keep_int8)
         if self.qat and self.mode in FLOAT_MODES:
             raise RecipeError(f"{self.name}: qat applies to int8 and int4. "
                                f"Received: mode={self.mode!r}")

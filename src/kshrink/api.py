@@ -134,7 +134,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         if handler.settles:
             settled |= {result.layer for result in step.applied}
         if probe is not None:
-            step = probe.measure(step, work, technique, trains, reestimated)
+            step = probe.measure(step, work, technique, trains, reestimated,
+                                 distilled=trains and fine_tune.distill)
         if step.skipped and not step.applied:
             first = step.skipped[0]
             warnings.warn(f"{technique.name} changed no layer ({len(step.skipped)} skipped; the "
@@ -171,15 +172,16 @@ def _compile_like(model, original) -> None:
                       "call compile() on it before evaluate() or fit()", stacklevel=3)
 
 
-def _remedy(model, technique, trained: bool, reestimated: bool) -> str:
+def _remedy(model, technique, trained: bool, reestimated: bool, distilled: bool) -> str:
     """What to try after a step that lost agreement, as the option to pass."""
     has_batchnorm = any(isinstance(l, keras.layers.BatchNormalization)
                         for l in leaf_layers(model))
+    more = ("more epochs or a milder setting (FineTune(epochs=...))" if distilled else
+            "distillation or more epochs (FineTune(distill=True, epochs=...))")
     if trained:
         if has_batchnorm and not reestimated:
-            return (f"try reestimate_batchnorm=True on the {technique.name} step, then "
-                    "distillation or more epochs (FineTune(distill=True, epochs=...))")
-        return "try distillation or more epochs (FineTune(distill=True, epochs=...))"
+            return f"try reestimate_batchnorm=True on the {technique.name} step, then {more}"
+        return f"try {more}"
     return ("try a milder setting, exclude those layers (exclude={'names': [...]}), a "
             "calibration method (method=...) or fine-tuning (fine_tune=FineTune(...))")
 
@@ -241,7 +243,7 @@ class _FidelityProbe:
         return cls(original, x, held_back, tolerance)
 
     def measure(self, step: StepReport, model, technique, trained: bool,
-                reestimated: bool) -> StepReport:
+                reestimated: bool, distilled: bool) -> StepReport:
         f = fidelity(self.reference, predict(model, self.x))
         result = StepFidelity(example_count(self.x), self.held_back, round(f.cosine, 6),
                               None if f.top1_agreement is None else round(f.top1_agreement, 6))
@@ -257,7 +259,7 @@ class _FidelityProbe:
                 if moved:
                     warning += "; weights moved most in " + ", ".join(
                         f"{path} ({change:.0%})" for path, change in moved)
-            warning += "; " + _remedy(model, technique, trained, reestimated)
+            warning += "; " + _remedy(model, technique, trained, reestimated, distilled)
             warnings.warn(warning, stacklevel=3)
         self.last = result.score
         return dataclasses.replace(step, fidelity=dataclasses.replace(result, warning=warning))

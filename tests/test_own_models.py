@@ -276,3 +276,22 @@ def test_quiet_compress_prints_nothing_while_it_fine_tunes(capfd):
                      fidelity_samples=0, verbose=False)
     out, err = capfd.readouterr()
     assert out == "" and "Epoch" not in err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"loss": {"a": 1}}, "loss must be auto or a Keras loss name"),
+    ({"loss": "no_such_loss"}, "loss must be auto or a Keras loss name"),
+])
+def test_a_fine_tune_loss_keras_does_not_know_is_refused_at_once(options, message):
+    with pytest.raises(RecipeError, match=message):
+        kshrink.FineTune.from_config(options)
+
+
+def test_export_refuses_what_keras_would_refuse_later(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(kshrink.KshrinkError, match=r"unknown file type '\.TFLITE'"):
+        kshrink.export(model, tmp_path / "m.TFLITE")
+    with pytest.raises(kshrink.KshrinkError, match=r"samples must be an integer in \[1, 65,536\]"):
+        kshrink.export(model, tmp_path / "m.tflite", samples=999_999_999_999)
+    assert list(tmp_path.iterdir()) == []

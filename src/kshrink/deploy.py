@@ -49,6 +49,7 @@ FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
+MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 # What LiteRT prints as it starts an interpreter.
@@ -120,13 +121,14 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             a backend other than TensorFlow, or a model with several inputs or outputs.
     """
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = FORMATS.get(path.suffix)  # as written: Keras' exporters take lowercase only
     if fmt is None:
         raise KshrinkError(f"export: unknown file type {path.suffix!r}; use "
                            f"{' or '.join(FORMATS)}. Received: {path}")
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise KshrinkError(f"export: samples must be a positive integer. Received: "
-                           f"samples={samples!r}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or not (
+            1 <= samples <= MAX_SAMPLES):
+        raise KshrinkError(f"export: samples must be an integer in [1, {MAX_SAMPLES:,}]. "
+                           f"Received: samples={str(samples)[:20]}")
     check_data(data, model)
     if quantization not in QUANTIZATIONS:
         raise KshrinkError(f"export: quantization must be one of {', '.join(QUANTIZATIONS)}. "

@@ -25,7 +25,7 @@ from kshrink.core.technique import (
     check_range,
     option,
 )
-from kshrink.errors import KshrinkError
+from kshrink.errors import KshrinkError, RecipeError, short
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -105,6 +105,7 @@ class FineTune(Options):
         check_range(self.name, "learning_rate", self.learning_rate, 1e-9, 10.0)
         check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(self.name, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_loss(self.name, self.loss)
         check_bool(self.name, "distill", self.distill)
         check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
         check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
@@ -127,6 +128,21 @@ class FineTune(Options):
             return self.epochs * data.steps_per_epoch(self.batch_size)
         per_epoch = math.ceil(example_count(model_inputs(data)) / self.batch_size)
         return self.epochs * min(per_epoch, self.steps_per_epoch or per_epoch)
+
+
+def _check_loss(name: str, loss) -> None:
+    """`auto` or a loss Keras knows by name; anything else is a one-line error now, not a
+    traceback from inside `fit` later."""
+    if loss == "auto":
+        return
+    try:
+        known = isinstance(loss, str) and keras.losses.get(loss) is not None
+    except (ValueError, TypeError):
+        known = False
+    if not known:
+        raise RecipeError(f"{name}: loss must be auto or a Keras loss name (e.g. "
+                          f"sparse_categorical_crossentropy, mse). Received: "
+                          f"loss={short(loss)}")
 
 
 def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, *,

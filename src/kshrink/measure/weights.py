@@ -130,9 +130,12 @@ def _dtypes(by_dtype: dict[str, int]) -> str:
 def weight_drift(original: keras.Model, compressed: keras.Model) -> list[tuple[str, float]]:
     """`(layer, relative change)` for every layer of `compressed` whose namesake in `original`
     (by path) has weights of the same shapes, largest change first: the Frobenius norm of the
-    difference over the original's, all of the layer's weights together. kshrink's quantized
-    layers are compared through their dequantized kernels; layers holding integers in another
-    layout (Keras' own quantized layers) are left out."""
+    difference over the new weights', all of the layer's weights together. A kernel is first
+    matched to the new one by the best scale per output channel, so that what only rescales
+    channels (a BatchNorm folded into the layer) is no change: what is left is what pruning,
+    sharing or rounding did. kshrink's quantized layers are compared through their
+    dequantized kernels; layers holding integers in another layout (Keras' own quantized
+    layers) are left out."""
     before = {path_of(layer): layer for layer in leaf_layers(original)}
     drift = []
     for layer in leaf_layers(compressed):
@@ -143,11 +146,23 @@ def weight_drift(original: keras.Model, compressed: keras.Model) -> list[tuple[s
         if (len(old) != len(new) or any(a.shape != b.shape for a, b in zip(old, new))
                 or getattr(layer, "quantization_mode", None)):
             continue
-        scale = np.sqrt(sum(np.sum(a ** 2) for a in old))
+        scale = np.sqrt(sum(np.sum(b ** 2) for b in new))
         if scale > 0:
-            change = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(old, new)))
+            change = np.sqrt(sum(np.sum((_rescaled(a, b) - b) ** 2) for a, b in zip(old, new)))
             drift.append((path_of(layer), float(change / scale)))
     return sorted(drift, key=lambda item: -item[1])
+
+
+def _rescaled(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """`old` with each output channel (last axis; the last two of a depthwise kernel, whose
+    last is a multiplier of 1) scaled to match `new` best."""
+    if old.ndim < 2:
+        return old
+    channels = old.shape[-1] * (old.shape[-2] if old.ndim >= 3 and old.shape[-1] == 1 else 1)
+    a, b = old.reshape(-1, channels), new.reshape(-1, channels)
+    energy = np.sum(a * a, axis=0)
+    scale = np.where(energy > 0, np.sum(a * b, axis=0) / np.maximum(energy, 1e-300), 1.0)
+    return (a * scale).reshape(old.shape)
 
 
 def _float_weights(layer) -> list[np.ndarray]:

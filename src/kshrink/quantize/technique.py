@@ -166,13 +166,18 @@ def skip_reason(layer) -> str | None:
 
 
 def _sensitive(everything: list) -> dict[int, str]:
-    """The layers 4-bit weights hurt most and runtimes keep at 8 bits (`keep_int8`), by id,
-    with why: the first and the last layer with a kernel, and depthwise convolutions (a 3x3
-    filter per channel has too few weights to absorb rounding; LiteRT runs int4 for CONV_2D
-    and FULLY_CONNECTED only)."""
+    """The layers of a convolutional network that 4-bit weights hurt most and runtimes keep
+    at 8 bits (`keep_int8`), by id, with why: the first and the last layer with a kernel, and
+    depthwise convolutions (a 3x3 filter per channel has too few weights to absorb rounding;
+    LiteRT runs int4 for CONV_2D and FULLY_CONNECTED only). None in a network without
+    convolutions (an MLP, a transformer): there the first and last layers are most of it."""
     kernels = [l for l in everything if kernel_specs(l)]
-    found = {id(l): "depthwise" for l in kernels
-             if (spec := spec_for(l)) is not None and spec.channels == PER_CHANNEL}
+    specs = {id(l): spec_for(l) for l in kernels}
+    found = {key: "depthwise" for key, spec in specs.items()
+             if spec is not None and spec.channels == PER_CHANNEL}
+    if not found and not any(spec is not None and spec.width == "filters"
+                             for spec in specs.values()):
+        return {}  # no convolution
     if kernels:
         found[id(kernels[-1])] = "last layer"
         found[id(kernels[0])] = "first layer"
@@ -384,8 +389,9 @@ class Quantize(Technique):
         fold_batchnorm: first fold each BatchNormalization into the layer before it (as
             `fold` does), so the quantized kernels are the ones that run and BN's parameters
             are gone.
-        keep_int8: with `mode="int4"`, the first and the last layer with a kernel and the
-            depthwise convolutions stay int8, as every published 4-bit CNN result keeps them
+        keep_int8: with `mode="int4"`, in a network with convolutions, the first and the
+            last layer with a kernel and the depthwise convolutions stay int8, as every
+            published 4-bit CNN result keeps them
             and as LiteRT runs them (int4 kernels for CONV_2D and FULLY_CONNECTED only); the
             report names them and what they cost in bytes. An override still decides for
             the layers it selects; false: every layer int4.
@@ -412,7 +418,7 @@ class Quantize(Technique):
     qat: bool = option(False, "quantization-aware training (needs fine_tune)")
     preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero")
     fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
-    keep_int8: bool = option(True, "int4: the first and last layers and depthwise "
+    keep_int8: bool = option(True, "int4 CNNs: the first and last layers and depthwise "
                                    "convolutions stay int8")
     overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all)")

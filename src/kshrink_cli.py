@@ -57,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "(default 2^31)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress on stderr (results and errors still print)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE",
                         help="import this module first: the custom layers, losses and "

@@ -1,10 +1,13 @@
 """Hostile inputs through the command line, each in its own process: exit 2, one line, and a
 bounded peak memory (measured with wait4, over a process that only imported Keras)."""
 
+import io
 import os
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 
 # Only the TensorFlow run: the command starts its own process either way.
@@ -97,3 +100,93 @@ def test_hostile_file_exits_2_in_bounded_memory(case, tmp_path, model_file, kera
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert peak - keras_baseline < CEILING
     assert not (tmp_path / "out.keras").exists()
+
+
+def _padded_member(path, member: str, size: int, head: bytes = b"") -> None:
+    """Adds `member` to the zip at `path`: `head` then zeros up to `size` bytes, deflated to
+    a few hundred KB, written in chunks (never `size` bytes in memory)."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive, \
+            archive.open(member, "w", force_zip64=True) as f:
+        f.write(head)
+        chunk = bytes(1 << 20)
+        for _ in range((size - len(head)) // len(chunk)):
+            f.write(chunk)
+
+
+def test_archives_that_would_inflate_past_any_real_file_are_refused_unread(
+        tmp_path, model_file, keras_baseline):
+    padded = tmp_path / "padded.keras"
+    with zipfile.ZipFile(model_file) as source, zipfile.ZipFile(padded, "w") as out:
+        for name in source.namelist():
+            if name != "model.weights.h5":
+                out.writestr(name, source.read(name))
+    _padded_member(padded, "model.weights.h5", 300 << 20)
+    data = tmp_path / "bomb.npz"
+    np.savez(data, y=np.zeros(4, "int64"))
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((300 << 18, 4), "uint8"))
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    _padded_member(data, "x.npy", 300 << 20, buffer.getvalue())
+    for argv, file in ((["measure", str(padded)], padded),
+                       (["compress", str(model_file), "--recipe", "int8", "--data", str(data),
+                         "-o", str(tmp_path / "out.keras")], data)):
+        code, err, peak = peak_rss(["-m", "kshrink", *argv])
+        assert code == 2 and "would inflate" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert peak - keras_baseline < CEILING
+    assert not (tmp_path / "out.keras").exists()
+
+
+@pytest.mark.parametrize("techniques", ["[" * 5000, "{a: " + "9" * 5000 + "}",
+                                        "&a [x, x, x, x, x, x, x, x, x]"])
+def test_search_techniques_within_the_recipe_limits(techniques, tmp_path, model_file,
+                                                    keras_baseline):
+    if techniques.startswith("&a"):  # a billion laughs in one argument
+        techniques = "- " + "\n- ".join(["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+            f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+    code, err, peak = peak_rss(["-m", "kshrink", "search", str(model_file), "--data", "digits",
+                                "--max-accuracy-drop", "1", "-o", str(tmp_path / "o.keras"),
+                                "--techniques", techniques])
+    assert code == 2 and "--techniques" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert peak - keras_baseline < CEILING
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (np.ones((8, 4), "complex64"), np.zeros(8, "int64"), "complex64 values"),
+    (np.ones((8, 4), "float32"), np.full(8, 0.5), "the label 0.5 at index 0"),
+])
+def test_data_of_the_wrong_kind_is_one_line(x, y, message, tmp_path, model_file, capsys):
+    from kshrink.cli import main
+
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    code = main(["compress", str(model_file), "--recipe", "int8", "--data",
+                 str(tmp_path / "d.npz"), "-o", str(tmp_path / "o.keras")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_an_unforeseen_error_is_one_line_unless_debug(monkeypatch, capsys):
+    from kshrink import cli
+
+    def broken(args):
+        raise RuntimeError("something no check foresaw")
+
+    monkeypatch.setitem(cli.COMMANDS, "techniques", broken)
+    assert cli.main(["techniques"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("kshrink: error: RuntimeError: something no check foresaw "
+                           "(nothing is written; --debug shows where)")
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "techniques"])
+
+
+def test_layer_names_with_dollars_are_text_in_the_report(tmp_path):
+    import kshrink
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name=r"$\undefinedcmd$"),
+                              keras.layers.Dense(2, name="a$b$c$d")])
+    small, report = kshrink.compress(model, "int8", verbose=False)
+    page = kshrink.report.html(tmp_path / "r.html", small, model, report=report).read_text()
+    assert r"$\undefinedcmd$" in page and "a$b$c$d" in page

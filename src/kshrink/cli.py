@@ -55,6 +55,16 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("kshrink: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("kshrink: error: out of memory; nothing is written", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # what no check foresaw: still one line, unless --debug
+        if args.debug:
+            raise
+        reason = " ".join(str(e).split())[:300]
+        print(f"kshrink: error: {type(e).__name__}: {reason} (nothing is written; --debug "
+              "shows where)", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _compress(args) -> int:
@@ -108,15 +118,9 @@ def _techniques_option(text: str | None):
         return None
     if not text.lstrip().startswith(("[", "{", "-")):
         return [name.strip() for name in text.split(",") if name.strip()]
-    import yaml
+    from kshrink.core.recipe import read_yaml
 
-    from kshrink.errors import KshrinkError
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise KshrinkError(f"--techniques is not valid YAML: {' '.join(str(e).split())[:200]}") \
-            from None
+    value = read_yaml(text, "--techniques")  # within the recipe limits
     return value if isinstance(value, list) else [value]
 
 
@@ -132,6 +136,7 @@ def _search(args) -> int:
                                                                          ".json"):
         raise KshrinkError("the recipe is written as YAML or JSON: name it .yaml, .yml or "
                            f".json. Received: {args.recipe_out}")
+    techniques = _techniques_option(args.techniques)  # read before any work
     model = _load(args, source)
     data = _data(args.data, model)
     with _progress(args) as say:
@@ -141,7 +146,7 @@ def _search(args) -> int:
                                rounds=args.rounds, probe_steps=args.probe_steps,
                                seed=args.seed, latency_batch_size=args.latency_batch_size,
                                latency_runtime=args.latency_runtime,
-                               techniques=_techniques_option(args.techniques),
+                               techniques=techniques,
                                channels=args.channels, progress=say)
     if args.format == "json":
         import json

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import keras
 
+from kshrink.core.archive import check_inflation
 from kshrink.core.atomic import atomic_output
 from kshrink.core.classes import is_user_class
-from kshrink.errors import ModelFileError
+from kshrink.errors import KshrinkError, ModelFileError
 from kshrink.layers.specs import implied_kernel_elements
 
 
@@ -71,6 +72,7 @@ def _load(path: Path, max_parameters: int) -> keras.Model:
                 raise ModelFileError(
                     f"{path}: its config.json is {declared:,} bytes; kshrink reads at most "
                     f"{MAX_CONFIG_BYTES:,} (a model's config is kilobytes to a few megabytes)")
+            check_inflation(archive, str(path))
             bad = archive.testzip()
             if bad is None:
                 _check_keras_config(archive, path, max_parameters)
@@ -79,6 +81,8 @@ def _load(path: Path, max_parameters: int) -> keras.Model:
         return keras.saving.load_model(path)
     except ModelFileError:
         raise
+    except KshrinkError as e:
+        raise ModelFileError(str(e)) from None
     except Exception as e:
         raise ModelFileError(f"cannot load {path}: {load_error(e)}") from None
 

@@ -67,7 +67,7 @@ def test_registry_lists_quantize_with_its_options():
                        "activation_bits": None,
                        "calibration": "percentile", "percentile": 99.99,
                        "calibration_samples": 512, "qat": False, "preserve_sparsity": True,
-                       "fold_batchnorm": True,
+                       "fold_batchnorm": True, "keep_int8": True,
                        "overrides": (),
                        "layers": None, "exclude": None, "reestimate_batchnorm": None}
 

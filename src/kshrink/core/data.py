@@ -37,9 +37,18 @@ def check_data(data, model=None, name: str = "data") -> None:
             raise KshrinkError(f"{name}: inputs and labels differ in length ({length} vs "
                                f"{len(values)})")
         length = len(values)
+        _check_kind(values, label)
         _check_finite(values, label)
     if y is not None and model is not None:
         _check_labels(np.asarray(y), model, f"{name} y")
+
+
+def _check_kind(values: np.ndarray, label: str) -> None:
+    """Real numbers (or booleans) only: complex values would lose their imaginary part and
+    strings, dates or objects fail deep inside the backend."""
+    if values.dtype.kind not in "biuf":
+        raise KshrinkError(f"{label} holds {values.dtype} values; it must hold real numbers "
+                           "(integers, floats or booleans)")
 
 
 def _check_finite(values: np.ndarray, label: str) -> None:
@@ -53,14 +62,19 @@ def _check_finite(values: np.ndarray, label: str) -> None:
 
 
 def _check_labels(y: np.ndarray, model, label: str) -> None:
-    """Integer class labels must lie in [0, classes) of a model with a class axis."""
+    """Class labels (one per example, for a model with a class axis) must be whole numbers
+    in [0, classes)."""
     outputs = getattr(model, "outputs", None) or []
-    if len(outputs) != 1 or y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
-                                                or np.all(y == np.round(y))):
+    if len(outputs) != 1 or y.ndim != 1:
         return
     classes = outputs[0].shape[-1]
     if not isinstance(classes, int) or classes < 2:
         return
+    if not np.issubdtype(y.dtype, np.integer):
+        fractional = np.flatnonzero(y != np.round(y))
+        if fractional.size:
+            raise KshrinkError(f"{label} holds the label {y[fractional[0]]} at index "
+                               f"{int(fractional[0])}; class labels are whole numbers")
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= classes:
         bad = low if low < 0 else high

@@ -120,6 +120,7 @@ class Recipe:
     def from_yaml(cls, text: str) -> Recipe:
         return cls.from_data(_parse(text, "YAML", yaml.safe_load, yaml.YAMLError))
 
+
     @classmethod
     def from_file(cls, path) -> Recipe:
         """Reads a `.json`, `.yaml` or `.yml` recipe file."""
@@ -193,6 +194,18 @@ PRESETS = {
                          "80% sparse, then 16 shared values per layer: smallest as a "
                          ".kshrink file; fine-tune it"),
 }
+
+
+def read_yaml(text: str, what: str):
+    """YAML from the command line (`--techniques`), read within a recipe's limits (size,
+    depth, alias expansion, integer digits): every way it is wrong is one `RecipeError`
+    naming `what`."""
+    try:
+        data = _parse(text, "YAML", yaml.safe_load, yaml.YAMLError)
+        _check_size(data)
+    except RecipeError as e:
+        raise RecipeError(f"{what}: {e}") from None
+    return data
 
 
 def _stage_order() -> str:

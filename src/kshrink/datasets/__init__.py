@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.util
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from kshrink.core.archive import check_inflation
 from kshrink.core.data import check_data
 from kshrink.errors import DatasetUnavailableError, KshrinkError
 
@@ -73,8 +75,12 @@ def from_npz(path) -> Dataset:
     if not path.is_file():
         raise KshrinkError(f"data file not found: {path}")
     try:
+        with zipfile.ZipFile(path) as archive:
+            check_inflation(archive, path.name)
         with np.load(path, allow_pickle=False) as f:
             arrays = {key: f[key] for key in f.files}
+    except KshrinkError:
+        raise
     except Exception as e:  # a corrupt or non-npz file: zipfile/ValueError/OSError
         raise KshrinkError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
     names = ["x"] if "x" in arrays else sorted(

@@ -58,28 +58,31 @@ def html(path, compressed: keras.Model, original: keras.Model | None = None, *,
     import matplotlib
 
     matplotlib.use("Agg")
-    layers = _layer_rows(compressed, original)
-    parts = [f"<h1>{escape.escape(title or f'kshrink: {compressed.name}')}</h1>"]
-    if comparison is not None and hasattr(comparison, "summary"):
-        parts += ["<h2>Summary</h2>", _table(comparison.summary())]
-    if isinstance(report, CompressionReport):
-        parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables(layers=False)]
-        parts += [_details("Every layer, step by step",
-                           "".join(_table(step.table()) for step in report.steps))]
-    elif report is not None:  # a search's candidates and probes
-        parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables()]
-    if comparison is not None:
-        parts += ["<h2>Measured</h2>", _table(comparison.table())]
-    parts += ["<h2>Where the bytes are</h2>", _figure(_bytes_plot(layers)),
-              _figure(_storage_plot(compressed, original)),
-              "<h2>Layer by layer</h2>", _figure(_layer_plot(layers)),
-              _details(f"All {len(layers)} layers, before and after",
-                       _table(_layer_table(layers)))]
-    latency = _latency_plot(comparison)
-    if latency is not None:
-        parts += ["<h2>Latency</h2>", _figure(latency)]
-    if front is not None:
-        parts += ["<h2>Candidates</h2>", _figure(_front_plot(*front))]
+    # Layer names are data: `$...$` in one must not be read as mathtext.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        layers = _layer_rows(compressed, original)
+        parts = [f"<h1>{escape.escape(title or f'kshrink: {compressed.name}')}</h1>"]
+        if comparison is not None and hasattr(comparison, "summary"):
+            parts += ["<h2>Summary</h2>", _table(comparison.summary())]
+        if isinstance(report, CompressionReport):
+            parts += ["<h2>What was done</h2>"]
+            parts += [_table(t) for t in report.tables(layers=False)]
+            parts += [_details("Every layer, step by step",
+                               "".join(_table(step.table()) for step in report.steps))]
+        elif report is not None:  # a search's candidates and probes
+            parts += ["<h2>What was done</h2>"] + [_table(t) for t in report.tables()]
+        if comparison is not None:
+            parts += ["<h2>Measured</h2>", _table(comparison.table())]
+        parts += ["<h2>Where the bytes are</h2>", _figure(_bytes_plot(layers)),
+                  _figure(_storage_plot(compressed, original)),
+                  "<h2>Layer by layer</h2>", _figure(_layer_plot(layers)),
+                  _details(f"All {len(layers)} layers, before and after",
+                           _table(_layer_table(layers)))]
+        latency = _latency_plot(comparison)
+        if latency is not None:
+            parts += ["<h2>Latency</h2>", _figure(latency)]
+        if front is not None:
+            parts += ["<h2>Candidates</h2>", _figure(_front_plot(*front))]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape.escape(title or compressed.name)}</title><style>{STYLE}</style>"
             "</head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

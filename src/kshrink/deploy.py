@@ -40,7 +40,7 @@ import numpy as np
 
 from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
-from kshrink.core.data import check_data
+from kshrink.core.data import check_data, example_count
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
 from kshrink.errors import KshrinkError
 from kshrink.layers import QuantizedKernels, kernel_specs
@@ -50,6 +50,7 @@ FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
 MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
+RANGE_BATCH = 32  # examples whose layer inputs are held at once while ranges are measured
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 # What LiteRT prints as it starts an interpreter.
@@ -238,9 +239,15 @@ def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[
     if calibration is not None:
         wanted = {id(layer) for layer, inputs, _ in calls if id(layer) not in ranges
                   and len(inputs) == 1 and kernel_specs(layer)}
-        for layer, values in layer_inputs(model, calibration, wanted):
-            ranges[id(layer)] = (min(float(np.min(values)), 0.0),
-                                 max(float(np.max(values)), 0.0))
+        # A few examples at a time: every layer's inputs at once for all of them took GBs.
+        count = example_count(calibration)
+        for start in range(0, count, RANGE_BATCH):
+            chunk = keras.tree.map_structure(lambda v: v[start:start + RANGE_BATCH],
+                                             calibration)
+            for layer, values in layer_inputs(model, chunk, wanted):
+                low, high = ranges.get(id(layer), (0.0, 0.0))
+                ranges[id(layer)] = (min(float(np.min(values)), low),
+                                     max(float(np.max(values)), high))
     after, before = {}, {}
     for layer, inputs, _ in calls:
         if id(layer) not in ranges:
@@ -373,7 +380,8 @@ def _write_onnx(model, path, quantization, x) -> None:
         quantize_static(float_path, path, _Calibration(float_path, x),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        extra_options={"TensorQuantOverrides": ranges})
+                        extra_options={"TensorQuantOverrides": ranges,
+                                       "CalibMaxIntermediateOutputs": _flush_every(len(x))})
 
 
 @contextlib.contextmanager
@@ -416,6 +424,13 @@ def _fake_quant_ranges(path: Path) -> dict:
                  "zero_point": np.array(int(zero) - shift, dtype="int8")}]
         overrides[node.input[0]] = overrides[pair[0].output[0]] = grid
     return overrides
+
+
+def _flush_every(examples: int) -> int:
+    """How many examples ONNX Runtime's calibrator holds the tensors of before it reduces them
+    to ranges (by default it keeps all of them: GBs). About `RANGE_BATCH`, but never a divisor
+    of `examples`: ORT 1.31 fails ("No data is collected") when the last flush leaves none."""
+    return next(k for k in range(RANGE_BATCH, 1, -1) if examples % k)
 
 
 class _Calibration:

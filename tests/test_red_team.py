@@ -190,3 +190,28 @@ def test_layer_names_with_dollars_are_text_in_the_report(tmp_path):
     small, report = kshrink.compress(model, "int8", verbose=False)
     page = kshrink.report.html(tmp_path / "r.html", small, model, report=report).read_text()
     assert r"$\undefinedcmd$" in page and "a$b$c$d" in page
+
+
+def test_sigterm_leaves_no_output_and_no_temporary_file(tmp_path):
+    import time
+
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(),
+                              keras.layers.Dense(64), keras.layers.Dense(10)])
+    model.save(tmp_path / "m.keras")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: [{prune: {sparsity: 0.5}}]\nfine_tune: {epochs: 5000}\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kshrink", "compress", str(tmp_path / "m.keras"), "--recipe",
+         str(recipe), "--data", "digits", "-o", str(tmp_path / "out.keras")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    time.sleep(20)  # Keras started, the fine-tune (minutes long) under way
+    assert process.poll() is None
+    process.terminate()
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 143, err
+    assert err.strip().splitlines()[-1] == "kshrink: terminated; nothing is written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "r.yaml", "tmp"]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("kshrink-")]

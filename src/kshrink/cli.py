@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +24,14 @@ steps:
   - cluster: {clusters: 16}
 fine_tune: {epochs: 4, distill: true}
 """
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program stands so that context managers clean up."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def main(argv=None) -> int:
@@ -44,6 +53,8 @@ def run(args) -> int:
     # functions retrace, which is expected here and nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
+    # SIGTERM unwinds like Ctrl-C: every temporary file and folder the run made goes with it.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         from kshrink.core.classes import import_modules
 
@@ -52,6 +63,9 @@ def run(args) -> int:
     except KshrinkError as e:
         print(f"kshrink: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _Terminated:
+        print("kshrink: terminated; nothing is written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("kshrink: interrupted", file=sys.stderr)
         return 130

@@ -77,8 +77,9 @@ class Comparison:
         agreement, latency, and a one-line verdict as its title."""
         a, b = self.original, self.compressed
         mb = lambda v: f"{v / 1e6:.3f} MB"
-        suffix = Path(b.file.path).suffix or "file"
-        rows = [(f"file ({suffix})", mb(a.file.bytes), mb(b.file.bytes),
+        before, suffix = Path(a.file.path).suffix, Path(b.file.path).suffix
+        formats = suffix if before == suffix else f"{before} -> {suffix}"
+        rows = [(f"file ({formats})", mb(a.file.bytes), mb(b.file.bytes),
                  smaller(a.file.bytes, b.file.bytes))]
         if a.compact_bytes and b.compact_bytes and suffix != ".kshrink":
             rows.append(("compact file (.kshrink)", mb(a.compact_bytes), mb(b.compact_bytes),

@@ -368,7 +368,11 @@ def test_search_writes_the_model_its_recipe_and_a_report_that_compress_repeats(
 def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, tmp_path,
                                                                     capsys):
     out = tmp_path / "s.keras"
+    (tmp_path / "taken.yaml").mkdir()
     for extra, message in ((["--recipe-out", tmp_path / "r.txt"], "name it .yaml"),
+                           (["--recipe-out", tmp_path / "no" / "r.yaml"], "existing folder"),
+                           (["--recipe-out", tmp_path / "taken.yaml"], "existing folder"),
+                           (["--report", tmp_path / "no" / "r.html"], "existing folder"),
                            (["--objective", "speed"], "invalid choice"),
                            (["--epochs", "-1"], "epochs"),
                            (["--probe-steps", "-1"], "probe_steps"),

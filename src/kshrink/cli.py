@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -146,10 +147,7 @@ def _search(args) -> int:
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
     _check_html(args.report, source)
-    if args.recipe_out and Path(args.recipe_out).suffix.lower() not in (".yaml", ".yml",
-                                                                         ".json"):
-        raise KshrinkError("the recipe is written as YAML or JSON: name it .yaml, .yml or "
-                           f".json. Received: {args.recipe_out}")
+    _check_side_output(args.recipe_out, source, "recipe", (".yaml", ".yml", ".json"))
     techniques = _techniques_option(args.techniques)  # read before any work
     model = _load(args, source)
     data = _data(args.data, model)
@@ -366,17 +364,25 @@ def _check_output(target: Path, source: Path) -> None:
 
 
 def _check_html(path, source: Path) -> None:
+    _check_side_output(path, source, "report", (".html", ".htm"))
+
+
+def _check_side_output(path, source: Path, what: str, suffixes: tuple) -> None:
+    """Checks a file written beside the model (`--report`, `--recipe-out`) before any work,
+    so that no run ends with the model written and this one refused."""
     from kshrink.errors import KshrinkError
 
     if path is None:
         return
     path = Path(path)
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise KshrinkError(f"the report is an HTML page: name it .html. Received: {path}")
+    if path.suffix.lower() not in suffixes:
+        raise KshrinkError(f"{what} {path}: name it {' or '.join(suffixes)}")
     if path.is_dir() or not path.parent.is_dir():
-        raise KshrinkError(f"report {path}: name a file in an existing folder")
+        raise KshrinkError(f"{what} {path}: name a file in an existing folder")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise KshrinkError(f"{what} {path}: its folder is not writable")
     if path.exists() and source.exists() and path.samefile(source):
-        raise KshrinkError(f"report {path} would overwrite the input; choose another path")
+        raise KshrinkError(f"{what} {path} would overwrite the input; choose another path")
 
 
 def _write_html(args, path, model, original=None, **parts) -> None:

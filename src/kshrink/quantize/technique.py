@@ -48,11 +48,11 @@ from kshrink.quantize.keras_native import (
     record_quantized_sublayers,
     reloads_quantized,
 )
-from kshrink.quantize.reconstruct import gptq_scales, stored_by_keras
+from kshrink.quantize.reconstruct import adaround_scales, gptq_scales, stored_by_keras
 from kshrink.reconstruct.rows import matrix_axes
 
 KEEP_FLOAT = "float"
-ROUNDING = ("rtn", "gptq")
+ROUNDING = ("rtn", "gptq", "adaround")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,9 @@ class QuantizeHandler(Handler):
                                    in_place=None if config.qat else keras_quantizes)
         plans = _plans(model, chosen, config, ctx)
         ranges = _calibrate(model, plans, config, ctx)
-        scales = gptq_scales(model, plans, config, ctx) if config.method == "gptq" else {}
+        solver = {"gptq": gptq_scales, "adaround": adaround_scales}.get(config.method)
+        ctx.state["solver"] = {"gptq": "GPTQ", "adaround": "AdaRound"}.get(config.method)
+        scales = solver(model, plans, config, ctx) if solver else {}
         ctx.state.update(plans=plans, ranges=ranges)
         if not config.qat:
             return _quantize(model, plans, ranges, config, ctx, scales)
@@ -327,13 +329,14 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
 
 def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
     key = path_of(layer)
+    method = ctx.state.get("solver", "GPTQ")
     if key in scales:
-        return f"{by}, GPTQ"
+        return f"{by}, {method}"
     rounded = ctx.state.get("rounded", {})
     if key in rounded:
-        return f"{by}; rounded to nearest, as GPTQ does not take {rounded[key]}"
+        return f"{by}; rounded to nearest, as {method} does not take {rounded[key]}"
     if scales and isinstance(layer, keras.layers.Embedding):
-        return f"{by}; rounded to nearest, as GPTQ does not take embeddings"
+        return f"{by}; rounded to nearest, as {method} does not take embeddings"
     return by
 
 
@@ -408,13 +411,15 @@ class Quantize(Technique):
     """
 
     mode: str = option("int8", "int8, int4, float16 or bfloat16 weights")
-    method: str = option("rtn", "rtn (round to nearest) or gptq (layer-wise, needs data)")
+    method: str = option("rtn", "rtn (round to nearest), gptq (layer-wise, needs data) or "
+                                "adaround (block-wise learned rounding, needs data)")
     group_size: int | None = option(
         128, "int4 only: inputs per scale group; null for per-channel scales")
     activation_bits: int | None = option(None, "quantize layer inputs to this many bits (8)")
     calibration: str = option("percentile", "minmax, percentile or mse")
     percentile: float = option(99.99, "percentile kept by percentile calibration")
     calibration_samples: int = option(512, "examples used to calibrate")
+    iterations: int = option(500, "adaround: optimizer steps per block")
     qat: bool = option(False, "quantization-aware training (needs fine_tune)")
     preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero")
     fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
@@ -427,10 +432,11 @@ class Quantize(Technique):
     def __post_init__(self):
         check_choice(self.name, "mode", self.mode, MODES)
         check_choice(self.name, "method", self.method, ROUNDING)
-        if self.method == "gptq" and (self.qat or self.mode in FLOAT_MODES):
-            raise RecipeError(f"{self.name}: method gptq chooses int8/int4 weights after "
-                              "training; it takes neither qat nor float modes. Received: "
-                              f"mode={self.mode!r}, qat={self.qat}")
+        if self.method != "rtn" and (self.qat or self.mode in FLOAT_MODES):
+            raise RecipeError(f"{self.name}: method {self.method} chooses int8/int4 weights "
+                              "after training; it takes neither qat nor float modes. "
+                              f"Received: mode={self.mode!r}, qat={self.qat}")
+        check_int(self.name, "iterations", self.iterations, low=1, high=1_000_000)
         check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
         check_choice(self.name, "activation_bits", self.activation_bits, (None, 8))
         check_choice(self.name, "calibration", self.calibration, METHODS)

@@ -196,6 +196,10 @@ class StepContext:
     def skipped(self, layer: keras.layers.Layer, reason: str) -> None:
         self.results.append(LayerResult(path_of(layer), type(layer).__name__, SKIPPED, reason))
 
+    def note(self, line: str) -> None:
+        """Adds `line` to the step's summary."""
+        self.summary = f"{self.summary}; {line}" if self.summary else line
+
     def choose_layers(self, model: keras.Model, include: Select | None,
                       exclude: Select | None, skip_reason, in_place=None,
                       in_place_fix: str | None = None) -> list:

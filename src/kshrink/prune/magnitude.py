@@ -39,7 +39,7 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.prune import masks as masklib
-from kshrink.prune.reconstruct import prune_from_calibration
+from kshrink.prune.reconstruct import prune_from_calibration, refit_blocks, unmasked
 from kshrink.prune.schedule import SCHEDULES, Schedule
 
 SCOPES = ("layer", "global")
@@ -54,23 +54,29 @@ class PruneHandler(Handler):
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
         solved = config.method != "magnitude"
-        dense = {id(v): keras.ops.convert_to_numpy(v.value)
-                 for layer in chosen for v in kernel_weights(layer)} if solved else {}
+        dense = {id(v): keras.ops.convert_to_numpy(v.value) for layer in chosen
+                 for v in kernel_weights(layer)} if solved or config.refit else {}
         wrapped = wrap(model, effective, layers=chosen, copy=False)
         ctx.state.update(config=effective, schedule=effective.schedule_for(ctx.train_steps))
-        if solved:
-            # The magnitude masks set each layer's sparsity; the solver picks the weights.
+        if dense:
+            # The magnitude masks set each layer's sparsity; the solver picks the weights, and
+            # refit fits them toward the unpruned model.
             for layer in chosen:
                 for v in kernel_weights(layer):
                     v.assign(dense[id(v)])
-            prune_from_calibration(wrapped, effective, ctx)
+            unpruned = unmasked(wrapped)
+            if solved:
+                prune_from_calibration(wrapped, effective, ctx, unpruned)
             for handle in _IN_PLACE.get(wrapped, ()):  # the solver sees the graph's layers
-                ctx.state["methods"][path_of(handle.layer)] = (
-                    f"magnitude: {config.method} does not reach layers inside custom layers "
-                    "yet")
+                if solved:
+                    ctx.state["methods"][path_of(handle.layer)] = (
+                        f"magnitude: {config.method} does not reach layers inside custom "
+                        "layers yet")
                 for w, mask in zip(handle.pruned, handle.masks):
                     w.assign(_apply(keras.ops.convert_to_numpy(w.value),
                                     keras.ops.convert_to_numpy(mask.value)))
+            if config.refit:
+                refit_blocks(wrapped, effective, ctx, unpruned)
         if ctx.train_steps is not None:
             for handle in _IN_PLACE.get(wrapped, ()):
                 handle.hold()  # fixed masks (see _choose_layers): kept while training
@@ -100,10 +106,10 @@ class PruneHandler(Handler):
                                        f"{config.pattern}, {how})")
         ctx.sort_results(stripped)
         overridden = (f", {len(config.overrides)} override(s)" if config.overrides else "")
-        ctx.summary = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
-                       f"weights of {len(ctx.state['counted'])} layers "
-                       f"(target {config.target_sparsity:.3f}, {config.scope} scope"
-                       f"{overridden})")
+        reached = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
+                   f"weights of {len(ctx.state['counted'])} layers "
+                   f"(target {config.target_sparsity:.3f}, {config.scope} scope{overridden})")
+        ctx.summary = f"{reached}; {ctx.summary}" if ctx.summary else reached
         return stripped
 
 
@@ -407,7 +413,12 @@ class Prune(Technique):
             pruned layers before it, the kept weights updated to make up for the pruned
             ones). The magnitude masks still set each layer's sparsity (so `scope` and
             `skip_first_last` hold); Dense and convolutions, other layers by magnitude.
-        calibration_samples: examples of `data` that wanda and sparsegpt use.
+        calibration_samples: examples of `data` that wanda, sparsegpt and refit use.
+        refit: once the masks are chosen (one-shot or N:M), fit the kept weights and biases
+            of the pruned layers block by block (residual blocks, transformer layers, short
+            chains) toward the unpruned model's block outputs on calibration data, by
+            gradient descent (AdaPrune, Hubara et al. 2021; blocks as in BRECQ). Needs data.
+        iterations: refit: optimizer steps per block.
         overrides: per-layer sparsity (layer scope): `[{layers: {names: [fc1]}, sparsity:
             0.95}]`; the first override that matches a layer wins, and `sparsity` is then
             what the other layers reach (`skip_first_last` keeps only those dense).
@@ -433,7 +444,9 @@ class Prune(Technique):
     skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
     min_fan_in: int = option(32, "layers with fewer weights per output stay dense where cheap")
     method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
-    calibration_samples: int = option(256, "wanda/sparsegpt: examples of data used")
+    calibration_samples: int = option(256, "wanda/sparsegpt/refit: examples of data used")
+    refit: bool = option(False, "fit the kept weights block by block on data (one-shot)")
+    iterations: int = option(500, "refit: optimizer steps per block")
     overrides: tuple[SparsityOverride, ...] = option((), "per-layer sparsity; first match wins")
     layers: Select | None = option(None, "layers to consider (default: all prunable)")
     exclude: Select | None = option(None, "layers to leave dense")
@@ -465,6 +478,12 @@ class Prune(Technique):
         check_int(n, "min_fan_in", self.min_fan_in, low=0)
         check_choice(n, "method", self.method, METHODS)
         check_int(n, "calibration_samples", self.calibration_samples, low=1)
+        check_bool(n, "refit", self.refit)
+        check_int(n, "iterations", self.iterations, low=1, high=1_000_000)
+        if self.refit and self.schedule != "one_shot" and not pattern.is_n_of_m:
+            raise RecipeError(f"{n}: refit fits the weights kept by masks chosen at once: use "
+                              f"schedule one_shot (or an N:M pattern). Received: "
+                              f"schedule={self.schedule!r}")
         if not isinstance(self.overrides, (list, tuple)):
             raise RecipeError(f"{n}: overrides must be a list. "
                               f"Received: overrides={self.overrides!r}")

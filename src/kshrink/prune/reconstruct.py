@@ -11,14 +11,16 @@ from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import within
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
 from kshrink.reconstruct import calibration_inputs, reconstruct, sparsegpt, unsupported, wanda
+from kshrink.reconstruct.blocks import Free, Masked, describe, reconstruct_blocks
 from kshrink.reconstruct.solvers import ungrouped
 
-def prune_from_calibration(model, config, ctx) -> None:
+def prune_from_calibration(model, config, ctx, unpruned) -> None:
     """Re-chooses, in place, the masks and kept weights of every `PruneWrapper` of `model`
     that the method takes; the others keep their magnitude masks, recorded in
     `ctx.state["methods"]`.
 
-    Each layer is solved toward the unpruned model's output (`reconstruct(original=...)`).
+    Each layer is solved toward the output of `unpruned` (`unmasked(model)` before any
+    weight was zeroed).
     """
     x = calibration_inputs(ctx.data, config.calibration_samples,
                            f"prune: method {config.method}")
@@ -47,11 +49,33 @@ def prune_from_calibration(model, config, ctx) -> None:
         mask.assign(from_matrix(kept, tuple(mask.shape), axes))
         return new
 
-    reconstruct(model, x, targets, solve, original=_unmasked(model),
+    reconstruct(model, x, targets, solve, original=unpruned,
                 progress=within(ctx.progress, f"prune, {config.method}"))
 
 
-def _unmasked(model):
+def refit_blocks(model, config, ctx, unpruned) -> None:
+    """Fits, block by block and in place, the kept weights and the biases of every pruned
+    layer of `model` (wrapped in `PruneWrapper`s, masks fixed) toward the block outputs of
+    `unpruned` on calibration data (AdaPrune, Hubara et al. 2021, over blocks as BRECQ fits
+    them)."""
+    x = calibration_inputs(ctx.data, config.calibration_samples, "prune: refit")
+    masks = {}
+    for wrapper in leaf_layers(model):
+        if isinstance(wrapper, PruneWrapper):
+            for weight, mask in zip(wrapper.pruned, wrapper.masks):
+                masks[id(weight)] = keras.ops.convert_to_numpy(mask.value)
+
+    def fits(layer):
+        kept = [Masked(w, masks[id(w)]) for w in layer.weights if id(w) in masks]
+        bias = getattr(layer, "bias", None)
+        return kept + [Free(bias)] if kept and bias is not None else kept
+
+    rows = reconstruct_blocks(model, unpruned, x, fits, steps=config.iterations,
+                              progress=within(ctx.progress, "prune, refit"))
+    ctx.note(f"refit: {describe(rows, config.iterations)} (as pruned -> fitted)")
+
+
+def unmasked(model):
     """A copy of the wrapped `model` whose masks keep everything: the model before pruning,
     in the same graph."""
     copy = copy_model(model)

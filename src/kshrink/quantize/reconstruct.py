@@ -24,7 +24,7 @@ from kshrink.reconstruct import (
     reconstruct,
     unsupported,
 )
-from kshrink.reconstruct.blocks import Free, Rounding, reconstruct_blocks
+from kshrink.reconstruct.blocks import Free, Rounding, describe, reconstruct_blocks
 from kshrink.reconstruct.rows import matrix_axes
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
@@ -115,9 +115,9 @@ def adaround_scales(model, plans: dict, config, ctx) -> dict:
             result.append(Free(layer.bias))
         return result
 
-    ctx.state["blocks"] = reconstruct_blocks(
-        model, copy_model(model), x, fits, steps=config.iterations,
-        progress=within(ctx.progress, "quantize, AdaRound"))
+    rows = reconstruct_blocks(model, copy_model(model), x, fits, steps=config.iterations,
+                              progress=within(ctx.progress, "quantize, AdaRound"))
+    ctx.note(f"AdaRound: {describe(rows, config.iterations)} (rounded to nearest -> learned)")
     return found
 
 

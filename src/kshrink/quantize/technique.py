@@ -218,7 +218,7 @@ def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan
         more = f" and {len(kept) - 4} more" if len(kept) > 4 else ""
         note = (f"{len(kept)} layer{'s' if len(kept) > 1 else ''} kept at int8 (keep_int8): "
                 f"{names}{more}; {extra // 2:,} bytes more than int4")
-        ctx.summary = f"{ctx.summary}; {note}" if ctx.summary else note
+        ctx.note(note)
     return plans
 
 

@@ -61,6 +61,10 @@ class Fit:
         """The variable's value once fitted."""
         return keras.ops.convert_to_numpy(self.value())
 
+    def start(self) -> np.ndarray:
+        """The variable's value without fitting (what the block is measured with first)."""
+        return self.original
+
 
 class Free(Fit):
     """Any float value (a bias), moved in steps relative to its own size so that one
@@ -74,22 +78,21 @@ class Free(Fit):
                                       initializer="zeros")
 
     def value(self):
-        return self.original + self.unit * self.moved.value
+        return keras.ops.add(self.original, self.unit * self.moved.value)
 
 
-class Masked(Fit):
-    """The kept weights of a pruned kernel, the pruned ones staying zero."""
+class Masked(Free):
+    """The kept weights of a pruned kernel, fitted; the pruned ones stay zero."""
 
-    def __init__(self, variable):
+    def __init__(self, variable, mask: np.ndarray):
         super().__init__(variable)
-        self.mask = (self.original != 0).astype("float32")
-
-    def create(self, model, name):
-        self.kept = model.add_weight(shape=self.original.shape, name=name,
-                                     initializer=keras.initializers.Constant(self.original))
+        self.mask = np.asarray(mask, dtype="float32")
 
     def value(self):
-        return self.kept.value * self.mask
+        return keras.ops.multiply(super().value(), self.mask)
+
+    def start(self):
+        return self.original * self.mask
 
 
 # The rectified sigmoid of AdaRound: stretched to (GAMMA, ZETA), then clipped to [0, 1], so the
@@ -135,8 +138,8 @@ class Rounding(Fit):
         return ops.clip(ops.sigmoid(self.logits.value) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def value(self):
-        codes = keras.ops.clip(self.floor + self._soft(), -self.qmax, self.qmax)
-        return codes * self.scale
+        codes = keras.ops.clip(keras.ops.add(self.floor, self._soft()), -self.qmax, self.qmax)
+        return keras.ops.multiply(codes, self.scale)
 
     def penalty(self, progress):
         ops = keras.ops
@@ -144,6 +147,10 @@ class Rounding(Fit):
         beta = BETA[0] + (BETA[1] - BETA[0]) * late
         term = ops.sum(1.0 - ops.power(ops.abs(2.0 * self._soft() - 1.0), beta))
         return ops.where(progress < WARMUP, 0.0, term)
+
+    def start(self):
+        nearest = np.round(self.original / self.scale)
+        return np.clip(nearest, -self.qmax, self.qmax) * self.scale
 
     def result(self):
         up = keras.ops.convert_to_numpy(self.logits.value) >= 0.0  # h >= 1/2
@@ -316,8 +323,9 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
         progress: told per block, with an estimate of the time left.
 
     Returns:
-        One row per fitted block: its name, layers, and the relative squared error of its
-        output on the calibration examples before and after fitting.
+        One row per fitted block: its name, layers, and the squared error of its output on
+        the calibration examples relative to the output's energy, with each variable's
+        `Fit.start` value and fitted.
     """
     found = {}  # leaf layer id -> its fits
 
@@ -367,6 +375,8 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
                                  block.name))
 
             say(0)
+            for fit in block_fits:
+                fit.variable.assign(fit.start().astype(fit.variable.dtype))
             before = _error(_run(block, inputs, batch_size), targets)
             _fit(block, block_fits, inputs, targets, steps, seed, say)
             outputs = _run(block, inputs, batch_size)
@@ -441,6 +451,16 @@ def _error(outputs: list, targets: list) -> float:
     error = sum(float(np.sum((o.astype("float64") - t) ** 2)) for o, t in zip(outputs, targets))
     energy = sum(float(np.sum(t.astype("float64") ** 2)) for t in targets)
     return error / max(energy, 1e-30)
+
+
+def describe(rows: list[dict], steps: int) -> str:
+    """One line for the report on what `reconstruct_blocks` returned."""
+    if not rows:
+        return "no block to fit"
+    before = float(np.median([r["error_before"] for r in rows]))
+    after = float(np.median([r["error_after"] for r in rows]))
+    return (f"{len(rows)} block{'s' if len(rows) > 1 else ''} fitted, {steps} steps each; "
+            f"median block output error {before:.3g} -> {after:.3g}")
 
 
 def _duration(seconds: float) -> str:

@@ -45,6 +45,11 @@ VARIANTS = {
     "int4 rtn, keep_int8": [kshrink.Quantize(mode="int4", group_size=None)],
     "int4 gptq, keep_int8": [kshrink.Quantize(mode="int4", group_size=None, method="gptq")],
     "int4/g128 gptq, keep_int8": [kshrink.Quantize(mode="int4", method="gptq")],
+    # block reconstruction: rounding learned block by block (500 steps a block)
+    "int4 adaround": [kshrink.Quantize(mode="int4", group_size=None, method="adaround",
+                                       keep_int8=False)],
+    "int4 adaround, keep_int8": [kshrink.Quantize(mode="int4", group_size=None,
+                                                  method="adaround")],
     "prune 50% magnitude": [kshrink.Prune(**PRUNE, reestimate_batchnorm=False)],
     "prune 50% magnitude + BN": [kshrink.Prune(**PRUNE)],
     "prune 50% wanda + BN": [kshrink.Prune(**PRUNE, method="wanda")],
@@ -52,6 +57,8 @@ VARIANTS = {
     # the defaults: global scope; the first and last layers, and the depthwise ones, stay dense
     "prune 50% sparsegpt + BN, defaults": [kshrink.Prune(sparsity=0.5, schedule="one_shot",
                                                          method="sparsegpt")],
+    "prune 50% sparsegpt + refit + BN, defaults": [
+        kshrink.Prune(sparsity=0.5, schedule="one_shot", method="sparsegpt", refit=True)],
     "prune 50% sparsegpt + BN, defaults, layer scope": [
         kshrink.Prune(sparsity=0.5, schedule="one_shot", method="sparsegpt", scope="layer")],
     # 2:4 needs a multiple of 4 inputs: the depthwise 3x3 (9) and RGB stem (27) stay dense
@@ -123,7 +130,10 @@ def compress_timed(model, variant, data, x, y, reference) -> dict:
         return {"variant": variant, "error": str(e)}
     seconds = time.perf_counter() - start
     outputs = small.predict(x, batch_size=32, verbose=0)
+    steps = [getattr(s, "iterations") for s in VARIANTS.get(variant, ())
+             if getattr(s, "method", None) == "adaround" or getattr(s, "refit", False)]
     return {"variant": variant, "examples": len(data[0] if isinstance(data, tuple) else data),
+            **({"steps_per_block": steps[0]} if steps else {}),
             "seconds": round(seconds, 1), **scores(reference, outputs, y)}
 
 

@@ -179,6 +179,9 @@ PRESETS = {
              "int4 weights in groups of 128 inputs, round to nearest (8x smaller)"),
     "int4-gptq": ([{"quantize": {"mode": "int4", "method": "gptq"}}],
                   "int4 weights solved layer by layer with GPTQ (needs data)"),
+    "int4-adaround": ([{"quantize": {"mode": "int4", "method": "adaround"}}],
+                      "int4 weights with rounding learned block by block (needs data; "
+                      "slower than GPTQ, closer on CNNs)"),
     "float16": ([{"quantize": {"mode": "float16"}}], "float16 weights (2x smaller)"),
     "prune-50": ([{"prune": {"sparsity": 0.5}}],
                  "50% of weights zeroed by magnitude (gradual with fine-tuning)"),

@@ -370,9 +370,9 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
                 spent = time.perf_counter() - started
                 share = (done - 1 + step / steps) / total
                 left = spent / share * (1 - share) if share > 0 else 0.0
-                progress(Message(f"block {done}/{total}: {block.name}, step {step}/{steps}, "
-                                 f"about {_duration(left)} left", "blocks", done - 1, total,
-                                 block.name))
+                where = f"{block.name}, step {step}/{steps}, about {_duration(left)} left"
+                progress(Message(f"block {done}/{total}: {where}", "blocks", done - 1, total,
+                                 where))
 
             say(0)
             for fit in block_fits:

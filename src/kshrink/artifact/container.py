@@ -203,8 +203,9 @@ def _check_tensors(tensors: list, blobs: set, path: Path) -> list:
               and isinstance(t.get("shape"), list)
               and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_ELEMENTS
                       for d in t["shape"])
-              and t.get("dtype") in _DTYPES and isinstance(t.get("encoding"), dict)
-              and t.get("blob") in blobs)
+              and isinstance(t.get("dtype"), str) and t["dtype"] in _DTYPES
+              and isinstance(t.get("encoding"), dict)
+              and isinstance(t.get("blob"), str) and t["blob"] in blobs)
         if not ok:
             raise ArtifactError(f"{path}: malformed tensor entry")
         size = int(np.prod(t["shape"], dtype=object)) if t["shape"] else 1

@@ -45,6 +45,7 @@ def decode(header: dict, blob, dtype: np.dtype, size: int) -> np.ndarray:
     Raises:
         EncodingError: anything that does not add up (sizes, bit widths, codebook indices).
     """
+    _require(isinstance(header, dict), "the encoding is not a mapping")
     data = decompress(blob, _payload_size(header, dtype, size))
     values, used = _decode_flat(header, data, dtype, size)
     if used != len(data):
@@ -167,17 +168,23 @@ def _payload_size(header: dict, dtype: np.dtype, size: int) -> int:
     kind = header.get("kind")
     if kind == "sparse":
         positions = header.get("positions_bytes")
-        _require(isinstance(positions, int) and 0 <= positions <= 10 * size + 8,
+        _require(_whole(positions) and 0 <= positions <= 10 * size + 8,
                  "bad positions length")
         count = header.get("count")
-        _require(isinstance(count, int) and 0 <= count <= size, "bad non-zero count")
-        return positions + _payload_size(header.get("values") or {}, dtype, count)
+        _require(_whole(count) and 0 <= count <= size, "bad non-zero count")
+        _require(isinstance(header.get("values"), dict), "bad sparse values header")
+        return positions + _payload_size(header["values"], dtype, count)
     if kind == "palette":
         entries, bits = header.get("entries"), header.get("bits")
-        _require(isinstance(entries, int) and isinstance(bits, int) and 1 <= bits <= 16
+        _require(_whole(entries) and _whole(bits) and 1 <= bits <= 16
                  and 1 <= entries <= MAX_PALETTE, "bad palette header")
         return entries * dtype.itemsize + packed_size(size, bits)
     return size * dtype.itemsize
+
+
+def _whole(value) -> bool:
+    """An integer of the header's, not a bool (JSON true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def pack_bits(indices: np.ndarray, bits: int) -> bytes:

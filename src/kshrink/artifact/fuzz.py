@@ -17,7 +17,10 @@ from kshrink.artifact.container import FORMAT, HEADER, _stamp
 from kshrink.artifact.encodings import _varints, compress, decompress
 
 MUTATIONS = ("flip", "truncate", "insert", "header_text", "header_number", "payload",
-             "version", "gaps", "dims")
+             "version", "gaps", "dims", "types")
+# Values of the wrong type or range, put in place of any header value by "types".
+ODD_VALUES = ("", "x" * 300, [], [1, "a"], {}, {"a": 1}, None, True, False, -1, 0, 1.5, 2**63,
+              10**4000, -(10**30), [[[]]], "nan")
 SIZE_KEYS = ("units", "filters", "input_dim", "output_dim")
 
 
@@ -57,6 +60,10 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         header = json.loads(text)
         _replace_random_number(header, rng)
         text = json.dumps(header)
+    elif kind == "types":  # type confusion: any value (a class name, a shape, an encoding...)
+        header = json.loads(text)
+        _replace_random_value(header, rng)
+        text = json.dumps(header)
     else:  # payload: change bytes of one tensor blob
         name = rng.choice([n for n in blobs if n != HEADER])
         blob = bytearray(blobs[name].tobytes())
@@ -82,6 +89,20 @@ def _replace_random_number(tree, rng: random.Random) -> None:
     if slots:
         node, key = rng.choice(slots)
         node[key] = rng.choice([0, -1, 1, node[key] + 1, node[key] * 7, 2**31, 2**40, 10**15])
+
+
+def _replace_random_value(tree, rng: random.Random) -> None:
+    slots = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            slots.append((node, key))
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+    node, key = rng.choice(slots)
+    node[key] = rng.choice(ODD_VALUES)
 
 
 def _grow_sizes(config, rng: random.Random) -> None:

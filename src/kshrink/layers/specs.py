@@ -339,7 +339,8 @@ def implied_kernel_elements(config) -> int:
         if not isinstance(item, dict):
             continue
         stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-        shape = (item.get("build_config") or {}).get("input_shape")
+        build = item.get("build_config")
+        shape = build.get("input_shape") if isinstance(build, dict) else None
         name = item.get("registered_name") or item.get("class_name")
         if not isinstance(name, str) or not isinstance(shape, list) or not shape:
             continue

@@ -376,7 +376,12 @@ class Quantize(Technique):
             rounded so the layer's output moves least. Dense and convolutions (Conv1D/2D/3D,
             grouped, Depthwise, Separable), and EinsumDense and the Dense layers inside
             custom layers, which Keras stores on GPTQ's grid (int8, or per-channel int4);
-            other layers are rounded, and say so.
+            other layers are rounded, and say so. `"adaround"` learns each weight's rounding
+            (down or up) block by block on the same layers: each residual block, transformer
+            layer or short chain of layers, fed what the quantized blocks before it produce,
+            is fitted toward the original block's output by `iterations` optimizer steps
+            (AdaRound, Nagel et al. 2020, over blocks as BRECQ, Li et al. 2021, fits them),
+            biases alongside. Slower than GPTQ, closer on depthwise and stem convolutions.
         group_size: int4 only: one scale per this many inputs of each output channel; null
             for one scale per output channel.
         activation_bits: also quantize each layer's input to this many bits (8): static
@@ -385,6 +390,7 @@ class Quantize(Technique):
         calibration: how a calibrated range is chosen: `"minmax"`, `"percentile"` or `"mse"`.
         percentile: for `"percentile"` calibration.
         calibration_samples: examples of `data` used to calibrate.
+        iterations: adaround: optimizer steps per block (batches of 32 examples).
         qat: quantization-aware training: fine-tune with fake-quantized weights (and inputs,
             with learned PACT clipping) before quantizing. Needs `data` and `fine_tune`.
         preserve_sparsity: with qat, weights that are exactly zero (from pruning) stay zero

@@ -330,11 +330,8 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
     found = {}  # leaf layer id -> its fits
 
     def fitted(layer) -> int:
-        leaves = [layer] if not layer._flatten_layers(include_self=False) else [
-            l for l in layer._flatten_layers(include_self=False)
-            if not l._flatten_layers(include_self=False)]
         count = 0
-        for leaf in leaves:
+        for leaf in _leaves_of(layer):
             if id(leaf) not in found:
                 found[id(leaf)] = fits(leaf)
             count += bool(found[id(leaf)])
@@ -417,6 +414,10 @@ def _fit(block, fits, inputs, targets, steps, seed, say) -> None:
 
 
 def _leaves_of(layer) -> list:
+    """The layers that compute in a graph call: the layer, or its sublayers that hold no
+    others; none for an operation that is not a layer (a slice in a functional graph)."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
     inner = layer._flatten_layers(include_self=False)
     return [layer] if not inner else [l for l in inner if not l._flatten_layers(include_self=False)]
 

@@ -176,33 +176,35 @@ def find_blocks(model: keras.Model,
                 fitted: Callable[[keras.layers.Layer], int]) -> tuple[list[Block], list]:
     """The model's top-level graph cut into blocks, in order, and the graph's input tensors.
 
-    A cut may fall after a call where as few tensors are alive (made and still to be read) as
-    anywhere in the graph: one in a CNN, the hidden states and the padding mask in a
-    transformer, so never inside a residual block, whose input stays alive until its Add. A
-    block closes at the first cut after a merge (an Add, a Concatenate) or after
-    `CHAIN_LAYERS` fitted layers; a run of calls with nothing fitted closes at the first cut.
+    A cut may fall after a call where at most one tensor that a fitted layer computed (or
+    that was computed from one) is alive, made and still to be read: never inside a residual
+    block, whose input stays alive until its Add. Tensors computed from the inputs alone (a
+    transformer's padding mask, read by every layer) do not count: they are read by the
+    blocks as inputs. A block closes at the first cut after a merge (an Add, a Concatenate)
+    or after `CHAIN_LAYERS` fitted layers; a run of calls with nothing fitted closes at the
+    first cut.
 
     Args:
         fitted: how many of the layers to fit a call's layer is or holds.
     """
     calls, inputs, outputs = graph_program(model)
+    counts = [fitted(call.layer) for call in calls]
     last = {id(t): len(calls) for t in outputs}
     for i, call in enumerate(calls):
         for t in call.inputs:
             last[id(t)] = max(last.get(id(t), -1), i)
-    alive = {id(t) for t in inputs if id(t) in last}
-    sizes = []
+    heavy, alive, sizes = set(), set(), []
     for i, call in enumerate(calls):
+        if counts[i] or any(id(t) in heavy for t in call.inputs):
+            heavy |= {id(t) for t in call.outputs}
         alive = {t for t in alive if last[t] > i} | {
-            id(t) for t in call.outputs if last.get(id(t), -1) > i}
+            id(t) for t in call.outputs if id(t) in heavy and last.get(id(t), -1) > i}
         sizes.append(len(alive))
-    narrowest = min(sizes[:-1], default=0)
     blocks, start, count = [], 0, 0
     for i, call in enumerate(calls):
-        count += fitted(call.layer)
-        cut = sizes[i] == narrowest
-        if i == len(calls) - 1 or (cut and (count == 0 or len(call.inputs) > 1
-                                            or count >= CHAIN_LAYERS)):
+        count += counts[i]
+        if i == len(calls) - 1 or (sizes[i] <= 1 and (count == 0 or len(call.inputs) > 1
+                                                      or count >= CHAIN_LAYERS)):
             part = calls[start:i + 1]
             made = {id(t) for c in part for t in c.outputs}
             read = _unique(t for c in part for t in c.inputs if id(t) not in made)
@@ -344,7 +346,7 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
         return counts[layer.name]
 
     blocks, inputs = find_blocks(model, counted)
-    twins, twin_inputs = find_blocks(original, lambda layer: counts.get(layer.name, -1))
+    twins, twin_inputs = find_blocks(original, lambda layer: counts.get(layer.name, 0))
     if [b.name for b in blocks] != [b.name for b in twins]:
         raise KshrinkError("block reconstruction: the original model's graph differs from the "
                            "compressed one's")

@@ -274,6 +274,38 @@ def test_gptq_reaches_the_dense_layers_inside_blocks(tmp_path):
         "block/feedforward_output_dense"]
 
 
+def test_adaround_fits_each_transformer_layer_as_a_block_and_the_file_reloads(tmp_path):
+    model = _bert()
+    calibration, held = _bert_inputs(64), _bert_inputs(16)
+    held["token_ids"] = _tokens(16, seed=3)
+    reference = model.predict(held, verbose=0)["sequence_output"]
+
+    def quantized(method):
+        # the embeddings are rounded either way (and would dominate the error): left float
+        skip = kshrink.Select(types=["ReversibleEmbedding", "PositionEmbedding", "Embedding"])
+        return kshrink.compress(model, kshrink.Quantize(mode="int4", group_size=None,
+                                                        method=method, iterations=60,
+                                                        calibration_samples=64, exclude=skip),
+                                data=calibration, fidelity_samples=0)
+
+    def error(small):
+        out = small.predict(held, verbose=0)["sequence_output"]
+        return np.sum((out - reference) ** 2) / np.sum(reference ** 2)
+
+    rounded, _ = quantized("rtn")
+    learned, report = quantized("adaround")
+    step = report.steps[0]
+    # one block a transformer layer (the padding mask, read by each, does not join them), and
+    # the pooler
+    assert "3 blocks fitted" in step.summary
+    details = {r.layer: r.detail for r in step.applied}
+    assert "Keras, AdaRound" in details["transformer_layer_1/feedforward_intermediate_dense"]
+    assert error(learned) < 0.8 * error(rounded)
+    reloaded = _reload(learned, tmp_path, "adaround")
+    np.testing.assert_allclose(reloaded.predict(held, verbose=0)["sequence_output"],
+                               learned.predict(held, verbose=0)["sequence_output"], atol=1e-5)
+
+
 def test_gptq_solves_a_top_level_einsum_dense_and_its_file_reloads(tmp_path):
     inputs = keras.Input((6, 16))
     x = keras.layers.EinsumDense("abc,cde->abde", (6, 4, 8), name="heads")(inputs)

@@ -73,21 +73,6 @@ def gptq_scales(model, plans: dict, config, ctx) -> dict:
     return found
 
 
-def _largest(matrix: np.ndarray, qmax: int, group_size: int | None) -> np.ndarray:
-    """Scales (row groups, columns) that put each group's largest weight on the last code.
-
-    Learned rounding moves a weight to the grid point below or above it, so a clipped
-    weight cannot come back: a clipping search chosen for rounding to nearest (`choose_scales`)
-    left the residual CNN's first block with 3x the error."""
-    rows, columns = matrix.shape
-    size = group_size or rows
-    n = -(-rows // size)
-    padded = np.zeros((n * size, columns))
-    padded[:rows] = matrix
-    largest = np.abs(padded.reshape(n, size, columns)).max(axis=1)
-    return np.where(largest > 0, largest / qmax, 1.0).astype("float32")
-
-
 def adaround_scales(model, plans: dict, config, ctx) -> dict:
     """Learned rounding (AdaRound, fitted block by block as BRECQ does) of every planned
     integer layer it takes, in place, on a grid whose last code holds each group's largest
@@ -106,7 +91,10 @@ def adaround_scales(model, plans: dict, config, ctx) -> dict:
         for variable, spec in kernel_specs(layer):
             axes = matrix_axes(layer, spec)
             matrix = as_matrix(keras.ops.convert_to_numpy(variable.value), axes)
-            scales = _largest(matrix, qmax, group_size)
+            # Unclipped: learned rounding moves a weight to the grid point below or above
+            # it, so a clipped weight could not come back (a clipping search chosen for
+            # rounding to nearest left the residual CNN's first block with 3x the error).
+            scales = choose_scales(matrix, qmax, group_size, factors=(1.0,))
             per_row = np.repeat(scales, group_size or len(matrix), axis=0)[:len(matrix)]
             found.setdefault(path_of(layer), {})[spec.name] = scales
             result.append(Rounding(variable, from_matrix(per_row, tuple(variable.shape), axes),

@@ -38,11 +38,12 @@ def energy_matrix(hessian: np.ndarray, columns_per_group: int) -> np.ndarray:
 
 
 def choose_scales(matrix: np.ndarray, qmax: int, group_size: int | None,
-                  importance: np.ndarray | None = None) -> np.ndarray:
+                  importance: np.ndarray | None = None,
+                  factors=_FACTORS) -> np.ndarray:
     """Symmetric scales of shape (row groups, columns), in `quantize_matrix`'s layout: for each
     block of `group_size` rows (all rows without) and column, the clipping of its largest
-    magnitude that gives the smallest squared rounding error, each row weighted by
-    `importance` (its input's energy, the Hessian diagonal) when given."""
+    magnitude (by one of `factors`) that gives the smallest squared rounding error, each row
+    weighted by `importance` (its input's energy, the Hessian diagonal) when given."""
     rows, columns = matrix.shape
     size = group_size or rows
     n = -(-rows // size)
@@ -55,7 +56,7 @@ def choose_scales(matrix: np.ndarray, qmax: int, group_size: int | None,
     weight = weight.reshape(n, size, columns)
     largest = np.abs(blocks).max(axis=1)
     best, best_error = None, None
-    for factor in _FACTORS:
+    for factor in factors:
         scale = np.where(largest > 0, largest * factor / qmax, 1.0)
         q = np.clip(np.round(blocks / scale[:, None]), -qmax, qmax) * scale[:, None]
         error = (weight * (blocks - q) ** 2).sum(axis=1)

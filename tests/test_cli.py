@@ -310,6 +310,16 @@ def test_a_folder_of_images_feeds_compress_and_measure(tmp_path, capsys):
     code, out, err = run_cli(capsys, "compress", tmp_path / "m.keras", "--recipe", recipe,
                              "--data", tmp_path / "nothing", "-o", tmp_path / "x.keras")
     assert code == 2 and not (tmp_path / "x.keras").exists()
+    # broken files are named before any work, in every command that reads the folder
+    good = (tmp_path / "photos" / "dark" / "0.png").read_bytes()
+    (tmp_path / "photos" / "dark" / "cut.png").write_bytes(good[:len(good) // 2])
+    (tmp_path / "photos" / "light" / "text.jpg").write_text("not an image")
+    for command in (["compress", tmp_path / "m.keras", "--recipe", recipe,
+                     "-o", tmp_path / "x.keras"], ["measure", tmp_path / "m.keras"]):
+        code, _, err = run_cli(capsys, *command, "--data", tmp_path / "photos")
+        assert code == 2 and "2 files cannot be read as images: dark/cut.png" in err, err
+        assert "light/text.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.keras").exists()
 
 
 def test_compress_and_measure_write_html_reports(lenet, int8_recipe, tmp_path, capsys):

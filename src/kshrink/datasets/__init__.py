@@ -119,13 +119,21 @@ def from_directory(path, image_size: tuple[int, int], *, channels: int = 3,
     and calibrates on its first examples.
 
     Raises:
-        KshrinkError: no such folder, or no images in class subfolders.
+        KshrinkError: no such folder, no images in class subfolders, or an image that cannot
+            be decoded or is larger than `MAX_IMAGE_PIXELS` (named, before anything trains:
+            in the stream it would stop fine-tuning or calibration halfway).
     """
     import keras
 
     path = Path(path)
     if not path.is_dir():
         raise KshrinkError(f"data folder not found: {path}")
+    bad = _unreadable_images(path)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise KshrinkError(f"{path}: {len(bad)} file{'s' if len(bad) > 1 else ''} cannot be "
+                           f"read as images: {', '.join(bad[:3])}{more}; remove or replace "
+                           f"{'them' if len(bad) > 1 else 'it'}")
     modes = {1: "grayscale", 3: "rgb", 4: "rgba"}
     if channels not in modes:
         raise KshrinkError(f"{path}: images have 1, 3 or 4 channels; the model takes "
@@ -138,6 +146,35 @@ def from_directory(path, image_size: tuple[int, int], *, channels: int = 3,
     except ValueError as e:  # no images, or one class only
         raise KshrinkError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     return Dataset(path.name, train, None, test, None)
+
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras reads from folders
+MAX_IMAGE_PIXELS = 50_000_000  # one image larger than this is refused (a decompression bomb)
+
+
+def _unreadable_images(path: Path) -> list[str]:
+    """The image files in `path`'s class subfolders that do not decode, or are too large,
+    each with why."""
+    import warnings
+
+    from PIL import Image
+
+    bad = []
+    for file in sorted(path.glob("*/**/*")):
+        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
+            continue
+        name = str(file.relative_to(path))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL warns of large images; sized below
+                with Image.open(file) as image:
+                    if image.width * image.height > MAX_IMAGE_PIXELS:
+                        bad.append(f"{name} ({image.width}x{image.height} pixels)")
+                        continue
+                    image.load()
+        except Exception as e:  # Pillow raises many kinds for a broken file
+            bad.append(f"{name} ({' '.join(str(e).split())[:60] or type(e).__name__})")
+    return bad
 
 
 def _mnist() -> Dataset:

@@ -1,6 +1,6 @@
 """Compressing pretrained models with only a calibration set, no fine-tuning: round-to-nearest
-and magnitude pruning against the calibration-based methods (GPTQ, Wanda, SparseGPT) and
-BatchNorm re-estimation.
+and magnitude pruning against the calibration-based methods (GPTQ, Wanda, SparseGPT, and block
+reconstruction: AdaRound and SparseGPT with refit) and BatchNorm re-estimation.
 
 Models: EfficientNet-Lite0 with its real ImageNet weights (ported, see `pretrained.py`),
 calibrated on 54 crops of 18 photos of objects and scored on 200 views of 20 other photos, the

@@ -25,6 +25,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _whole(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or len(text) > 12:
+        raise argparse.ArgumentTypeError(f"must be a whole number. Received: {text[:20]!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
         raise _UsageError(f"{self.prog}: {message}")
@@ -99,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "macs: multiply-accumulates per example (the same space)")
     p.add_argument("--max-accuracy-drop", type=float, required=True, metavar="PP",
                    help="held-out top-1 accuracy the result may lose, in percentage points")
-    p.add_argument("--epochs", type=int, default=2,
+    p.add_argument("--epochs", type=_whole, default=2,
                    help="fine-tuning epochs per candidate step (0: post-training only)")
     p.add_argument("--batch-size", type=_positive, default=128, help="fine-tuning batch size")
     p.add_argument("--learning-rate", type=float, default=1e-3,
@@ -118,10 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="latency, macs: one channel ratio for every layer, or one per set of "
                         "tied layers")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
-    p.add_argument("--probe-steps", type=int, default=100,
+    p.add_argument("--probe-steps", type=_whole, default=100,
                    help="latency, macs: steps each block or channel probe is fine-tuned for "
                         "before its loss counts (0: at once)")
-    p.add_argument("--seed", type=int, default=0, help="seeds every fine-tune")
+    p.add_argument("--seed", type=_whole, default=0, help="seeds every fine-tune")
     p.add_argument("-o", "--output", required=True,
                    help="output file: .keras (plain Keras) or .kshrink (compact)")
     p.add_argument("--recipe-out", metavar="RECIPE.yaml",
@@ -158,7 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_positive, default=None,
                    help="int4: inputs per scale group (default: one scale per channel)")
     p.add_argument("--samples", type=_positive, default=2000, help="test examples used")
-    p.add_argument("--seed", type=int, default=0, help="which examples are drawn")
+    p.add_argument("--seed", type=_whole, default=0, help="which examples are drawn")
     p.add_argument("--format", choices=("text", "md", "json"), default="text")
     p.set_defaults(run="sensitivity")
 

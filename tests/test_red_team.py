@@ -167,6 +167,27 @@ def test_data_of_the_wrong_kind_is_one_line(x, y, message, tmp_path, model_file,
     assert not (tmp_path / "o.keras").exists()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["search", "--epochs", str(10**20)], "--epochs: must be a whole number"),
+    (["compress", "--recipe", "fine_tune: {epochs: 100000000000000000000}\nsteps: [fold: {}]"],
+     "epochs must be an integer in [1, 100000]"),
+])
+def test_huge_counts_are_one_line_before_any_work(arguments, message, tmp_path, model_file,
+                                                  capsys):
+    from kshrink.cli import main
+
+    command, *rest = arguments
+    if command == "compress":
+        (tmp_path / "r.yaml").write_text(rest[1])
+        rest = ["--recipe", str(tmp_path / "r.yaml"), "--data", "digits"]
+    else:
+        rest += ["--data", "digits", "--max-accuracy-drop", "1"]
+    code = main([command, str(model_file), *rest, "-o", str(tmp_path / "o.keras")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.keras").exists()
+
+
 def test_an_unforeseen_error_is_one_line_unless_debug(monkeypatch, capsys):
     from kshrink import cli
 

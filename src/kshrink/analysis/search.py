@@ -58,7 +58,8 @@ from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import Message, Progress, counting, within
 from kshrink.core.recipe import Recipe
 from kshrink.core.select import Select
-from kshrink.core.technique import (StepContext, Technique, check_choice, check_int,
+from kshrink.core.technique import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, StepContext,
+                                    Technique, check_choice, check_int,
                                     check_range, technique_class)
 from kshrink.core.training import FineTune, task_loss
 from kshrink.deploy import RUNTIME_NAMES, check_runtime, in_runtime
@@ -320,14 +321,14 @@ def search(model: keras.Model, data, *, objective: str = "size",
     """
     check_choice("search", "objective", objective, OBJECTIVES)
     check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
-    check_int("search", "epochs", epochs, low=0)
-    check_int("search", "batch_size", batch_size, low=1)
+    check_int("search", "epochs", epochs, low=0, high=MAX_EPOCHS)
+    check_int("search", "batch_size", batch_size, low=1, high=MAX_BATCH)
     check_range("search", "learning_rate", learning_rate, 1e-9, 10.0)
-    check_int("search", "rounds", rounds, low=1)
-    check_int("search", "probe_samples", probe_samples, low=1)
-    check_int("search", "probe_steps", probe_steps, low=0)
-    check_int("search", "seed", seed, low=0)
-    check_int("search", "latency_batch_size", latency_batch_size, low=1)
+    check_int("search", "rounds", rounds, low=1, high=MAX_EPOCHS)
+    check_int("search", "probe_samples", probe_samples, low=1, high=MAX_BATCH)
+    check_int("search", "probe_steps", probe_steps, low=0, high=MAX_STEPS)
+    check_int("search", "seed", seed, low=0, high=MAX_SEED)
+    check_int("search", "latency_batch_size", latency_batch_size, low=1, high=MAX_BATCH)
     if latency_runtime != "keras" and objective != "latency":
         raise KshrinkError(f"search: latency_runtime times the latency objective; objective "
                            f"{objective!r} is not timed. Received: "

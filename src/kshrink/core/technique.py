@@ -148,6 +148,14 @@ def check_bool(technique: str, key: str, value) -> None:
                           f"Received: {key}={short(value)}")
 
 
+# Upper bounds of the integer options that count work or memory: past them a typo (1e20
+# epochs) would run for ever or ask for terabytes, and is refused in one line instead.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_STEPS = 1_000_000_000
+MAX_SEED = 2**32 - 1
+
+
 def check_int(technique: str, key: str, value, low: int | None = None,
               high: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:

@@ -18,6 +18,10 @@ from kshrink.core.distribute import DISTRIBUTIONS, DataParallel
 from kshrink.core.graph import copy_model
 from kshrink.core.stream import Stream
 from kshrink.core.technique import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_SEED,
+    MAX_STEPS,
     Options,
     check_bool,
     check_choice,
@@ -100,8 +104,8 @@ class FineTune(Options):
     seed: int | None = option(None, "seed the random generators before each fine-tune")
 
     def __post_init__(self):
-        check_int(self.name, "epochs", self.epochs, low=1)
-        check_int(self.name, "batch_size", self.batch_size, low=1)
+        check_int(self.name, "epochs", self.epochs, low=1, high=MAX_EPOCHS)
+        check_int(self.name, "batch_size", self.batch_size, low=1, high=MAX_BATCH)
         check_range(self.name, "learning_rate", self.learning_rate, 1e-9, 10.0)
         check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(self.name, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -110,9 +114,11 @@ class FineTune(Options):
         check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
         check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
         check_bool(self.name, "shuffle", self.shuffle)
-        check_int(self.name, "early_stopping", self.early_stopping, low=1, allow_none=True)
+        check_int(self.name, "early_stopping", self.early_stopping, low=1, high=MAX_EPOCHS,
+                  allow_none=True)
         check_bool(self.name, "verbose", self.verbose)
-        check_int(self.name, "steps_per_epoch", self.steps_per_epoch, low=1, allow_none=True)
+        check_int(self.name, "steps_per_epoch", self.steps_per_epoch, low=1, high=MAX_STEPS,
+                  allow_none=True)
         check_range(self.name, "clipnorm", self.clipnorm, 1e-9, 1e9, allow_none=True)
         check_range(self.name, "clipvalue", self.clipvalue, 1e-9, 1e9, allow_none=True)
         check_range(self.name, "weight_decay", self.weight_decay, 0.0, 1.0, allow_none=True)
@@ -120,7 +126,7 @@ class FineTune(Options):
                      allow_none=True)
         check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
                      allow_none=True)
-        check_int(self.name, "seed", self.seed, low=0, allow_none=True)
+        check_int(self.name, "seed", self.seed, low=0, high=MAX_SEED, allow_none=True)
 
     def total_steps(self, data) -> int:
         """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""

@@ -385,7 +385,7 @@ def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, t
                            (["--report", tmp_path / "no" / "r.html"], "existing folder"),
                            (["--objective", "speed"], "invalid choice"),
                            (["--epochs", "-1"], "epochs"),
-                           (["--probe-steps", "-1"], "probe_steps"),
+                           (["--probe-steps", "-1"], "--probe-steps: must be a whole number"),
                            (["--latency-runtime", "onnx"], "objective 'size' is not timed"),
                            (["--techniques", "prune,depth_prune"], "not depth_prune"),
                            (["--techniques", "[{prune: {method: magic}}]"], "method must be"),

@@ -66,7 +66,8 @@ def test_registry_lists_quantize_with_its_options():
     assert options == {"mode": "int8", "method": "rtn", "group_size": 128,
                        "activation_bits": None,
                        "calibration": "percentile", "percentile": 99.99,
-                       "calibration_samples": 512, "qat": False, "preserve_sparsity": True,
+                       "calibration_samples": 512, "iterations": 500, "qat": False,
+                       "preserve_sparsity": True,
                        "fold_batchnorm": True, "keep_int8": True,
                        "overrides": (),
                        "layers": None, "exclude": None, "reestimate_batchnorm": None}

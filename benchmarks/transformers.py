@@ -202,7 +202,12 @@ def calibrated_rows(name, model, x, reference):
     rows = []
     for mode, step in (("low rank, tolerance 0.2", kshrink.LowRank(tolerance=0.2)),
                        ("int8, 8-bit activations",
-                        kshrink.Quantize(mode="int8", activation_bits=8))):
+                        kshrink.Quantize(mode="int8", activation_bits=8)),
+                       ("int4 per channel, GPTQ",
+                        kshrink.Quantize(mode="int4", group_size=None, method="gptq")),
+                       ("int4 per channel, AdaRound (300 steps a block)",
+                        kshrink.Quantize(mode="int4", group_size=None, method="adaround",
+                                         iterations=300))):
         start = time.perf_counter()
         small, report = kshrink.compress(model, step, data=calibration)
         rows.append({"model": name, "tool": "kshrink", "mode": mode,

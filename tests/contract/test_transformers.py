@@ -306,6 +306,30 @@ def test_adaround_fits_each_transformer_layer_as_a_block_and_the_file_reloads(tm
                                learned.predict(held, verbose=0)["sequence_output"], atol=1e-5)
 
 
+def test_refit_fits_the_weights_pruned_in_place_inside_blocks():
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((SEQUENCE,), dtype="int32")
+    h = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, SEQUENCE, 32, name="embed")(tokens)
+    model = keras.Model(tokens, keras_hub.layers.TransformerEncoder(128, 2, name="block")(h))
+    calibration, held = _tokens(64, seed=1), _tokens(32, seed=2)
+    reference = model.predict(held, verbose=0)
+    options = dict(sparsity=0.5, schedule="one_shot", skip_first_last=False, min_fan_in=0,
+                   exclude=kshrink.Select(names=["embed"]))
+
+    def error(small):
+        return np.sum((small.predict(held, verbose=0) - reference) ** 2) / np.sum(reference ** 2)
+
+    pruned, _ = kshrink.compress(model, kshrink.Prune(**options), data=calibration,
+                                 fidelity_samples=0)
+    refit, report = kshrink.compress(model, kshrink.Prune(**options, refit=True, iterations=60),
+                                     data=calibration, fidelity_samples=0)
+    assert "refit: 1 block fitted" in report.steps[0].summary
+    assert error(refit) < 0.7 * error(pruned)  # measured: 0.031 against 0.066 (100 steps)
+    for small in (pruned, refit):
+        kernel = small.get_layer("block")._feedforward_intermediate_dense.kernel
+        assert np.mean(keras.ops.convert_to_numpy(kernel) == 0) == 0.5
+
+
 def test_gptq_solves_a_top_level_einsum_dense_and_its_file_reloads(tmp_path):
     inputs = keras.Input((6, 16))
     x = keras.layers.EinsumDense("abc,cde->abde", (6, 4, 8), name="heads")(inputs)

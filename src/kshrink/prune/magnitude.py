@@ -76,7 +76,7 @@ class PruneHandler(Handler):
                     w.assign(_apply(keras.ops.convert_to_numpy(w.value),
                                     keras.ops.convert_to_numpy(mask.value)))
             if config.refit:
-                refit_blocks(wrapped, effective, ctx, unpruned)
+                refit_blocks(wrapped, effective, ctx, unpruned, _IN_PLACE.get(wrapped, ()))
         if ctx.train_steps is not None:
             for handle in _IN_PLACE.get(wrapped, ()):
                 handle.hold()  # fixed masks (see _choose_layers): kept while training

@@ -53,17 +53,18 @@ def prune_from_calibration(model, config, ctx, unpruned) -> None:
                 progress=within(ctx.progress, f"prune, {config.method}"))
 
 
-def refit_blocks(model, config, ctx, unpruned) -> None:
+def refit_blocks(model, config, ctx, unpruned, in_place=()) -> None:
     """Fits, block by block and in place, the kept weights and the biases of every pruned
-    layer of `model` (wrapped in `PruneWrapper`s, masks fixed) toward the block outputs of
+    layer of `model` (wrapped in `PruneWrapper`s, or pruned in place inside custom layers:
+    `in_place`, with the same `pruned` and `masks`; masks fixed) toward the block outputs of
     `unpruned` on calibration data (AdaPrune, Hubara et al. 2021, over blocks as BRECQ fits
     them)."""
     x = calibration_inputs(ctx.data, config.calibration_samples, "prune: refit")
     masks = {}
-    for wrapper in leaf_layers(model):
-        if isinstance(wrapper, PruneWrapper):
-            for weight, mask in zip(wrapper.pruned, wrapper.masks):
-                masks[id(weight)] = keras.ops.convert_to_numpy(mask.value)
+    handles = [w for w in leaf_layers(model) if isinstance(w, PruneWrapper)] + list(in_place)
+    for handle in handles:
+        for weight, mask in zip(handle.pruned, handle.masks):
+            masks[id(weight)] = keras.ops.convert_to_numpy(mask.value)
 
     def fits(layer):
         kept = [Masked(w, masks[id(w)]) for w in layer.weights if id(w) in masks]

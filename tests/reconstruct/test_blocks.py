@@ -144,3 +144,14 @@ def test_refit_needs_masks_chosen_at_once_and_enough_data():
         kshrink.compress(small_cnn(), kshrink.Prune(sparsity=0.5, schedule="one_shot",
                                                     refit=True),
                          data=np.zeros((4, 8, 8), "float32"))
+
+
+def test_a_block_that_fitting_leaves_worse_keeps_its_start():
+    model = _residual_net()
+    original = copy_model(model)
+    x = np.random.default_rng(3).normal(size=(64, 8, 8, 3)).astype("float32")
+    scales = {l.name: np.abs(keras.ops.convert_to_numpy(l.kernel)).max() / 7
+              for l in model.layers if l.weights}
+    rows = reconstruct_blocks(model, original, x, _rounding_fits(scales), steps=3)
+    assert all(r["error_after"] <= r["error_before"] for r in rows)
+    assert any(r["kept_start"] for r in rows)  # 3 steps leave the rounding undecided

@@ -73,7 +73,7 @@ def refit_blocks(model, config, ctx, unpruned, in_place=()) -> None:
 
     rows = reconstruct_blocks(model, unpruned, x, fits, steps=config.iterations,
                               progress=within(ctx.progress, "prune, refit"))
-    ctx.note(f"refit: {describe(rows, config.iterations)} (as pruned -> fitted)")
+    ctx.note(f"refit: {describe(rows, config.iterations, 'as pruned', 'fitted')}")
 
 
 def unmasked(model):

@@ -105,7 +105,7 @@ def adaround_scales(model, plans: dict, config, ctx) -> dict:
 
     rows = reconstruct_blocks(model, copy_model(model), x, fits, steps=config.iterations,
                               progress=within(ctx.progress, "quantize, AdaRound"))
-    ctx.note(f"AdaRound: {describe(rows, config.iterations)} (rounded to nearest -> learned)")
+    ctx.note(f"AdaRound: {describe(rows, config.iterations, 'rounded to nearest', 'learned')}")
     return found
 
 

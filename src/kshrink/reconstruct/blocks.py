@@ -331,7 +331,8 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
     Returns:
         One row per fitted block: its name, layers, and the squared error of its output on
         the calibration examples relative to the output's energy, with each variable's
-        `Fit.start` value and fitted.
+        `Fit.start` value and fitted. A block that fitting left worse than it started (too
+        few steps) keeps its start, and its row says so (`kept_start`).
     """
     found = {}  # leaf layer id -> its fits
 
@@ -380,11 +381,17 @@ def reconstruct_blocks(model: keras.Model, original: keras.Model, x,
             say(0)
             for fit in block_fits:
                 fit.variable.assign(fit.start().astype(fit.variable.dtype))
-            before = _error(_run(block, inputs, batch_size), targets)
+            started_at = _run(block, inputs, batch_size)
+            before = _error(started_at, targets)
             _fit(block, block_fits, inputs, targets, steps, seed, say)
             outputs = _run(block, inputs, batch_size)
-            rows.append({"block": block.name, "layers": block.fitted,
-                         "error_before": before, "error_after": _error(outputs, targets)})
+            after = _error(outputs, targets)
+            if after > before:  # too few steps to settle: never worse than where it started
+                for fit in block_fits:
+                    fit.variable.assign(fit.start().astype(fit.variable.dtype))
+                outputs, after = started_at, before
+            rows.append({"block": block.name, "layers": block.fitted, "error_before": before,
+                         "error_after": after, "kept_start": after == before})
         else:
             outputs = _run(block, inputs, batch_size)
         for t, v in zip(block.outputs, outputs):
@@ -457,14 +464,19 @@ def _error(outputs: list, targets: list) -> float:
     return error / max(energy, 1e-30)
 
 
-def describe(rows: list[dict], steps: int) -> str:
-    """One line for the report on what `reconstruct_blocks` returned."""
+def describe(rows: list[dict], steps: int, start: str, end: str) -> str:
+    """One line for the report on what `reconstruct_blocks` returned; `start` and `end` name
+    the values measured before and after fitting ("rounded to nearest", "learned")."""
     if not rows:
         return "no block to fit"
     before = float(np.median([r["error_before"] for r in rows]))
     after = float(np.median([r["error_after"] for r in rows]))
+    kept = sum(r["kept_start"] for r in rows)
+    unchanged = (f" ({kept} kept as they started: fitting did not improve them in {steps} "
+                 "steps; try more iterations)") if kept else ""
     return (f"{len(rows)} block{'s' if len(rows) > 1 else ''} fitted, {steps} steps each; "
-            f"median block output error {before:.3g} -> {after:.3g}")
+            f"median block output error {before:.3g} ({start}) -> {after:.3g} ({end})"
+            f"{unchanged}")
 
 
 def _duration(seconds: float) -> str:

@@ -152,6 +152,8 @@ def fuzz_section(data):
         f"{total.get('ceiling_gb', 1.5)} GB: {total.get('over_ceiling', 'not measured')}. "
         "Re-signed mutations edit the header, a payload, a sparse tensor's gap list (to run "
         "past the tensor or wrap int64) or layer sizes (each in bounds, their product not), "
+        "or put a value of the wrong type or range anywhere in the header (*types*: a list "
+        "for a class name, a string for a build config, a 4,000-digit integer...), "
         "and recompute the checksum, as a hostile writer would, so they reach the loader's own "
         "checks; a payload edit that decodes to the same values loads.",
         table(("mutation", "outcome", "files"), rows),

@@ -26,18 +26,25 @@ print("RESULT " + json.dumps({"report": report.to_dict(), "outputs": out.tolist(
 """
 
 
-def test_same_report_on_every_backend(tmp_path):
+def _on_every_backend(script: str, recipe: str, tmp_path) -> dict:
+    """`{backend: what script printed after RESULT}`, run on the small CNN with `recipe`, each
+    backend in a fresh process."""
     model_path, recipe_path = tmp_path / "m.keras", tmp_path / "r.yaml"
     small_cnn().save(model_path)
-    recipe_path.write_text("- quantize: {mode: int8}\n")
+    recipe_path.write_text(recipe)
     results = {}
     for backend in ("tensorflow", "jax", "torch"):
         done = subprocess.run(
-            [sys.executable, "-c", SCRIPT, model_path, recipe_path], capture_output=True,
+            [sys.executable, "-c", script, model_path, recipe_path], capture_output=True,
             text=True, env=dict(os.environ, KERAS_BACKEND=backend), timeout=600)
         assert done.returncode == 0, f"{backend}: {done.stderr[-2000:]}"
         line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
         results[backend] = json.loads(line[len("RESULT "):])
+    return results
+
+
+def test_same_report_on_every_backend(tmp_path):
+    results = _on_every_backend(SCRIPT, "- quantize: {mode: int8}\n", tmp_path)
     reference = results["tensorflow"]
     assert reference["report"]["steps"][0]["layers"]
     for backend in ("jax", "torch"):
@@ -66,17 +73,8 @@ print("RESULT " + json.dumps({"outputs": keras.ops.convert_to_numpy(small(x)).to
     "- prune: {sparsity: 0.5, schedule: one_shot, method: sparsegpt, refit: true, "
     "iterations: 60}\n"])
 def test_block_reconstruction_gives_the_same_model_on_every_backend(tmp_path, recipe):
-    model_path, recipe_path = tmp_path / "m.keras", tmp_path / "r.yaml"
-    small_cnn().save(model_path)
-    recipe_path.write_text(recipe)
-    results = {}
-    for backend in ("tensorflow", "jax", "torch"):
-        done = subprocess.run(
-            [sys.executable, "-c", CALIBRATED, model_path, recipe_path], capture_output=True,
-            text=True, env=dict(os.environ, KERAS_BACKEND=backend), timeout=600)
-        assert done.returncode == 0, f"{backend}: {done.stderr[-2000:]}"
-        line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
-        results[backend] = json.loads(line[len("RESULT "):])
+    results = _on_every_backend(CALIBRATED, recipe, tmp_path)
+
     def error(result):
         original = np.asarray(result["original"])
         return np.sum((np.asarray(result["outputs"]) - original) ** 2) / np.sum(original ** 2)

@@ -242,11 +242,16 @@ def test_cli_compresses_a_multi_input_model_from_named_arrays(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "other.keras").exists()
 
 
-def test_gptq_reaches_the_dense_layers_inside_blocks(tmp_path):
+def _one_block_encoder():
+    """Token and position embedding, then one keras-hub TransformerEncoder named "block"."""
     keras.utils.set_random_seed(0)
     tokens = keras.Input((SEQUENCE,), dtype="int32")
     h = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, SEQUENCE, 32, name="embed")(tokens)
-    model = keras.Model(tokens, keras_hub.layers.TransformerEncoder(128, 2, name="block")(h))
+    return keras.Model(tokens, keras_hub.layers.TransformerEncoder(128, 2, name="block")(h))
+
+
+def test_gptq_reaches_the_dense_layers_inside_blocks(tmp_path):
+    model = _one_block_encoder()
     calibration, held = _tokens(128, seed=1), _tokens(32, seed=2)
     reference = model.predict(held, verbose=0)
 
@@ -307,10 +312,7 @@ def test_adaround_fits_each_transformer_layer_as_a_block_and_the_file_reloads(tm
 
 
 def test_refit_fits_the_weights_pruned_in_place_inside_blocks():
-    keras.utils.set_random_seed(0)
-    tokens = keras.Input((SEQUENCE,), dtype="int32")
-    h = keras_hub.layers.TokenAndPositionEmbedding(VOCABULARY, SEQUENCE, 32, name="embed")(tokens)
-    model = keras.Model(tokens, keras_hub.layers.TransformerEncoder(128, 2, name="block")(h))
+    model = _one_block_encoder()
     calibration, held = _tokens(64, seed=1), _tokens(32, seed=2)
     reference = model.predict(held, verbose=0)
     options = dict(sparsity=0.5, schedule="one_shot", skip_first_last=False, min_fan_in=0,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -53,6 +54,9 @@ MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
 RANGE_BATCH = 32  # examples whose layer inputs are held at once while ranges are measured
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
+# ONNX Runtime's wheels (1.30 on) send telemetry on Linux and macOS and leave its session file
+# (`.ses`) in the temp dir; kshrink works offline. The user's own setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # What LiteRT prints as it starts an interpreter.
 RUNTIME_NOISE = re.compile(r"Created TensorFlow Lite XNNPACK delegate")
 

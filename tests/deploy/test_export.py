@@ -1,6 +1,8 @@
 """Export to LiteRT and ONNX: the runtimes reproduce Keras, integer weights stay integer,
 bad requests fail before anything is written."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -60,6 +62,25 @@ def test_a_model_in_its_runtime_computes_what_keras_does_with_no_file_left(
     scale = np.abs(trained.predict(x, verbose=0)).max()
     np.testing.assert_allclose(runner.predict_on_batch(x), trained.predict(x, verbose=0),
                                atol=1e-4 * scale)
+
+
+def test_onnx_runtime_leaves_no_telemetry_file(tmp_path):
+    """ONNX Runtime's wheels write a telemetry session file to /tmp and try to upload events;
+    kshrink turns that off (a user's own ORT_DISABLE_TELEMETRY still wins)."""
+    import os
+    import subprocess
+    import sys
+
+    needs_backend_for(".onnx")
+    stray = Path("/tmp/.ses")
+    before = stray.stat().st_mtime_ns if stray.exists() else None
+    script = ("import keras, kshrink.deploy as d\n"
+              "m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])\n"
+              f"d.export(m, {str(tmp_path / 'm.onnx')!r})\n"
+              f"d.Runtime({str(tmp_path / 'm.onnx')!r})\n")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+    assert (stray.stat().st_mtime_ns if stray.exists() else None) == before
 
 
 def test_keras_is_a_runtime_and_an_unknown_one_is_one_line(trained):

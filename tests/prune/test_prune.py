@@ -326,3 +326,41 @@ def test_calibration_methods_allocate_sparsity_globally_by_default(options, scop
     config = Prune(**options)
     assert config.scope == scope
     assert Prune.from_config(config.get_config()).scope == scope
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_sensitivity_scope_meets_the_target_with_less_damage_than_a_uniform_one(
+        trained, digits, method):
+    x, y = digits.test
+    reference = trained.predict(x, verbose=0)
+    errors = {}
+    for scope in ("layer", "sensitivity"):
+        small, report = kshrink.compress(
+            trained, Prune(sparsity=0.7, schedule="one_shot", scope=scope, skip_first_last=False,
+                           min_fan_in=0, method=method), data=digits.train[0][:256])
+        errors[scope] = float(np.sum((small.predict(x, verbose=0) - reference) ** 2))
+    assert overall_sparsity(small) == pytest.approx(0.7, abs=0.002)
+    layers = {e.layer: kernel_sparsity(small.get_layer(e.layer)) for e in report.steps[0].applied}
+    assert max(layers.values()) - min(layers.values()) > 0.1  # not uniform
+    assert all(0.5 - 1e-6 <= s <= 0.9 + 1e-6 for s in layers.values())  # within the spread
+    assert all("from sensitivity: output error" in e.detail for e in report.steps[0].applied)
+    assert f"sensitivity: 4 layers pruned alone ({method})" in report.steps[0].summary
+    assert errors["sensitivity"] < errors["layer"]
+
+
+def test_sensitivity_allocation_prunes_the_cheapest_weights_first():
+    from kshrink.prune.allocate import _cheapest
+
+    levels = np.array([0.3, 0.5, 0.7])
+    flat, steep = np.array([0.0, 0.0, 0.0]), np.array([0.1, 1.0, 5.0])
+    chosen = _cheapest([flat, steep], [100, 300], levels, needed=0.5 * 400)
+    assert chosen[0] == pytest.approx(0.7)  # costs nothing: pruned as far as allowed
+    assert 100 * chosen[0] + 300 * chosen[1] == pytest.approx(200)  # the target, exactly
+    assert chosen[1] == pytest.approx(0.3 + (200 - 70 - 90) / 300)
+
+
+def test_sensitivity_scope_needs_data_and_free_layer_sparsity(trained):
+    with pytest.raises(RecipeError, match="scope sensitivity chooses it per layer"):
+        Prune(pattern="2:4", scope="sensitivity")
+    with pytest.raises(KshrinkError, match="scope sensitivity needs calibration data"):
+        kshrink.compress(trained, Prune(schedule="one_shot", scope="sensitivity"))

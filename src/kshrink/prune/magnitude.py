@@ -20,7 +20,9 @@ import keras
 import numpy as np
 
 from kshrink.core.classes import is_user_class
+from kshrink.core.data import example_count, take
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
+from kshrink.core.progress import within
 from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
 from kshrink.layers.specs import matrix_shape
 from kshrink.layers.wrappers import hold_zeros, release_zeros
@@ -39,10 +41,12 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.prune import masks as masklib
-from kshrink.prune.reconstruct import prune_from_calibration, refit_blocks, unmasked
+from kshrink.prune.allocate import PROBE_SAMPLES, allocate
+from kshrink.prune.reconstruct import prune_from_calibration, pruned_alone, refit_blocks, unmasked
+from kshrink.reconstruct import calibration_inputs
 from kshrink.prune.schedule import SCHEDULES, Schedule
 
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "sensitivity")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_SPARSITY = 0.5
 
@@ -53,6 +57,8 @@ class PruneHandler(Handler):
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
+        if config.scope == "sensitivity":
+            effective = _measured_targets(model, chosen, effective, ctx)
         solved = config.method != "magnitude"
         dense = {id(v): keras.ops.convert_to_numpy(v.value) for layer in chosen
                  for v in kernel_weights(layer)} if solved or config.refit else {}
@@ -101,6 +107,9 @@ class PruneHandler(Handler):
                 if path_of(layer) in ctx.state["pruned"]:
                     target = ("global threshold" if config.scope == "global" else
                               f"target {ctx.state['config'].sparsity_for(layer):.3f}")
+                    if allocated := ctx.state.get("allocation", {}).get(path_of(layer)):
+                        target += (f" from sensitivity: output error {allocated.error:.2g} "
+                                   "with it alone pruned")
                     how = ctx.state.get("methods", {}).get(path_of(layer), config.method)
                     ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
                                        f"{config.pattern}, {how})")
@@ -164,6 +173,25 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
                                f"layer {path_of(layer)!r} ({w.name} {tuple(w.shape)})")
     ctx.state["pruned"] = {path_of(l) for l in chosen}
     return chosen, effective
+
+
+def _measured_targets(model, chosen: list, config: Prune, ctx: StepContext) -> Prune:
+    """`config` at layer scope with one override per chosen layer: the sparsity `allocate`
+    gives it from its measured effect on the model's outputs."""
+    x = calibration_inputs(ctx.data, config.calibration_samples, "prune: scope sensitivity")
+    probe = take(x, PROBE_SAMPLES)
+    allocation = allocate(model, chosen, config.target_sparsity, probe,
+                          cap=config.max_layer_sparsity,
+                          prune=pruned_alone(model, chosen, config, x),
+                          progress=within(ctx.progress, "prune, sensitivity"))
+    ctx.state["allocation"] = allocation
+    spread = sorted(allocation.values(), key=lambda a: a.sparsity)
+    ctx.note(f"sensitivity: {len(allocation)} layers pruned alone ({config.method}) and "
+             f"measured on {example_count(probe)} examples; sparsity from "
+             f"{spread[0].sparsity:.2f} to {spread[-1].sparsity:.2f}")
+    overrides = tuple(SparsityOverride(layers=Select(names=(path,)), sparsity=a.sparsity)
+                      for path, a in allocation.items())
+    return dataclasses.replace(config, scope="layer", overrides=overrides)
 
 
 def _size(layer) -> int:
@@ -390,8 +418,12 @@ class Prune(Technique):
         sparsity: target fraction of zeros in [0, 1) (default 0.5); implied by an N:M pattern.
         pattern: `"unstructured"`, a block `"RxC"` over (inputs x outputs), e.g. `"1x4"`, or
             `"N:M"`, e.g. `"2:4"`: keep N of every M consecutive weights along the input axis.
-        scope: `"layer"` (every layer reaches the target) or `"global"` (one magnitude
-            threshold across the chosen layers; no layer above `max_layer_sparsity`).
+        scope: `"layer"` (every layer reaches the target), `"global"` (one magnitude
+            threshold across the chosen layers; no layer above `max_layer_sparsity`) or
+            `"sensitivity"` (needs data: each layer is pruned alone at a few levels and the
+            model's outputs on 64 calibration examples measured; each layer then gets the
+            sparsity that reaches the target at the least summed output error, as SPDY
+            allocates; the report gives each layer's sparsity and measured error).
             Default: `"global"` for wanda and sparsegpt (large layers pruned further than
             small ones: EfficientNet-Lite0 at 50% from 56 crops, agreement 0.72 -> 0.81),
             `"layer"` for magnitude, overrides and N:M patterns.
@@ -434,7 +466,8 @@ class Prune(Technique):
 
     sparsity: float | None = option(None, "fraction of zeros in [0, 1); default 0.5")
     pattern: str = option("unstructured", "unstructured, block RxC (e.g. 1x4) or N:M (e.g. 2:4)")
-    scope: str | None = option(None, "layer or global; default: global for wanda/sparsegpt")
+    scope: str | None = option(None, "layer, global or sensitivity (measured, needs data); "
+                                     "default: global for wanda/sparsegpt")
     schedule: str = option("polynomial", "polynomial, constant or one_shot")
     initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step")
     begin_step: int = option(0, "first step that prunes")
@@ -490,6 +523,9 @@ class Prune(Technique):
         object.__setattr__(self, "overrides", tuple(
             o if isinstance(o, SparsityOverride) else SparsityOverride.from_config(o)
             for o in self.overrides))
+        if self.scope == "sensitivity" and pattern.is_n_of_m:
+            raise RecipeError(f"{n}: pattern {pattern} fixes every layer's sparsity; scope "
+                              f"sensitivity chooses it per layer. Use one or the other")
         if self.overrides and (self.scope != "layer" or pattern.is_n_of_m):
             raise RecipeError(f"{n}: overrides set per-layer sparsity, which takes layer "
                               f"scope and no N:M pattern. Received: scope={self.scope!r}, "

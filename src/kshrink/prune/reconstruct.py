@@ -7,10 +7,19 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kshrink.core.graph import copy_model, leaf_layers, path_of
+from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of
 from kshrink.core.progress import within
 from kshrink.layers import PruneWrapper, from_matrix, output_axes
-from kshrink.reconstruct import calibration_inputs, reconstruct, sparsegpt, unsupported, wanda
+from kshrink.prune.allocate import by_magnitude
+from kshrink.reconstruct import (
+    calibration_inputs,
+    input_hessians,
+    reconstruct,
+    solve_alone,
+    sparsegpt,
+    unsupported,
+    wanda,
+)
 from kshrink.reconstruct.blocks import Free, Masked, describe, reconstruct_blocks
 from kshrink.reconstruct.solvers import ungrouped
 
@@ -51,6 +60,25 @@ def prune_from_calibration(model, config, ctx, unpruned) -> None:
 
     reconstruct(model, x, targets, solve, original=unpruned,
                 progress=within(ctx.progress, f"prune, {config.method}"))
+
+
+def pruned_alone(model, layers, config, x):
+    """`prune(layer, sparsity)` for the probe of scope sensitivity: prunes one of `layers` in
+    place as `config.method` would, alone, on its inputs in `model` (SparseGPT's update of
+    the kept weights included); by magnitude where the method does not reach."""
+    magnitude = by_magnitude(config.pattern_spec)
+    if config.method == "magnitude":
+        return magnitude
+    solver = sparsegpt if config.method == "sparsegpt" else wanda
+    hessians = input_hessians(model, x, [l for l in layers if not owner_of(l)])
+
+    def prune(layer, sparsity: float) -> None:
+        if layer.name in hessians:
+            solve_alone(layer, hessians[layer.name], lambda w, h: solver(w, h, sparsity))
+        else:
+            magnitude(layer, sparsity)
+
+    return prune
 
 
 def refit_blocks(model, config, ctx, unpruned, in_place=()) -> None:

@@ -9,11 +9,14 @@ from kshrink.reconstruct.sequential import (
     calibration_inputs,
     correct_batchnorm,
     input_energy,
+    input_hessians,
     reconstruct,
     reestimate_batchnorm,
+    solve_alone,
     stale_batchnorm,
 )
 from kshrink.reconstruct.solvers import choose_scales, gptq, sparsegpt, wanda
 
-__all__ = ["calibration_inputs", "choose_scales", "correct_batchnorm", "gptq", "input_energy", "reconstruct",
-           "reestimate_batchnorm", "sparsegpt", "stale_batchnorm", "unsupported", "wanda"]
+__all__ = ["calibration_inputs", "choose_scales", "correct_batchnorm", "gptq", "input_energy",
+           "input_hessians", "reconstruct", "reestimate_batchnorm", "solve_alone", "sparsegpt",
+           "stale_batchnorm", "unsupported", "wanda"]

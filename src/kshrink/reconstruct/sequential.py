@@ -132,23 +132,48 @@ def _assign(variable, axes: tuple, weights: np.ndarray) -> None:
                     .astype(variable.dtype))
 
 
-def input_energy(model: keras.Model, x, layers, *, batch_size: int = 32) -> dict:
-    """`{layer name: {kernel name: matrix}}`: for each of `layers` that reconstruction takes,
-    the energy on `x` of the input each weight multiplies, in the kernel's matrix view."""
+def input_hessians(model: keras.Model, x, layers, *, batch_size: int = 32) -> dict:
+    """`{layer name: {kernel name: (groups, rows, rows)}}`: for each of `layers` that
+    reconstruction takes, the second moment on `x` of the input rows each kernel multiplies
+    (the Hessian of its layer-wise squared error), as the solvers take it."""
     taken = {id(l): l for l in layers if rowlib.unsupported(l) is None}
     found = {}
 
     def visit(layer, inputs):
-        for variable, spec in kernel_specs(layer):
-            _, second = rowlib.moments(layer, spec.name, inputs)
-            columns = as_matrix(np.empty(variable.shape, "int8"),
-                                rowlib.matrix_axes(layer, spec)).shape[1]
-            per_group = columns // rowlib.groups(layer, spec.name)
-            found.setdefault(layer.name, {})[spec.name] = energy_matrix(second, per_group)
+        for _, spec in kernel_specs(layer):
+            found.setdefault(layer.name, {})[spec.name] = rowlib.moments(layer, spec.name,
+                                                                         inputs)[1]
 
     if taken:
         run_layer_by_layer(model, list(_slices(x, batch_size)), set(taken), visit)
     return found
+
+
+def input_energy(model: keras.Model, x, layers, *, batch_size: int = 32) -> dict:
+    """`{layer name: {kernel name: matrix}}`: for each of `layers` that reconstruction takes,
+    the energy on `x` of the input each weight multiplies, in the kernel's matrix view."""
+    layers = {l.name: l for l in layers}
+    found = input_hessians(model, x, layers.values(), batch_size=batch_size)
+    for name, kernels in found.items():
+        layer = layers[name]
+        for variable, spec in kernel_specs(layer):
+            columns = as_matrix(np.empty(variable.shape, "int8"),
+                                rowlib.matrix_axes(layer, spec)).shape[1]
+            per_group = columns // rowlib.groups(layer, spec.name)
+            kernels[spec.name] = energy_matrix(kernels[spec.name], per_group)
+    return found
+
+
+def solve_alone(layer, hessians: dict, solve: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                ) -> None:
+    """Replaces, in place, each kernel of `layer` by `solve(grouped weights, Hessian)`, given
+    its `input_hessians` entry (the kernels it lacks are left alone)."""
+    for variable, spec in kernel_specs(layer):
+        if spec.name in hessians:
+            axes = rowlib.matrix_axes(layer, spec)
+            weights = grouped(as_matrix(keras.ops.convert_to_numpy(variable.value), axes)
+                              .astype("float64"), rowlib.groups(layer, spec.name))
+            _assign(variable, axes, solve(weights, hessians[spec.name]))
 
 
 def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None = None,

@@ -10,7 +10,7 @@ import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.distribute import DataParallel
-from kshrink.core.graph import copy_model, keep_layer_policies, leaf_layers, path_of
+from kshrink.core.graph import copy_model, keep_layer_policies, leaf_layers, path_of, runnable_names
 from kshrink.core.progress import Console
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport
@@ -80,6 +80,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                             fine_tune=fine_tune, fidelity_samples=fidelity_samples,
                             fidelity_tolerance=fidelity_tolerance, progress=console)
     recipe = Recipe.coerce(recipe)
+    model, _ = runnable_names(model)
     fine_tune = fine_tune or recipe.fine_tune
     if fine_tune is not None and not verbose:
         fine_tune = dataclasses.replace(fine_tune, verbose=False)

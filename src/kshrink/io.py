@@ -14,6 +14,7 @@ import keras
 from kshrink.core.archive import check_inflation
 from kshrink.core.atomic import atomic_output
 from kshrink.core.classes import is_user_class
+from kshrink.core.graph import runnable_names
 from kshrink.errors import KshrinkError, ModelFileError
 from kshrink.layers.specs import implied_kernel_elements
 
@@ -46,7 +47,8 @@ def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS,
         # optimizer's step count only; Keras builds the optimizer on load and says it skipped
         # those: nothing was lost.
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        return _load(Path(path), max_parameters)
+        model = _load(Path(path), max_parameters)
+    return runnable_names(model)[0]
 
 
 def _load(path: Path, max_parameters: int) -> keras.Model:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -40,21 +42,69 @@ def ensure_supported(model) -> None:
             ensure_supported(layer)
 
 
-def copy_model(model: keras.Model) -> keras.Model:
-    """An independent, uncompiled copy of `model`: same config and weights, no shared variables.
+def copy_model(model: keras.Model, renames: dict[str, str] | None = None) -> keras.Model:
+    """An independent, uncompiled copy of `model`: same config and weights, no shared variables;
+    with `renames`, the model and layers named by its keys take its values as names.
 
     Uncompiled on purpose: a compressed model is for inference and saving, and a compiled one
     would carry the original's optimizer into its file.
     """
     ensure_supported(model)
     keep_layer_policies(model)
+    config = model.get_config()
+    if renames:
+        config = _renamed(config, renames)
     # The classes in use resolve by name, so custom layers need no registration.
     classes = {type(layer).__name__: type(layer) for layer in _all_layers(model)}
     with keras.saving.CustomObjectScope(classes):
-        copy = type(model).from_config(model.get_config())
+        copy = type(model).from_config(config)
     keep_layer_policies(copy)
     copy.set_weights(model.get_weights())
     return copy
+
+
+# The names TensorFlow takes for the name scopes Keras opens around models, layers and their
+# variables (some of them root scopes), which also name the graph's nodes.
+_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
+
+
+def runnable_names(model: keras.Model) -> tuple[keras.Model, dict[str, str]]:
+    """`(model, {})`, or on TensorFlow, if the name of the model or of a layer is one
+    TensorFlow refuses as a name scope (`'my model'`, `'a$b'`: Keras then cannot run the
+    model in a graph, so neither predict, fit nor export work), a copy with those names made
+    runnable (`'my_model'`, `'a_b'`), and the renames."""
+    if keras.backend.backend() != "tensorflow" or not isinstance(model, keras.Model):
+        return model, {}
+    taken = {model.name} | {layer.name for layer in _all_layers(model)}
+    renames = {}
+    for name in sorted(taken):
+        if _SCOPE.fullmatch(name):
+            continue
+        new = re.sub(r"[^A-Za-z0-9_.>-]", "_", name)
+        new = new if _SCOPE.fullmatch(new) else f"x{new}"
+        base, count = new, 1
+        while new in taken:
+            count += 1
+            new = f"{base}_{count}"
+        renames[name] = new
+        taken.add(new)
+    if not renames:
+        return model, {}
+    shown = ", ".join(f"{old!r} -> {new!r}" for old, new in list(renames.items())[:3])
+    more = f" and {len(renames) - 3} more" if len(renames) > 3 else ""
+    warnings.warn(f"names TensorFlow cannot run a model with were replaced: {shown}{more}",
+                  stacklevel=2)
+    return copy_model(model, renames), renames
+
+
+def _renamed(config, renames: dict[str, str]):
+    """`config` with every string that is a key of `renames` (the model's and layers' names,
+    and the references to them: inbound nodes, inputs, outputs) replaced by its value."""
+    if isinstance(config, dict):
+        return {k: _renamed(v, renames) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(_renamed(v, renames) for v in config)
+    return renames.get(config, config) if isinstance(config, str) else config
 
 
 def keep_layer_policies(model: keras.Model) -> None:

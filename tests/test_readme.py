@@ -24,3 +24,13 @@ def test_the_quickstart_runs_and_its_keras_file_loads_without_kshrink(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "lenet-int8.kshrink").stat().st_size < (
         tmp_path / "lenet-int8.keras").stat().st_size
+
+
+def test_every_module_the_readme_names_is_reached_from_import_kshrink():
+    names = sorted(set(re.findall(r"\bkshrink\.([a-z_]+)\.", README.read_text())))
+    assert "deploy" in names and "io" in names
+    script = ("import kshrink\n"
+              f"missing = [n for n in {names!r} if not hasattr(kshrink, n)]\n"
+              "assert not missing, missing\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]

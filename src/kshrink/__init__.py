@@ -78,8 +78,8 @@ _EXPORTS = {
     "StructuredPrune": "kshrink.prune",
     "Override": "kshrink.quantize",
 }
-_SUBMODULES = ("analysis", "cluster", "datasets", "fold", "lowrank", "measure", "prune",
-               "quantize", "report", "zoo")
+_SUBMODULES = ("analysis", "cluster", "datasets", "deploy", "fold", "io", "lowrank", "measure",
+               "prune", "quantize", "report", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["layers"]
 

@@ -70,6 +70,11 @@ VARIANTS = {
     "prune 50% sparsegpt + refit + BN, sensitivity": [
         kshrink.Prune(sparsity=0.5, schedule="one_shot", method="sparsegpt",
                       scope="sensitivity", refit=True)],
+    "prune 75% sparsegpt + BN, defaults": [kshrink.Prune(sparsity=0.75, schedule="one_shot",
+                                                         method="sparsegpt")],
+    "prune 75% sparsegpt + BN, sensitivity": [
+        kshrink.Prune(sparsity=0.75, schedule="one_shot", method="sparsegpt",
+                      scope="sensitivity")],
     "prune 50% sparsegpt + BN, defaults, layer scope": [
         kshrink.Prune(sparsity=0.5, schedule="one_shot", method="sparsegpt", scope="layer")],
     # 2:4 needs a multiple of 4 inputs: the depthwise 3x3 (9) and RGB stem (27) stay dense

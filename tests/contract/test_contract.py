@@ -114,10 +114,13 @@ def _cluster_leaves_at_most_16_values_per_kernel(model, small, step):
 
 
 def _quantize_leaves_integer_kernels(model, small, step):
+    """Every layer with a kernel is int8; the BatchNormalization folded into them is gone."""
     layers = {l.name: l for l in leaf_layers(small)}
-    return all(getattr(layers[r.layer], "quantization_mode", None) == "int8"
-               or getattr(layers[r.layer], "mode", None) == "int8"
-               for r in step.applied if r.layer in layers)
+    folded = {l.name for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)}
+    quantized = [r.layer for r in step.applied if r.layer not in folded]
+    return sorted(quantized) == ["conv1", "conv2", "fc1", "fc2"] and not folded & set(layers) and all(
+        getattr(layers[name], "quantization_mode", None) == "int8"
+        or getattr(layers[name], "mode", None) == "int8" for name in quantized)
 
 
 def _fold_removes_every_batchnorm(model, small, step):
@@ -130,17 +133,50 @@ def _low_rank_factors_have_the_rank(model, small, step):
         (l.units if isinstance(l, keras.layers.Dense) else l.filters) == 4 for l in firsts)
 
 
+def _weights(model):
+    return {l.name: [keras.ops.convert_to_numpy(w) for w in l.weights] for l in model.layers}
+
+
+def _kept_columns(original, narrowed):
+    """Which columns (last axis) of `original` the columns of `narrowed` are."""
+    flat, kept = original.reshape(-1, original.shape[-1]), narrowed.reshape(-1, narrowed.shape[-1])
+    return [int(np.argmin(np.abs(flat - column[:, None]).sum(0))) for column in kept.T]
+
+
 def _structured_prune_narrows_by_the_ratio(model, small, step):
-    before = {l.name: l for l in leaf_layers(model)}
-    narrowed = [l for l in leaf_layers(small) if isinstance(l, keras.layers.Conv2D)
-                and l.filters < before[l.name].filters]
-    return narrowed and all(l.filters == before[l.name].filters - before[l.name].filters // 4
-                            for l in narrowed)
+    """Without data (plain slicing), the narrowed model computes what the original computes
+    with the removed channels and units zeroed."""
+    small, _ = kshrink.compress(model, kshrink.StructuredPrune(ratio=0.25), verbose=False)
+    before, after = _weights(model), _weights(small)
+    channels = _kept_columns(before["conv1"][0], after["conv1"][0])
+    rows = np.zeros((8, 8, 8), bool)
+    rows[..., channels] = True
+    units = _kept_columns(before["fc1"][0][rows.ravel()], after["fc1"][0])
+    if (len(set(channels)), len(set(units))) != (6, 24):
+        return False
+    zeroed = {name: [w.copy() for w in ws] for name, ws in before.items()}
+    gone = np.setdiff1d(np.arange(8), channels)
+    zeroed["bn1"][0][gone] = zeroed["bn1"][1][gone] = 0  # gamma, beta: the channel is 0
+    zeroed["conv2"][0][..., gone] = 0
+    zeroed["conv2"][1][gone] = 0
+    gone = np.setdiff1d(np.arange(32), units)
+    zeroed["fc1"][0][:, gone] = 0
+    zeroed["fc1"][1][gone] = 0
+    reference = small_cnn()
+    for layer in reference.layers:
+        layer.set_weights(zeroed[layer.name])
+    return np.allclose(outputs(small, DATA[0]), outputs(reference, DATA[0]), atol=1e-4)
 
 
 def _depth_prune_removes_one_block(model, small, step):
+    """The block's branch (conv2) goes: the original with that branch zeroed."""
     adds = lambda m: sum(isinstance(l, keras.layers.Add) for l in leaf_layers(m))
-    return adds(small) == adds(model) - 1
+    reference = small_cnn()
+    reference.set_weights(model.get_weights())
+    conv2 = reference.get_layer("conv2")
+    conv2.set_weights([np.zeros_like(w) for w in conv2.get_weights()])
+    return adds(small) == adds(model) - 1 and np.allclose(
+        outputs(small, DATA[0]), outputs(reference, DATA[0]), atol=1e-4)
 
 
 # The exact property each technique promises on the contract model.

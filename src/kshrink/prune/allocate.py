@@ -1,6 +1,7 @@
 """`Prune(scope="sensitivity")`: each layer's sparsity from its measured effect on the model.
 
-Each chosen layer is pruned alone by magnitude at a few levels and the model's outputs on
+Each chosen layer is pruned alone, as the step will prune it (by magnitude, or by Wanda or
+SparseGPT on its own inputs), at a few levels around the target, and the model's outputs on
 calibration examples are compared with the unpruned model's; the errors, assumed to add up
 across layers (as OBC/SPDY assume), then give each layer the sparsity that reaches the target
 over all of them at the least total error: walking every layer's error curve along its lower

@@ -73,7 +73,7 @@ def pruned_alone(model, layers, config, x):
     hessians = input_hessians(model, x, [l for l in layers if not owner_of(l)])
 
     def prune(layer, sparsity: float) -> None:
-        if layer.name in hessians:
+        if not owner_of(layer) and layer.name in hessians:
             solve_alone(layer, hessians[layer.name], lambda w, h: solver(w, h, sparsity))
         else:
             magnitude(layer, sparsity)

@@ -86,3 +86,14 @@ def test_no_import_cycle_between_parts():
 
     for unit in sorted(graph):
         visit(unit, [])
+
+
+def test_every_public_function_and_class_says_what_it_does():
+    """The API reference is read from the docstrings: a public definition needs one."""
+    missing = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+                    and ast.get_docstring(node) is None):
+                missing.append(f"{path.relative_to(SOURCE)}:{node.lineno} {node.name}")
+    assert not missing, missing

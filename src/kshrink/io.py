@@ -152,6 +152,8 @@ def loading_needs(model: keras.Model, path) -> str | None:
 
 
 def check_output_path(path) -> Path:
+    """`path` as a `Path` if a model can be written there (.keras or .kshrink, in an existing
+    writable folder, not a folder itself); a `ModelFileError` saying why not otherwise."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ModelFileError(f"output must end in .keras or .kshrink. Received: {path.name}")

@@ -205,6 +205,8 @@ def pack_bits(indices: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    """The `count` unsigned integers of `bits` bits each packed in `data` (little-endian bit
+    order, as `pack_bits` writes them), as int64."""
     if bits == 8:
         return np.frombuffer(data, np.uint8, count=count).astype(np.int64)
     if bits == 16:
@@ -220,6 +222,7 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
 
 def packed_size(count: int, bits: int) -> int:
+    """Bytes that `count` values of `bits` bits take packed."""
     return (count * bits + 7) // 8
 
 
@@ -255,6 +258,7 @@ def _read_varints(data: bytes, count: int) -> np.ndarray:
 
 
 def compress(data: bytes) -> bytes:
+    """`data` as one zstd frame with its checksum and size (a faster level for large data)."""
     level = ZSTD_LEVEL if len(data) < LARGE else ZSTD_LEVEL_LARGE
     return zstandard.ZstdCompressor(level=level, write_checksum=True,
                                     write_content_size=True).compress(data)

@@ -84,6 +84,8 @@ def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
 
 
 class ClusterHandler(Handler):
+    """Runs `Cluster`: wraps the chosen layers, shares their weights, strips the wrappers."""
+
     trains = True
     settles = True
 

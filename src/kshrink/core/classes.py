@@ -24,6 +24,7 @@ SAVEABLE = (keras.layers.Layer, keras.losses.Loss, keras.metrics.Metric,
 
 
 def is_user_class(cls: type) -> bool:
+    """Whether `cls` comes from outside Keras, keras-hub and kshrink (the user's own)."""
     return cls.__module__.split(".")[0] not in KNOWN_PACKAGES
 
 

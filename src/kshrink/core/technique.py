@@ -120,6 +120,7 @@ def option(default, help: str):
 
 
 def check_choice(technique: str, key: str, value, allowed, allow_none: bool = False) -> None:
+    """`value` is one of `allowed` (or None if `allow_none`); the message lists them."""
     if value not in allowed and not (value is None and allow_none):
         raise RecipeError(
             f"{technique}: {key} must be one of {', '.join(map(str, allowed))}"
@@ -143,6 +144,7 @@ def check_range(technique: str, key: str, value, low: float, high: float,
 
 
 def check_bool(technique: str, key: str, value) -> None:
+    """`value` is True or False (not 0, 1 or a string)."""
     if not isinstance(value, bool):
         raise RecipeError(f"{technique}: {key} must be true or false. "
                           f"Received: {key}={short(value)}")
@@ -158,6 +160,7 @@ MAX_SEED = 2**32 - 1
 
 def check_int(technique: str, key: str, value, low: int | None = None,
               high: int | None = None, allow_none: bool = False) -> None:
+    """`value` is an integer (not a bool) in `[low, high]`; the message names the range."""
     if value is None and allow_none:
         return
     if (not isinstance(value, int) or isinstance(value, bool)
@@ -322,6 +325,8 @@ def register_technique(name: str, handler: Handler, stage: int):
 
 
 def technique_class(name: str) -> type[Technique]:
+    """The registered config class named `name` (e.g. "prune"); a `RecipeError` listing the
+    registered names otherwise."""
     _load_builtins()
     try:
         return _BY_NAME[name]
@@ -332,6 +337,7 @@ def technique_class(name: str) -> type[Technique]:
 
 
 def handler_for(config: Technique) -> Handler:
+    """The handler registered for `config`'s class."""
     _load_builtins()
     try:
         return _HANDLERS[type(config)]

@@ -17,6 +17,8 @@ from kshrink.fold.batchnorm import fold, plan_folds
 
 
 class FoldHandler(Handler):
+    """Runs `Fold`: merges each BatchNormalization into the layer before it."""
+
     def prepare(self, model, config: Fold, ctx: StepContext):
         plan = plan_folds(model, batchnorm=config.batchnorm, noops=config.noops)
         absorbed = {producer: bn for bn, producer in plan.folds.items()}

@@ -188,6 +188,7 @@ def hold_zeros(weights, masks=None) -> tuple:
 
 
 def release_zeros(held) -> None:
+    """Undoes `hold_zeros`: each weight gets its constraint back."""
     for w, before in held:
         w.constraint = before
 

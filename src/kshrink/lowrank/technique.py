@@ -28,6 +28,8 @@ from kshrink.lowrank.factorize import (
 
 
 class LowRankHandler(Handler):
+    """Runs `LowRank`: replaces each chosen layer by two thinner ones where that is smaller."""
+
     trains = True
 
     def prepare(self, model, config: LowRank, ctx: StepContext):

@@ -47,6 +47,8 @@ def _custom_objects(modules):
 
 
 def main(path, loader, modules=()):
+    """Loads `path` with `loader` ("keras" or "kshrink", the user's `modules` imported first),
+    once, in this fresh process, and prints its seconds, peak and resident bytes as JSON."""
     import keras
 
     keras.ops.convert_to_numpy(keras.ops.ones((2, 2)) + 1)  # bring the backend runtime up

@@ -102,6 +102,8 @@ def output_change(model: keras.Model, x, reference: list) -> float:
 
 
 class DepthPruneHandler(Handler):
+    """Runs `DepthPrune`: removes the residual blocks that matter least to the outputs."""
+
     trains = True
 
     def prepare(self, model, config: DepthPrune, ctx: StepContext):

@@ -52,6 +52,9 @@ DEFAULT_SPARSITY = 0.5
 
 
 class PruneHandler(Handler):
+    """Runs `Prune`: wraps the chosen layers, sets masks (at once or along the schedule while
+    fine-tuning), bakes the zeros into stock layers at the end."""
+
     trains = True
     settles = True
 

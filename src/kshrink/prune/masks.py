@@ -88,6 +88,7 @@ def unit_scores(matrix: np.ndarray, pattern: Pattern) -> np.ndarray:
 
 
 def expand_units(unit_mask: np.ndarray, matrix_shape: tuple, pattern: Pattern) -> np.ndarray:
+    """A mask of one value per block (`unit_scores` order) as a mask of the whole matrix."""
     r, c = pattern.block
     rows, cols = matrix_shape
     grid = unit_mask.reshape(rows // r, cols // c)

@@ -38,6 +38,8 @@ SCOPES = ("layer", "global")
 
 
 class StructuredPruneHandler(Handler):
+    """Runs `StructuredPrune`: removes whole channels and rebuilds narrower layers."""
+
     trains = True
 
     def prepare(self, model, config: StructuredPrune, ctx: StepContext):

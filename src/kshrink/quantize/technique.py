@@ -87,6 +87,9 @@ class _Plan:
 
 
 class QuantizeHandler(Handler):
+    """Runs `Quantize`: folds BatchNormalization, then rounds each chosen layer's kernels to
+    integers (by its method) in kshrink's or Keras' quantized layers."""
+
     def trains_with(self, config: Quantize) -> bool:
         return config.qat
 
@@ -153,6 +156,8 @@ def _fold_batchnorm(model, ctx: StepContext):
 
 
 def skip_reason(layer) -> str | None:
+    """Why `Quantize` leaves `layer` alone (already quantized, no kernel it can take), or
+    None if it quantizes it."""
     mode = getattr(layer, "quantization_mode", None)
     if mode or isinstance(layer, QuantizedKernels):
         return f"already quantized ({mode or layer.mode})"

@@ -27,6 +27,7 @@ def grouped(matrix: np.ndarray, groups: int) -> np.ndarray:
 
 
 def ungrouped(weights: np.ndarray) -> np.ndarray:
+    """The inverse of `grouped`: (groups, rows, columns / groups) -> (rows, columns)."""
     g, rows, columns = weights.shape
     return weights.transpose(1, 0, 2).reshape(rows, g * columns)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kshrink.errors import ModelFileError
-from kshrink.io import load_model_file
+from kshrink.io import load
 
 
 def rewritten(source, target, replace: dict):
@@ -38,7 +38,7 @@ def test_a_config_implying_more_kernel_values_than_the_weights_file_holds_is_ref
                     {'"units": 3': '"units": 16384', "[null, 4]": "[null, 16384]"})
     with pytest.raises(ModelFileError, match="implies 268,435,456 kernel values, its weights "
                                              "file holds"):
-        load_model_file(bad)
+        load(bad)
 
 
 def test_max_parameters_refuses_big_models_and_can_be_raised(tmp_path):
@@ -46,8 +46,8 @@ def test_max_parameters_refuses_big_models_and_can_be_raised(tmp_path):
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64)])
     model.save(path)
     with pytest.raises(ModelFileError, match="more than max_parameters=1,000"):
-        load_model_file(path, max_parameters=1000)
-    loaded = load_model_file(path, max_parameters=64 * 64)
+        load(path, max_parameters=1000)
+    loaded = load(path, max_parameters=64 * 64)
     x = np.ones((1, 64), "float32")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
@@ -55,4 +55,4 @@ def test_max_parameters_refuses_big_models_and_can_be_raised(tmp_path):
 def test_a_config_json_that_is_not_json_is_one_error(small, tmp_path):
     bad = rewritten(small, tmp_path / "bad.keras", {'"class_name"': '"class_name" ]'})
     with pytest.raises(ModelFileError, match="config.json is not readable JSON"):
-        load_model_file(bad)
+        load(bad)

@@ -85,7 +85,7 @@ def run(args) -> int:
 def _compress(args) -> int:
     from kshrink import Recipe, compress
     from kshrink.errors import KshrinkError
-    from kshrink.io import save_model_file
+    from kshrink.io import save
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
@@ -101,7 +101,7 @@ def _compress(args) -> int:
         small, report = compress(model, recipe, data=data and data.train,
                                  validation_data=data and data.test, fine_tune=fine_tune,
                                  progress=say)
-    save_model_file(small, target)
+    save(small, target)
     comparison = None
     if args.report or args.format != "json":
         from kshrink.core.progress import within
@@ -142,7 +142,7 @@ def _techniques_option(text: str | None):
 def _search(args) -> int:
     from kshrink.analysis import search
     from kshrink.errors import KshrinkError
-    from kshrink.io import save_model_file
+    from kshrink.io import save
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
@@ -170,7 +170,7 @@ def _search(args) -> int:
         raise KshrinkError(f"no candidate kept held-out accuracy within "
                            f"{args.max_accuracy_drop:g} pp; nothing is written. Allow a larger "
                            "drop, more --epochs or more --rounds")
-    save_model_file(small, target)
+    save(small, target)
     if args.recipe_out:
         from kshrink.core.atomic import atomic_output
 
@@ -244,13 +244,13 @@ def _measure(args) -> int:
 
 
 def _convert(args) -> int:
-    from kshrink.io import save_model_file
+    from kshrink.io import save
     from kshrink.measure import file_size
 
     source, target = Path(args.model), Path(args.output)
     _check_output(target, source)
     model = _load(args, source)
-    save_model_file(model, target)
+    save(model, target)
     before, after = file_size(source).bytes, file_size(target).bytes
     change = (f"{before / after:.2f}x smaller" if after < before
               else f"{after / before:.2f}x larger" if after > before else "the same size")
@@ -289,9 +289,9 @@ def _export(args) -> int:
 
 
 def _load(args, path):
-    from kshrink.io import MAX_PARAMETERS, load_model_file
+    from kshrink.io import MAX_PARAMETERS, load
 
-    return load_model_file(path, max_parameters=args.max_parameters or MAX_PARAMETERS,
+    return load(path, max_parameters=args.max_parameters or MAX_PARAMETERS,
                            custom_objects=args.custom_objects)
 
 
@@ -316,7 +316,7 @@ def _techniques(args) -> int:
 def _demo(args) -> int:
     from kshrink import Recipe, compress, datasets, zoo
     from kshrink.core.progress import within
-    from kshrink.io import save_model_file
+    from kshrink.io import save
     from kshrink.measure import compare
 
     recipe = Recipe.named(args.recipe) if args.recipe else Recipe.from_yaml(DEMO_RECIPE)
@@ -330,9 +330,9 @@ def _demo(args) -> int:
         small, report = compress(model, recipe, data=data.train, validation_data=data.test,
                                  progress=say)
     print("\n" + report.to_text() + "\n")
-    original_path = save_model_file(model, out / "original.keras")
-    save_model_file(small, out / "compressed.keras")
-    compressed_path = save_model_file(small, out / "compressed.kshrink")
+    original_path = save(model, out / "original.keras")
+    save(small, out / "compressed.keras")
+    compressed_path = save(small, out / "compressed.kshrink")
     with _progress(args) as say:
         result = compare(model, small, data.test, original_path=original_path,
                          compressed_path=compressed_path, progress=within(say, "measuring"))

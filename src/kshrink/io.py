@@ -27,9 +27,10 @@ MAX_PARAMETERS = 1 << 31
 WEIGHTS = "model.weights.h5"
 
 
-def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS,
-                    custom_objects: dict | None = None) -> keras.Model:
-    """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`.
+def load(path, *, max_parameters: int = MAX_PARAMETERS, custom_objects: dict | None = None,
+         safe_mode: bool = True) -> keras.Model:
+    """Loads a `.keras` or `.kshrink` file; every way it can be wrong is one `KshrinkError`
+    (`ArtifactError` for a `.kshrink`, `ModelFileError` otherwise).
 
     A `.keras` file is checked before Keras reads it: its config's size and layer count, and
     the kernel values the config implies, against `max_parameters` and against the bytes its
@@ -41,17 +42,28 @@ def load_model_file(path, *, max_parameters: int = MAX_PARAMETERS,
         custom_objects: the user's classes the model is made of (custom layers, losses), by
             class name, as `keras.saving.load_model` takes them
             (`kshrink.core.classes.import_modules` collects a module's).
+        safe_mode: refuse Lambda layers (code in the file); pass False only for files you
+            trust.
+
+    On TensorFlow, model and layer names it cannot run are replaced (see
+    `kshrink.core.graph.runnable_names`).
+
+    Example:
+
+    ```python
+    model = kshrink.load("small.kshrink")   # or "model.keras"
+    ```
     """
     with keras.saving.CustomObjectScope(custom_objects or {}), warnings.catch_warnings():
         # A compiled model saved before it trained (as `compress` returns it) holds its
         # optimizer's step count only; Keras builds the optimizer on load and says it skipped
         # those: nothing was lost.
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model = _load(Path(path), max_parameters)
+        model = _load(Path(path), max_parameters, safe_mode)
     return runnable_names(model)[0]
 
 
-def _load(path: Path, max_parameters: int) -> keras.Model:
+def _load(path: Path, max_parameters: int, safe_mode: bool) -> keras.Model:
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():
@@ -59,7 +71,7 @@ def _load(path: Path, max_parameters: int) -> keras.Model:
     if path.suffix == ".kshrink":
         from kshrink.artifact import load
 
-        return load(path)
+        return load(path, safe_mode=safe_mode)
     if path.suffix != ".keras":
         raise ModelFileError(f"expected a .keras or .kshrink model file. Received: {path.name}")
     if not zipfile.is_zipfile(path):
@@ -80,7 +92,7 @@ def _load(path: Path, max_parameters: int) -> keras.Model:
                 _check_keras_config(archive, path, max_parameters)
         if bad is not None:
             raise ModelFileError(f"{path} is corrupt: member {bad} fails its checksum")
-        return keras.saving.load_model(path)
+        return keras.saving.load_model(path, safe_mode=safe_mode)
     except ModelFileError:
         raise
     except KshrinkError as e:
@@ -166,10 +178,19 @@ def check_output_path(path) -> Path:
     return path
 
 
-def save_model_file(model: keras.Model, path) -> Path:
-    """Saves `model` as `.keras` or as the compact `.kshrink`, chosen by the suffix.
+def save(model: keras.Model, path) -> Path:
+    """Saves `model` as `.keras` or as the compact `.kshrink`, chosen by the suffix, and
+    returns the path.
 
-    Either way the file appears whole or not at all (temporary file, then rename).
+    Either way the file appears whole or not at all (temporary file, then rename); a path
+    that cannot be written (no such folder, a folder, another suffix) is a `ModelFileError`
+    before anything is written.
+
+    Example:
+
+    ```python
+    kshrink.save(small, "small.kshrink")   # smallest exact encodings; or "small.keras"
+    ```
     """
     path = check_output_path(path)
     if path.suffix == ".kshrink":

@@ -10,7 +10,6 @@ import safetensors.numpy
 
 import kshrink
 from kshrink.artifact import ArtifactError, load, save
-from kshrink.io import save_model_file
 from kshrink.artifact.encodings import compress
 
 from conftest import small_cnn, small_mlp
@@ -183,7 +182,7 @@ def test_outputs_keep_the_mode_of_the_file_they_replace_or_the_umask(tmp_path):
     try:
         fresh = tmp_path / "fresh.kshrink"
         kshrink.save(model, fresh)
-        save_model_file(model, tmp_path / "fresh.keras")
+        kshrink.save(model, tmp_path / "fresh.keras")
     finally:
         os.umask(umask)
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644

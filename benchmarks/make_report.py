@@ -208,7 +208,8 @@ def post_training_section(data):
         parts += [f"**{title}**", table(columns, body)]
     scaled = [r for r in data["rows"] if "peak_memory_mb" in r
               and not r["variant"].endswith(" folder")]
-    folder = [r for r in data["rows"] if "peak_memory_mb" in r and r["variant"].endswith(" folder")]
+    folder = [r for r in data["rows"]
+              if "peak_memory_mb" in r and r["variant"].endswith(" folder")]
     if folder:
         parts += [f"**EfficientNet-Lite0 on an ImageNet-style folder** (`--images DIR`: "
                   f"calibrated on 256 of its photos, scored on the {folder[0]['scored']:,} "

@@ -10,7 +10,13 @@ import keras
 
 from kshrink.core.data import check_data, example_count, model_inputs
 from kshrink.core.distribute import DataParallel
-from kshrink.core.graph import copy_model, keep_layer_policies, leaf_layers, path_of, runnable_names
+from kshrink.core.graph import (
+    copy_model,
+    keep_layer_policies,
+    leaf_layers,
+    path_of,
+    runnable_names,
+)
 from kshrink.core.progress import Console
 from kshrink.core.recipe import Recipe
 from kshrink.core.report import CompressionReport, StepFidelity, StepReport

@@ -118,9 +118,10 @@ def _quantize_leaves_integer_kernels(model, small, step):
     layers = {l.name: l for l in leaf_layers(small)}
     folded = {l.name for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)}
     quantized = [r.layer for r in step.applied if r.layer not in folded]
-    return sorted(quantized) == ["conv1", "conv2", "fc1", "fc2"] and not folded & set(layers) and all(
-        getattr(layers[name], "quantization_mode", None) == "int8"
-        or getattr(layers[name], "mode", None) == "int8" for name in quantized)
+    integer = all(getattr(layers[name], "quantization_mode", None) == "int8"
+                  or getattr(layers[name], "mode", None) == "int8" for name in quantized)
+    return sorted(quantized) == ["conv1", "conv2", "fc1", "fc2"] and not folded & set(layers) \
+        and integer
 
 
 def _fold_removes_every_batchnorm(model, small, step):

@@ -254,3 +254,19 @@ def test_activations_spilled_to_disk_give_the_same_model(trained, digits, config
     assert list(tmp_path.iterdir()) == []
     for a, b in zip(in_memory.get_weights(), spilled.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_integer_pixels_reach_the_first_layer_as_the_model_input_type(digits):
+    """A model without a Rescaling layer, given uint8 images: the layer-by-layer engine
+    converts them as a model call does, and GPTQ solves the same model as on float32."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Reshape((8, 8, 1)),
+                              keras.layers.Conv2D(8, 3, name="conv"), keras.layers.Flatten(),
+                              keras.layers.Dense(10, name="fc")])
+    pixels = digits.train[0][:64]
+    assert pixels.dtype == np.uint8
+    recipe = kshrink.Quantize(mode="int4", group_size=None, method="gptq", keep_int8=False)
+    small = [kshrink.compress(model, recipe, data=x, verbose=False)[0]
+             for x in (pixels, pixels.astype("float32"))]
+    x = digits.test[0][:32].astype("float32")
+    np.testing.assert_array_equal(small[0].predict(x, verbose=0), small[1].predict(x, verbose=0))

@@ -438,7 +438,7 @@ class _Stream:
 
     def __init__(self, calls, inputs, names, batches, store: _Store):
         self.calls, self.store, self.batches = calls, store, len(batches)
-        self.values = {id(t): [store.put(_bind(b, k, names)) for b in batches]
+        self.values = {id(t): [store.put(_bind(b, k, names, t.dtype)) for b in batches]
                        for k, t in enumerate(inputs)}
         self.last_use = {}
         for i, call in enumerate(calls):
@@ -517,13 +517,20 @@ def _recorded(layer, inner: list, arguments: list) -> list:
     return [(l, seen[id(l)]) for l in order]
 
 
-def _bind(batch, index: int, names: list):
-    """The part of one batch that model input `index` (named `names[index]`) takes."""
+def _bind(batch, index: int, names: list, dtype=None):
+    """The part of one batch that model input `index` (named `names[index]`) takes, as that
+    input's `dtype` when both are numbers (a model call converts its inputs so: uint8 pixels
+    reach the first layer as float32)."""
     if isinstance(batch, dict):
-        return batch[names[index]]
-    if isinstance(batch, (list, tuple)):
-        return batch[index]
-    return batch
+        value = batch[names[index]]
+    elif isinstance(batch, (list, tuple)):
+        value = batch[index]
+    else:
+        value = batch
+    value = np.asarray(value)
+    if dtype is None or value.dtype == dtype or value.dtype.kind not in "biuf":
+        return value
+    return keras.ops.convert_to_numpy(keras.ops.cast(value, dtype))
 
 
 def _leaves(model):

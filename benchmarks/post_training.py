@@ -191,9 +191,9 @@ def in_children(variants, images: str | None = None) -> list[dict]:
     for variant in variants:
         command = [sys.executable, __file__, "--child", variant] + (
             ["--images", images] if images else [])
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        output = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
         if status != 0:
             raise SystemExit(f"{variant}: the child process failed ({status})")
         row = json.loads(output.strip().splitlines()[-1])

@@ -41,7 +41,7 @@ import numpy as np
 
 from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
-from kshrink.core.data import check_data, example_count
+from kshrink.core.data import check_data, example_count, example_inputs, model_inputs
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
 from kshrink.errors import KshrinkError
 from kshrink.layers import QuantizedKernels, kernel_specs
@@ -123,7 +123,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
 
     Raises:
         KshrinkError: an unknown suffix or quantization, `"int8"` without data or for ONNX,
-            a backend other than TensorFlow, or a model with several inputs or outputs.
+            a backend other than TensorFlow, or "int8" for a model with several inputs.
     """
     path = Path(path)
     fmt = FORMATS.get(path.suffix)  # as written: Keras' exporters take lowercase only
@@ -142,9 +142,6 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         raise KshrinkError(
             f"export to {path.suffix} runs on the {' or '.join(BACKENDS[fmt])} backend: set "
             f"KERAS_BACKEND=tensorflow (a .keras file saved under any backend loads there)")
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise KshrinkError(f"export: models with one input and one output are supported; "
-                           f"{model.name!r} has {len(model.inputs)} and {len(model.outputs)}")
     x = _inputs(model, data, samples)
     integer = _has_integer_layers(model)
     if quantization == "auto":
@@ -152,6 +149,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization == "int8" and data is None:
         raise KshrinkError("export: quantization='int8' calibrates activations on data: pass "
                            "data (or use 'dynamic')")
+    if quantization == "int8" and not isinstance(x, np.ndarray):
+        raise KshrinkError(f"export: quantization='int8' takes models with one input; "
+                           f"{model.name!r} has {len(model.inputs)} (use 'dynamic')")
     if integer and keras.backend.backend() != "tensorflow":
         raise KshrinkError("export: models with integer layers export on the tensorflow "
                            "backend (torch's ONNX exporter cannot trace them): set "
@@ -163,7 +163,8 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization == "int8" and (integer or fmt == "onnx"):
         model, carried = float_twin(model, x if fmt == "onnx" else None)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
-    expected = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    expected = [np.asarray(o) for o in
+                keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))]
     if not path.parent.is_dir():
         raise KshrinkError(f"export: output directory does not exist: {path.parent}")
     if path.is_dir():
@@ -173,14 +174,17 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             _write_litert(model, temporary, quantization, x)
         else:
             _write_onnx(model, temporary, quantization, x)
-        outputs = Runtime(temporary)(x)  # renamed into place only once it has run
-    outputs = outputs.reshape(expected.shape)
+        outputs = Runtime(temporary).run(x)  # renamed into place only once it has run
+    if len(outputs) != len(expected):
+        raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the model "
+                           f"{len(expected)}")
+    outputs = [o.reshape(e.shape) for o, e in zip(outputs, expected)]
     agreement = None
-    if expected.ndim == 2 and expected.shape[1] > 1:
-        agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
-    return ExportReport(path, fmt, quantization, path.stat().st_size, len(x),
-                        float(np.max(np.abs(outputs - expected))), agreement, len(carried),
-                        note)
+    if len(expected) == 1 and expected[0].ndim == 2 and expected[0].shape[1] > 1:
+        agreement = float(np.mean(outputs[0].argmax(1) == expected[0].argmax(1)))
+    difference = max(float(np.max(np.abs(o - e))) for o, e in zip(outputs, expected))
+    return ExportReport(path, fmt, quantization, path.stat().st_size, example_count(x),
+                        difference, agreement, len(carried), note)
 
 
 def check_runtime(caller: str, runtime: str) -> None:
@@ -209,13 +213,19 @@ def in_runtime(model: keras.Model, runtime: str, data=None):
         return Runtime(report.path)  # holds the file in memory: it may go
 
 
-def _inputs(model, data, samples: int) -> np.ndarray:
-    spec = model.inputs[0]
+def _inputs(model, data, samples: int):
+    """The check (and calibration) inputs: `samples` examples of `data`, else random ones,
+    each as its model input's dtype; an array, or a dict or list for several inputs."""
     if data is None:
-        shape = tuple(samples if d is None else d for d in spec.shape)
-        return np.random.default_rng(0).random(shape).astype(spec.dtype or "float32")
-    x = data[0] if isinstance(data, (tuple, list)) else data
-    return np.asarray(x[:samples], dtype=spec.dtype or "float32")
+        return example_inputs(model, samples)
+    x = model_inputs(data)
+    specs = model.inputs
+    if isinstance(x, dict):
+        return {t.name: np.asarray(x[t.name][:samples], dtype=t.dtype or "float32")
+                for t in specs}
+    if isinstance(x, (list, tuple)):
+        return [np.asarray(v[:samples], dtype=t.dtype or "float32") for v, t in zip(x, specs)]
+    return np.asarray(x[:samples], dtype=specs[0].dtype or "float32")
 
 
 def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[str]]:
@@ -360,7 +370,15 @@ def _write_litert(model, path, quantization, x) -> None:
                 yield [x[i:i + 1]]
 
         options["representative_dataset"] = representative
-    model.export(path, format="litert", verbose=False, **options)
+    try:
+        model.export(path, format="litert", verbose=False, **options)
+    except Exception as e:  # TensorFlow's ConverterError is not public API
+        if type(e).__name__ != "ConverterError":
+            raise
+        # e.g. Keras' int8 EinsumDense (keras-hub attention): a squeeze the converter refuses
+        first = next((line for line in str(e).splitlines() if "error:" in line), str(e))
+        raise KshrinkError("export: the LiteRT converter cannot convert this model: "
+                           f"{first.rsplit('error:', 1)[-1].strip()[:200]}") from None
 
 
 def _write_onnx(model, path, quantization, x) -> None:
@@ -463,11 +481,11 @@ _ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
 
 
 class Runtime:
-    """An exported file loaded in its runtime: `runtime(x)` returns the first output as NumPy.
-    The file is read whole when it loads; the runtime does not need it after.
-
-    `predict_on_batch` is the same call, so `kshrink.measure.latency(runtime, x)` times it
-    like a Keras model.
+    """An exported file loaded in its runtime: `runtime(x)` returns the first output as NumPy,
+    `runtime.run(x)` every output (by name: a dict output's keys, in `keras.tree.flatten`
+    order). `x` is an array, or a dict of arrays by input name for a model with several
+    inputs. `predict_on_batch` is the same call, so `kshrink.measure.latency(runtime, x)`
+    times it like a Keras model.
     """
 
     def __init__(self, path):
@@ -477,28 +495,43 @@ class Runtime:
             from ai_edge_litert.interpreter import Interpreter
 
             self._interpreter = Interpreter(model_content=self.path.read_bytes())
-            (self._input,) = self._interpreter.get_input_details()
-            (self._output,) = self._interpreter.get_output_details()
-            self._shape = None
+            inputs = self._interpreter.get_input_details()
+            self._single = len(inputs) == 1 and len(self._interpreter.get_output_details()) == 1
+            if self._single:
+                (self._input,) = inputs
+                (self._output,) = self._interpreter.get_output_details()
+                self._shape = None
+            else:  # by name, through the model's signature
+                self._runner = self._interpreter.get_signature_runner()
+                self._dtypes = {name: d["dtype"] for name, d in
+                                self._runner.get_input_details().items()}
         elif fmt == "onnx":
             import onnxruntime
 
             self._session = onnxruntime.InferenceSession(str(self.path),
                                                          providers=["CPUExecutionProvider"])
-            (source,) = self._session.get_inputs()
-            self._input_name = source.name
-            self._input_dtype = _ONNX_TYPES.get(source.type, "float32")
+            self._dtypes = {i.name: _ONNX_TYPES.get(i.type, "float32")
+                            for i in self._session.get_inputs()}
+            self._names = sorted(o.name for o in self._session.get_outputs())
         else:
             raise KshrinkError(f"Runtime: unknown file type {self.path.suffix!r}; use "
                                f"{' or '.join(FORMATS)}")
         self.format = fmt
 
     def __call__(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        return self.run(x)[0]
+
+    predict_on_batch = __call__
+
+    def run(self, x) -> list[np.ndarray]:
+        """Every output of the file on `x`, ordered by output name."""
         if self.format == "onnx":
-            x = x.astype(self._input_dtype, copy=False)
-            return np.asarray(self._session.run(None, {self._input_name: x})[0])
-        x = x.astype(self._input["dtype"], copy=False)
+            outputs = self._session.run(self._names, self._feeds(x))
+            return [np.asarray(o) for o in outputs]
+        if not self._single:
+            outputs = self._runner(**self._feeds(x))
+            return [np.array(outputs[name]) for name in sorted(outputs)]
+        x = np.asarray(x).astype(self._input["dtype"], copy=False)
         if x.shape != self._shape:
             self._interpreter.resize_tensor_input(self._input["index"], x.shape)
             with quiet_stderr(RUNTIME_NOISE):  # where LiteRT applies its delegate
@@ -506,6 +539,18 @@ class Runtime:
             self._shape = x.shape
         self._interpreter.set_tensor(self._input["index"], x)
         self._interpreter.invoke()
-        return np.array(self._interpreter.get_tensor(self._output["index"]))
+        return [np.array(self._interpreter.get_tensor(self._output["index"]))]
 
-    predict_on_batch = __call__
+    def _feeds(self, x) -> dict:
+        """`x` by input name, each in its input's dtype."""
+        if not isinstance(x, dict):
+            if len(self._dtypes) != 1:
+                raise KshrinkError(f"Runtime: {self.path.name} takes {len(self._dtypes)} "
+                                   f"inputs; pass a dict by name: {', '.join(self._dtypes)}")
+            x = {next(iter(self._dtypes)): x}
+        missing = set(self._dtypes) - set(x)
+        if missing:
+            raise KshrinkError(f"Runtime: {self.path.name} needs inputs "
+                               f"{', '.join(sorted(missing))}")
+        return {name: np.asarray(x[name]).astype(dtype, copy=False)
+                for name, dtype in self._dtypes.items()}

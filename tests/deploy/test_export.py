@@ -232,3 +232,27 @@ def test_int4_weights_go_out_as_int8_and_say_so(trained, digits, tmp_path):
     assert "int4 weights are written as int8" in str(report)
     reference = int4.predict(digits.train[0][:256], verbose=0).argmax(1)
     assert report.agreement >= 0.95 and len(reference) == report.samples
+
+
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+@on_tensorflow  # torch's ONNX exporter cannot trace keras-hub's ReversibleEmbedding
+def test_a_keras_hub_backbone_with_three_inputs_and_two_outputs_exports(tmp_path, suffix):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                             hidden_dim=16, intermediate_dim=32,
+                                             max_sequence_length=16)
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, 100, (8, 16)), "segment_ids": np.zeros((8, 16), int),
+         "padding_mask": np.ones((8, 16), int)}
+    report = export(backbone, tmp_path / f"bert{suffix}", data=x)
+    expected = backbone.predict(x, verbose=0)
+    assert report.max_abs_diff < 1e-4 and report.samples == 8
+    pooled, sequence = Runtime(report.path).run(x)  # outputs by name
+    np.testing.assert_allclose(pooled, expected["pooled_output"], atol=1e-4)
+    np.testing.assert_allclose(sequence, expected["sequence_output"], atol=1e-4)
+    with pytest.raises(KshrinkError, match="takes 3 inputs; pass a dict by name"):
+        Runtime(report.path)(x["token_ids"])
+    with pytest.raises(KshrinkError, match="takes models with one input"):
+        export(backbone, tmp_path / f"int8{suffix}", data=x, quantization="int8")

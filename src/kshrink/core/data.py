@@ -110,3 +110,23 @@ def take(x, n: int):
         return [take(v, n) for v in x]
     x = np.asarray(x)
     return np.resize(x, (n,) + x.shape[1:]) if len(x) < n else x[:n]
+
+
+def example_inputs(model, n: int, seed: int = 0):
+    """Random inputs shaped and typed like the model's: an array, or the dict or list of
+    arrays a model with several inputs takes. Integer inputs (token ids, masks) are 0 or 1,
+    valid for any vocabulary."""
+    rng = np.random.default_rng(seed)
+
+    def example(spec):
+        shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
+        if "int" in str(spec.dtype) or "bool" in str(spec.dtype):
+            return rng.integers(0, 2, size=shape).astype(spec.dtype)
+        return rng.random(shape, dtype=np.float32)
+
+    single = len(model.inputs) == 1  # `model.input` is unset on a Sequential built by shape
+    if single:
+        return example(model.inputs[0])
+    import keras
+
+    return keras.tree.map_structure(example, model.input)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from kshrink.core.classes import is_user_class, model_classes, probe_imports
-from kshrink.core.data import check_data, labels_of, model_inputs
+from kshrink.core.data import check_data, example_inputs, labels_of, model_inputs
 from kshrink.core.stream import as_stream
 from kshrink.errors import MeasurementError
 from kshrink.measure.accuracy import (
@@ -288,23 +288,6 @@ def evaluate_data(model: keras.Model, data) -> dict:
     or for a model that is not a classifier)."""
     data = _Data(data, model)
     return data.evaluate(model) if labels_of(data.sample) is not None else {}
-
-
-def example_inputs(model: keras.Model, n: int, seed: int = 0):
-    """Random inputs shaped and typed like the model's: an array, or the dict or list of
-    arrays a model with several inputs takes. Integer inputs (token ids, masks) are 0 or 1,
-    valid for any vocabulary."""
-    rng = np.random.default_rng(seed)
-
-    def example(spec):
-        shape = (n,) + tuple(d or 1 for d in spec.shape[1:])
-        if "int" in str(spec.dtype) or "bool" in str(spec.dtype):
-            return rng.integers(0, 2, size=shape).astype(spec.dtype)
-        return rng.random(shape, dtype=np.float32)
-
-    single = len(model.inputs) == 1  # `model.input` is unset on a Sequential built by shape
-    return example(model.inputs[0]) if single else keras.tree.map_structure(example,
-                                                                           model.input)
 
 
 def _table(a: Measurement, b: Measurement | None, fid: Fidelity | None) -> Table:

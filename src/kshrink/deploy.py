@@ -175,16 +175,17 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         else:
             _write_onnx(model, temporary, quantization, x)
         outputs = Runtime(temporary).run(x)  # renamed into place only once it has run
-    if len(outputs) != len(expected):
-        raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the model "
-                           f"{len(expected)}")
+        if len(outputs) != len(expected):
+            raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the "
+                               f"model {len(expected)}")
     outputs = [o.reshape(e.shape) for o, e in zip(outputs, expected)]
     agreement = None
     if len(expected) == 1 and expected[0].ndim == 2 and expected[0].shape[1] > 1:
         agreement = float(np.mean(outputs[0].argmax(1) == expected[0].argmax(1)))
     difference = max(float(np.max(np.abs(o - e))) for o, e in zip(outputs, expected))
-    return ExportReport(path, fmt, quantization, path.stat().st_size, example_count(x),
-                        difference, agreement, len(carried), note)
+    return ExportReport(path, fmt, quantization, path.stat().st_size,
+                        len(keras.tree.flatten(x)[0]), difference, agreement, len(carried),
+                        note)
 
 
 def check_runtime(caller: str, runtime: str) -> None:

@@ -94,9 +94,61 @@ def test_keras_is_a_runtime_and_an_unknown_one_is_one_line(trained):
 def test_integer_weights_stay_integer(trained, int8_model, digits, tmp_path, suffix):
     float_file = export(trained, tmp_path / f"float{suffix}").file_bytes
     report = export(int8_model, tmp_path / f"int8{suffix}", data=digits.test)
-    assert report.quantization == "dynamic"
+    assert report.quantization == "weights"
     assert report.file_bytes < 0.4 * float_file
     assert report.agreement >= 0.97
+
+
+@pytest.fixture(scope="module")
+def int4_convnet():
+    """Convolutions, a depthwise one and Dense layers, int4 per channel except one Dense in
+    Keras' int4 groups of 32 (with zero points); weights are most of the file."""
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)), keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.DepthwiseConv2D(3), keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(256, activation="relu",
+                                                                  name="grouped"),
+        keras.layers.Dense(10)])
+    x = rng.random((64, 12, 12, 3), dtype="float32")
+    grouped = kshrink.Select(names=["grouped"])
+    recipe = [kshrink.Quantize(mode="int4", group_size=32, keep_int8=False, layers=grouped),
+              kshrink.Quantize(mode="int4", group_size=None, keep_int8=False, exclude=grouped)]
+    return kshrink.compress(model, recipe, data=x)[0], x
+
+
+@on_tensorflow
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+def test_int4_weights_are_the_models_code_for_code(int4_convnet, tmp_path, suffix):
+    import dataclasses
+
+    from kshrink.deploy import weights
+
+    model, x = int4_convnet
+    float_bytes = export(model, tmp_path / f"float{suffix}", quantization="none").file_bytes
+    report = export(model, tmp_path / f"int4{suffix}", data=x)
+    assert report.quantization == "weights"
+    stored = (weights.litert_codes if suffix == ".tflite" else weights.onnx_codes)(report.path)
+    kernels = weights.model_kernels(model)
+    as_codes = [dataclasses.replace(k, scale=np.ones_like(k.scale), zero=None) for k in kernels]
+    found = weights.place(as_codes, {n: c.astype("float32") for n, c in stored.items()})
+    kept = {k.key for k in found.values()}
+    if suffix == ".onnx":  # int4 in blocks along one axis: ONNX has them
+        assert kept == {k.key for k in kernels}
+        assert report.weights["grouped"] == "int4 in blocks of 32"
+        assert report.file_bytes < 0.25 * float_bytes
+    else:  # LiteRT: one scale per channel, and no int4 depthwise op
+        assert kept == {k.key for k in kernels} - {"grouped"}
+        assert report.weights["grouped"].startswith("float32: LiteRT takes one symmetric")
+        assert report.weights["depthwise_conv2d"].startswith("int8 on the int4 grid")
+        assert report.file_bytes < 0.7 * float_bytes  # half of the weights are "grouped"
+    assert all(report.weights[k.key].startswith("int4 per channel") for k in kernels
+               if k.key not in ("grouped", "depthwise_conv2d"))
+    scale = np.abs(model.predict(x, verbose=0)).max()
+    # LiteRT computes in float from the same weights; ONNX Runtime's int4 MatMul quantizes
+    # its input to int8 as it runs.
+    assert report.max_abs_diff <= (1e-5 if suffix == ".tflite" else 2e-2) * scale
+    assert "weights kept code for code" in str(report)
 
 
 @on_tensorflow
@@ -220,7 +272,7 @@ def test_full_integer_of_keras_layers_it_cannot_read_is_refused(tmp_path):
     model = keras.Model(inputs, keras.layers.EinsumDense("abc,cd->abd", (4, 6))(inputs))
     model.quantize("int8")
     target = tmp_path / "m.tflite"
-    with pytest.raises(kshrink.KshrinkError, match="EinsumDense layers .* not supported yet"):
+    with pytest.raises(kshrink.KshrinkError, match="EinsumDense layers .* cannot be exported"):
         export(model, target, quantization="int8", data=np.ones((8, 4, 8), "float32"))
     assert not target.exists()
 

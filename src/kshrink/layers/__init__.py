@@ -9,11 +9,13 @@ custom layer registers its own (`register_spec`).
 from kshrink.layers.quantized import (
     FLOAT_MODES,
     INTEGER_MODES,
+    IntegerKernel,
     KERAS_INTEGER_LAYERS,
     MODES,
     QUANTIZED_CLASSES,
     QuantizedKernels,
     fake_quantize_kernel,
+    integer_kernels,
     keras_base,
     keras_quantizes,
     quantize_layer,
@@ -38,8 +40,8 @@ from kshrink.layers.wrappers import (
 )
 
 __all__ = ["FLOAT_MODES", "INTEGER_MODES", "KERAS_INTEGER_LAYERS", "MODES", "QUANTIZED_CLASSES",
-           "ClusterWrapper", "LayerSpec", "PruneWrapper", "QuantizeAwareWrapper",
-           "QuantizedKernels", "SubstituteWrapper", "WeightSpec", "as_matrix",
-           "fake_quantize_kernel", "from_matrix", "keras_base", "keras_quantizes",
-           "kernel_specs", "kernel_weights", "output_axes", "quantize_layer", "quantize_matrix",
-           "register_spec", "spec_for"]
+           "ClusterWrapper", "IntegerKernel", "LayerSpec", "PruneWrapper",
+           "QuantizeAwareWrapper", "QuantizedKernels", "SubstituteWrapper", "WeightSpec",
+           "as_matrix", "fake_quantize_kernel", "from_matrix", "integer_kernels", "keras_base",
+           "keras_quantizes", "kernel_specs", "kernel_weights", "output_axes", "quantize_layer",
+           "quantize_matrix", "register_spec", "spec_for"]

@@ -19,6 +19,7 @@ The classes are registered as `kshrink>Quantized<Keras class>`: after `import ks
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -26,6 +27,7 @@ from keras import ops
 
 from kshrink.layers.specs import (
     as_matrix,
+    from_matrix,
     matrix_shape,
     moved_axes,
     quantizable_classes,
@@ -228,6 +230,61 @@ def keras_quantizes(layer) -> bool:
     cls = type(layer)
     return issubclass(cls, KERAS_INTEGER_LAYERS) and (
         cls in KERAS_INTEGER_LAYERS or cls.__module__.startswith(("keras.", "keras_hub.")))
+
+
+class IntegerKernel(NamedTuple):
+    """An integer kernel in the kernel's own (Keras) layout, one value per element: the float
+    kernel a layer computes with is `(codes - zero) * scale` (`zero` None: symmetric)."""
+
+    codes: np.ndarray  # int8 (int4 codes unpacked)
+    scale: np.ndarray  # float32
+    zero: np.ndarray | None  # int8, or None
+    bits: int  # 4 or 8
+
+    @property
+    def values(self) -> np.ndarray:
+        codes = self.codes.astype("float32")
+        return (codes if self.zero is None else codes - self.zero) * self.scale
+
+
+def integer_kernels(layer) -> dict[str, IntegerKernel]:
+    """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers and
+    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points); `{}` for
+    any other layer (float, float16 storage, not quantized)."""
+    if isinstance(layer, QuantizedKernels):
+        if layer.mode not in INTEGER_MODES:
+            return {}
+        found = {}
+        for name, (_, axes) in layer.KERNELS.items():
+            shape = layer._kernel_shapes[name]
+            rows, _ = matrix_shape(shape, axes)
+            codes = keras.ops.convert_to_numpy(layer.stored_kernel(name).value)
+            if layer.mode == "int4":
+                codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, rows,
+                                                                                axis=0))
+            scale = keras.ops.convert_to_numpy(layer.kernel_scale(name).value)
+            scale = np.repeat(scale, layer.group_size or rows, axis=0)[:rows]
+            found[name] = IntegerKernel(from_matrix(codes.astype("int8"), shape, axes),
+                                        from_matrix(scale, shape, axes), None,
+                                        4 if layer.mode == "int4" else 8)
+        return found
+    mode = getattr(layer, "quantization_mode", None)
+    if type(layer) is not keras.layers.Dense or mode not in INTEGER_MODES:
+        return {}
+    stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
+    codes = stored["kernel"]
+    if mode == "int4":  # packed along the outputs
+        codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, layer.units,
+                                                                        axis=-1))
+    codes = codes.astype("int8")
+    if "g_idx" in stored:  # int4 in groups of inputs: asymmetric, scales multiply
+        groups = stored["g_idx"].astype("int64")
+        return {"kernel": IntegerKernel(codes, stored["kernel_scale"][groups].astype("float32"),
+                                        stored["kernel_zero"][groups].astype("int8"), 4)}
+    # Per output channel: Keras divides by its scale.
+    scale = np.broadcast_to(1.0 / stored["kernel_scale"].reshape(1, -1).astype("float32"),
+                            codes.shape)
+    return {"kernel": IntegerKernel(codes, np.array(scale), None, 4 if mode == "int4" else 8)}
 
 
 def _quantized_class(base: type) -> type:

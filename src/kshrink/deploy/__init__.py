@@ -8,6 +8,13 @@ inputs and reports its size and how far its outputs are from Keras'.
 
 Quantization:
 - `"none"`: float weights and activations.
+- `"weights"`: the model's own integer weights, code for code, with float activations: each
+  int4 or int8 kernel of a quantized model is stored as its codes and kshrink's scales, and
+  dequantized before its op (ONNX: `DequantizeLinear`, opset 21; LiteRT: ai-edge-quantizer's
+  weight-only quantization). Every other weight stays float. Where a format cannot hold a
+  kernel's grid, it is widened (int4 codes as int8 on the same scales, or float) and the
+  report says which and why (`kshrink.deploy.weights`). The smallest file that keeps the
+  model's results; storage only: on x86 the runtimes dequantize and compute in float.
 - `"dynamic"`: int8 weights, float activations (LiteRT's dynamic range quantization, ONNX
   Runtime's `quantize_dynamic`). Integer weights of a model kshrink quantized land on the
   same per-channel grid, so they stay what they were. Small files, but the hybrid kernels run
@@ -21,8 +28,7 @@ Quantization:
   then uses. Every other range is calibrated on `data`: by the LiteRT converter, and for ONNX
   as the min/max of each kernel layer's input (ONNX Runtime fuses a layer into an integer
   kernel only where its input has a range of its own).
-- `"auto"` (default): `"dynamic"` for a model with integer-quantized layers, so the file
-  keeps them small, else `"none"`.
+- `"auto"` (default): `"weights"` for a model with integer-quantized layers, else `"none"`.
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data, example_count, example_inputs, model_inputs
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
+from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
-from kshrink.layers import QuantizedKernels, kernel_specs
+from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
-QUANTIZATIONS = ("auto", "none", "dynamic", "int8")
+QUANTIZATIONS = ("auto", "none", "weights", "dynamic", "int8")
 MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
 RANGE_BATCH = 32  # examples whose layer inputs are held at once while ranges are measured
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
@@ -68,7 +75,7 @@ class ExportReport:
     Attributes:
         path: the file written.
         format: `"litert"` or `"onnx"`.
-        quantization: `"none"`, `"dynamic"` or `"int8"`.
+        quantization: `"none"`, `"weights"`, `"dynamic"` or `"int8"`.
         file_bytes: its size.
         samples: check inputs run through both Keras and the runtime.
         max_abs_diff: largest absolute output difference from Keras.
@@ -78,6 +85,8 @@ class ExportReport:
             ranges came from the model itself rather than from calibration.
         note: one line on what the file could not keep (int4 weights written as int8), or
             None.
+        weights: for `"weights"`, what the file keeps of each layer with integer kernels
+            (`"int4 per channel"`, or `"float32: ..."` with the reason it was widened).
     """
 
     path: Path
@@ -89,6 +98,7 @@ class ExportReport:
     agreement: float | None
     model_ranges: int = 0
     note: str | None = None
+    weights: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         agreement = "" if self.agreement is None else f", top-1 agreement {self.agreement:.2%}"
@@ -97,6 +107,8 @@ class ExportReport:
                           "the rest calibrated on data")
         if self.note:
             agreement += f"\n{self.note}"
+        if self.weights:
+            agreement += "\n" + _kept_summary(self.weights)
         hint = ""
         if self.quantization == "dynamic":
             hint = ("\nint8 weights with float activations: a small file, but slower than float "
@@ -113,7 +125,8 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     Args:
         model: a Keras model (kshrink's quantized layers included).
         path: `.tflite` (LiteRT) or `.onnx` (ONNX).
-        quantization: `"auto"`, `"none"`, `"dynamic"` or `"int8"` (see the module doc).
+        quantization: `"auto"`, `"none"`, `"weights"`, `"dynamic"` or `"int8"` (see the
+            module doc).
         data: example inputs `x` or `(x, y)`: calibration for `"int8"` and the check inputs
             (default for the check: random inputs shaped like the model's).
         samples: how many examples calibrate and check.
@@ -145,7 +158,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     x = _inputs(model, data, samples)
     integer = _has_integer_layers(model)
     if quantization == "auto":
-        quantization = "dynamic" if integer else "none"
+        quantization = "weights" if integer else "none"
     if quantization == "int8" and data is None:
         raise KshrinkError("export: quantization='int8' calibrates activations on data: pass "
                            "data (or use 'dynamic')")
@@ -156,12 +169,16 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         raise KshrinkError("export: models with integer layers export on the tensorflow "
                            "backend (torch's ONNX exporter cannot trace them): set "
                            "KERAS_BACKEND=tensorflow")
-    carried, note = [], None
+    carried, note, kernels = [], None, []
     if quantization == "int8" and any(_mode(layer) == "int4" for layer in leaf_layers(model)):
         note = ("int4 weights are written as int8: the integer kernels of this export take "
                 "int8 weights (the int4 grid lies on the int8 one within rounding)")
     if quantization == "int8" and (integer or fmt == "onnx"):
         model, carried = float_twin(model, x if fmt == "onnx" else None)
+    if quantization == "weights":
+        kernels = weights.model_kernels(model)
+        if integer:
+            model, _ = float_twin(model, partial=True)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
     expected = [np.asarray(o) for o in
                 keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))]
@@ -174,6 +191,11 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             _write_litert(model, temporary, quantization, x)
         else:
             _write_onnx(model, temporary, quantization, x)
+        kept = {}
+        if kernels:
+            with _quiet_quantizer(), quiet_stderr(RUNTIME_NOISE):
+                keep = weights.keep_litert if fmt == "litert" else weights.keep_onnx
+                kept = keep(temporary, kernels)
         outputs = Runtime(temporary).run(x)  # renamed into place only once it has run
         if len(outputs) != len(expected):
             raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the "
@@ -185,7 +207,20 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     difference = max(float(np.max(np.abs(o - e))) for o, e in zip(outputs, expected))
     return ExportReport(path, fmt, quantization, path.stat().st_size,
                         len(keras.tree.flatten(x)[0]), difference, agreement, len(carried),
-                        note)
+                        note, kept)
+
+
+def _kept_summary(kept: dict) -> str:
+    """One line for the kernels kept as they were, one per layer widened (and why)."""
+    counts = {}
+    for what in kept.values():
+        if not what.startswith(("float32", "int8 on")):
+            counts[what] = counts.get(what, 0) + 1
+    lines = ["weights kept code for code: " + (", ".join(
+        f"{n} kernel{'s' * (n > 1)} {what}" for what, n in sorted(counts.items())) or "none")]
+    lines += [f"  {layer}: {what}" for layer, what in kept.items()
+              if what.startswith(("float32", "int8 on"))]
+    return "\n".join(lines)
 
 
 def check_runtime(caller: str, runtime: str) -> None:
@@ -229,7 +264,8 @@ def _inputs(model, data, samples: int):
     return np.asarray(x[:samples], dtype=specs[0].dtype or "float32")
 
 
-def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[str]]:
+def float_twin(model: keras.Model, calibration=None, *,
+               partial: bool = False) -> tuple[keras.Model, list[str]]:
     """`model` with every integer layer as its float Keras class, holding the float weights
     its integers stand for, and TensorFlow's FakeQuant op with the model's own range on the
     input of each kshrink layer that quantizes its input statically: the LiteRT converter
@@ -242,6 +278,9 @@ def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[
     With `calibration` (example inputs), every other layer with kernels gets a FakeQuant on
     its input too, with the range its input takes on them: ONNX Runtime fuses a layer into an
     integer kernel only where its input has one.
+
+    With `partial`, integer layers kshrink cannot read (Keras' own int8 EinsumDense) stay as
+    they are, for a converter that writes them itself; else they are refused.
     """
     calls, _, _ = graph_calls(model)
     producer = {id(t): layer for layer, _, outputs in calls for t in outputs}
@@ -276,7 +315,7 @@ def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[
             after[id(source)] = (min(low, known[0]), max(high, known[1]), 8)
 
     def replace(layer):
-        new = _as_float(layer) or layer
+        new = _as_float(layer, partial) or layer
         chain = [new]
         if id(layer) in before:
             chain.insert(0, _FakeQuant(*before[id(layer)], name=f"{layer.name}_input"))
@@ -293,22 +332,23 @@ def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[
     return twin, carried
 
 
-def _as_float(layer):
-    """A float copy of an integer layer (not built), or None for other layers."""
+def _as_float(layer, partial: bool = False):
+    """A float copy of an integer layer (not built); None for other layers, and with
+    `partial` for integer layers it cannot read."""
     config = layer.get_config()
     if isinstance(layer, QuantizedKernels) and layer.mode in ("int8", "int4"):
         base = next(c for c in type(layer).__mro__[1:] if c.__module__.startswith("keras."))
         for key in ("mode", "group_size", "activation_bits"):
             config.pop(key, None)
         return base.from_config(config)
-    mode = getattr(layer, "quantization_mode", None)
-    if mode in ("int8", "int4"):
-        if type(layer) is not keras.layers.Dense or (mode == "int4" and getattr(
-                layer, "_int4_block_size", None) not in (None, -1)):
+    if getattr(layer, "quantization_mode", None) in ("int8", "int4"):
+        if type(layer) is not keras.layers.Dense or not integer_kernels(layer):
+            if partial:
+                return None
             raise KshrinkError(
-                f"export: full int8 of Keras' own {mode} {type(layer).__name__} layers "
-                f"({layer.name!r}) is not supported yet (Dense int8 and per-channel int4 are); "
-                "export the model before quantizing with quantization='int8'")
+                f"export: Keras' own {layer.quantization_mode} {type(layer).__name__} layers "
+                f"({layer.name!r}) cannot be exported with their float values yet (Dense "
+                "can); export the model before quantizing with quantization='int8'")
         config.pop("quantization_config", None)
         config["dtype"] = layer.dtype_policy.variable_dtype
         return keras.layers.Dense.from_config(config)
@@ -322,15 +362,9 @@ def _float_weights(source, layer) -> list:
         return [keras.ops.convert_to_numpy(source.dequantized(v.name)) if v.name in
                 source.KERNELS else keras.ops.convert_to_numpy(stored[v.name].value)
                 for v in layer.weights]
-    # Keras' Dense: integer kernel over its per-output-channel scale.
-    stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in source.weights}
-    kernel = stored["kernel"]
-    if source.quantization_mode == "int4":
-        kernel = keras.ops.convert_to_numpy(
-            keras.quantizers.unpack_int4(kernel, source.units, axis=-1))
-    values = {"kernel": kernel.astype("float32") / stored["kernel_scale"]}
+    values = {"kernel": integer_kernels(source)["kernel"].values}  # Keras' Dense
     if source.use_bias:
-        values["bias"] = stored["bias"]
+        values["bias"] = keras.ops.convert_to_numpy(source.bias)
     return [values[v.name] for v in layer.weights]
 
 
@@ -363,7 +397,7 @@ def _write_litert(model, path, quantization, x) -> None:
     import tensorflow as tf
 
     options = {}
-    if quantization in ("dynamic", "int8"):
+    if quantization in ("dynamic", "int8"):  # "weights" starts from the float file
         options["optimizations"] = [tf.lite.Optimize.DEFAULT]
     if quantization == "int8":
         def representative():
@@ -383,7 +417,7 @@ def _write_litert(model, path, quantization, x) -> None:
 
 
 def _write_onnx(model, path, quantization, x) -> None:
-    if quantization == "none":
+    if quantization in ("none", "weights"):
         model.export(path, format="onnx", verbose=False)
         return
     from onnxruntime.quantization import (
@@ -410,13 +444,16 @@ def _write_onnx(model, path, quantization, x) -> None:
 @contextlib.contextmanager
 def _quiet_quantizer():
     """ONNX Runtime's quantizer logs advice on the root logger ("consider pre-processing"),
-    and tf2onnx's NumPy use a FutureWarning: neither is the user's to act on."""
+    tf2onnx's NumPy use a FutureWarning, ai-edge-quantizer a debugging warning: none is the
+    user's to act on."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # ai-edge-quantizer's own check runs an interpreter that keeps every tensor
+            warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all")
             yield
     finally:
         root.setLevel(level)

@@ -2,13 +2,13 @@
 
 For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float model:
 - Keras float32 (`predict_on_batch`, TensorFlow backend): the reference;
-- LiteRT float, LiteRT with kshrink's int8 weights kept (export quantization "auto" of a
-  `Quantize(mode="int8")` model), LiteRT full int8 (calibrated on `--calibration` training
-  images);
+- LiteRT float, LiteRT with kshrink's int8 weights kept (export quantization "auto", which is
+  "weights", of a `Quantize(mode="int8")` model), with kshrink's int4 weights kept (GPTQ, one
+  scale per channel, first and last layers int8), LiteRT full int8 (calibrated on
+  `--calibration` training images);
 - Keras QAT: `Quantize(mode="int8", activation_bits=8, qat=True)` fine-tuned `--qat-epochs`
   epochs, and its LiteRT full int8 export, which uses the QAT model's own input ranges;
-- ONNX Runtime float, with kshrink's int8 weights (ONNX Runtime's dynamic quantization), and
-  QDQ int8 (static: from the float model calibrated on the training images, and from the QAT
+- ONNX Runtime float, with kshrink's int8 and int4 weights (DequantizeLinear), and QDQ int8 (static: from the float model calibrated on the training images, and from the QAT
   model with its own ranges).
 
 Reports file size, test accuracy (the whole test set through the runtime) and latency at batch
@@ -48,6 +48,8 @@ def main():
         data = kshrink.datasets.load(dataset)
         model = kshrink.zoo.pretrained(name)
         int8, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
+        int4, _ = kshrink.compress(model, kshrink.Quantize(mode="int4", group_size=None,
+                                                           method="gptq"), data=data.train)
         qat, _ = kshrink.compress(
             model, kshrink.Quantize(mode="int8", activation_bits=8, qat=True), data=data.train,
             fine_tune=kshrink.FineTune(epochs=args.qat_epochs, learning_rate=1e-4))
@@ -56,10 +58,12 @@ def main():
             exports = {
                 "LiteRT float": (model, "float.tflite", "none"),
                 "LiteRT, kshrink int8 weights": (int8, "int8w.tflite", "auto"),
+                "LiteRT, kshrink int4 weights": (int4, "int4w.tflite", "auto"),
                 "LiteRT full int8": (model, "int8.tflite", "int8"),
                 "LiteRT full int8, from the QAT model": (qat, "qat.tflite", "int8"),
                 "ONNX Runtime float": (model, "float.onnx", "none"),
                 "ONNX Runtime, kshrink int8 weights": (int8, "int8w.onnx", "auto"),
+                "ONNX Runtime, kshrink int4 weights": (int4, "int4w.onnx", "auto"),
                 "ONNX Runtime QDQ int8": (model, "int8.onnx", "int8"),
                 "ONNX Runtime QDQ int8, from the QAT model": (qat, "qat.onnx", "int8"),
             }

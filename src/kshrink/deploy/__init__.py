@@ -29,6 +29,10 @@ Quantization:
   as the min/max of each kernel layer's input (ONNX Runtime fuses a layer into an integer
   kernel only where its input has a range of its own).
 - `"auto"` (default): `"weights"` for a model with integer-quantized layers, else `"none"`.
+
+A LiteRT file of float weights stores kernels that are at least half zeros (pruned) in LiteRT's
+sparse encoding (`Optimize.EXPERIMENTAL_SPARSITY`): a 92%-sparse LeNet-300-100 is 0.12x its
+dense file, bit-exact. Storage only on x86: XNNPACK runs sparse kernels on ARM alone.
 """
 
 from __future__ import annotations
@@ -51,12 +55,13 @@ from kshrink.core.data import check_data, example_count, example_inputs, model_i
 from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
 from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
-from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs
+from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs, kernel_weights
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
 BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "weights", "dynamic", "int8")
+SPARSE = 0.5  # a kernel this share zeros goes to LiteRT in its sparse encoding
 MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
 RANGE_BATCH = 32  # examples whose layer inputs are held at once while ranges are measured
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
@@ -175,6 +180,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
                 "int8 weights (the int4 grid lies on the int8 one within rounding)")
     if quantization == "int8" and (integer or fmt == "onnx"):
         model, carried = float_twin(model, x if fmt == "onnx" else None)
+    if fmt == "litert" and quantization == "none" and (sparse := sparse_kernels(model)):
+        note = (f"{len(sparse)} layer{'s' * (len(sparse) > 1)} with kernels at least half "
+                "zeros stored sparse (storage only: XNNPACK runs sparse kernels on ARM alone)")
     if quantization == "weights":
         kernels = weights.model_kernels(model)
         if integer:
@@ -389,6 +397,13 @@ def _mode(layer) -> str | None:
     return mode.split("/")[0] if isinstance(mode, str) else None
 
 
+def sparse_kernels(model) -> list[str]:
+    """The layers of `model` with a kernel of which at least `SPARSE` are zeros."""
+    return [layer.name for layer in leaf_layers(model)
+            if any(np.mean(keras.ops.convert_to_numpy(v.value) == 0) >= SPARSE
+                   for v in kernel_weights(layer))]
+
+
 def _has_integer_layers(model) -> bool:
     return any(_mode(layer) in ("int8", "int4") for layer in leaf_layers(model))
 
@@ -399,6 +414,9 @@ def _write_litert(model, path, quantization, x) -> None:
     options = {}
     if quantization in ("dynamic", "int8"):  # "weights" starts from the float file
         options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    elif quantization == "none" and sparse_kernels(model):
+        # XNNPACK refuses sparse kernels with integer weights: float files only.
+        options["optimizations"] = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     if quantization == "int8":
         def representative():
             for i in range(len(x)):

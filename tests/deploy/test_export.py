@@ -268,13 +268,34 @@ def test_other_backends_are_told_to_use_tensorflow(tmp_path):
 
 @on_tensorflow
 def test_full_integer_of_keras_layers_it_cannot_read_is_refused(tmp_path):
-    inputs = keras.Input((4, 8))
-    model = keras.Model(inputs, keras.layers.EinsumDense("abc,cd->abd", (4, 6))(inputs))
+    inputs = keras.Input((4,), dtype="int32")
+    model = keras.Model(inputs, keras.layers.Embedding(10, 8)(inputs))
     model.quantize("int8")
     target = tmp_path / "m.tflite"
-    with pytest.raises(kshrink.KshrinkError, match="EinsumDense layers .* cannot be exported"):
-        export(model, target, quantization="int8", data=np.ones((8, 4, 8), "float32"))
+    with pytest.raises(kshrink.KshrinkError, match="Embedding layers .* cannot be exported"):
+        export(model, target, quantization="int8", data=np.ones((8, 4), "int32"))
     assert not target.exists()
+
+
+@on_tensorflow
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+def test_keras_int8_einsum_dense_goes_out_with_its_own_codes(tmp_path, suffix):
+    """Keras' own int8 EinsumDense (keras-hub attention) keeps its integers in both formats
+    (LiteRT's converter refused the layer itself)."""
+    from kshrink.deploy import weights
+
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, keras.layers.EinsumDense("abc,cde->abde", (4, 2, 6))(inputs))
+    model.quantize("int8")
+    x = np.random.default_rng(0).random((16, 4, 8), dtype="float32")
+    report = export(model, tmp_path / f"m{suffix}", data=x)
+    assert list(report.weights.values()) == ["int8 per channel"]
+    stored = (weights.litert_codes if suffix == ".tflite" else weights.onnx_codes)(report.path)
+    (codes,) = [c for c in stored.values() if c.size == 8 * 2 * 6]
+    expected = keras.ops.convert_to_numpy(model.layers[1]._kernel)
+    assert sorted(codes.ravel()) == sorted(expected.ravel())
+    # Keras quantizes the layer's input as it runs; the file keeps it float.
+    assert report.max_abs_diff <= 0.05 * np.abs(model.predict(x, verbose=0)).max()
 
 
 @on_tensorflow

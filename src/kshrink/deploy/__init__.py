@@ -350,16 +350,17 @@ def _as_float(layer, partial: bool = False):
             config.pop(key, None)
         return base.from_config(config)
     if getattr(layer, "quantization_mode", None) in ("int8", "int4"):
-        if type(layer) is not keras.layers.Dense or not integer_kernels(layer):
+        if not integer_kernels(layer):
             if partial:
                 return None
             raise KshrinkError(
                 f"export: Keras' own {layer.quantization_mode} {type(layer).__name__} layers "
-                f"({layer.name!r}) cannot be exported with their float values yet (Dense "
-                "can); export the model before quantizing with quantization='int8'")
+                f"({layer.name!r}) cannot be exported with their float values yet (Dense and "
+                "int8 EinsumDense can); export the model before quantizing with "
+                "quantization='int8'")
         config.pop("quantization_config", None)
         config["dtype"] = layer.dtype_policy.variable_dtype
-        return keras.layers.Dense.from_config(config)
+        return type(layer).from_config(config)  # Keras' Dense or EinsumDense
     return None
 
 
@@ -370,8 +371,8 @@ def _float_weights(source, layer) -> list:
         return [keras.ops.convert_to_numpy(source.dequantized(v.name)) if v.name in
                 source.KERNELS else keras.ops.convert_to_numpy(stored[v.name].value)
                 for v in layer.weights]
-    values = {"kernel": integer_kernels(source)["kernel"].values}  # Keras' Dense
-    if source.use_bias:
+    values = {"kernel": integer_kernels(source)["kernel"].values}  # Keras' own layers
+    if getattr(source, "bias", None) is not None:
         values["bias"] = keras.ops.convert_to_numpy(source.bias)
     return [values[v.name] for v in layer.weights]
 

@@ -248,9 +248,10 @@ class IntegerKernel(NamedTuple):
 
 
 def integer_kernels(layer) -> dict[str, IntegerKernel]:
-    """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers and
-    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points); `{}` for
-    any other layer (float, float16 storage, not quantized)."""
+    """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers,
+    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points) and int8
+    `EinsumDense`; `{}` for any other layer (float, float16 storage, not quantized, other
+    Keras modes)."""
     if isinstance(layer, QuantizedKernels):
         if layer.mode not in INTEGER_MODES:
             return {}
@@ -269,9 +270,17 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
                                         4 if layer.mode == "int4" else 8)
         return found
     mode = getattr(layer, "quantization_mode", None)
+    stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
+    if type(layer) is keras.layers.EinsumDense and mode == "int8":
+        # The kernel as built; its scales in a layout of Keras' own, which this (private)
+        # method of the layer turns back (tests/layers: a canary if Keras renames it).
+        scale = keras.ops.convert_to_numpy(
+            layer._adjust_scale_for_dequant(stored["kernel_scale"]))
+        codes = stored["kernel"].astype("int8")
+        return {"kernel": IntegerKernel(codes, np.array(np.broadcast_to(
+            1.0 / scale.astype("float32"), codes.shape)), None, 8)}
     if type(layer) is not keras.layers.Dense or mode not in INTEGER_MODES:
         return {}
-    stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
     codes = stored["kernel"]
     if mode == "int4":  # packed along the outputs
         codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, layer.units,

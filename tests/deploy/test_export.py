@@ -270,7 +270,7 @@ def test_other_backends_are_told_to_use_tensorflow(tmp_path):
 def test_full_integer_of_keras_layers_it_cannot_read_is_refused(tmp_path):
     inputs = keras.Input((4,), dtype="int32")
     model = keras.Model(inputs, keras.layers.Embedding(10, 8)(inputs))
-    model.quantize("int8")
+    model.quantize("int4")
     target = tmp_path / "m.tflite"
     with pytest.raises(kshrink.KshrinkError, match="Embedding layers .* cannot be exported"):
         export(model, target, quantization="int8", data=np.ones((8, 4), "int32"))
@@ -329,6 +329,17 @@ def test_a_keras_hub_backbone_with_three_inputs_and_two_outputs_exports(tmp_path
         Runtime(report.path)(x["token_ids"])
     with pytest.raises(KshrinkError, match="takes models with one input"):
         export(backbone, tmp_path / f"int8{suffix}", data=x, quantization="int8")
+    # Quantized (Keras' int8 EinsumDense, Dense, Embedding), it keeps its integers: the float
+    # twin is rebuilt from the backbone's config, as it builds its layers itself.
+    int8, _ = kshrink.compress(backbone, kshrink.Quantize(mode="int8"))
+    report = export(int8, tmp_path / f"int8w{suffix}", data=x)
+    kept = [what for what in report.weights.values() if what == "int8 per channel"]
+    assert len(kept) >= 7  # four attention projections, two feed-forward, the pooler
+    expected = int8.predict(x, verbose=0)["sequence_output"]
+    got = Runtime(report.path).run(x)[1].reshape(expected.shape)
+    cosine = np.sum(got * expected, -1) / (np.linalg.norm(got, axis=-1) *
+                                           np.linalg.norm(expected, axis=-1))
+    assert cosine.min() > 0.999
 
 
 @on_tensorflow
@@ -346,3 +357,16 @@ def test_a_pruned_clustered_lenet_is_a_quarter_of_its_dense_file_in_litert(tmp_p
     assert report.quantization == "none" and "stored sparse" in report.note
     assert report.file_bytes <= 0.25 * dense_bytes
     assert report.max_abs_diff <= 1e-5 * np.abs(small.predict(x, verbose=0)).max()
+
+
+def test_a_normalization_layer_goes_to_onnx_as_weights_not_inputs(tmp_path):
+    """Keras' Normalization computes its statistics into tensors at build, which tf2onnx made
+    graph inputs: the file asked for three inputs."""
+    needs_backend_for(".onnx")
+    inputs = keras.Input((6, 6, 3))
+    normalized = keras.layers.Normalization(mean=[1.0, 2.0, 3.0], variance=[4.0, 5.0, 6.0])
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(normalized(inputs)))
+    x = np.random.default_rng(0).random((8, 6, 6, 3), dtype="float32") * 4
+    report = export(model, tmp_path / "m.onnx", data=x)
+    assert report.max_abs_diff <= 1e-5 * np.abs(model.predict(x, verbose=0)).max()
+    assert len(Runtime(report.path).run(x)) == 1

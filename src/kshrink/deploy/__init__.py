@@ -52,7 +52,7 @@ import numpy as np
 from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import check_data, example_count, example_inputs, model_inputs
-from kshrink.core.graph import graph_calls, layer_inputs, leaf_layers, rewrite
+from kshrink.core.graph import graph_calls, is_plain, layer_inputs, leaf_layers, rewrite
 from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
 from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs, kernel_weights
@@ -71,6 +71,9 @@ RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # What LiteRT prints as it starts an interpreter.
 RUNTIME_NOISE = re.compile(r"Created TensorFlow Lite XNNPACK delegate")
+# What ai-edge-quantizer prints as it rewrites a file (a progress bar it always shows).
+QUANTIZER_NOISE = re.compile(r"Created TensorFlow Lite XNNPACK delegate|Applying Transformations"
+                             r"|Generating Quantization Parameters|^\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +187,11 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         note = (f"{len(sparse)} layer{'s' * (len(sparse) > 1)} with kernels at least half "
                 "zeros stored sparse (storage only: XNNPACK runs sparse kernels on ARM alone)")
     if quantization == "weights":
-        kernels = weights.model_kernels(model)
+        kernels, unread = weights.model_kernels(model), weights.unread_layers(model)
         if integer:
             model, _ = float_twin(model, partial=True)
+    if fmt == "onnx":
+        model = _constants_as_weights(model)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
     expected = [np.asarray(o) for o in
                 keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))]
@@ -199,11 +204,11 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             _write_litert(model, temporary, quantization, x)
         else:
             _write_onnx(model, temporary, quantization, x)
-        kept = {}
+        kept = dict(unread) if quantization == "weights" else {}
         if kernels:
-            with _quiet_quantizer(), quiet_stderr(RUNTIME_NOISE):
+            with _quiet_quantizer(), quiet_stderr(QUANTIZER_NOISE):
                 keep = weights.keep_litert if fmt == "litert" else weights.keep_onnx
-                kept = keep(temporary, kernels)
+                kept.update(keep(temporary, kernels))
         outputs = Runtime(temporary).run(x)  # renamed into place only once it has run
         if len(outputs) != len(expected):
             raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the "
@@ -290,6 +295,12 @@ def float_twin(model: keras.Model, calibration=None, *,
     With `partial`, integer layers kshrink cannot read (Keras' own int8 EinsumDense) stay as
     they are, for a converter that writes them itself; else they are refused.
     """
+    if not is_plain(model):
+        if calibration is not None or any(getattr(layer, "activation_bits", None)
+                                          for layer in leaf_layers(model)):
+            raise KshrinkError(f"export: quantization='int8' of {type(model).__name__} "
+                               "(a model that builds its layers itself) is not supported yet")
+        return _rebuilt_float(model, partial), []
     calls, _, _ = graph_calls(model)
     producer = {id(t): layer for layer, _, outputs in calls for t in outputs}
     ranges, carried = {}, []
@@ -340,6 +351,38 @@ def float_twin(model: keras.Model, calibration=None, *,
     return twin, carried
 
 
+def _rebuilt_float(model: keras.Model, partial: bool) -> keras.Model:
+    """The float twin of a model that builds its layers in its constructor (a keras-hub
+    backbone or task): rebuilt from its config with every quantized dtype policy replaced by
+    its float source, then given, layer by layer (by path), the float weights of each."""
+    def floating(config):
+        if isinstance(config, dict):
+            if config.get("class_name") == "DTypePolicyMap":
+                return floating(config["config"]["default_policy"])
+            if config.get("module", "").startswith("keras") and "source_name" in config.get(
+                    "config", {}):
+                return config["config"]["source_name"]  # a quantized policy's float one
+            return {key: floating(value) for key, value in config.items()}
+        return [floating(v) for v in config] if isinstance(config, list) else config
+
+    twin = type(model).from_config(floating(model.get_config()))
+    sources = {layer.path: layer for layer in model._flatten_layers(include_self=False)}
+    for layer in twin._flatten_layers(include_self=False):
+        source = sources.get(layer.path)
+        if source is None or not layer.weights or list(
+                layer._flatten_layers(include_self=False)):
+            continue  # a container: its sublayers carry the weights
+        if getattr(source, "quantization_mode", None) and not integer_kernels(source):
+            if not partial:
+                raise KshrinkError(f"export: Keras' own {source.quantization_mode} "
+                                   f"{type(source).__name__} layers ({source.name!r}) cannot "
+                                   "be exported with their float values yet")
+            continue  # left float: the file holds its dequantized weights
+        layer.set_weights(_float_weights(source, layer) if integer_kernels(source)
+                          else source.get_weights())
+    return twin
+
+
 def _as_float(layer, partial: bool = False):
     """A float copy of an integer layer (not built); None for other layers, and with
     `partial` for integer layers it cannot read."""
@@ -371,7 +414,7 @@ def _float_weights(source, layer) -> list:
         return [keras.ops.convert_to_numpy(source.dequantized(v.name)) if v.name in
                 source.KERNELS else keras.ops.convert_to_numpy(stored[v.name].value)
                 for v in layer.weights]
-    values = {"kernel": integer_kernels(source)["kernel"].values}  # Keras' own layers
+    values = {name: kernel.values for name, kernel in integer_kernels(source).items()}
     if getattr(source, "bias", None) is not None:
         values["bias"] = keras.ops.convert_to_numpy(source.bias)
     return [values[v.name] for v in layer.weights]
@@ -433,6 +476,42 @@ def _write_litert(model, path, quantization, x) -> None:
         first = next((line for line in str(e).splitlines() if "error:" in line), str(e))
         raise KshrinkError("export: the LiteRT converter cannot convert this model: "
                            f"{first.rsplit('error:', 1)[-1].strip()[:200]}") from None
+
+
+def _constants_as_weights(model: keras.Model) -> keras.Model:
+    """`model` with each `Normalization` as a layer that holds its mean and scale as weights:
+    tf2onnx turns the tensors Keras' layer computes them into (at build, not in the graph)
+    into graph inputs, and an EfficientNet's file then asks for three inputs."""
+    if not is_plain(model) or not any(type(layer) is keras.layers.Normalization
+                                      for layer in model.layers):
+        return model
+
+    def replace(layer):
+        if type(layer) is not keras.layers.Normalization:
+            return layer
+        mean, variance = (np.asarray(keras.ops.convert_to_numpy(v), "float32")
+                          for v in (layer.mean, layer.variance))
+        spread = np.maximum(np.sqrt(variance), keras.config.epsilon())
+        return _Standardize(mean, spread, layer.invert, name=layer.name)
+
+    return rewrite(model, replace)
+
+
+class _Standardize(keras.layers.Layer):
+    """`Normalization` with its statistics as weights (export only; never saved)."""
+
+    def __init__(self, mean, spread, invert: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.invert = invert
+        self.center = self.add_weight(shape=mean.shape, trainable=False, name="mean",
+                                      initializer=keras.initializers.Constant(mean))
+        self.spread = self.add_weight(shape=spread.shape, trainable=False, name="spread",
+                                      initializer=keras.initializers.Constant(spread))
+
+    def call(self, x):
+        if self.invert:
+            return x * self.spread + self.center
+        return (x - self.center) / self.spread
 
 
 def _write_onnx(model, path, quantization, x) -> None:

@@ -54,6 +54,15 @@ class Kernel:
         return f"int{self.bits} {how}"
 
 
+def unread_layers(model) -> dict[str, str]:
+    """`{layer: why}` for each quantized layer whose integers kshrink cannot read (Keras'
+    int4 EinsumDense, its quantized Embedding): the export holds their float values."""
+    return {layer.name: f"float32: kshrink cannot read Keras' {layer.quantization_mode} "
+                        f"{type(layer).__name__} yet"
+            for layer in leaf_layers(model)
+            if getattr(layer, "quantization_mode", None) and not integer_kernels(layer)}
+
+
 def model_kernels(model) -> list[Kernel]:
     """Every integer kernel of `model`'s layers, nested models included."""
     found = []
@@ -231,17 +240,21 @@ def keep_litert(path: Path, kernels: list[Kernel]) -> dict[str, str]:
     readers = {}  # weight tensor -> (op name, op output tensor)
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex].builtinCode
-        op_name = str(getattr(flatbuffer.TFL_OP_CODE_TO_NAME.get(code), "value", ""))
-        if op_name in LITERT_OPS and len(op.inputs) > 1 and len(op.outputs):
-            readers[names[op.inputs[LITERT_OPS[op_name][0]]]] = (op_name, names[op.outputs[0]])
+        op_name = str(getattr(flatbuffer.TFL_OP_CODE_TO_NAME.get(code), "value", code))
+        for position, index in enumerate(op.inputs):
+            weight = op_name in LITERT_OPS and position == LITERT_OPS[op_name][0]
+            if index >= 0 and len(op.outputs) and (weight or names[index] not in readers):
+                readers[names[index]] = (op_name, names[op.outputs[0]])
     kept = {k.key: "float32: not found in the file (the converter changed its values)"
             for k in kernels}
-    placed = {name: kernel for name, kernel in place(kernels, floats).items()
-              if name in readers}
     recipe = quantizer.Quantizer(str(path))
     ranges = {}
-    for name, kernel in placed.items():
-        op_name, output = readers[name]
+    for name, kernel in place(kernels, floats).items():
+        op_name, output = readers.get(name, ("no op", None))
+        if op_name not in LITERT_OPS:
+            kept[kernel.key] = (f"float32: ai-edge-quantizer takes no weights of {op_name}, "
+                                "which reads it")
+            continue
         _, channel_axis, takes_int4 = LITERT_OPS[op_name]
         layout = grid(kernel)
         if kernel.zero is not None or layout is None or layout[1] is not None or (
@@ -258,7 +271,8 @@ def keep_litert(path: Path, kernels: list[Kernel]) -> dict[str, str]:
         kept[kernel.key] = kernel.label(layout) if bits == kernel.bits else (
             f"int8 on the int4 grid: LiteRT has no int4 {op_name}")
     if ranges:
-        result = recipe.quantize(ranges, enable_progress_report=False)
+        result = recipe.quantize(ranges, enable_progress_bar=False,
+                                 enable_progress_report=False)
         Path(path).write_bytes(bytes(result.quantized_model))
     return kept
 

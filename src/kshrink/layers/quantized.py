@@ -249,8 +249,8 @@ class IntegerKernel(NamedTuple):
 
 def integer_kernels(layer) -> dict[str, IntegerKernel]:
     """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers,
-    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points) and int8
-    `EinsumDense`; `{}` for any other layer (float, float16 storage, not quantized, other
+    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points), int8
+    `EinsumDense` and int8 `Embedding`; `{}` for any other layer (float, float16 storage, not quantized, other
     Keras modes)."""
     if isinstance(layer, QuantizedKernels):
         if layer.mode not in INTEGER_MODES:
@@ -279,6 +279,12 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
         codes = stored["kernel"].astype("int8")
         return {"kernel": IntegerKernel(codes, np.array(np.broadcast_to(
             1.0 / scale.astype("float32"), codes.shape)), None, 8)}
+    if isinstance(layer, keras.layers.Embedding) and mode == "int8" and set(stored) == {
+            "embeddings", "embeddings_scale"}:  # keras-hub's tied ReversibleEmbedding too
+        codes = stored["embeddings"].astype("int8")  # a row per token, divided by its scale
+        scale = np.broadcast_to(1.0 / stored["embeddings_scale"][:, None].astype("float32"),
+                                codes.shape)
+        return {"embeddings": IntegerKernel(codes, np.array(scale), None, 8)}
     if type(layer) is not keras.layers.Dense or mode not in INTEGER_MODES:
         return {}
     codes = stored["kernel"]

@@ -70,10 +70,8 @@ def model_kernels(model) -> list[Kernel]:
         kernels = integer_kernels(layer)
         for name, kernel in kernels.items():
             key = layer.name if len(kernels) == 1 else f"{layer.name}/{name}"
-            group_size = getattr(layer, "group_size", None) or getattr(
-                layer, "_int4_block_size", None)
             found.append(Kernel(layer.name, name, key, kernel.codes, kernel.scale, kernel.zero,
-                                kernel.bits, group_size if group_size != -1 else None))
+                                kernel.bits, kernel.group_size))
     return found
 
 

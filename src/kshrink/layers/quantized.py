@@ -240,6 +240,7 @@ class IntegerKernel(NamedTuple):
     scale: np.ndarray  # float32
     zero: np.ndarray | None  # int8, or None
     bits: int  # 4 or 8
+    group_size: int | None = None  # inputs per scale, or None: one per output channel
 
     @property
     def values(self) -> np.ndarray:
@@ -267,7 +268,7 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
             scale = np.repeat(scale, layer.group_size or rows, axis=0)[:rows]
             found[name] = IntegerKernel(from_matrix(codes.astype("int8"), shape, axes),
                                         from_matrix(scale, shape, axes), None,
-                                        4 if layer.mode == "int4" else 8)
+                                        4 if layer.mode == "int4" else 8, layer.group_size)
         return found
     mode = getattr(layer, "quantization_mode", None)
     stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
@@ -295,7 +296,8 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
     if "g_idx" in stored:  # int4 in groups of inputs: asymmetric, scales multiply
         groups = stored["g_idx"].astype("int64")
         return {"kernel": IntegerKernel(codes, stored["kernel_scale"][groups].astype("float32"),
-                                        stored["kernel_zero"][groups].astype("int8"), 4)}
+                                        stored["kernel_zero"][groups].astype("int8"), 4,
+                                        int(np.sum(groups == 0)))}
     # Per output channel: Keras divides by its scale.
     scale = np.broadcast_to(1.0 / stored["kernel_scale"].reshape(1, -1).astype("float32"),
                             codes.shape)

@@ -16,8 +16,9 @@ Reports file size, test accuracy (the whole test set through the runtime) and la
 each figure the median over rounds, with ratios against Keras float in the same run.
 
 `--pretrained`: the real EfficientNet-Lite0 (ImageNet weights from a package) instead: float,
-kshrink int8 weights, kshrink int4 weights (GPTQ on 54 photo crops, one scale per channel,
-first and last layers int8) and full int8, in both runtimes; each file against the Keras model
+kshrink int8 weights, kshrink int4 weights (GPTQ on 54 photo crops, one scale per channel;
+first, last and depthwise layers int8, and with `keep_int8=False` every layer int4) and full
+int8, in both runtimes; each file against the Keras model
 it came from on 200 views of 20 ImageNet photos: mean cosine of the logits, top-1 agreement,
 the largest difference, how many kernels the file keeps code for code.
 Run: .venv/bin/python benchmarks/export.py [--rounds 5] [--runs 50] [--pretrained]
@@ -123,8 +124,10 @@ def efficientnet_rows(args) -> list[dict]:
     int8, _ = kshrink.compress(model, kshrink.Quantize(mode="int8"))
     int4, _ = kshrink.compress(model, kshrink.Quantize(mode="int4", group_size=None,
                                                        method="gptq"), data=calibration)
+    every, _ = kshrink.compress(model, kshrink.Quantize(
+        mode="int4", group_size=None, method="gptq", keep_int8=False), data=calibration)
     sources = {"float": model, "kshrink int8 weights": int8, "kshrink int4 weights": int4,
-               "full int8": model}
+               "kshrink int4 weights, every layer": every, "full int8": model}
     quantizations = {"float": "none", "full int8": "int8"}
     rows, runners = [], {}
     with tempfile.TemporaryDirectory() as tmp:

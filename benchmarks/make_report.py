@@ -239,9 +239,14 @@ def transformers_section(data):
         text = f"{r['cosine']:.4f}"
         return text + (f" ({r['sentence_cosine']:.4f})" if "sentence_cosine" in r else "")
 
-    quantized, structured, calibrated = [], [], []
+    quantized, structured, calibrated, exported = [], [], [], []
     for r in data["rows"]:
         model = titles.get(r["model"], r["model"])
+        if "runtime" in r:
+            exported.append((r["runtime"], r["variant"], f"{r['file_bytes']:,}",
+                             f"{r['sentence_cosine_vs_keras']:.5f}", r["kernels_kept"] or "",
+                             f"{r['speedup_b1']:.2f}x", f"{r['speedup_b32']:.2f}x"))
+            continue
         if r["tool"] == "float":
             continue
         if "macs_cut" in r:
@@ -287,6 +292,13 @@ def transformers_section(data):
         "**Steps that take calibration data**, given as a dict of the encoder's three inputs "
         "(128 other sentences):",
         table(("model", "step", "weights", "cosine", "summary", "seconds"), calibrated),
+        "**Exported** (`--export`): the pretrained encoder (three inputs, two outputs) and its "
+        "int8 and int4 forms (int4: GPTQ per channel, token embeddings int8) written by "
+        "`kshrink.export` with `quantization='auto'`; each file's sentence embeddings against "
+        "the Keras model it came from on the 64 sentences, the kernels it keeps code for code, "
+        "and its latency against Keras float at batch 1 and 32 (alternating rounds).",
+        table(("runtime", "variant", "file bytes", "sentence cosine", "kernels kept",
+               "batch 1", "batch 32"), exported),
     ])
 
 
@@ -365,26 +377,44 @@ def structured_section(data):
 
 
 def export_section(data):
+    trained = [r for r in data["rows"] if "test_accuracy" in r]
     rows = [(r["model"], r["variant"], f"{r['file_bytes']:,}",
              f"{100 * r['test_accuracy']:.2f}%",
              f"{r['latency_b1_ms']:.3f} ms", f"{r['speedup_b1']:.2f}x",
              f"{r['latency_b32_ms']:.3f} ms", f"{r['speedup_b32']:.2f}x")
-            for r in data["rows"]]
-    return section(data, [
+            for r in trained]
+    pretrained = [(r["variant"], f"{r['file_bytes']:,}", f"{r['cosine_vs_keras']:.5f}",
+                   f"{100 * r['agreement_vs_keras']:.1f}%", f"{r['max_abs_diff']:.3g}",
+                   r["kernels_kept"] or "", f"{r['speedup_b1']:.2f}x",
+                   f"{r['speedup_b32']:.2f}x")
+                  for r in data["rows"] if "cosine_vs_keras" in r]
+    lines = [
         "## Export: Keras, LiteRT and ONNX Runtime",
         "`benchmarks/export.py`: each model exported with `kshrink.export` and run in its "
         "runtime (LiteRT interpreter, ONNX Runtime CPU); test accuracy over the whole test set "
         "through the runtime; latency timed in turns with the Keras model, median over "
         "rounds, speed-up against Keras float32 `predict_on_batch` in the same run. The "
-        "Keras rows' sizes are their `.keras` files. Int8 weights with float activations "
-        "(what `quantization='auto'` keeps of a kshrink int8 model) make the file 4x smaller "
-        "but run slower than float in both runtimes (hybrid kernels). Full int8 is what runs "
-        "fast: the float model calibrated by the converter, or a QAT model "
+        "Keras rows' sizes are their `.keras` files. kshrink's int8 and int4 weights "
+        "(`quantization='auto'`, which is `'weights'` for a quantized model) are stored code "
+        "for code with float activations: small files, storage only on x86 (the runtimes "
+        "dequantize; ONNX Runtime's int4 MatMul quantizes its input as it runs). Full int8 is "
+        "what runs fast: the float model calibrated by the converter, or a QAT model "
         "(`Quantize(activation_bits=8, qat=True)`) exported with `quantization='int8'`, which "
         "keeps the input ranges QAT learned for its convolutions.",
         table(("model", "variant", "file bytes", "test accuracy", "batch 1", "speed-up",
                "batch 32", "speed-up"), rows),
-    ])
+    ]
+    if pretrained:
+        lines += [
+            "EfficientNet-Lite0 (`--pretrained`, real ImageNet weights): each file against "
+            "the Keras model it came from on 200 views of 20 ImageNet photos (mean cosine of "
+            "the logits, top-1 agreement, largest difference); int4 is GPTQ on 54 photo "
+            "crops, one scale per channel, first and last layers int8 (LiteRT has no int4 "
+            "depthwise convolution: those go out as int8 codes on the same grid); speed-ups "
+            "against Keras float in the same run.",
+            table(("variant", "file bytes", "cosine", "agreement", "max diff", "kernels kept",
+                   "batch 1", "batch 32"), pretrained)]
+    return section(data, lines)
 
 
 def fine_tune_at_scale_section(data):

@@ -370,3 +370,23 @@ def test_a_normalization_layer_goes_to_onnx_as_weights_not_inputs(tmp_path):
     report = export(model, tmp_path / "m.onnx", data=x)
     assert report.max_abs_diff <= 1e-5 * np.abs(model.predict(x, verbose=0)).max()
     assert len(Runtime(report.path).run(x)) == 1
+
+
+@on_tensorflow
+def test_a_quantized_keras_hub_task_model_keeps_its_integers_in_litert(tmp_path):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                             hidden_dim=16, intermediate_dim=32,
+                                             max_sequence_length=16)
+    classifier = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=3,
+                                                     preprocessor=None)
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, 100, (8, 16)), "segment_ids": np.zeros((8, 16), int),
+         "padding_mask": np.ones((8, 16), int)}
+    int8, _ = kshrink.compress(classifier, kshrink.Quantize(mode="int8"))
+    report = export(int8, tmp_path / "classifier.tflite", data=x)
+    assert sum(what == "int8 per channel" for what in report.weights.values()) == 8
+    assert "GATHER" in report.weights["token_embedding"]  # LiteRT quantizes no lookups
+    assert report.agreement == 1.0 and report.max_abs_diff < 1e-4

@@ -177,9 +177,11 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "checked against Keras")
     p.add_argument("model", help=".keras or .kshrink file")
     p.add_argument("output", help="output .tflite or .onnx file")
-    p.add_argument("--quantization", choices=("auto", "none", "dynamic", "int8"), default="auto",
-                   help="auto: int8 weights if the model has integer layers (default); "
-                        "int8: weights and activations, calibrated on --data (LiteRT)")
+    p.add_argument("--quantization", choices=("auto", "none", "weights", "dynamic", "int8"),
+                   default="auto",
+                   help="auto: 'weights' if the model has integer layers, else 'none' (default); "
+                        "weights: its int4/int8 codes as they are; int8: weights and "
+                        "activations, calibrated on --data")
     p.add_argument("--data", help="mnist, fashion_mnist, digits or FILE.npz: calibration and "
                                   "check inputs (default for the check: random inputs)")
     p.add_argument("--samples", type=_positive, default=256,

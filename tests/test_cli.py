@@ -395,3 +395,17 @@ def test_search_refuses_bad_input_with_one_line_and_writes_nothing(digits_mlp, t
                                "--max-accuracy-drop", 1, "-o", out, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_the_export_command_offers_the_quantizations_export_takes():
+    import kshrink_cli
+    from kshrink.deploy import QUANTIZATIONS
+
+    args = kshrink_cli._build_parser().parse_args(["export", "m.keras", "m.tflite"])
+    assert args.quantization == "auto"
+    for choice in QUANTIZATIONS:
+        kshrink_cli._build_parser().parse_args(["export", "m.keras", "m.onnx",
+                                                "--quantization", choice])
+    with pytest.raises(kshrink_cli._UsageError, match="invalid choice: 'int3'"):
+        kshrink_cli._build_parser().parse_args(["export", "m.keras", "m.onnx",
+                                                "--quantization", "int3"])

@@ -258,10 +258,8 @@ def export_rows():
                                 data=calibration, samples=64)
                 print(report, flush=True)
                 runner = runners[(runtime, variant)] = Runtime(report.path)
-                names = sorted(keras.tree.flatten(source.output_names if hasattr(
-                    source, "output_names") else []))
-                got = dict(zip(names or ["pooled_output", "sequence_output"], runner.run(x)))
                 want = source.predict(x, batch_size=16, verbose=0)
+                got = dict(zip(sorted(want), runner.run(x)))  # both by output name
                 embeddings = [pretrained.sentence_embeddings(o, x["padding_mask"])
                               for o in (got, want)]
                 kept = [w for w in report.weights.values() if w.startswith("int")]

@@ -29,3 +29,34 @@ def test_keras_int4_dense_in_groups_reads_as_codes_zero_points_and_scales():
     assert found.group_size == 16 and found.zero is not None
     assert found.codes.min() >= -8 and found.codes.max() <= 7
     np.testing.assert_allclose(found.values, kernel, atol=np.abs(kernel).max() / 5)
+
+
+def test_keras_int4_einsum_dense_reads_back_to_its_float_kernel():
+    for config in (keras.quantizers.Int4QuantizationConfig(),
+                   keras.quantizers.Int4QuantizationConfig(block_size=8)):
+        inputs = keras.Input((3, 16))
+        layer = keras.layers.EinsumDense("abc,cde->abde", (3, 4, 5))
+        model = keras.Model(inputs, layer(inputs))
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        model.quantize(config=config)
+        (found,) = integer_kernels(layer).values()
+        assert found.codes.shape == kernel.shape and found.bits == 4
+        np.testing.assert_allclose(found.values, kernel, atol=np.abs(kernel).max() / 5)
+        # what Keras itself computes with
+        x = np.random.default_rng(0).random((2, 3, 16), dtype="float32")
+        np.testing.assert_allclose(model.predict(x, verbose=0),
+                                   np.einsum("abc,cde->abde", x, found.values), atol=1e-4)
+
+
+def test_keras_quantized_embeddings_read_back_to_their_rows():
+    for mode, config in (("int8", None), ("int4", None),
+                         ("int4", keras.quantizers.Int4QuantizationConfig(block_size=4))):
+        layer = keras.layers.Embedding(12, 10)
+        model = keras.Sequential([keras.Input((3,), dtype="int32"), layer])
+        table = keras.ops.convert_to_numpy(layer.embeddings)
+        model.quantize(mode, config=config) if config is None else model.quantize(config=config)
+        (found,) = integer_kernels(layer).values()
+        assert found.codes.shape == table.shape and found.bits == int(mode[3:])
+        tokens = np.array([[0, 5, 11]])
+        np.testing.assert_allclose(model.predict(tokens, verbose=0)[0], found.values[[0, 5, 11]],
+                                   atol=1e-5)

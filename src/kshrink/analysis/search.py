@@ -65,7 +65,7 @@ from kshrink.core.training import FineTune, task_loss
 from kshrink.deploy import RUNTIME_NAMES, check_runtime, in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.fold import Fold
-from kshrink.layers import keras_quantizes
+from kshrink.layers import keras_quantizes, quantization
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.measure.latency import latency, latency_in_turns
@@ -449,7 +449,7 @@ class _SizeSpace(_Space):
             # method follows from whether fine-tuning comes after): k-means, not gptq.
             self.probing = {**templates, "cluster": dataclasses.replace(cluster, method="kmeans")}
         kernels = [layer for layer in leaf_layers(model)
-                   if kernel_weights(layer) and not getattr(layer, "quantization_mode", None)]
+                   if kernel_weights(layer) and not quantization(layer)]
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
                         for layer in kernels}
         self.channels = {path_of(layer): int(kernel_weights(layer)[0].shape[-1])

@@ -19,6 +19,7 @@ from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, replace_layers
 from kshrink.core.progress import within
+from kshrink.layers.quantized import quantization
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -91,8 +92,8 @@ class ClusterHandler(Handler):
 
     def prepare(self, model, config: Cluster, ctx: StepContext):
         def skip_reason(layer):
-            if getattr(layer, "quantization_mode", None):
-                return "quantized layers keep their integer weights"
+            if quantization(layer):
+                return "quantized layers keep their weights"
             if not kernel_specs(layer):
                 return f"{type(layer).__name__}: no kernel to share" + (
                     "; register a LayerSpec naming its kernels (kshrink.layers.register_spec)"

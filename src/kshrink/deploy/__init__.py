@@ -56,6 +56,7 @@ from kshrink.core.graph import graph_calls, is_plain, layer_inputs, leaf_layers,
 from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
 from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs, kernel_weights
+from kshrink.layers import quantization as layer_quantization
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
@@ -178,7 +179,8 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
                            "backend (torch's ONNX exporter cannot trace them): set "
                            "KERAS_BACKEND=tensorflow")
     carried, note, kernels = [], None, []
-    if quantization == "int8" and any(_mode(layer) == "int4" for layer in leaf_layers(model)):
+    if quantization == "int8" and any(layer_quantization(layer) == "int4"
+                                        for layer in leaf_layers(model)):
         note = ("int4 weights are written as int8: the integer kernels of this export take "
                 "int8 weights (the int4 grid lies on the int8 one within rounding)")
     if quantization == "int8" and (integer or fmt == "onnx"):
@@ -189,7 +191,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization == "weights":
         kernels, unread = weights.model_kernels(model), weights.unread_layers(model)
         if integer:
-            model, _ = float_twin(model, partial=True)
+            model, _ = float_twin(model)
     if fmt == "onnx":
         model = _constants_as_weights(model)
     # Keras' own outputs first: the torch exporter also wants a model that has been called.
@@ -277,8 +279,7 @@ def _inputs(model, data, samples: int):
     return np.asarray(x[:samples], dtype=specs[0].dtype or "float32")
 
 
-def float_twin(model: keras.Model, calibration=None, *,
-               partial: bool = False) -> tuple[keras.Model, list[str]]:
+def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[str]]:
     """`model` with every integer layer as its float Keras class, holding the float weights
     its integers stand for, and TensorFlow's FakeQuant op with the model's own range on the
     input of each kshrink layer that quantizes its input statically: the LiteRT converter
@@ -291,16 +292,13 @@ def float_twin(model: keras.Model, calibration=None, *,
     With `calibration` (example inputs), every other layer with kernels gets a FakeQuant on
     its input too, with the range its input takes on them: ONNX Runtime fuses a layer into an
     integer kernel only where its input has one.
-
-    With `partial`, integer layers kshrink cannot read (Keras' own int8 EinsumDense) stay as
-    they are, for a converter that writes them itself; else they are refused.
     """
     if not is_plain(model):
         if calibration is not None or any(getattr(layer, "activation_bits", None)
                                           for layer in leaf_layers(model)):
             raise KshrinkError(f"export: quantization='int8' of {type(model).__name__} "
                                "(a model that builds its layers itself) is not supported yet")
-        return _rebuilt_float(model, partial), []
+        return _rebuilt_float(model), []
     calls, _, _ = graph_calls(model)
     producer = {id(t): layer for layer, _, outputs in calls for t in outputs}
     ranges, carried = {}, []
@@ -334,7 +332,7 @@ def float_twin(model: keras.Model, calibration=None, *,
             after[id(source)] = (min(low, known[0]), max(high, known[1]), 8)
 
     def replace(layer):
-        new = _as_float(layer, partial) or layer
+        new = _as_float(layer) or layer
         chain = [new]
         if id(layer) in before:
             chain.insert(0, _FakeQuant(*before[id(layer)], name=f"{layer.name}_input"))
@@ -351,7 +349,7 @@ def float_twin(model: keras.Model, calibration=None, *,
     return twin, carried
 
 
-def _rebuilt_float(model: keras.Model, partial: bool) -> keras.Model:
+def _rebuilt_float(model: keras.Model) -> keras.Model:
     """The float twin of a model that builds its layers in its constructor (a keras-hub
     backbone or task): rebuilt from its config with every quantized dtype policy replaced by
     its float source, then given, layer by layer (by path), the float weights of each."""
@@ -373,19 +371,17 @@ def _rebuilt_float(model: keras.Model, partial: bool) -> keras.Model:
                 layer._flatten_layers(include_self=False)):
             continue  # a container: its sublayers carry the weights
         if getattr(source, "quantization_mode", None) and not integer_kernels(source):
-            if not partial:
-                raise KshrinkError(f"export: Keras' own {source.quantization_mode} "
-                                   f"{type(source).__name__} layers ({source.name!r}) cannot "
-                                   "be exported with their float values yet")
-            continue  # left float: the file holds its dequantized weights
+            # A rebuilt model cannot keep the layer as it is, as a rewritten one does.
+            raise KshrinkError(f"export: Keras' own {source.quantization_mode} "
+                               f"{type(source).__name__} layers ({source.path!r}) cannot be "
+                               "exported with their float values yet")
         layer.set_weights(_float_weights(source, layer) if integer_kernels(source)
                           else source.get_weights())
     return twin
 
 
-def _as_float(layer, partial: bool = False):
-    """A float copy of an integer layer (not built); None for other layers, and with
-    `partial` for integer layers it cannot read."""
+def _as_float(layer):
+    """A float copy of an integer layer (not built), or None for other layers."""
     config = layer.get_config()
     if isinstance(layer, QuantizedKernels) and layer.mode in ("int8", "int4"):
         base = next(c for c in type(layer).__mro__[1:] if c.__module__.startswith("keras."))
@@ -393,17 +389,14 @@ def _as_float(layer, partial: bool = False):
             config.pop(key, None)
         return base.from_config(config)
     if getattr(layer, "quantization_mode", None) in ("int8", "int4"):
-        if not integer_kernels(layer):
-            if partial:
-                return None
+        if not integer_kernels(layer):  # a layout of Keras' that kshrink does not know
             raise KshrinkError(
                 f"export: Keras' own {layer.quantization_mode} {type(layer).__name__} layers "
-                f"({layer.name!r}) cannot be exported with their float values yet (Dense and "
-                "int8 EinsumDense can); export the model before quantizing with "
-                "quantization='int8'")
+                f"({layer.name!r}) cannot be exported with their float values yet; export "
+                "the model before quantizing it")
         config.pop("quantization_config", None)
         config["dtype"] = layer.dtype_policy.variable_dtype
-        return type(layer).from_config(config)  # Keras' Dense or EinsumDense
+        return type(layer).from_config(config)  # Keras' Dense, EinsumDense, Embedding
     return None
 
 
@@ -435,12 +428,6 @@ class _FakeQuant(keras.layers.Layer):
                                                             num_bits=self.bits)
 
 
-def _mode(layer) -> str | None:
-    """`"int8"`, `"int4"` (any group size) or another mode for a quantized layer, else None."""
-    mode = getattr(layer, "quantization_mode", None) or getattr(layer, "mode", None)
-    return mode.split("/")[0] if isinstance(mode, str) else None
-
-
 def sparse_kernels(model) -> list[str]:
     """The layers of `model` with a kernel of which at least `SPARSE` are zeros."""
     return [layer.name for layer in leaf_layers(model)
@@ -449,7 +436,7 @@ def sparse_kernels(model) -> list[str]:
 
 
 def _has_integer_layers(model) -> bool:
-    return any(_mode(layer) in ("int8", "int4") for layer in leaf_layers(model))
+    return any(layer_quantization(layer) in ("int8", "int4") for layer in leaf_layers(model))
 
 
 def _write_litert(model, path, quantization, x) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kshrink.core.graph import leaf_layers
+from kshrink.core.graph import leaf_layers, path_of
 from kshrink.layers import integer_kernels
 
 
@@ -34,7 +34,7 @@ class Kernel:
 
     layer: str
     name: str
-    key: str  # in the report: the layer, or `layer/kernel` for a layer with several
+    key: str  # in the report: the layer's path, or `path/kernel` for a layer with several
     codes: np.ndarray  # int8, in the Keras layout until placed
     scale: np.ndarray  # float32, one per element
     zero: np.ndarray | None  # int8 zero points, one per element, or None (symmetric)
@@ -57,8 +57,8 @@ class Kernel:
 def unread_layers(model) -> dict[str, str]:
     """`{layer: why}` for each quantized layer whose integers kshrink cannot read (Keras'
     int4 EinsumDense, its quantized Embedding): the export holds their float values."""
-    return {layer.name: f"float32: kshrink cannot read Keras' {layer.quantization_mode} "
-                        f"{type(layer).__name__} yet"
+    return {path_of(layer): f"float32: kshrink cannot read Keras' {layer.quantization_mode} "
+                           f"{type(layer).__name__} yet"
             for layer in leaf_layers(model)
             if getattr(layer, "quantization_mode", None) and not integer_kernels(layer)}
 
@@ -69,7 +69,7 @@ def model_kernels(model) -> list[Kernel]:
     for layer in leaf_layers(model):
         kernels = integer_kernels(layer)
         for name, kernel in kernels.items():
-            key = layer.name if len(kernels) == 1 else f"{layer.name}/{name}"
+            key = path_of(layer) if len(kernels) == 1 else f"{path_of(layer)}/{name}"
             found.append(Kernel(layer.name, name, key, kernel.codes, kernel.scale, kernel.zero,
                                 kernel.bits, kernel.group_size))
     return found

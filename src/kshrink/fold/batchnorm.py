@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional, is_plain, rewrite
+from kshrink.layers.quantized import quantization
 from kshrink.layers.specs import scale_output_channels, spec_for
 
 
@@ -108,7 +109,7 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
     if type(producer).__module__.split(".")[0] != "keras":
         return f"follows the custom layer {producer.name!r}"
     spec = spec_for(producer)
-    if spec is None or spec.fold_into is None or getattr(producer, "is_quantized", False):
+    if spec is None or spec.fold_into is None or quantization(producer):
         kind = type(producer).__name__
         return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if producer.get_config().get("activation") not in ("linear", None):

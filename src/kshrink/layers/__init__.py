@@ -18,6 +18,7 @@ from kshrink.layers.quantized import (
     integer_kernels,
     keras_base,
     keras_quantizes,
+    quantization,
     quantize_layer,
     quantize_matrix,
 )
@@ -43,5 +44,5 @@ __all__ = ["FLOAT_MODES", "INTEGER_MODES", "KERAS_INTEGER_LAYERS", "MODES", "QUA
            "ClusterWrapper", "IntegerKernel", "LayerSpec", "PruneWrapper",
            "QuantizeAwareWrapper", "QuantizedKernels", "SubstituteWrapper", "WeightSpec",
            "as_matrix", "fake_quantize_kernel", "from_matrix", "integer_kernels", "keras_base",
-           "keras_quantizes", "kernel_specs", "kernel_weights", "output_axes", "quantize_layer",
-           "quantize_matrix", "register_spec", "spec_for"]
+           "keras_quantizes", "kernel_specs", "kernel_weights", "output_axes", "quantization",
+           "quantize_layer", "quantize_matrix", "register_spec", "spec_for"]

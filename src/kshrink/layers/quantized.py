@@ -35,6 +35,7 @@ from kshrink.layers.specs import (
 )
 
 INTEGER_MODES = {"int8": 127, "int4": 7}  # mode -> largest stored magnitude
+INTEGER_BITS = {"int8": 8, "int4": 4}
 FLOAT_MODES = ("float16", "bfloat16")
 MODES = tuple(INTEGER_MODES) + FLOAT_MODES
 
@@ -223,6 +224,16 @@ def _stored_attribute(name: str) -> property:
 KERAS_INTEGER_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
 
+def quantization(layer) -> str | None:
+    """How `layer`'s kernels are stored, whoever quantized them: kshrink's mode (`"int8"`,
+    `"int4"`, `"float16"`, `"bfloat16"`), Keras' own (`"int8"`, `"int4"`, `"float8"`,
+    `"gptq"`...), or None for a float layer."""
+    if isinstance(layer, QuantizedKernels):
+        return layer.mode
+    mode = getattr(layer, "quantization_mode", None)
+    return mode.split("/")[0] if isinstance(mode, str) and mode else None
+
+
 def keras_quantizes(layer) -> bool:
     """Whether Keras' own `quantize` takes `layer` in place: its Dense, EinsumDense and
     Embedding, and subclasses from Keras or keras-hub (`ReversibleEmbedding`), which keep the
@@ -250,8 +261,8 @@ class IntegerKernel(NamedTuple):
 
 def integer_kernels(layer) -> dict[str, IntegerKernel]:
     """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers,
-    Keras' own int8/int4 `Dense` (per channel, or int4 in groups with zero points), int8
-    `EinsumDense` and int8 `Embedding`; `{}` for any other layer (float, float16 storage, not quantized, other
+    Keras' own int8/int4 `Dense` and `EinsumDense` (per channel, or int4 in groups with zero
+    points) and `Embedding`; `{}` for any other layer (float, float16 storage, not quantized, other
     Keras modes)."""
     if isinstance(layer, QuantizedKernels):
         if layer.mode not in INTEGER_MODES:
@@ -268,10 +279,28 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
             scale = np.repeat(scale, layer.group_size or rows, axis=0)[:rows]
             found[name] = IntegerKernel(from_matrix(codes.astype("int8"), shape, axes),
                                         from_matrix(scale, shape, axes), None,
-                                        4 if layer.mode == "int4" else 8, layer.group_size)
+                                        INTEGER_BITS[layer.mode], layer.group_size)
         return found
     mode = getattr(layer, "quantization_mode", None)
     stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
+    if type(layer) is keras.layers.EinsumDense and mode == "int4":
+        # Keras' own layout: the kernel as a (summed axes, other axes) matrix packed along its
+        # columns, reshaped to the kernel's shape after dequantizing (tests/layers: canary).
+        shape = tuple(layer.original_kernel_shape)
+        columns = stored["kernel_scale"].shape[-1]
+        matrix = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
+            stored["kernel"], columns, axis=-1, dtype="int8")).astype("int8")
+        if "g_idx" in stored:
+            groups = stored["g_idx"].astype("int64")
+            scale = stored["kernel_scale"][groups].astype("float32")
+            zero = stored["kernel_zero"][groups].astype("int8").reshape(shape)
+            size = int(np.sum(groups == 0))
+        else:  # divided by its scale
+            scale = np.broadcast_to(1.0 / stored["kernel_scale"].astype("float32"),
+                                    matrix.shape)
+            zero, size = None, None
+        return {"kernel": IntegerKernel(matrix.reshape(shape), np.array(scale).reshape(shape),
+                                        zero, 4, size)}
     if type(layer) is keras.layers.EinsumDense and mode == "int8":
         # The kernel as built; its scales in a layout of Keras' own, which this (private)
         # method of the layer turns back (tests/layers: a canary if Keras renames it).
@@ -280,12 +309,24 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
         codes = stored["kernel"].astype("int8")
         return {"kernel": IntegerKernel(codes, np.array(np.broadcast_to(
             1.0 / scale.astype("float32"), codes.shape)), None, 8)}
-    if isinstance(layer, keras.layers.Embedding) and mode == "int8" and set(stored) == {
-            "embeddings", "embeddings_scale"}:  # keras-hub's tied ReversibleEmbedding too
-        codes = stored["embeddings"].astype("int8")  # a row per token, divided by its scale
+    if isinstance(layer, keras.layers.Embedding) and mode in INTEGER_MODES and set(stored) in (
+            {"embeddings", "embeddings_scale"},  # keras-hub's tied ReversibleEmbedding too
+            {"embeddings", "embeddings_scale", "embeddings_zero", "g_idx"}):
+        codes = stored["embeddings"]  # a row per token (int4: packed along the row)
+        if mode == "int4":
+            codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
+                codes, layer.output_dim, axis=-1, dtype="int8"))
+        codes = codes.astype("int8")
+        if "g_idx" in stored:  # groups along the row, with zero points; scales multiply
+            groups = stored["g_idx"].astype("int64")
+            return {"embeddings": IntegerKernel(
+                codes, stored["embeddings_scale"][:, groups].astype("float32"),
+                stored["embeddings_zero"][:, groups].astype("int8"), 4,
+                int(np.sum(groups == 0)))}
         scale = np.broadcast_to(1.0 / stored["embeddings_scale"][:, None].astype("float32"),
-                                codes.shape)
-        return {"embeddings": IntegerKernel(codes, np.array(scale), None, 8)}
+                                codes.shape)  # divided by the row's scale
+        return {"embeddings": IntegerKernel(codes, np.array(scale), None,
+                                            INTEGER_BITS[mode])}
     if type(layer) is not keras.layers.Dense or mode not in INTEGER_MODES:
         return {}
     codes = stored["kernel"]
@@ -301,7 +342,7 @@ def integer_kernels(layer) -> dict[str, IntegerKernel]:
     # Per output channel: Keras divides by its scale.
     scale = np.broadcast_to(1.0 / stored["kernel_scale"].reshape(1, -1).astype("float32"),
                             codes.shape)
-    return {"kernel": IntegerKernel(codes, np.array(scale), None, 4 if mode == "int4" else 8)}
+    return {"kernel": IntegerKernel(codes, np.array(scale), None, INTEGER_BITS[mode])}
 
 
 def _quantized_class(base: type) -> type:

@@ -23,7 +23,14 @@ from kshrink.core.classes import is_user_class
 from kshrink.core.data import example_count, take
 from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.progress import within
-from kshrink.layers import PruneWrapper, as_matrix, from_matrix, kernel_weights, output_axes
+from kshrink.layers import (
+    PruneWrapper,
+    as_matrix,
+    from_matrix,
+    kernel_weights,
+    output_axes,
+    quantization,
+)
 from kshrink.layers.specs import matrix_shape
 from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
@@ -131,7 +138,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     everything = [l for l in leaf_layers(model) if kernel_weights(l)]
 
     def skip_reason(layer):
-        if getattr(layer, "quantization_mode", None):
+        if quantization(layer):
             return "quantized layers are not pruned; prune before quantize"
         if not kernel_weights(layer):
             return f"{type(layer).__name__}: no prunable weights" + (

@@ -32,11 +32,11 @@ from kshrink.layers import (
     INTEGER_MODES,
     MODES,
     QuantizeAwareWrapper,
-    QuantizedKernels,
     keras_base,
     keras_quantizes,
     kernel_specs,
     kernel_weights,
+    quantization,
     quantize_layer,
 )
 from kshrink.layers.specs import PER_CHANNEL, spec_for
@@ -158,9 +158,8 @@ def _fold_batchnorm(model, ctx: StepContext):
 def skip_reason(layer) -> str | None:
     """Why `Quantize` leaves `layer` alone (already quantized, no kernel it can take), or
     None if it quantizes it."""
-    mode = getattr(layer, "quantization_mode", None)
-    if mode or isinstance(layer, QuantizedKernels):
-        return f"already quantized ({mode or layer.mode})"
+    if quantization(layer):
+        return f"already quantized ({quantization(layer)})"
     if keras_base(layer) is not None or keras_quantizes(layer):
         return None
     name = type(layer).__name__

@@ -94,7 +94,7 @@ class ExportReport:
             ranges came from the model itself rather than from calibration.
         note: one line on what the file could not keep (int4 weights written as int8), or
             None.
-        weights: for `"weights"`, what the file keeps of each layer with integer kernels
+        weights: for `"weights"`, what the file keeps of each integer kernel, by layer path
             (`"int4 per channel"`, or `"float32: ..."` with the reason it was widened).
     """
 
@@ -119,8 +119,8 @@ class ExportReport:
         if self.weights:
             agreement += "\n" + _kept_summary(self.weights)
         hint = ""
-        if self.quantization == "dynamic":
-            hint = ("\nint8 weights with float activations: a small file, but slower than float "
+        if self.quantization in ("dynamic", "weights"):
+            hint = ("\ninteger weights with float activations: a small file, not a faster one "
                     "on CPU; for speed, export the float model with quantization 'int8'")
         return (f"wrote {self.path} ({self.format}, quantization {self.quantization}): "
                 f"{self.file_bytes:,} bytes; on {self.samples} samples the outputs differ from "
@@ -174,10 +174,10 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     if quantization == "int8" and not isinstance(x, np.ndarray):
         raise KshrinkError(f"export: quantization='int8' takes models with one input; "
                            f"{model.name!r} has {len(model.inputs)} (use 'dynamic')")
-    if integer and keras.backend.backend() != "tensorflow":
-        raise KshrinkError("export: models with integer layers export on the tensorflow "
-                           "backend (torch's ONNX exporter cannot trace them): set "
-                           "KERAS_BACKEND=tensorflow")
+    if integer and quantization != "weights" and keras.backend.backend() != "tensorflow":
+        raise KshrinkError(f"export: quantization={quantization!r} of a model with integer "
+                           "layers runs on the tensorflow backend (torch's ONNX exporter cannot "
+                           "trace them; 'weights' can): set KERAS_BACKEND=tensorflow")
     carried, note, kernels = [], None, []
     if quantization == "int8" and any(layer_quantization(layer) == "int4"
                                         for layer in leaf_layers(model)):

@@ -178,7 +178,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         raise KshrinkError(f"export: quantization={quantization!r} of a model with integer "
                            "layers runs on the tensorflow backend (torch's ONNX exporter cannot "
                            "trace them; 'weights' can): set KERAS_BACKEND=tensorflow")
-    carried, note, kernels = [], None, []
+    given, carried, note, kernels = model, [], None, []
     if quantization == "int8" and any(layer_quantization(layer) == "int4"
                                         for layer in leaf_layers(model)):
         note = ("int4 weights are written as int8: the integer kernels of this export take "
@@ -189,14 +189,16 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         note = (f"{len(sparse)} layer{'s' * (len(sparse) > 1)} with kernels at least half "
                 "zeros stored sparse (storage only: XNNPACK runs sparse kernels on ARM alone)")
     if quantization == "weights":
-        kernels, unread = weights.model_kernels(model), weights.unread_layers(model)
+        kernels = weights.model_kernels(model)
         if integer:
             model, _ = float_twin(model)
     if fmt == "onnx":
         model = _constants_as_weights(model)
-    # Keras' own outputs first: the torch exporter also wants a model that has been called.
+    # The outputs of the model as given; the torch exporter wants the model it traces called.
     expected = [np.asarray(o) for o in
-                keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))]
+                keras.tree.flatten(given.predict(x, batch_size=256, verbose=0))]
+    if model is not given:
+        model.predict(keras.tree.map_structure(lambda v: v[:1], x), verbose=0)
     if not path.parent.is_dir():
         raise KshrinkError(f"export: output directory does not exist: {path.parent}")
     if path.is_dir():
@@ -206,11 +208,11 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             _write_litert(model, temporary, quantization, x)
         else:
             _write_onnx(model, temporary, quantization, x)
-        kept = dict(unread) if quantization == "weights" else {}
+        kept = {}
         if kernels:
             with _quiet_quantizer(), quiet_stderr(QUANTIZER_NOISE):
                 keep = weights.keep_litert if fmt == "litert" else weights.keep_onnx
-                kept.update(keep(temporary, kernels))
+                kept = keep(temporary, kernels)
         outputs = Runtime(temporary).run(x)  # renamed into place only once it has run
         if len(outputs) != len(expected):
             raise KshrinkError(f"export: the {fmt} file has {len(outputs)} outputs; the "

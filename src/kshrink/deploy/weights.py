@@ -54,15 +54,6 @@ class Kernel:
         return f"int{self.bits} {how}"
 
 
-def unread_layers(model) -> dict[str, str]:
-    """`{layer: why}` for each quantized layer whose integers kshrink cannot read (Keras'
-    int4 EinsumDense, its quantized Embedding): the export holds their float values."""
-    return {path_of(layer): f"float32: kshrink cannot read Keras' {layer.quantization_mode} "
-                           f"{type(layer).__name__} yet"
-            for layer in leaf_layers(model)
-            if getattr(layer, "quantization_mode", None) and not integer_kernels(layer)}
-
-
 def model_kernels(model) -> list[Kernel]:
     """Every integer kernel of `model`'s layers, nested models included."""
     found = []

@@ -349,18 +349,20 @@ def test_a_keras_hub_backbone_with_three_inputs_and_two_outputs_exports(tmp_path
     assert cosine.min() > 0.999
 
 
-@on_tensorflow
-def test_a_pruned_clustered_lenet_is_a_quarter_of_its_dense_file_in_litert(tmp_path):
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+def test_a_pruned_clustered_lenet_is_a_quarter_of_its_dense_file(tmp_path, suffix):
     """LeNet-300-100, 92% of its weights pruned and the rest shared among 16 values: LiteRT's
-    sparse encoding keeps only the nonzeros, and the file computes the same outputs."""
+    sparse encoding and ONNX's sparse initializers keep only the nonzeros, and the file
+    computes the same outputs."""
+    needs_backend_for(suffix)
     dense = keras.Sequential([keras.Input((784,)), keras.layers.Dense(300, activation="relu"),
                               keras.layers.Dense(100, activation="relu"),
                               keras.layers.Dense(10)])
     x = np.random.default_rng(0).random((32, 784), dtype="float32")
     small, _ = kshrink.compress(dense, [kshrink.Prune(sparsity=0.92),
                                         kshrink.Cluster(clusters=16)])
-    dense_bytes = export(dense, tmp_path / "dense.tflite", data=x).file_bytes
-    report = export(small, tmp_path / "sparse.tflite", data=x)
+    dense_bytes = export(dense, tmp_path / f"dense{suffix}", data=x).file_bytes
+    report = export(small, tmp_path / f"sparse{suffix}", data=x)
     assert report.quantization == "none" and "stored sparse" in report.note
     assert report.file_bytes <= 0.25 * dense_bytes
     assert report.max_abs_diff <= 1e-5 * np.abs(small.predict(x, verbose=0)).max()

@@ -188,6 +188,33 @@ def keep_onnx(path: Path, kernels: list[Kernel]) -> dict[str, str]:
     return kept
 
 
+def sparse_onnx(path: Path) -> int:
+    """Rewrites the ONNX file at `path` so that each float initializer stored smaller as its
+    nonzeros and their int64 positions (under a third nonzero) becomes a sparse initializer,
+    which ONNX Runtime densifies at load. Returns how many did."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    graph, count = model.graph, 0
+    for tensor in list(graph.initializer):
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(tensor)
+        where = np.flatnonzero(values)
+        if where.size * 12 >= values.size * 4:  # a float and an int64 per nonzero
+            continue
+        graph.initializer.remove(tensor)
+        graph.sparse_initializer.append(helper.make_sparse_tensor(
+            numpy_helper.from_array(values.ravel()[where], tensor.name),
+            numpy_helper.from_array(where.astype("int64"), f"{tensor.name}/indices"),
+            values.shape))
+        count += 1
+    if count:
+        onnx.save(model, path)
+    return count
+
+
 def onnx_codes(path: Path) -> dict[str, np.ndarray]:
     """The integer codes an ONNX file stores behind `DequantizeLinear`, by the name of the
     float tensor they stand for (for tests and inspection)."""

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import median, replace_rows, write_rows
+from common import median, replace_rows
 
 import kshrink
 from kshrink.deploy import Runtime, export
@@ -114,7 +114,7 @@ def main():
                     "speedup_b32": round(base[32] / times[variant][32], 2),
                 })
                 print(rows[-1], flush=True)
-    write_rows("export", rows)
+    replace_rows("export", rows, lambda row: row["model"] in MODELS)
 
 
 def efficientnet_rows(args) -> list[dict]:

@@ -30,10 +30,8 @@ from kshrink.layers import integer_kernels
 
 @dataclasses.dataclass
 class Kernel:
-    """One integer kernel of the Keras model: `codes * scale` is its float value."""
+    """One integer kernel of the Keras model: `(codes - zero) * scale` is its float value."""
 
-    layer: str
-    name: str
     key: str  # in the report: the layer's path, or `path/kernel` for a layer with several
     codes: np.ndarray  # int8, in the Keras layout until placed
     scale: np.ndarray  # float32, one per element
@@ -61,8 +59,8 @@ def model_kernels(model) -> list[Kernel]:
         kernels = integer_kernels(layer)
         for name, kernel in kernels.items():
             key = path_of(layer) if len(kernels) == 1 else f"{path_of(layer)}/{name}"
-            found.append(Kernel(layer.name, name, key, kernel.codes, kernel.scale, kernel.zero,
-                                kernel.bits, kernel.group_size))
+            found.append(Kernel(key, kernel.codes, kernel.scale, kernel.zero, kernel.bits,
+                                kernel.group_size))
     return found
 
 

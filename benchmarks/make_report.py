@@ -409,9 +409,10 @@ def export_section(data):
             "EfficientNet-Lite0 (`--pretrained`, real ImageNet weights): each file against "
             "the Keras model it came from on 200 views of 20 ImageNet photos (mean cosine of "
             "the logits, top-1 agreement, largest difference); int4 is GPTQ on 54 photo "
-            "crops, one scale per channel, first and last layers int8 (LiteRT has no int4 "
-            "depthwise convolution: those go out as int8 codes on the same grid); speed-ups "
-            "against Keras float in the same run.",
+            "crops, one scale per channel, with the first, last and depthwise layers int8 "
+            "(`keep_int8`, the default) or every layer int4 (LiteRT has no int4 depthwise "
+            "convolution: those go out as int8 codes on the same grid); speed-ups against "
+            "Keras float in the same run.",
             table(("variant", "file bytes", "cosine", "agreement", "max diff", "kernels kept",
                    "batch 1", "batch 32"), pretrained)]
     return section(data, lines)

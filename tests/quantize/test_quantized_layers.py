@@ -16,6 +16,13 @@ LAYERS = {
     "SeparableConv2D": (lambda: keras.layers.SeparableConv2D(5, 3), (2, 9, 9, 4)),
     "Conv2DTranspose": (lambda: keras.layers.Conv2DTranspose(6, 3, strides=2), (2, 5, 5, 4)),
     "Dense": (lambda: keras.layers.Dense(7), (3, 40)),
+    "Conv1DTranspose": (lambda: keras.layers.Conv1DTranspose(5, 3, strides=2), (2, 6, 4)),
+    "Conv3DTranspose": (lambda: keras.layers.Conv3DTranspose(3, 2), (2, 4, 4, 4, 3)),
+    "DepthwiseConv1D": (lambda: keras.layers.DepthwiseConv1D(3, depth_multiplier=2), (2, 9, 4)),
+    "SeparableConv1D": (lambda: keras.layers.SeparableConv1D(5, 3), (2, 9, 4)),
+    "EinsumDense": (lambda: keras.layers.EinsumDense("abc,cd->abd", (5, 6), bias_axes="d"),
+                    (2, 5, 8)),
+    "Embedding": (lambda: keras.layers.Embedding(20, 6), (2, 7)),
 }
 # Largest output error relative to the largest output, random weights and inputs.
 TOLERANCE = {"int8": 0.02, "int4": 0.25, "float16": 1e-3, "bfloat16": 1e-2}
@@ -25,8 +32,18 @@ def built(name, seed=0):
     keras.utils.set_random_seed(seed)
     make, shape = LAYERS[name]
     layer = make()
-    x = np.random.default_rng(seed).normal(size=shape).astype("float32")
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, 20, shape).astype("int32") if isinstance(layer, keras.layers.Embedding)
+         else rng.normal(size=shape).astype("float32"))
     return layer, x, keras.ops.convert_to_numpy(layer(x))
+
+
+def test_every_quantized_class_is_checked_against_its_keras_layer():
+    """The canary for the private attribute each quantized class overrides (Conv's `_kernel`,
+    Dense's `_kernel`...): if Keras renamed one, the layer would compute with a zero kernel
+    and `test_quantized_layer_follows_its_float_layer` would fail for it."""
+    checked = {type(LAYERS[name][0]()) for name in LAYERS}
+    assert set(QUANTIZED_CLASSES) <= checked
 
 
 def numpy(tensor):
@@ -37,15 +54,15 @@ def numpy(tensor):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_quantized_layer_follows_its_float_layer(name, mode):
     layer, x, reference = built(name)
-    if name == "Dense" and mode in ("int8", "int4"):
-        pytest.skip("Keras quantizes Dense to integers itself")
+    if name in ("Dense", "EinsumDense", "Embedding") and mode in ("int8", "int4"):
+        pytest.skip("Keras quantizes these to integers itself")
     quantized = quantize_layer(layer, mode, group_size=8 if mode == "int4" else None)
     assert type(quantized) is QUANTIZED_CLASSES[type(layer)]
     error = np.abs(numpy(quantized(x)) - reference).max() / np.abs(reference).max()
     assert error <= TOLERANCE[mode]
-    stored = [v for v in quantized.weights if "kernel" in v.name and "scale" not in v.name]
+    stored = [v for v in quantized.weights if v.name in quantized.KERNELS]
     assert {v.dtype for v in stored} == {"int8" if mode.startswith("int") else mode}
-    float_bytes = sum(4 * np.prod(v.shape) for v in layer.weights if "kernel" in v.name)
+    float_bytes = sum(4 * np.prod(v.shape) for v in layer.weights if v.name in quantized.KERNELS)
     held = sum(numpy(v.value).nbytes for v in stored)
     assert held <= float_bytes * {"int8": 0.25, "int4": 0.125 + 0.05}.get(mode, 0.5) + 8
 

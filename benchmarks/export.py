@@ -5,7 +5,8 @@ For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float
 - LiteRT float, LiteRT with kshrink's int8 weights kept (export quantization "auto", which is
   "weights", of a `Quantize(mode="int8")` model), with kshrink's int4 weights kept (GPTQ, one
   scale per channel, first and last layers int8), LiteRT full int8 (calibrated on
-  `--calibration` training images);
+  `--calibration` training images), and full int8 of the int4 model, whose Dense layers
+  keep their int4 weights (int8 activations);
 - Keras QAT: `Quantize(mode="int8", activation_bits=8, qat=True)` fine-tuned `--qat-epochs`
   epochs, and its LiteRT full int8 export, which uses the QAT model's own input ranges;
 - ONNX Runtime float, with kshrink's int8 and int4 weights (DequantizeLinear), and QDQ int8 (static: from the float model calibrated on the training images, and from the QAT
@@ -74,6 +75,8 @@ def main():
                 "LiteRT, kshrink int4 weights": (int4, "int4w.tflite", "auto"),
                 "LiteRT full int8": (model, "int8.tflite", "int8"),
                 "LiteRT full int8, from the QAT model": (qat, "qat.tflite", "int8"),
+                "LiteRT full int8, from the int4 model (int4 Dense)": (int4, "a8w4.tflite",
+                                                                       "int8"),
                 "ONNX Runtime float": (model, "float.onnx", "none"),
                 "ONNX Runtime, kshrink int8 weights": (int8, "int8w.onnx", "auto"),
                 "ONNX Runtime, kshrink int4 weights": (int4, "int4w.onnx", "auto"),

@@ -306,12 +306,30 @@ def test_keras_int8_einsum_dense_goes_out_with_its_own_codes(tmp_path, suffix):
 
 
 @on_tensorflow
-def test_int4_weights_go_out_as_int8_and_say_so(trained, digits, tmp_path):
-    int4, _ = kshrink.compress(trained, kshrink.Quantize(mode="int4", group_size=None))
+def test_full_int8_keeps_int4_fully_connected_weights_a8w4(trained, digits, tmp_path):
+    """LiteRT full int8 of an int4 model: its Dense layers get their own int4 codes and
+    scales back (int8 activations, int4 weights), the convolutions int8; ONNX says int8."""
+    import dataclasses
+
+    from kshrink.deploy import weights
+
+    int4, _ = kshrink.compress(trained, kshrink.Quantize(mode="int4", group_size=None,
+                                                         keep_int8=False))
     report = export(int4, tmp_path / "int4.tflite", quantization="int8", data=digits.train)
-    assert "int4 weights are written as int8" in str(report)
+    dense = [k.key for k in weights.model_kernels(int4)
+             if isinstance(int4.get_layer(k.key), keras.layers.Dense)]
+    assert dense and all(report.weights[key] == "int4 per channel, int8 activations"
+                         for key in dense)
+    stored = weights.litert_codes(report.path)
+    as_codes = [dataclasses.replace(k, scale=np.ones_like(k.scale))
+                for k in weights.model_kernels(int4) if k.key in dense]
+    found = weights.place(as_codes, {n: c.astype("float32") for n, c in stored.items()})
+    assert {k.key for k in found.values()} == set(dense)  # code for code
     reference = int4.predict(digits.train[0][:256], verbose=0).argmax(1)
     assert report.agreement >= 0.95 and len(reference) == report.samples
+    if keras.backend.backend() == "tensorflow":
+        onnx = export(int4, tmp_path / "int4.onnx", quantization="int8", data=digits.train)
+        assert "int4 weights are written as int8" in str(onnx)
 
 
 @pytest.mark.parametrize("suffix", [".tflite", ".onnx"])

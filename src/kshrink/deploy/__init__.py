@@ -27,7 +27,10 @@ Quantization:
   (`Quantize(activation_bits=8)`, calibrated or learned in QAT) those ranges, which the file
   then uses. Every other range is calibrated on `data`: by the LiteRT converter, and for ONNX
   as the min/max of each kernel layer's input (ONNX Runtime fuses a layer into an integer
-  kernel only where its input has a range of its own).
+  kernel only where its input has a range of its own). The int4 kernels of a model kshrink
+  quantized go into a LiteRT file's FULLY_CONNECTED ops as their own int4 codes and scales
+  (int8 activations, int4 weights: XNNPACK runs it, at half the bytes of int8); other int4
+  kernels, and ONNX's, are written as int8.
 - `"auto"` (default): `"weights"` for a model with integer-quantized layers, else `"none"`.
 
 A file of float weights stores pruned kernels sparse: LiteRT in its sparse encoding
@@ -96,8 +99,9 @@ class ExportReport:
             ranges came from the model itself rather than from calibration.
         note: one line on what the file could not keep (int4 weights written as int8), or
             None.
-        weights: for `"weights"`, what the file keeps of each integer kernel, by layer path
-            (`"int4 per channel"`, or `"float32: ..."` with the reason it was widened).
+        weights: what the file keeps of each integer kernel, by layer path, for `"weights"`
+            and for `"int8"` of a LiteRT file with int4 kernels (`"int4 per channel"`, or
+            `"float32: ..."` with the reason it was widened).
     """
 
     path: Path
@@ -183,8 +187,11 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
     given, carried, note, kernels = model, [], None, []
     if quantization == "int8" and any(layer_quantization(layer) == "int4"
                                         for layer in leaf_layers(model)):
-        note = ("int4 weights are written as int8: the integer kernels of this export take "
-                "int8 weights (the int4 grid lies on the int8 one within rounding)")
+        if fmt == "litert":  # int4 back into the fully connected ops: a8w4
+            kernels = weights.model_kernels(model)
+        else:
+            note = ("int4 weights are written as int8: the integer kernels of this export "
+                    "take int8 weights (the int4 grid lies on the int8 one within rounding)")
     if quantization == "int8" and (integer or fmt == "onnx"):
         model, carried = float_twin(model, x if fmt == "onnx" else None)
     if quantization == "none" and (sparse := sparse_kernels(model)):
@@ -213,7 +220,9 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
         else:
             _write_onnx(model, temporary, quantization, x)
         kept = {}
-        if kernels:
+        if kernels and quantization == "int8":
+            kept = weights.int4_into_full_int8(temporary, kernels)
+        elif kernels:
             with _quiet_quantizer(), quiet_stderr(QUANTIZER_NOISE):
                 keep = weights.keep_litert if fmt == "litert" else weights.keep_onnx
                 kept = keep(temporary, kernels)

@@ -64,10 +64,12 @@ def model_kernels(model) -> list[Kernel]:
     return found
 
 
-def place(kernels: list[Kernel], tensors: dict[str, np.ndarray]) -> dict[str, Kernel]:
+def place(kernels: list[Kernel], tensors: dict[str, np.ndarray],
+          within: dict[str, np.ndarray] | None = None) -> dict[str, Kernel]:
     """`{tensor name: kernel}` for each file tensor holding a kernel's float values in some
-    transposition and reshape of its axes; the kernel's codes and scales come back in the
-    tensor's layout. Kernels found nowhere are left out."""
+    transposition and reshape of its axes (to within `within[name]`, per element, for a
+    tensor a converter re-quantized; else exactly); the kernel's codes and scales come back in
+    the tensor's layout. Kernels found nowhere are left out."""
     by_size = {}
     for name, values in tensors.items():
         by_size.setdefault(values.size, []).append(name)
@@ -76,11 +78,11 @@ def place(kernels: list[Kernel], tensors: dict[str, np.ndarray]) -> dict[str, Ke
         values = kernel.values
         total = float(np.abs(values).sum())
         for name in by_size.get(values.size, []):
-            tensor = tensors[name]
-            if name in placed or not np.isclose(float(np.abs(tensor).sum()), total,
-                                                rtol=1e-5, atol=1e-30):
+            tensor, margin = tensors[name], (within or {}).get(name)
+            if name in placed or margin is None and not np.isclose(
+                    float(np.abs(tensor).sum()), total, rtol=1e-5, atol=1e-30):
                 continue
-            order = _transposition(values, tensor)
+            order = _transposition(values, tensor, margin)
             if order is not None:
                 def arrange(a):
                     return np.transpose(a, order).reshape(tensor.shape)
@@ -92,11 +94,13 @@ def place(kernels: list[Kernel], tensors: dict[str, np.ndarray]) -> dict[str, Ke
     return placed
 
 
-def _transposition(values: np.ndarray, tensor: np.ndarray) -> tuple | None:
-    """The order of `values`' axes that, reshaped, equals `tensor` (the identity first)."""
+def _transposition(values: np.ndarray, tensor: np.ndarray, margin=None) -> tuple | None:
+    """The order of `values`' axes that, reshaped, equals `tensor` (the identity first), to
+    within `margin` per element if given."""
     for order in itertools.permutations(range(values.ndim)):
         candidate = np.transpose(values, order).reshape(tensor.shape)
-        if np.allclose(candidate, tensor, rtol=1e-6, atol=0):
+        if (np.allclose(candidate, tensor, rtol=1e-6, atol=0) if margin is None
+                else np.all(np.abs(candidate - tensor) <= margin)):
             return order
     return None
 
@@ -288,6 +292,60 @@ def keep_litert(path: Path, kernels: list[Kernel]) -> dict[str, str]:
         result = recipe.quantize(ranges, enable_progress_bar=False,
                                  enable_progress_report=False)
         Path(path).write_bytes(bytes(result.quantized_model))
+    return kept
+
+
+def int4_into_full_int8(path: Path, kernels: list[Kernel]) -> dict[str, str]:
+    """In a full-integer LiteRT file, gives each FULLY_CONNECTED whose int8 weights stand for
+    an int4 kernel of the model (per channel, symmetric) that kernel's own int4 codes and
+    scales, its int32 bias re-scaled to match: int8 activations with int4 weights (a8w4),
+    which XNNPACK runs. Returns `{kernel key: what the file keeps}` for the int4 kernels."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    model = flatbuffer.read_model(str(path))
+    graph = model.subgraphs[0]
+    weights, margins, biases = {}, {}, {}
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex].builtinCode
+        if str(getattr(flatbuffer.TFL_OP_CODE_TO_NAME.get(code), "value", "")) != (
+                "FULLY_CONNECTED"):
+            continue
+        tensor = graph.tensors[op.inputs[1]]
+        scale = np.asarray(tensor.quantization.scale if tensor.quantization else [], "float64")
+        data = model.buffers[tensor.buffer].data
+        if flatbuffer.TENSOR_CODE_TO_TYPE[tensor.type] != "INT8" or data is None or (
+                scale.size != tensor.shape[0]):
+            continue
+        codes = np.asarray(data).view("int8").reshape(tensor.shape)
+        weights[op.inputs[1]] = codes * scale[:, None]
+        margins[op.inputs[1]] = 0.51 * scale[:, None]  # the int8 rounding of an int4 grid
+        biases[op.inputs[1]] = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    int4 = [k for k in kernels if k.bits == 4 and k.zero is None]
+    kept = {k.key: "int8 on the converter's own grid: its integer kernel for this op takes "
+                   "int8 weights" for k in int4}
+    for index, kernel in place(int4, weights, margins).items():
+        layout = grid(kernel)
+        if layout is None or layout[1] is not None or layout[0] not in (None, 0):
+            continue
+        tensor = graph.tensors[index]
+        old = np.asarray(tensor.quantization.scale, "float64")
+        new = np.asarray(kernel.scale.max(axis=1), "float64")  # one per output channel
+        flat = kernel.codes.astype("uint8").reshape(-1) & 15  # two a byte, the first low
+        if flat.size % 2:
+            flat = np.append(flat, 0)
+        model.buffers[tensor.buffer].data = (flat[0::2] | (flat[1::2] << 4)).astype("uint8")
+        tensor.type = flatbuffer.TENSOR_TYPE_TO_CODE["INT4"]
+        tensor.quantization.scale = new.astype("float32").tolist()
+        tensor.quantization.zeroPoint = [0] * new.size
+        if biases[index] is not None:  # its value kept on the new scale (input x weight)
+            bias, ratio = graph.tensors[biases[index]], old / new
+            values = np.asarray(model.buffers[bias.buffer].data).view("int32")
+            model.buffers[bias.buffer].data = np.round(values * ratio).astype("int32").view(
+                "uint8")
+            bias.quantization.scale = (np.asarray(bias.quantization.scale, "float64") / ratio
+                                       ).astype("float32").tolist()
+        kept[kernel.key] = "int4 per channel, int8 activations"
+    flatbuffer.write_model(model, path)
     return kept
 
 

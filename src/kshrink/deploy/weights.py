@@ -138,8 +138,8 @@ def grid(kernel: Kernel) -> tuple[int | None, int | None, callable] | None:
 
 def keep_onnx(path: Path, kernels: list[Kernel]) -> dict[str, str]:
     """Rewrites the ONNX file at `path` so that each integer kernel found in it is stored as
-    its codes and scales behind a `DequantizeLinear`. Returns `{layer: what the file keeps}`
-    for every layer with an integer kernel."""
+    its codes and scales behind a `DequantizeLinear`. Returns `{kernel key: what the file
+    keeps}` for every integer kernel."""
     import ml_dtypes
     import onnx
     from onnx import helper, numpy_helper, version_converter
@@ -160,7 +160,7 @@ def keep_onnx(path: Path, kernels: list[Kernel]) -> dict[str, str]:
         layout = grid(kernel)
         if layout is None:
             kept[kernel.key] = (f"float32: its int{kernel.bits} groups do not lie along "
-                                  "one axis of the file's tensor")
+                                "one axis of the file's tensor")
             continue
         axis, block, reduce = layout
         bits = kernel.bits
@@ -242,7 +242,7 @@ QMAX = {4: 7, 8: 127}
 def keep_litert(path: Path, kernels: list[Kernel]) -> dict[str, str]:
     """Rewrites the float LiteRT file at `path` so that each integer kernel found in it is
     stored as its codes, with kshrink's scales, dequantized before its op (weight-only).
-    Returns `{layer: what the file keeps}` for every layer with an integer kernel."""
+    Returns `{kernel key: what the file keeps}` for every integer kernel."""
     from ai_edge_quantizer import quantizer
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 

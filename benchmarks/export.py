@@ -9,7 +9,8 @@ For LeNet-5 (MNIST) and the residual CNN (Fashion-MNIST), from the trained float
   keep their int4 weights (int8 activations);
 - Keras QAT: `Quantize(mode="int8", activation_bits=8, qat=True)` fine-tuned `--qat-epochs`
   epochs, and its LiteRT full int8 export, which uses the QAT model's own input ranges;
-- ONNX Runtime float, with kshrink's int8 and int4 weights (DequantizeLinear), and QDQ int8 (static: from the float model calibrated on the training images, and from the QAT
+- ONNX Runtime float, with kshrink's int8 and int4 weights (DequantizeLinear), and QDQ int8
+  (static: from the float model calibrated on the training images, and from the QAT
   model with its own ranges).
 
 Reports file size, test accuracy (the whole test set through the runtime) and latency at batch

@@ -262,87 +262,99 @@ class IntegerKernel(NamedTuple):
 def integer_kernels(layer) -> dict[str, IntegerKernel]:
     """The integer kernels of a quantized layer by weight name: kshrink's int8/int4 layers,
     Keras' own int8/int4 `Dense` and `EinsumDense` (per channel, or int4 in groups with zero
-    points) and `Embedding`; `{}` for any other layer (float, float16 storage, not quantized, other
-    Keras modes)."""
+    points) and `Embedding`; `{}` for any other layer (float, float16 storage, not
+    quantized, Keras' other modes)."""
     if isinstance(layer, QuantizedKernels):
-        if layer.mode not in INTEGER_MODES:
-            return {}
-        found = {}
-        for name, (_, axes) in layer.KERNELS.items():
-            shape = layer._kernel_shapes[name]
-            rows, _ = matrix_shape(shape, axes)
-            codes = keras.ops.convert_to_numpy(layer.stored_kernel(name).value)
-            if layer.mode == "int4":
-                codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, rows,
-                                                                                axis=0))
-            scale = keras.ops.convert_to_numpy(layer.kernel_scale(name).value)
-            scale = np.repeat(scale, layer.group_size or rows, axis=0)[:rows]
-            found[name] = IntegerKernel(from_matrix(codes.astype("int8"), shape, axes),
-                                        from_matrix(scale, shape, axes), None,
-                                        INTEGER_BITS[layer.mode], layer.group_size)
-        return found
+        return _kshrink_kernels(layer) if layer.mode in INTEGER_MODES else {}
     mode = getattr(layer, "quantization_mode", None)
+    if mode not in INTEGER_MODES:
+        return {}
     stored = {v.name: keras.ops.convert_to_numpy(v.value) for v in layer.weights}
-    if type(layer) is keras.layers.EinsumDense and mode == "int4":
-        # Keras' own layout: the kernel as a (summed axes, other axes) matrix packed along its
-        # columns, reshaped to the kernel's shape after dequantizing (tests/layers: canary).
-        shape = tuple(layer.original_kernel_shape)
-        columns = stored["kernel_scale"].shape[-1]
-        matrix = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
-            stored["kernel"], columns, axis=-1, dtype="int8")).astype("int8")
-        if "g_idx" in stored:
-            groups = stored["g_idx"].astype("int64")
-            scale = stored["kernel_scale"][groups].astype("float32")
-            zero = stored["kernel_zero"][groups].astype("int8").reshape(shape)
-            size = int(np.sum(groups == 0))
-        else:  # divided by its scale
-            scale = np.broadcast_to(1.0 / stored["kernel_scale"].astype("float32"),
-                                    matrix.shape)
-            zero, size = None, None
-        return {"kernel": IntegerKernel(matrix.reshape(shape), np.array(scale).reshape(shape),
-                                        zero, 4, size)}
-    if type(layer) is keras.layers.EinsumDense and mode == "int8":
-        # The kernel as built; its scales in a layout of Keras' own, which this (private)
-        # method of the layer turns back (tests/layers: a canary if Keras renames it).
-        scale = keras.ops.convert_to_numpy(
-            layer._adjust_scale_for_dequant(stored["kernel_scale"]))
-        codes = stored["kernel"].astype("int8")
-        return {"kernel": IntegerKernel(codes, np.array(np.broadcast_to(
-            1.0 / scale.astype("float32"), codes.shape)), None, 8)}
-    if isinstance(layer, keras.layers.Embedding) and mode in INTEGER_MODES and set(stored) in (
+    if type(layer) is keras.layers.Dense:
+        return {"kernel": _keras_dense(layer, mode, stored)}
+    if type(layer) is keras.layers.EinsumDense:
+        return {"kernel": _keras_einsum(layer, mode, stored)}
+    if isinstance(layer, keras.layers.Embedding) and set(stored) in (
             {"embeddings", "embeddings_scale"},  # keras-hub's tied ReversibleEmbedding too
             {"embeddings", "embeddings_scale", "embeddings_zero", "g_idx"}):
-        codes = stored["embeddings"]  # a row per token (int4: packed along the row)
-        if mode == "int4":
-            codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
-                codes, layer.output_dim, axis=-1, dtype="int8"))
-        codes = codes.astype("int8")
-        if "g_idx" in stored:  # groups along the row, with zero points; scales multiply
-            groups = stored["g_idx"].astype("int64")
-            return {"embeddings": IntegerKernel(
-                codes, stored["embeddings_scale"][:, groups].astype("float32"),
-                stored["embeddings_zero"][:, groups].astype("int8"), 4,
-                int(np.sum(groups == 0)))}
-        scale = np.broadcast_to(1.0 / stored["embeddings_scale"][:, None].astype("float32"),
-                                codes.shape)  # divided by the row's scale
-        return {"embeddings": IntegerKernel(codes, np.array(scale), None,
-                                            INTEGER_BITS[mode])}
-    if type(layer) is not keras.layers.Dense or mode not in INTEGER_MODES:
-        return {}
+        return {"embeddings": _keras_embedding(layer, mode, stored)}
+    return {}
+
+
+def _kshrink_kernels(layer) -> dict[str, IntegerKernel]:
+    found = {}
+    for name, (_, axes) in layer.KERNELS.items():
+        shape = layer._kernel_shapes[name]
+        rows, _ = matrix_shape(shape, axes)
+        codes = keras.ops.convert_to_numpy(layer.stored_kernel(name).value)
+        if layer.mode == "int4":
+            codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, rows, axis=0))
+        scale = keras.ops.convert_to_numpy(layer.kernel_scale(name).value)
+        scale = np.repeat(scale, layer.group_size or rows, axis=0)[:rows]
+        found[name] = IntegerKernel(from_matrix(codes.astype("int8"), shape, axes),
+                                    from_matrix(scale, shape, axes), None,
+                                    INTEGER_BITS[layer.mode], layer.group_size)
+    return found
+
+
+def _grouped(codes, scale, zero, groups, axis: int) -> IntegerKernel:
+    """Keras' int4 in groups: asymmetric, `(codes - zero) * scale`, each group's scale and
+    zero point picked by `groups` (the group of each index along `axis`)."""
+    groups = groups.astype("int64")
+    return IntegerKernel(codes, np.take(scale, groups, axis=axis).astype("float32"),
+                         np.take(zero, groups, axis=axis).astype("int8"), 4,
+                         int(np.sum(groups == 0)))
+
+
+def _divided(codes, scale, bits: int) -> IntegerKernel:
+    """Keras' per-channel layout: the float value is the code divided by its `scale`."""
+    return IntegerKernel(codes, np.array(np.broadcast_to(1.0 / scale.astype("float32"),
+                                                         codes.shape)), None, bits)
+
+
+def _keras_dense(layer, mode: str, stored: dict) -> IntegerKernel:
     codes = stored["kernel"]
     if mode == "int4":  # packed along the outputs
         codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(codes, layer.units,
                                                                         axis=-1))
     codes = codes.astype("int8")
-    if "g_idx" in stored:  # int4 in groups of inputs: asymmetric, scales multiply
-        groups = stored["g_idx"].astype("int64")
-        return {"kernel": IntegerKernel(codes, stored["kernel_scale"][groups].astype("float32"),
-                                        stored["kernel_zero"][groups].astype("int8"), 4,
-                                        int(np.sum(groups == 0)))}
-    # Per output channel: Keras divides by its scale.
-    scale = np.broadcast_to(1.0 / stored["kernel_scale"].reshape(1, -1).astype("float32"),
-                            codes.shape)
-    return {"kernel": IntegerKernel(codes, np.array(scale), None, INTEGER_BITS[mode])}
+    if "g_idx" in stored:  # groups of inputs
+        return _grouped(codes, stored["kernel_scale"], stored["kernel_zero"], stored["g_idx"],
+                        axis=0)
+    return _divided(codes, stored["kernel_scale"].reshape(1, -1), INTEGER_BITS[mode])
+
+
+def _keras_einsum(layer, mode: str, stored: dict) -> IntegerKernel:
+    if mode == "int8":
+        # The kernel as built; its scales in a layout of Keras' own, which this (private)
+        # method turns back (tests/layers: a canary if Keras renames it).
+        scale = keras.ops.convert_to_numpy(
+            layer._adjust_scale_for_dequant(stored["kernel_scale"]))
+        return _divided(stored["kernel"].astype("int8"), scale, 8)
+    # int4: the kernel as a (summed axes, other axes) matrix packed along its columns,
+    # reshaped to the kernel's shape after dequantizing.
+    shape = tuple(layer.original_kernel_shape)
+    matrix = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
+        stored["kernel"], stored["kernel_scale"].shape[-1], axis=-1, dtype="int8"))
+    if "g_idx" in stored:
+        found = _grouped(matrix.astype("int8"), stored["kernel_scale"], stored["kernel_zero"],
+                         stored["g_idx"], axis=0)
+    else:
+        found = _divided(matrix.astype("int8"), stored["kernel_scale"], 4)
+    return found._replace(codes=found.codes.reshape(shape), scale=found.scale.reshape(shape),
+                          zero=None if found.zero is None else found.zero.reshape(shape))
+
+
+def _keras_embedding(layer, mode: str, stored: dict) -> IntegerKernel:
+    codes = stored["embeddings"]  # a row per token (int4: packed along the row)
+    if mode == "int4":
+        codes = keras.ops.convert_to_numpy(keras.quantizers.unpack_int4(
+            codes, layer.output_dim, axis=-1, dtype="int8"))
+    codes = codes.astype("int8")
+    if "g_idx" in stored:  # groups along the row
+        return _grouped(codes, stored["embeddings_scale"], stored["embeddings_zero"],
+                        stored["g_idx"], axis=1)
+    return _divided(codes, stored["embeddings_scale"][:, None], INTEGER_BITS[mode])
 
 
 def _quantized_class(base: type) -> type:

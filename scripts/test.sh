@@ -18,5 +18,5 @@ for backend in jax torch; do
   echo "== contract, pruning, clustering, quantization, folding, low-rank, export, layer-spec, reconstruction tests on $backend"
   KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 "$@" tests/contract tests/prune \
     tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy tests/layers \
-    tests/reconstruct
+    tests/reconstruct tests/core/test_distill.py
 done

@@ -211,7 +211,7 @@ def test_techniques_lists_options(capsys):
     assert code == 0
     assert "quantize" in out and "mode: str = 'int8'" in out
     assert "prune" in out and "pattern: str = 'unstructured'" in out
-    assert "fine_tune  (recipe key)" in out and "distill: bool = False" in out
+    assert "fine_tune  (recipe key)" in out and "distill: bool | str = False" in out
 
 
 def test_compact_output_measure_and_convert(lenet, tmp_path, capsys):

@@ -13,7 +13,8 @@ import sys
 import keras
 import numpy as np
 
-from kshrink.core.data import example_count, model_inputs
+from kshrink.core.data import example_count, labels_of, model_inputs
+from kshrink.core.distill import LayerwiseDistiller, matched_blocks
 from kshrink.core.distribute import DISTRIBUTIONS, DataParallel
 from kshrink.core.graph import copy_model
 from kshrink.core.stream import Stream
@@ -34,6 +35,7 @@ from kshrink.errors import KshrinkError, RecipeError, short
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")
+DISTILL = (False, True, "outputs", "features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,12 @@ class FineTune(Options):
         lr_schedule: `"cosine"` (decay to 0 over the run) or `"constant"`.
         loss: a Keras loss name, or `"auto"`: (sparse) categorical cross-entropy, from
             logits unless the original model ends in a softmax.
-        distill: also learn from the original model's outputs (knowledge distillation).
-        temperature: softening temperature for distillation.
+        distill: learn from the original model too (knowledge distillation): `"outputs"`
+            (or `True`) from its outputs, `"features"` also from the outputs of its blocks
+            (transformer encoders, residual merges), matched by name, TinyBERT-style (see
+            `kshrink.core.distill`). `False`: from the labels only. With distillation the data
+            may hold inputs only (an encoder without a head has no labels).
+        temperature: softening temperature for distilling class logits.
         distill_weight: weight of the distillation loss; the label loss gets the rest.
         shuffle: shuffle the training data every epoch.
         early_stopping: stop after this many epochs without a better validation loss
@@ -89,7 +95,7 @@ class FineTune(Options):
     optimizer: str = option("adam", "adam, adamw or sgd")
     lr_schedule: str = option("cosine", "cosine or constant")
     loss: str = option("auto", "a Keras loss name, or auto")
-    distill: bool = option(False, "learn from the original model too")
+    distill: bool | str = option(False, "learn from the original: outputs (true) or features")
     temperature: float = option(4.0, "distillation temperature")
     distill_weight: float = option(0.5, "weight of the distillation loss")
     shuffle: bool = option(True, "shuffle the training data every epoch")
@@ -110,7 +116,9 @@ class FineTune(Options):
         check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(self.name, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_loss(self.name, self.loss)
-        check_bool(self.name, "distill", self.distill)
+        if not isinstance(self.distill, (bool, str)) or self.distill not in DISTILL:
+            raise RecipeError(f"{self.name}: distill must be one of false, true, outputs or "
+                              f"features. Received: distill={short(self.distill)}")
         check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
         check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
         check_bool(self.name, "shuffle", self.shuffle)
@@ -127,6 +135,11 @@ class FineTune(Options):
         check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
                      allow_none=True)
         check_int(self.name, "seed", self.seed, low=0, high=MAX_SEED, allow_none=True)
+
+    @property
+    def distillation(self) -> str | None:
+        """`"outputs"`, `"features"`, or None for no distillation."""
+        return {False: None, True: "outputs"}.get(self.distill, self.distill)
 
     def total_steps(self, data) -> int:
         """Optimizer steps over the run, for `data` (arrays, or a `Stream`)."""
@@ -174,9 +187,14 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     streamed = isinstance(data, Stream)
-    x, y = data.head() if streamed else data  # a stream's first labels choose the loss
+    head = data.head() if streamed else data  # a stream's first labels choose the loss
+    x, y = model_inputs(head), labels_of(head)
+    distillation = config.distillation
+    if y is None and distillation is None:
+        raise KshrinkError("fine-tuning needs labels: pass data=(x, y), or learn from the "
+                           "original model alone with FineTune(distill='outputs' or "
+                           "'features')")
     reference = teacher if teacher is not None else model
-    probabilities = _ends_in_softmax(reference)
     steps = config.total_steps(data)
     rate = (keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
             if config.lr_schedule == "cosine" else config.learning_rate)
@@ -187,17 +205,14 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         "adamw": lambda: keras.optimizers.AdamW(rate, **options),
         "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, **options),
     }[config.optimizer]
-    loss = task_loss(reference, y, config.loss)
-    trainer = model
-    if config.distill:
+    loss = task_loss(reference, y, config.loss) if y is not None else None
+    trainer, compiled = model, dict(loss=loss, metrics=["accuracy"])
+    if distillation is not None:
         if teacher is None:
             raise ValueError("fine_tune: distill needs the original model as teacher")
-        frozen = copy_model(teacher)
-        trainer = keras.distillation.Distiller(
-            teacher=frozen, student=model,
-            distillation_losses=_OutputDistillation(config.temperature, probabilities),
-            student_loss_weight=1 - config.distill_weight,
-        )
+        trainer = _distiller(copy_model(teacher), model, config, loss)
+        if isinstance(trainer, LayerwiseDistiller):
+            compiled = {}  # its loss is its own; its outputs include block features
     all_callbacks = list(callbacks)
     if config.early_stopping and validation_data is not None:
         all_callbacks.append(keras.callbacks.EarlyStopping(
@@ -220,7 +235,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
                    steps_per_epoch=config.steps_per_epoch)
     scope = parallel.fit_scope(trainer) if parallel is not None else contextlib.nullcontext()
     with _computing_in(trainer, config.mixed_precision), scope:
-        trainer.compile(optimizer=optimizer(), loss=loss, metrics=["accuracy"])
+        trainer.compile(optimizer=optimizer(), **compiled)
         history = trainer.fit(epochs=config.epochs, validation_data=validation_data,
                               validation_steps=validation_steps, callbacks=all_callbacks,
                               verbose=verbose, **run)
@@ -230,6 +245,28 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
                            "check the data")
     check_finite_weights(model, "after fine-tuning")
     return model
+
+
+def _distiller(teacher: keras.Model, student: keras.Model, config: FineTune, loss):
+    """The model `fit` trains to distill `teacher` into `student` as `config` says: Keras'
+    `Distiller` for outputs with labels, kshrink's `LayerwiseDistiller` for block features or
+    for data without labels."""
+    probabilities = _ends_in_softmax(teacher)
+    logits = _OutputDistillation(config.temperature, probabilities)
+    if config.distillation == "outputs" and loss is not None:
+        return keras.distillation.Distiller(
+            teacher=teacher, student=student, distillation_losses=logits,
+            student_loss_weight=1 - config.distill_weight)
+    pairs = matched_blocks(teacher, student) if config.distillation == "features" else []
+    return LayerwiseDistiller(
+        teacher, student, pairs,
+        output_loss=logits.compute_loss if _is_cross_entropy(loss) else "mse",
+        label_loss=loss, label_weight=1 - config.distill_weight)
+
+
+def _is_cross_entropy(loss) -> bool:
+    name = getattr(loss, "__name__", type(loss).__name__)
+    return loss is not None and "crossentropy" in name.lower()
 
 
 @contextlib.contextmanager

@@ -24,12 +24,9 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import Inline, graph_program, rewrite
+from kshrink.layers.transformer import ENCODER_PARTS, is_encoder
 
 L = keras.layers
-_ENCODER_PARTS = ("_self_attention_layer", "_self_attention_layer_norm",
-                  "_self_attention_dropout", "_feedforward_layer_norm",
-                  "_feedforward_intermediate_dense", "_feedforward_output_dense",
-                  "_feedforward_dropout")
 PROJECTIONS = ("query_dense", "key_dense", "value_dense", "output_dense")
 
 
@@ -50,13 +47,6 @@ class Cut:
         return self.layer._feedforward_intermediate_dense, self.layer._feedforward_output_dense
 
 
-def is_encoder(layer) -> bool:
-    """True for keras-hub's `TransformerEncoder` (its class, not a subclass, whose layout may
-    differ)."""
-    return type(layer).__name__ == "TransformerEncoder" and type(layer).__module__.startswith(
-        "keras_hub.")
-
-
 def blocks(model: keras.Model) -> tuple[list, dict]:
     """`(blocks, reasons)`: the top-level attention layers and keras-hub encoders whose heads
     (and units) can be removed, and for the others why not."""
@@ -69,7 +59,7 @@ def blocks(model: keras.Model) -> tuple[list, dict]:
                      if k != "padding_mask" and v not in (None, False)]
             if extra:
                 reasons[id(layer)] = f"called with {extra[0]}, which the rebuild does not take"
-            elif not all(hasattr(layer, part) for part in _ENCODER_PARTS):
+            elif not all(hasattr(layer, part) for part in ENCODER_PARTS):
                 reasons[id(layer)] = "its layers are not the ones of keras-hub 0.32"
     found, why = [], {}
     for layer in model.layers:
@@ -171,18 +161,22 @@ def _fewer_heads(c: Cut) -> L.MultiHeadAttention:
 
 
 def _stock_parts(c: Cut) -> dict:
-    """New stock layers for each part of encoder `c.layer`, named `<block>_<part>`."""
+    """New stock layers for each part of encoder `c.layer`, named `<block>_<part>`, but for
+    the last, which takes the block's own name: the block's output keeps its name, which is
+    what feature distillation matches teacher and student blocks by."""
     block = c.layer
+    last = "feedforward_add" if block.normalize_first else "_feedforward_layer_norm"
     parts = {"_self_attention_layer": _fewer_heads(c)}
-    for attr in _ENCODER_PARTS[1:]:
+    for attr in ENCODER_PARTS[1:]:
         part = getattr(block, attr)
         config = part.get_config()
-        config["name"] = f"{block.name}_{part.name}"
+        config["name"] = block.name if attr == last else f"{block.name}_{part.name}"
         if attr == "_feedforward_intermediate_dense":
             config["units"] = len(c.units)
         parts[attr] = type(part).from_config(config)
     for stage in ("self_attention", "feedforward"):
-        parts[f"{stage}_add"] = L.Add(name=f"{block.name}_{stage}_add", dtype=block.dtype_policy)
+        name = block.name if f"{stage}_add" == last else f"{block.name}_{stage}_add"
+        parts[f"{stage}_add"] = L.Add(name=name, dtype=block.dtype_policy)
     parts["mask"] = L.Reshape((1, -1), name=f"{block.name}_attention_mask")
     return parts
 

@@ -1,4 +1,5 @@
-"""Depth pruning: whole residual blocks removed, `Add([branch(x), shortcut(x)])` -> `shortcut(x)`.
+"""Depth pruning: whole residual blocks removed, `Add([branch(x), shortcut(x)])` -> `shortcut(x)`,
+and whole transformer encoder layers, `encoder(x)` -> `x`.
 
 Fewer channels cut the arithmetic, but at batch 1 on a CPU a small network's time goes mostly
 to fixed per-operation costs, which only fewer layers remove. A residual block can go as a
@@ -7,7 +8,9 @@ changes the model's outputs least on calibration data go first, then fine-tuning
 
 A block is an `Add` of two inputs of equal shape where one input (the branch) is computed by
 layers that feed nothing but that Add. In a projection block both inputs qualify; the branch
-is the one with more MACs and the projection stays.
+is the one with more MACs and the projection stays. A keras-hub `TransformerEncoder` is a
+residual block in one layer (its output has its input's shape): it goes whole and its input
+passes on.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import keras
 import numpy as np
 
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import Bypass, graph_calls, leaf_layers, rewrite
+from kshrink.core.graph import (
+    Bypass,
+    graph_calls,
+    is_plain,
+    leaf_layers,
+    path_of,
+    rewrite,
+)
 from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -31,12 +41,14 @@ from kshrink.core.technique import (
 )
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import layer_macs
+from kshrink.layers.transformer import is_encoder
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """A removable residual block: its `Add` layer, the operand that stays, the layers of the
-    branch that goes (in graph order) and the branch's MACs per example."""
+    """A removable residual block: the layer it ends at (its `Add`, or a transformer encoder),
+    the operand of that layer that stays, the layers of the branch that goes (in graph order)
+    and the branch's MACs per example."""
 
     merge: str
     kept: int
@@ -71,6 +83,10 @@ def residual_blocks(model: keras.Model) -> list[Block]:
 
     blocks = []
     for index, (layer, ins, outs) in enumerate(calls):
+        if is_encoder(layer) and tuple(ins[0].shape) == tuple(outs[0].shape):
+            cost = sum(layer_macs(part) or 0 for part in layer._flatten_layers())
+            blocks.append(Block(layer.name, 0, (layer.name,), cost))
+            continue
         if (type(layer) is not keras.layers.Add or len(ins) != 2
                 or any(tuple(t.shape) != tuple(outs[0].shape) for t in ins)):
             continue
@@ -90,6 +106,8 @@ def residual_blocks(model: keras.Model) -> list[Block]:
 def without(model: keras.Model, blocks) -> keras.Model:
     """`model` with `blocks` removed; the remaining layers are shared, weights and all."""
     kept = {block.merge: Bypass(block.kept) for block in blocks}
+    if blocks and not is_plain(model):  # a keras-hub Backbone: its graph, as a plain model
+        model = keras.Model(model.input, model.output, name=model.name)
     return rewrite(model, lambda layer: kept.get(layer.name, layer))
 
 
@@ -113,7 +131,8 @@ class DepthPruneHandler(Handler):
             chosen = " selected" if config.layers or config.exclude else ""
             raise KshrinkError(
                 f"depth_prune: blocks={config.blocks}, but {model.name!r} has "
-                f"{len(candidates)}{chosen} removable residual blocks (named by their Add: "
+                f"{len(candidates)}{chosen} removable residual blocks (named by their Add or "
+                f"transformer layer: "
                 f"{names})")
         if ctx.data is None:
             raise KshrinkError("depth_prune ranks blocks by how much removing them changes "
@@ -135,29 +154,36 @@ class DepthPruneHandler(Handler):
 
 def _report(model, removed, kept, scores, ctx: StepContext) -> None:
     """One line per layer with weights: removed with its block, kept with its block's score,
-    or outside any removable block."""
+    or outside any removable block. A transformer layer's sublayers belong to it by path."""
     outcome = {}
     for block in removed:
+        cost = f"{block.macs:,} MACs; " if block.macs else ""
         for name in block.branch:
-            outcome[name] = (True, f"removed with residual block {block.merge!r} "
-                                   f"({block.macs:,} MACs; outputs changed by "
-                                   f"{scores[block.merge]:.2%})")
+            outcome[name] = (True, f"removed with {_kind(block)} {block.merge!r} ({cost}"
+                                   f"outputs changed by {scores[block.merge]:.2%})")
     for block in kept:
         for name in block.branch:
-            outcome[name] = (False, f"residual block {block.merge!r} kept: removing it changes "
+            outcome[name] = (False, f"{_kind(block)} {block.merge!r} kept: removing it changes "
                                     f"the outputs by {scores[block.merge]:.2%}")
     for layer in leaf_layers(model):
         if not layer.weights:
             continue
-        applied, detail = outcome.get(layer.name, (False, "not in a removable residual block"))
+        top = path_of(layer).split("/")[0]
+        applied, detail = outcome.get(layer.name, outcome.get(
+            top, (False, "not in a removable residual block")))
         (ctx.applied if applied else ctx.skipped)(layer, detail)
+
+
+def _kind(block: Block) -> str:
+    return "residual block" if block.branch != (block.merge,) else "transformer layer"
 
 
 def _selected(model, blocks, config) -> list[Block]:
     """The blocks with a layer (their Add or a branch layer) chosen by `config.layers` and
     none chosen by `config.exclude`."""
-    def names(select):
-        return {layer.name for layer in select.resolve(leaf_layers(model))}
+    def names(select):  # a layer inside a transformer layer names that layer too
+        chosen = select.resolve(leaf_layers(model))
+        return {layer.name for layer in chosen} | {path_of(l).split("/")[0] for l in chosen}
 
     include = names(config.layers) if config.layers is not None else None
     exclude = names(config.exclude) if config.exclude is not None else set()
@@ -172,10 +198,11 @@ def _selected(model, blocks, config) -> list[Block]:
 @register_technique("depth_prune", handler=DepthPruneHandler(), stage=20)
 @dataclasses.dataclass(frozen=True)
 class DepthPrune(Technique):
-    """Removes whole residual blocks: fewer layers, which is what batch-1 CPU latency needs.
+    """Removes whole residual blocks or transformer layers: fewer layers, which is what batch-1
+    CPU latency needs.
 
     Every `Add` of a branch and a shortcut of the same shape, whose branch layers feed nothing
-    else, is a candidate. The `blocks` candidates whose removal changes the model's outputs
+    else, is a candidate, and so is every keras-hub `TransformerEncoder` (its input passes on). The `blocks` candidates whose removal changes the model's outputs
     least (relative L2 change on `calibration_samples` of `data`) go, chosen greedily (the rest
     are rescored after each removal); the Add then passes its shortcut on. Fine-tune
     afterwards, ideally with distillation. Combine with `structured_prune` for fewer channels
@@ -187,7 +214,7 @@ class DepthPrune(Technique):
     `layers`.
 
     Args:
-        blocks: how many residual blocks to remove.
+        blocks: how many residual blocks (or transformer layers) to remove.
         calibration_samples: examples of `data` the output change is measured on.
         layers: blocks to consider, by any of their layers (default: all).
         exclude: blocks to keep, by any of their layers.

@@ -1,0 +1,121 @@
+"""Layer-wise (feature) distillation: which blocks are matched, the masked loss, a learned map
+where widths differ, and that feature distillation brings a pruned encoder's blocks back to the
+original's, from inputs alone (random weights, built from config, offline)."""
+
+import keras
+import numpy as np
+import pytest
+
+import kshrink
+from kshrink.core.distill import LayerwiseDistiller, matched_blocks, squared_error
+from kshrink.errors import KshrinkError, RecipeError
+
+keras_hub = pytest.importorskip("keras_hub")
+
+SEQUENCE = 16
+
+
+def _bert(layers=4, seed=0):
+    """A small BERT whose blocks matter: its kernels are scaled up from keras-hub's
+    initialization (std 0.02), under which each block barely moves the residual stream and
+    pruning one changes nothing."""
+    keras.utils.set_random_seed(seed)
+    model = keras_hub.models.BertBackbone(vocabulary_size=300, num_layers=layers, num_heads=4,
+                                          hidden_dim=32, intermediate_dim=64,
+                                          max_sequence_length=SEQUENCE)
+    for variable in model.weights:
+        if variable.path.startswith("transformer_layer") and variable.name == "kernel":
+            variable.assign(variable * 8.0)
+    return model
+
+
+def _tokens(n, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 300, (n, SEQUENCE)).astype("int32")
+    lengths = rng.integers(4, SEQUENCE + 1, n)
+    mask = (np.arange(SEQUENCE)[None] < lengths[:, None]).astype("int32")
+    return {"token_ids": ids * mask, "segment_ids": np.zeros_like(ids), "padding_mask": mask}
+
+
+def _block_errors(teacher, student, x):
+    """Mean squared error of each student transformer block from the teacher's, on real
+    tokens."""
+    def outputs(model):
+        names = [f"transformer_layer_{i}" for i in range(4)]
+        probe = LayerwiseDistiller(teacher, model, [(n, n) for n in names])
+        return probe.predict(x, verbose=0)[2:]
+
+    mask = x["padding_mask"][..., None]
+    return [float(((s - t) ** 2 * mask).sum() / (mask.sum() * s.shape[-1]))
+            for s, t in zip(outputs(student), outputs(teacher))]
+
+
+def test_blocks_removed_by_depth_pruning_are_bridged_by_the_block_before_them():
+    teacher = _bert(layers=6)
+    kept = {f"transformer_layer_{i}" for i in (0, 2, 3)}
+    student = kshrink.compress(teacher, kshrink.DepthPrune(
+        blocks=3, layers=kshrink.Select(names=sorted(
+            {f"transformer_layer_{i}" for i in range(6)} - kept))), data=_tokens(32))[0]
+    assert matched_blocks(teacher, student) == [
+        ("embeddings_add", "embeddings_add"), ("transformer_layer_0", "transformer_layer_1"),
+        ("transformer_layer_2", "transformer_layer_2"),
+        ("transformer_layer_3", "transformer_layer_5")]
+
+
+def test_the_loss_ignores_padded_positions():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(2, 5, 3)).astype("float32")
+    value = target + rng.normal(size=target.shape).astype("float32")
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], "float32")
+    changed = value.copy()
+    changed[0, 3:] += 100.0
+    changed[1, 4] -= 100.0
+    loss = float(squared_error(target, value, mask))
+    assert float(squared_error(target, changed, mask)) == pytest.approx(loss, rel=1e-6)
+    real = mask.astype(bool)
+    assert loss == pytest.approx(float(((value - target)[real] ** 2).mean()), rel=1e-5)
+
+
+def test_feature_distillation_restores_the_blocks_of_a_pruned_encoder_from_inputs_alone():
+    teacher = _bert()
+    x, held = _tokens(256), _tokens(64, seed=1)
+    pruned = kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5))[0]
+    tune = dict(epochs=4, batch_size=32, learning_rate=1e-3, verbose=False, seed=0)
+    features = kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5), data=x,
+                                fine_tune=kshrink.FineTune(distill="features", **tune))[0]
+    outputs = kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5), data=x,
+                               fine_tune=kshrink.FineTune(distill="outputs", **tune))[0]
+    before = _block_errors(teacher, pruned, held)
+    after = _block_errors(teacher, features, held)
+    # the blocks' error from their teacher blocks at least halves
+    assert sum(after) < 0.5 * sum(before), (before, after)
+    # and closer than distilling the final output alone gets the blocks below it
+    assert sum(after[:-1]) < sum(_block_errors(teacher, outputs, held)[:-1])
+
+
+def test_a_narrower_student_block_is_widened_by_a_learned_map():
+    def model(width, seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((6,))
+        h = keras.layers.Dense(width, activation="relu", name="a")(x)
+        h = keras.layers.Add(name="merge")([h, keras.layers.Dense(width, name="b")(h)])
+        return keras.Model(x, keras.layers.Dense(2, name="out")(h))
+
+    teacher, student = model(16, 0), model(8, 1)
+    distiller = LayerwiseDistiller(teacher, student, matched_blocks(teacher, student))
+    assert [m.units if m else None for m in distiller.maps] == [16]
+    x = np.random.default_rng(0).normal(size=(256, 6)).astype("float32")
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = distiller.fit(x, epochs=30, batch_size=64, verbose=0).history["loss"]
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_inputs_without_labels_need_distillation_and_distill_takes_known_values():
+    teacher = _bert(layers=2)
+    with pytest.raises(KshrinkError, match="fine-tuning needs labels"):
+        kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5), data=_tokens(8),
+                         fine_tune=kshrink.FineTune(epochs=1, verbose=False))
+    for bad in ("layers", 1, None):
+        with pytest.raises(RecipeError, match="distill must be one of"):
+            kshrink.FineTune(distill=bad)
+    assert kshrink.FineTune(distill=True).distillation == "outputs"

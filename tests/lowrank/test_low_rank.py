@@ -1,5 +1,8 @@
 """Low-rank factorization: exact at full rank, fewer parameters and MACs when truncated."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -79,3 +82,54 @@ def test_bad_options_and_missing_data_are_refused(cnn):
         kshrink.LowRank(rank=0)
     with pytest.raises(kshrink.KshrinkError, match="pass data"):
         kshrink.compress(cnn, kshrink.LowRank(tolerance=0.1))
+
+
+def _truncated(kernel, rank):
+    u, s, vt = np.linalg.svd(np.asarray(kernel, "float64"), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vt[:rank]).astype("float32")
+
+
+def test_feed_forward_layers_inside_keras_hub_encoders_factorize(tmp_path):
+    """The Dense layers of each encoder's feed-forward network are factorized (the encoder is
+    rebuilt as the stock layers it is made of); the result computes what the original does
+    with those kernels truncated to the rank, and loads with keras and keras_hub alone."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    model = keras_hub.models.BertBackbone(vocabulary_size=300, num_layers=2, num_heads=4,
+                                          hidden_dim=32, intermediate_dim=128,
+                                          max_sequence_length=16)
+    ids = np.random.default_rng(0).integers(1, 300, (16, 16)).astype("int32")
+    x = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+         "padding_mask": (np.arange(16) < 10).astype("int32")[None].repeat(16, 0)}
+    small, report = kshrink.compress(model, kshrink.LowRank(rank=8), verbose=False)
+    applied = {r.layer for r in report.steps[0].layers if r.action == "applied"}
+    assert applied == {f"transformer_layer_{i}_feedforward_{kind}_dense"
+                       for i in (0, 1) for kind in ("intermediate", "output")} | {"pooled_dense"}
+    skipped = {r.layer: r.detail for r in report.steps[0].layers if r.action == "skipped"}
+    assert "EinsumDense" in skipped["transformer_layer_0/self_attention_layer/query"]
+    assert small.count_params() < model.count_params()
+
+    for block in ("transformer_layer_0", "transformer_layer_1"):
+        for kind in ("intermediate", "output"):
+            dense = getattr(model.get_layer(block), f"_feedforward_{kind}_dense")
+            dense.kernel.assign(_truncated(dense.kernel, 8))
+    pooled = model.get_layer("pooled_dense")
+    pooled.kernel.assign(_truncated(pooled.kernel, 8))
+    expected, got = model.predict(x, verbose=0), small.predict(x, verbose=0)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=2e-5)
+
+    small.save(tmp_path / "small.keras")
+    np.save(tmp_path / "ids.npy", ids)
+    probe = ("import sys, keras, keras_hub, numpy as np; "
+             "m = keras.saving.load_model(sys.argv[1]); ids = np.load(sys.argv[2]); "
+             "x = {'token_ids': ids, 'segment_ids': np.zeros_like(ids), "
+             "'padding_mask': (np.arange(16) < 10).astype('int32')[None].repeat(16, 0)}; "
+             "np.save(sys.argv[3], m.predict(x, verbose=0)['sequence_output']); "
+             "print('kshrink' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, tmp_path / "small.keras",
+                           tmp_path / "ids.npy", tmp_path / "y.npy"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), got["sequence_output"], atol=1e-5)

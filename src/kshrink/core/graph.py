@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import keras
 
 from kshrink.errors import UnsupportedModelError
+from kshrink.layers.transformer import ENCODER_PARTS, encoder_call, is_encoder
 
 
 def is_functional(model: keras.Model) -> bool:
@@ -357,6 +358,51 @@ def rewrite(model: keras.Model, replace) -> keras.Model:
     # clone_model wants one layer back per layer; `call` applies the chain.
     return keras.models.clone_model(model, clone_function=lambda layer: layer,
                                     call_function=call)
+
+
+def encoder_reasons(model: keras.Model) -> dict[int, str | None]:
+    """For each top-level keras-hub encoder of `model` (by id): None if `inline_encoders` can
+    rebuild it, else why not."""
+    counts, reasons = {}, {}
+    for call in graph_program(model)[0]:
+        layer = call.layer
+        counts[id(layer)] = counts.get(id(layer), 0) + 1
+        if not is_encoder(layer):
+            continue
+        extra = [k for k, v in call.kwargs.items()
+                 if k != "padding_mask" and v not in (None, False)]
+        if extra:
+            reasons[id(layer)] = f"called with {extra[0]}, which the rebuild does not take"
+        elif not all(hasattr(layer, part) for part in ENCODER_PARTS):
+            reasons[id(layer)] = "its layers are not the ones of keras-hub 0.32"
+        elif layer.dtype_policy.quantization_mode or any(
+                getattr(part, "quantization_mode", None)
+                for part in layer._flatten_layers(include_self=False)):
+            reasons[id(layer)] = "already quantized"
+        else:
+            reasons[id(layer)] = None
+    for key in reasons:
+        if counts[key] != 1:
+            reasons[key] = "called more than once (shared weights)"
+    return reasons
+
+
+def inline_encoders(model: keras.Model, parts_of) -> keras.Model:
+    """`model` with each top-level keras-hub encoder `block` for which `parts_of(block)`
+    returns stock parts (`kshrink.layers.transformer.stock_parts`) rebuilt as those parts,
+    called where the block stood. The parts are built, not filled: copy weights into them
+    after. A keras-hub Backbone comes back as a plain functional model of the same layers (its
+    class has one configuration for all blocks)."""
+    plain = model if is_plain(model) else keras.Model(model.input, model.output,
+                                                       name=model.name)
+
+    def replace(layer):
+        parts = parts_of(layer) if is_encoder(layer) else None
+        if parts is None:
+            return layer
+        return Inline(lambda *args, **kwargs: encoder_call(layer, parts, *args, **kwargs))
+
+    return rewrite(plain, replace)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
+
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import layer_inputs, owner_of, path_of, rewrite
+from kshrink.core.graph import (
+    encoder_reasons,
+    inline_encoders,
+    is_functional,
+    is_plain,
+    layer_inputs,
+    owner_of,
+    path_of,
+    rewrite,
+)
 from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
@@ -18,6 +29,7 @@ from kshrink.core.technique import (
     register_technique,
 )
 from kshrink.errors import KshrinkError, RecipeError
+from kshrink.layers.transformer import FEEDFORWARD, copy_parts, is_encoder, stock_parts
 from kshrink.lowrank.factorize import (
     Factorization,
     factorized,
@@ -33,17 +45,31 @@ class LowRankHandler(Handler):
     trains = True
 
     def prepare(self, model, config: LowRank, ctx: StepContext):
+        original = model
+        if not is_plain(model) and is_functional(model):  # a keras-hub Backbone: its graph
+            model = keras.Model(model.input, model.output, name=model.name)
         top_level = {id(layer) for layer in model.layers}
+        blocks = _encoder_parts(model)
 
         def reason(layer):
             if is_factorizable(layer):
                 return is_factorizable(layer)
+            if id(layer) in blocks:
+                return None
             if owner_of(layer):
                 return f"{owner_of(layer)}: a factorized layer is two layers, and this one " \
                        "can only change in place"
             return "inside a nested model" if id(layer) not in top_level else None
 
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, reason)
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, reason,
+                                   in_place=lambda layer: id(layer) in blocks)
+        plain, parts = model, {}
+        if any(id(layer) in blocks for layer in chosen):
+            # Encoders holding a chosen layer, rebuilt as stock layers: theirs are top-level.
+            model, parts = _rebuilt(model, {id(blocks[id(l)]) for l in chosen if id(l) in blocks})
+            copies = {id(getattr(block, part)): built[part] for block, built in parts.values()
+                      for part in FEEDFORWARD}
+            chosen = [copies.get(id(layer), layer) for layer in chosen]
         inputs = {}
         if config.tolerance is not None and chosen:
             if ctx.data is None:
@@ -72,8 +98,39 @@ class LowRankHandler(Handler):
             ctx.applied(layer, f"rank {rank} of {len(svd.s)} ({how}): kernel "
                                f"{before:,} -> {after:,} parameters")
         if not replacements:
-            return model
-        return rewrite(model, lambda layer: replacements.get(id(layer), layer))
+            return original
+        # Only the encoders with a factorized layer stay rebuilt.
+        factorized_parts = {}
+        for key, (block, built) in parts.items():
+            if any(id(built[part]) in replacements for part in FEEDFORWARD):
+                factorized_parts[key] = {name: replacements.get(id(layer), layer)
+                                         for name, layer in built.items()}
+        top = rewrite(plain, lambda layer: replacements.get(id(layer), layer))
+        return inline_encoders(top, lambda block: factorized_parts.get(id(block)))
+
+
+def _encoder_parts(model) -> dict:
+    """The feed-forward Dense layers (by id) of the top-level keras-hub encoders that can be
+    rebuilt as stock layers, each to its encoder."""
+    reasons = encoder_reasons(model)
+    return {id(getattr(block, part)): block for block in model.layers
+            if is_encoder(block) and reasons.get(id(block)) is None for part in FEEDFORWARD}
+
+
+def _rebuilt(model, keys: set) -> tuple:
+    """`model` with the encoders `keys` (ids) rebuilt as stock layers (weights copied), and
+    `{id(encoder): (encoder, its stock parts)}`."""
+    parts = {}
+
+    def parts_of(block):
+        if id(block) in keys:
+            parts[id(block)] = (block, stock_parts(block))
+        return parts[id(block)][1] if id(block) in parts else None
+
+    rebuilt = inline_encoders(model, parts_of)
+    for block, built in parts.values():
+        copy_parts(block, built)
+    return rebuilt, parts
 
 
 @register_technique("low_rank", handler=LowRankHandler(), stage=20)

@@ -23,11 +23,16 @@ import math
 import keras
 import numpy as np
 
-from kshrink.core.graph import Inline, graph_program, rewrite
-from kshrink.layers.transformer import ENCODER_PARTS, is_encoder
+from kshrink.core.graph import encoder_reasons, graph_program, inline_encoders, rewrite
+from kshrink.layers.transformer import (
+    copy_heads,
+    copy_parts,
+    is_encoder,
+    stock_parts,
+    with_heads,
+)
 
 L = keras.layers
-PROJECTIONS = ("query_dense", "key_dense", "value_dense", "output_dense")
 
 
 @dataclasses.dataclass
@@ -50,30 +55,25 @@ class Cut:
 def blocks(model: keras.Model) -> tuple[list, dict]:
     """`(blocks, reasons)`: the top-level attention layers and keras-hub encoders whose heads
     (and units) can be removed, and for the others why not."""
-    counts, reasons = {}, {}
+    reasons = encoder_reasons(model)
+    calls = {}
     for call in graph_program(model)[0]:
-        counts[id(call.layer)] = counts.get(id(call.layer), 0) + 1
-        layer = call.layer
-        if is_encoder(layer):
-            extra = [k for k, v in call.kwargs.items()
-                     if k != "padding_mask" and v not in (None, False)]
-            if extra:
-                reasons[id(layer)] = f"called with {extra[0]}, which the rebuild does not take"
-            elif not all(hasattr(layer, part) for part in ENCODER_PARTS):
-                reasons[id(layer)] = "its layers are not the ones of keras-hub 0.32"
+        calls[id(call.layer)] = calls.get(id(call.layer), 0) + 1
     found, why = [], {}
     for layer in model.layers:
-        if not (is_encoder(layer) or isinstance(layer, L.MultiHeadAttention)):
-            continue
-        reason = reasons.get(id(layer))
-        if counts.get(id(layer), 0) != 1:
-            reason = "called more than once (shared weights)"
-        elif reason is None:
-            attention = layer._self_attention_layer if is_encoder(layer) else layer
-            if attention.quantization_mode is not None or layer.dtype_policy.quantization_mode:
+        if is_encoder(layer):
+            reason = reasons.get(id(layer))
+        elif isinstance(layer, L.MultiHeadAttention):
+            reason = None
+            if calls.get(id(layer), 0) != 1:
+                reason = "called more than once (shared weights)"
+            elif layer.quantization_mode is not None or layer.dtype_policy.quantization_mode:
                 reason = "already quantized"
-            elif len(attention._attention_axes) != 1:
-                reason = "attends over more than one axis"
+        else:
+            continue
+        attention = layer._self_attention_layer if is_encoder(layer) else layer
+        if reason is None and len(attention._attention_axes) != 1:
+            reason = "attends over more than one axis"
         if reason:
             why[id(layer)] = reason
         else:
@@ -126,103 +126,26 @@ def cut(model: keras.Model, cuts: list[Cut]) -> keras.Model:
             or (c.units is not None and len(c.units) < c.feedforward[0].units)]
     if not cuts:
         return model
-    plain = keras.Model(model.input, model.output, name=model.name)
     by_layer = {id(c.layer): c for c in cuts}
     built = {}
 
-    def replace(layer):
+    def fewer_heads(layer):
         found = by_layer.get(id(layer))
-        if found is None:
+        if found is None or is_encoder(layer):
             return layer
-        if is_encoder(layer):
-            parts = _stock_parts(found)
-            built[id(layer)] = parts
-            return Inline(lambda *args, **kwargs: _encoder_call(found.layer, parts, *args,
-                                                                **kwargs))
-        attention = _fewer_heads(found)
-        built[id(layer)] = {"_self_attention_layer": attention}
-        return attention
+        built[id(layer)] = with_heads(layer, found.heads)
+        return built[id(layer)]
 
-    rebuilt = rewrite(plain, replace)
+    def parts_of(block):
+        found = by_layer.get(id(block))
+        if found is not None:
+            built[id(block)] = stock_parts(block, found.heads, found.units)
+        return built.get(id(block))
+
+    rebuilt = inline_encoders(rewrite(model, fewer_heads), parts_of)
     for c in cuts:
-        parts = built[id(c.layer)]
-        _copy_attention(c, parts["_self_attention_layer"])
-        if c.units is not None:
-            _copy_feedforward(c, parts)
+        if is_encoder(c.layer):
+            copy_parts(c.layer, built[id(c.layer)], c.heads, c.units)
+        else:
+            copy_heads(c.layer, built[id(c.layer)], c.heads)
     return rebuilt
-
-
-def _fewer_heads(c: Cut) -> L.MultiHeadAttention:
-    config = c.attention.get_config()
-    config["num_heads"] = len(c.heads)
-    if c.layer is not c.attention:
-        config["name"] = f"{c.layer.name}_{c.attention.name}"
-    return type(c.attention).from_config(config)
-
-
-def _stock_parts(c: Cut) -> dict:
-    """New stock layers for each part of encoder `c.layer`, named `<block>_<part>`, but for
-    the last, which takes the block's own name: the block's output keeps its name, which is
-    what feature distillation matches teacher and student blocks by."""
-    block = c.layer
-    last = "feedforward_add" if block.normalize_first else "_feedforward_layer_norm"
-    parts = {"_self_attention_layer": _fewer_heads(c)}
-    for attr in ENCODER_PARTS[1:]:
-        part = getattr(block, attr)
-        config = part.get_config()
-        config["name"] = block.name if attr == last else f"{block.name}_{part.name}"
-        if attr == "_feedforward_intermediate_dense":
-            config["units"] = len(c.units)
-        parts[attr] = type(part).from_config(config)
-    for stage in ("self_attention", "feedforward"):
-        name = block.name if f"{stage}_add" == last else f"{block.name}_{stage}_add"
-        parts[f"{stage}_add"] = L.Add(name=name, dtype=block.dtype_policy)
-    parts["mask"] = L.Reshape((1, -1), name=f"{block.name}_attention_mask")
-    return parts
-
-
-def _encoder_call(block, parts, inputs, padding_mask=None, **_):
-    """What `TransformerEncoder.call` computes (keras-hub 0.32), with the stock `parts`."""
-    first = block.normalize_first
-    mask = None if padding_mask is None else parts["mask"](padding_mask)
-    x = parts["_self_attention_layer_norm"](inputs) if first else inputs
-    x = parts["_self_attention_layer"](query=x, value=x, attention_mask=mask)
-    x = parts["self_attention_add"]([parts["_self_attention_dropout"](x), inputs])
-    if not first:
-        x = parts["_self_attention_layer_norm"](x)
-    residual = x
-    if first:
-        x = parts["_feedforward_layer_norm"](x)
-    x = parts["_feedforward_output_dense"](parts["_feedforward_intermediate_dense"](x))
-    x = parts["feedforward_add"]([parts["_feedforward_dropout"](x), residual])
-    if not first:
-        x = parts["_feedforward_layer_norm"](x)
-    return x
-
-
-def _copy_attention(c: Cut, new: L.MultiHeadAttention) -> None:
-    numpy = keras.ops.convert_to_numpy
-    old = c.attention
-    for name in PROJECTIONS:
-        values = []
-        for variable in getattr(old, name).weights:
-            value = numpy(variable.value)
-            if name != "output_dense":  # kernel (hidden, heads, dim), bias (heads, dim)
-                value = np.take(value, c.heads, axis=value.ndim - 2)
-            elif variable.name == "kernel":  # (heads, dim, hidden); its bias stays
-                value = value[c.heads]
-            values.append(value)
-        getattr(new, name).set_weights(values)
-
-
-def _copy_feedforward(c: Cut, parts: dict) -> None:
-    numpy = keras.ops.convert_to_numpy
-    inner, outer = c.feedforward
-    kernel = numpy(inner.kernel)[:, c.units]
-    parts["_feedforward_intermediate_dense"].set_weights(
-        [kernel, numpy(inner.bias)[c.units]] if inner.use_bias else [kernel])
-    parts["_feedforward_output_dense"].set_weights(
-        [numpy(outer.kernel)[c.units]] + ([numpy(outer.bias)] if outer.use_bias else []))
-    block = c.layer
-    for attr in ("_self_attention_layer_norm", "_feedforward_layer_norm"):
-        parts[attr].set_weights(getattr(block, attr).get_weights())

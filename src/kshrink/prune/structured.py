@@ -26,6 +26,7 @@ from kshrink.core.technique import (
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import as_matrix, spec_for
+from kshrink.layers.transformer import PROJECTIONS
 from kshrink.prune import attention
 from kshrink.prune.channels import Group, channel_groups, dropped, narrowed
 from kshrink.reconstruct.refit import refit
@@ -116,7 +117,7 @@ def _report_cut(c: attention.Cut, layers: list, ctx: StepContext) -> None:
             ctx.applied(layer, f"{layer.units} -> {len(c.units)} feed-forward units")
         elif units is not None and layer is units[1]:
             ctx.applied(layer, "follows the feed-forward units removed before it")
-        elif any(layer is getattr(c.attention, part) for part in attention.PROJECTIONS):
+        elif any(layer is getattr(c.attention, part) for part in PROJECTIONS):
             ctx.applied(layer, heads)
         else:
             ctx.skipped(layer, "the hidden size stays: LayerNormalization and the residual "

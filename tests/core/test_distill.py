@@ -119,3 +119,40 @@ def test_inputs_without_labels_need_distillation_and_distill_takes_known_values(
         with pytest.raises(RecipeError, match="distill must be one of"):
             kshrink.FineTune(distill=bad)
     assert kshrink.FineTune(distill=True).distillation == "outputs"
+
+
+def _word_ids(texts, length=SEQUENCE):
+    """A toy tokenizer: a number per word (from its letters), right-padded."""
+    ids = np.zeros((len(texts), length), "int32")
+    for row, text in enumerate(texts):
+        words = [1 + sum(map(ord, w)) % 299 for w in text.lower().split()][:length]
+        ids[row, :len(words)] = words
+    return {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+            "padding_mask": (ids > 0).astype("int32")}
+
+
+def test_an_encoder_distills_from_sentences_tokenized_as_training_reads_them():
+    teacher = _bert(layers=2)
+    words = "the a model layer weight small fast keras file runs loads on data".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, rng.integers(3, 14))) for _ in range(192)]
+    data = kshrink.datasets.from_texts(texts, _word_ids, batch_size=32, validation_split=0.25)
+    assert len(data.train) == 5 and len(data.test["token_ids"]) == 48
+    tune = kshrink.FineTune(epochs=3, learning_rate=1e-3, distill="features", verbose=False,
+                            seed=0)
+    pruned = kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5))[0]
+    tuned = kshrink.compress(teacher, kshrink.StructuredPrune(ratio=0.5), data=data.train,
+                             fine_tune=tune)[0]
+    names = ["transformer_layer_0", "transformer_layer_1"]
+
+    def error(model):
+        probe = LayerwiseDistiller(teacher, model, [(n, n) for n in names])
+        values = probe.predict(data.test, verbose=0)
+        reference = LayerwiseDistiller(teacher, teacher, [(n, n) for n in names]).predict(
+            data.test, verbose=0)
+        mask = data.test["padding_mask"][..., None]
+        return sum(float(((v - r) ** 2 * mask).sum()) for v, r in zip(values[2:], reference[2:]))
+
+    assert error(tuned) < 0.7 * error(pruned)
+    with pytest.raises(KshrinkError, match="list of strings"):
+        kshrink.datasets.from_texts("one sentence", _word_ids)

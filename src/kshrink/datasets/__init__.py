@@ -12,6 +12,7 @@ import importlib.util
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from kshrink.core.archive import check_inflation
@@ -123,8 +124,6 @@ def from_directory(path, image_size: tuple[int, int], *, channels: int = 3,
             be decoded or is larger than `MAX_IMAGE_PIXELS` (named, before anything trains:
             in the stream it would stop fine-tuning or calibration halfway).
     """
-    import keras
-
     path = Path(path)
     if not path.is_dir():
         raise KshrinkError(f"data folder not found: {path}")
@@ -146,6 +145,88 @@ def from_directory(path, image_size: tuple[int, int], *, channels: int = 3,
     except ValueError as e:  # no images, or one class only
         raise KshrinkError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     return Dataset(path.name, train, None, test, None)
+
+
+def from_texts(texts, tokenize, *, labels=None, batch_size: int = 32,
+               validation_split: float = 0.1, seed: int = 0) -> Dataset:
+    """Sentences for a text model, tokenized batch by batch as training reads them.
+
+    Args:
+        texts: the sentences (a list of strings).
+        tokenize: `list of strings -> dict of arrays` (the model's inputs by name, e.g.
+            `token_ids`, `segment_ids`, `padding_mask`), such as a keras-hub preprocessor or
+            a function around a tokenizer library; it sets the sequence length.
+        labels: one class label per sentence, or None: an encoder without a head learns
+            from the original model alone (`FineTune(distill="features")`).
+        batch_size: sentences per batch.
+        validation_split: share of the sentences held out (the last ones after shuffling
+            with `seed`), returned tokenized as the test part.
+        seed: the shuffle of the split and of every epoch.
+
+    Returns:
+        A `Dataset` whose `train` is a `keras.utils.PyDataset` of batches (reshuffled every
+        epoch) and whose `test` holds arrays.
+
+    Example:
+
+    ```python
+    data = kshrink.datasets.from_texts(sentences, preprocessor)
+    small, report = kshrink.compress(
+        encoder, kshrink.StructuredPrune(ratio=0.25), data=data.train,
+        fine_tune=kshrink.FineTune(epochs=3, distill="features"))
+    ```
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise KshrinkError("texts must be a list of strings")
+    if labels is not None and len(labels) != len(texts):
+        raise KshrinkError(f"texts and labels differ in length ({len(texts)} vs "
+                           f"{len(labels)})")
+    if not 0 <= validation_split < 1:
+        raise KshrinkError(f"validation_split must be in [0, 1). Received: "
+                           f"validation_split={validation_split!r}")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    held = int(round(len(texts) * validation_split))
+    train, test = order[:len(texts) - held], order[len(texts) - held:]
+    if len(train) == 0:
+        raise KshrinkError("no sentences left to train on: give more texts or a smaller "
+                           "validation_split")
+    texts = list(texts)
+    labels = None if labels is None else np.asarray(labels)
+    batches = _TextBatches([texts[i] for i in train], tokenize,
+                           None if labels is None else labels[train], batch_size, seed)
+    x_test = _tokenized(tokenize, [texts[i] for i in test]) if held else None
+    y_test = labels[test] if held and labels is not None else None
+    return Dataset("texts", batches, None, x_test, y_test)
+
+
+def _tokenized(tokenize, texts: list) -> dict:
+    values = tokenize(texts)
+    if not isinstance(values, dict):
+        raise KshrinkError(f"tokenize must return a dict of arrays (the model's inputs by "
+                           f"name); it returned {type(values).__name__}")
+    return {key: np.asarray(value) for key, value in values.items()}
+
+
+class _TextBatches(keras.utils.PyDataset):
+    """Batches of tokenized sentences (and labels), in a new order every epoch."""
+
+    def __init__(self, texts, tokenize, labels, batch_size, seed):
+        super().__init__()
+        self.texts, self.tokenize, self.labels = texts, tokenize, labels
+        self.batch_size = batch_size
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(len(texts))
+
+    def __len__(self):
+        return -(-len(self.texts) // self.batch_size)
+
+    def __getitem__(self, index):
+        chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = _tokenized(self.tokenize, [self.texts[i] for i in chosen])
+        return x if self.labels is None else (x, self.labels[chosen])
+
+    def on_epoch_end(self):
+        self._order = self._rng.permutation(len(self.texts))
 
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras reads from folders

@@ -271,10 +271,10 @@ TEXT_MODULES = ("argparse", "asyncio", "calendar", "collections", "configparser"
                 "turtle", "typing", "unittest", "urllib.request", "uuid", "zipfile")
 
 
-def sentences(count: int, seed: int = 0) -> list[str]:
-    """`count` English sentences of 6 to 60 words from the docstrings of Python's standard
-    library (`TEXT_MODULES`, their classes and functions), in a random order fixed by
-    `seed`."""
+def sentences(count: int | None = None, seed: int = 0) -> list[str]:
+    """`count` (default: all, about 5,800) English sentences of 6 to 60 words from the
+    docstrings of Python's standard library (`TEXT_MODULES`, their classes and functions), in
+    a random order fixed by `seed`."""
     import importlib
     import re
     import warnings
@@ -294,6 +294,7 @@ def sentences(count: int, seed: int = 0) -> list[str]:
                             found.add(sentence)
     ordered = sorted(found)
     np.random.default_rng(seed).shuffle(ordered)
+    count = len(ordered) if count is None else count
     if len(ordered) < count:
         raise ValueError(f"only {len(ordered)} sentences found; asked for {count}")
     return ordered[:count]

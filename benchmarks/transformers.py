@@ -281,6 +281,72 @@ def export_rows():
     return rows
 
 
+HELD_OUT = 256  # sentences the distillation rows score on; they train on the others
+TRAIN_SEQUENCE = 64  # tokens a training sentence is cut or padded to (few are longer)
+SHRINK = {
+    "heads+ffn 25%": lambda: kshrink.StructuredPrune(ratio=0.25),
+    "heads+ffn 50%": lambda: kshrink.StructuredPrune(ratio=0.5),
+    "6 -> 3 layers": lambda: kshrink.DepthPrune(
+        blocks=3, layers=kshrink.Select(pattern="transformer_layer_.*"),
+        calibration_samples=512),
+    "low rank, tolerance 0.1": lambda: kshrink.LowRank(tolerance=0.1),
+}
+RECOVERY = ("none", "outputs", "features")
+
+
+def retrieval(original, small):
+    """Share of sentences whose embedding by `small` is nearest (cosine) to the original
+    model's embedding of the same sentence, among the original's embeddings of all."""
+    return float(np.mean(np.argmax(small @ original.T, axis=1) == np.arange(len(small))))
+
+
+def distill_rows(shrinks, recoveries, epochs, learning_rate, train_sentences=None):
+    """The pretrained MiniLM made smaller by each of `shrinks`, then recovered each way of
+    `recoveries` (no training; distilling its outputs; distilling its blocks' outputs too)
+    for `epochs` over the standard-library sentences not held out."""
+    name = "minilm_pretrained"
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    texts = pretrained.sentences()
+    texts = texts[:HELD_OUT + train_sentences] if train_sentences else texts
+    held = pretrained.tokenize(texts[:HELD_OUT], SEQUENCE)
+    data = kshrink.datasets.from_texts(
+        texts[HELD_OUT:], lambda t: pretrained.tokenize(t, TRAIN_SEQUENCE), batch_size=32,
+        validation_split=0.0)
+    original = pretrained.sentence_embeddings(model.predict(held, batch_size=32, verbose=0),
+                                              held["padding_mask"])
+    rows = []
+    for shrink in shrinks:
+        for recovery in recoveries:
+            tune = None if recovery == "none" else kshrink.FineTune(
+                epochs=epochs, batch_size=32, learning_rate=learning_rate,
+                distill=recovery, seed=0)
+            start = time.perf_counter()
+            small, report = kshrink.compress(model, SHRINK[shrink](), data=data.train,
+                                             fine_tune=tune)
+            seconds = time.perf_counter() - start
+            embedded = pretrained.sentence_embeddings(
+                small.predict(held, batch_size=32, verbose=0), held["padding_mask"])
+            timings = [latency_in_turns([model, small], [held, held], batch_sizes=(32,),
+                                        runs=5, rounds=3) for _ in range(3)]
+            float_ms = median([t[0][0].median_ms for t in timings])
+            small_ms = median([t[1][0].median_ms for t in timings])
+            rows.append({
+                "model": name, "shrink": shrink, "recovery": recovery,
+                "epochs": epochs if tune else 0, "train_sentences": len(texts) - HELD_OUT,
+                "held_out": HELD_OUT, "seconds": round(seconds, 1),
+                "parameters_ratio": model.count_params() / small.count_params(),
+                "sentence_cosine": round(float(np.mean(np.sum(original * embedded, 1))), 4),
+                "retrieval_top1": round(retrieval(original, embedded), 4),
+                "speedup_batch32": round(float_ms / small_ms, 2),
+                "plain_reload_max_diff": plain_reload_diff(small, held, outputs(small, held)),
+                "summary": report.steps[0].summary or ""})
+            print(rows[-1], flush=True)
+            replace_rows("transformers", rows[-1:], lambda r, last=rows[-1]: (
+                r.get("shrink") == last["shrink"] and r.get("recovery") == last["recovery"]))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -288,7 +354,19 @@ def main():
                         help="only the pretrained MiniLM's calibrated rows (replaces them)")
     parser.add_argument("--export", action="store_true",
                         help="only the pretrained MiniLM's export rows (replaces them)")
+    parser.add_argument("--distill", nargs="+", choices=list(SHRINK),
+                        help="only the pretrained MiniLM's distillation rows for these "
+                             "(each row replaced as it is measured)")
+    parser.add_argument("--recovery", nargs="+", choices=RECOVERY, default=list(RECOVERY))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--train-sentences", type=int,
+                        help="train on this many sentences only (a quick trial)")
     args = parser.parse_args()
+    if args.distill:
+        distill_rows(args.distill, args.recovery, args.epochs, args.learning_rate,
+                     args.train_sentences)
+        return
     if args.export:
         rows = export_rows()
         replace_rows("transformers", rows, lambda r: "runtime" in r)

@@ -156,3 +156,30 @@ def test_an_encoder_distills_from_sentences_tokenized_as_training_reads_them():
     assert error(tuned) < 0.7 * error(pruned)
     with pytest.raises(KshrinkError, match="list of strings"):
         kshrink.datasets.from_texts("one sentence", _word_ids)
+
+
+def test_a_depth_pruned_classifier_recovers_with_labels_and_features(digits):
+    """With labels, the outputs are distilled as logits next to the label loss, and each
+    residual merge the student keeps learns the teacher's (the one before the removed block
+    learns the removed block's output)."""
+    (x, y), (x_test, y_test) = digits.train, digits.test
+    x, x_test = x.reshape(len(x), -1) / 16.0, x_test.reshape(len(x_test), -1) / 16.0
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(32, activation="relu", name="stem")(inputs)
+    for i in range(3):
+        branch = keras.layers.Dense(32, activation="relu", name=f"branch_{i}")(h)
+        h = keras.layers.Add(name=f"merge_{i}")([h, branch])
+    teacher = keras.Model(inputs, keras.layers.Dense(10, name="head")(h))
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    teacher.fit(x, y, epochs=20, batch_size=64, verbose=0)
+    accuracy = teacher.evaluate(x_test, y_test, verbose=0)[1]
+
+    small, report = kshrink.compress(
+        teacher, kshrink.DepthPrune(blocks=1, layers=kshrink.Select(names=("merge_1",))),
+        data=(x, y), fine_tune=kshrink.FineTune(epochs=10, batch_size=64, distill="features",
+                                                verbose=False, seed=0))
+    assert matched_blocks(teacher, small) == [("merge_0", "merge_1"), ("merge_2", "merge_2")]
+    predicted = np.argmax(small.predict(x_test, verbose=0), axis=1)
+    assert np.mean(predicted == y_test) >= accuracy - 0.03

@@ -171,7 +171,7 @@ def test_int4_keeps_the_first_last_and_depthwise_layers_at_int8_unless_told():
                      "classifier": "int8"}
     # what the three cost over int4: half a byte per weight
     extra = (3 * 3 * 3 * 8 + 3 * 3 * 8 + 16 * 10) // 2
-    assert f"3 layers kept at int8 (keep_int8)" in report.steps[0].summary
+    assert "3 layers kept at int8 (keep_int8)" in report.steps[0].summary
     assert f"{extra:,} bytes more than int4" in report.steps[0].summary
 
     every, _ = kshrink.compress(model, Quantize(mode="int4", group_size=None, keep_int8=False),

@@ -2,6 +2,9 @@
 where widths differ, and that feature distillation brings a pruned encoder's blocks back to the
 original's, from inputs alone (random weights, built from config, offline)."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -50,7 +53,7 @@ def _block_errors(teacher, student, x):
             for s, t in zip(outputs(student), outputs(teacher))]
 
 
-def test_blocks_removed_by_depth_pruning_are_bridged_by_the_block_before_them():
+def test_blocks_removed_by_depth_pruning_are_bridged_by_the_block_before_them(tmp_path):
     teacher = _bert(layers=6)
     kept = {f"transformer_layer_{i}" for i in (0, 2, 3)}
     student = kshrink.compress(teacher, kshrink.DepthPrune(
@@ -60,6 +63,19 @@ def test_blocks_removed_by_depth_pruning_are_bridged_by_the_block_before_them():
         ("embeddings_add", "embeddings_add"), ("transformer_layer_0", "transformer_layer_1"),
         ("transformer_layer_2", "transformer_layer_2"),
         ("transformer_layer_3", "transformer_layer_5")]
+    # the shallower model is a plain functional model that keras and keras_hub reload
+    x = _tokens(4)
+    student.save(tmp_path / "small.keras")
+    np.savez(tmp_path / "x.npz", **x)
+    probe = ("import sys, keras, keras_hub, numpy as np; "
+             "m = keras.saving.load_model(sys.argv[1]); x = dict(np.load(sys.argv[2])); "
+             "np.save(sys.argv[3], m.predict(x, verbose=0)['sequence_output']); "
+             "print('kshrink' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, tmp_path / "small.keras",
+                           tmp_path / "x.npz", tmp_path / "y.npy"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr[-500:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"),
+                               student.predict(x, verbose=0)["sequence_output"], atol=1e-5)
 
 
 def test_the_loss_ignores_padded_positions():

@@ -199,3 +199,26 @@ def test_a_depth_pruned_classifier_recovers_with_labels_and_features(digits):
     assert matched_blocks(teacher, small) == [("merge_0", "merge_1"), ("merge_2", "merge_2")]
     predicted = np.argmax(small.predict(x_test, verbose=0), axis=1)
     assert np.mean(predicted == y_test) >= accuracy - 0.03
+
+
+def test_frozen_layers_keep_their_weights_while_the_rest_learns():
+    teacher = _bert(layers=2)
+    freeze = kshrink.Select(types=("ReversibleEmbedding",))
+    small = kshrink.compress(
+        teacher, kshrink.StructuredPrune(ratio=0.5), data=_tokens(64),
+        fine_tune=kshrink.FineTune(epochs=1, batch_size=32, distill="features", freeze=freeze,
+                                   verbose=False))[0]
+
+    def weights(model, name):
+        return [np.asarray(w) for w in model.get_layer(name).weights]
+
+    for a, b in zip(weights(teacher, "token_embedding"), weights(small, "token_embedding")):
+        np.testing.assert_array_equal(a, b)
+    assert all(layer.trainable for layer in small.layers)  # frozen only while training
+    assert not np.allclose(weights(teacher, "position_embedding")[0],
+                           weights(small, "position_embedding")[0])
+    recipe = kshrink.Recipe.from_yaml(
+        "steps: [fold]\nfine_tune: {distill: features, freeze: {types: [Embedding]}}\n")
+    assert recipe.fine_tune.freeze == kshrink.Select(types=("Embedding",))
+    with pytest.raises(RecipeError, match="freeze must be a kshrink.Select"):
+        kshrink.FineTune(freeze="embeddings")

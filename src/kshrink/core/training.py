@@ -16,7 +16,8 @@ import numpy as np
 from kshrink.core.data import example_count, labels_of, model_inputs
 from kshrink.core.distill import LayerwiseDistiller, matched_blocks
 from kshrink.core.distribute import DISTRIBUTIONS, DataParallel
-from kshrink.core.graph import copy_model
+from kshrink.core.graph import copy_model, leaf_layers
+from kshrink.core.select import Select
 from kshrink.core.stream import Stream
 from kshrink.core.technique import (
     MAX_BATCH,
@@ -75,6 +76,10 @@ class FineTune(Options):
         mixed_precision: `"mixed_bfloat16"` or `"mixed_float16"`: compute in 16 bits while
             fine-tuning, keeping every variable (weights, masks, quantizer ranges) in float32;
             float16 scales the loss against underflow. The result computes in float32 again.
+        freeze: layers whose weights fine-tuning leaves as they are, e.g.
+            `Select(types=("ReversibleEmbedding",))`: a transformer's token table, half of a
+            small encoder's weights, which structured and depth pruning do not change and
+            whose optimizer update is a large share of each step on a CPU. Null: train all.
         seed: seed Keras' random generators (Python, numpy and the backend's) with this before
             each fine-tune, so that a run repeats: the same data and recipe give the same
             weights (up to the backend's float rounding). Null: leave them as they are.
@@ -107,6 +112,7 @@ class FineTune(Options):
     weight_decay: float | None = option(None, "decoupled weight decay")
     distribution: str | None = option(None, "data_parallel: train on every local device")
     mixed_precision: str | None = option(None, "mixed_bfloat16 or mixed_float16 compute")
+    freeze: Select | None = option(None, "layers whose weights stay as they are")
     seed: int | None = option(None, "seed the random generators before each fine-tune")
 
     def __post_init__(self):
@@ -134,6 +140,9 @@ class FineTune(Options):
                      allow_none=True)
         check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
                      allow_none=True)
+        if self.freeze is not None and not isinstance(self.freeze, Select):
+            raise RecipeError(f"{self.name}: freeze must be a kshrink.Select (names, pattern or "
+                              f"types) or null. Received: freeze={short(self.freeze)}")
         check_int(self.name, "seed", self.seed, low=0, high=MAX_SEED, allow_none=True)
 
     @property
@@ -234,7 +243,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
         run = dict(x=x, y=y, batch_size=config.batch_size, shuffle=config.shuffle,
                    steps_per_epoch=config.steps_per_epoch)
     scope = parallel.fit_scope(trainer) if parallel is not None else contextlib.nullcontext()
-    with _computing_in(trainer, config.mixed_precision), scope:
+    with _computing_in(trainer, config.mixed_precision), _frozen(model, config.freeze), scope:
         trainer.compile(optimizer=optimizer(), **compiled)
         history = trainer.fit(epochs=config.epochs, validation_data=validation_data,
                               validation_steps=validation_steps, callbacks=all_callbacks,
@@ -267,6 +276,20 @@ def _distiller(teacher: keras.Model, student: keras.Model, config: FineTune, los
 def _is_cross_entropy(loss) -> bool:
     name = getattr(loss, "__name__", type(loss).__name__)
     return loss is not None and "crossentropy" in name.lower()
+
+
+@contextlib.contextmanager
+def _frozen(model: keras.Model, select: Select | None):
+    """The layers `select` chooses in `model` hold their weights for the duration."""
+    layers = [] if select is None else [
+        layer for layer in select.resolve(leaf_layers(model)) if layer.trainable]
+    for layer in layers:
+        layer.trainable = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.trainable = True
 
 
 @contextlib.contextmanager

@@ -245,6 +245,7 @@ def transformers_section(data):
         if "shrink" in r:
             distilled.append((r["shrink"], r["recovery"],
                               f"{r['epochs']} x {r.get('train_tokens', 64)} tokens"
+                              + (", token table frozen" if r.get("frozen_tokens") else "")
                               if r["epochs"] else "-",
                               f"{r['seconds'] / 60:.1f}", f"{r['parameters_ratio']:.2f}x",
                               f"{r['speedup_batch32']:.2f}x", f"{r['sentence_cosine']:.4f}",

@@ -300,11 +300,12 @@ def retrieval(original, small):
 
 
 def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
-                 train_sentences=None):
+                 freeze_tokens=False, train_sentences=None):
     """The pretrained MiniLM made smaller by each of `shrinks`, then recovered each way of
     `recoveries` (no training; distilling its outputs; distilling its blocks' outputs too)
     for `epochs` over the standard-library sentences not held out, cut or padded to
-    `train_tokens` (the median sentence has 18, one in 20 more than 48)."""
+    `train_tokens` (the median sentence has 18, one in 20 more than 48), with the token table
+    held as it is if `freeze_tokens`."""
     name = "minilm_pretrained"
     keras.utils.set_random_seed(0)
     model = MODELS[name]()
@@ -321,7 +322,8 @@ def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
         for recovery in recoveries:
             tune = None if recovery == "none" else kshrink.FineTune(
                 epochs=epochs, batch_size=32, learning_rate=learning_rate,
-                distill=recovery, seed=0)
+                distill=recovery, seed=0,
+                freeze=kshrink.Select(names=("token_embedding",)) if freeze_tokens else None)
             start = time.perf_counter()
             small, report = kshrink.compress(model, SHRINK[shrink](), data=data.train,
                                              fine_tune=tune)
@@ -335,7 +337,7 @@ def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
             rows.append({
                 "model": name, "shrink": shrink, "recovery": recovery,
                 "epochs": epochs if tune else 0, "train_sentences": len(texts) - HELD_OUT,
-                "train_tokens": train_tokens,
+                "train_tokens": train_tokens, "frozen_tokens": freeze_tokens,
                 "held_out": HELD_OUT, "seconds": round(seconds, 1),
                 "parameters_ratio": model.count_params() / small.count_params(),
                 "sentence_cosine": round(float(np.mean(np.sum(original * embedded, 1))), 4),
@@ -344,9 +346,10 @@ def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
                 "plain_reload_max_diff": plain_reload_diff(small, held, outputs(small, held)),
                 "summary": report.steps[0].summary or ""})
             print(rows[-1], flush=True)
-            same = ("shrink", "recovery", "epochs", "train_tokens")
+            same = {"shrink": None, "recovery": None, "epochs": None, "train_tokens": 64,
+                    "frozen_tokens": False}  # the key of a row, with defaults of old rows
             replace_rows("transformers", rows[-1:], lambda r, last=rows[-1]: all(
-                r.get(k, 64 if k == "train_tokens" else None) == last[k] for k in same))
+                r.get(k, default) == last[k] for k, default in same.items()))
     return rows
 
 
@@ -365,12 +368,14 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--train-tokens", type=int, default=64,
                         help="tokens each training sentence is cut or padded to")
+    parser.add_argument("--freeze-tokens", action="store_true",
+                        help="hold the token table as it is while distilling")
     parser.add_argument("--train-sentences", type=int,
                         help="train on this many sentences only (a quick trial)")
     args = parser.parse_args()
     if args.distill:
         distill_rows(args.distill, args.recovery, args.epochs, args.learning_rate,
-                     args.train_tokens, args.train_sentences)
+                     args.train_tokens, args.freeze_tokens, args.train_sentences)
         return
     if args.export:
         rows = export_rows()

@@ -56,9 +56,11 @@ def _block_errors(teacher, student, x):
 def test_blocks_removed_by_depth_pruning_are_bridged_by_the_block_before_them(tmp_path):
     teacher = _bert(layers=6)
     kept = {f"transformer_layer_{i}" for i in (0, 2, 3)}
-    student = kshrink.compress(teacher, kshrink.DepthPrune(
+    student, report = kshrink.compress(teacher, kshrink.DepthPrune(
         blocks=3, layers=kshrink.Select(names=sorted(
-            {f"transformer_layer_{i}" for i in range(6)} - kept))), data=_tokens(32))[0]
+            {f"transformer_layer_{i}" for i in range(6)} - kept))), data=_tokens(32))
+    summary = report.steps[0].summary
+    assert all(f"transformer_layer_{i}" in summary for i in (1, 4, 5)), summary
     assert matched_blocks(teacher, student) == [
         ("embeddings_add", "embeddings_add"), ("transformer_layer_0", "transformer_layer_1"),
         ("transformer_layer_2", "transformer_layer_2"),

@@ -149,6 +149,8 @@ class DepthPruneHandler(Handler):
             removed.append(best)
             candidates.remove(best)
         _report(model, removed, candidates, scores, ctx)
+        ctx.note(f"removed, in this order: {', '.join(block.merge for block in removed)}; the "
+                 f"outputs changed by {scores[removed[-1].merge]:.2%} with all gone")
         return without(model, removed)
 
 

@@ -122,13 +122,27 @@ def _inner(model, path):
     return next(l for l in leaf_layers(model) if path_of(l) == path)
 
 
-def test_steps_that_replace_layers_skip_sublayers_and_say_why():
+def test_steps_that_wrap_layers_skip_sublayers_and_say_why():
     model = _encoder_classifier()
-    small, report = kshrink.compress(model, kshrink.LowRank(rank=4))
+    rng = np.random.default_rng(0)
+    data = (rng.integers(1, VOCABULARY, (32, SEQUENCE)).astype("int32"), rng.integers(0, 3, 32))
+    small, report = kshrink.compress(model, kshrink.Cluster(clusters=8), data=data,
+                                     fine_tune=kshrink.FineTune(epochs=1, verbose=False))
     skipped = {r.layer: r.detail for r in report.steps[0].skipped}
     assert "inside TransformerEncoder 'block'" in skipped["block/feedforward_output_dense"]
     assert "in place" in skipped["block/feedforward_output_dense"]
     assert isinstance(small.get_layer("block"), keras_hub.layers.TransformerEncoder)
+
+
+def test_low_rank_rebuilds_an_encoder_to_factorize_its_feed_forward_layers():
+    model = _encoder_classifier()
+    small, report = kshrink.compress(model, kshrink.LowRank(rank=4))
+    applied = {r.layer for r in report.steps[0].applied}
+    assert {"block_feedforward_intermediate_dense", "block_feedforward_output_dense"} <= applied
+    skipped = {r.layer: r.detail for r in report.steps[0].skipped}
+    assert "EinsumDense" in skipped["block/self_attention_layer/query"]
+    assert not any(isinstance(l, keras_hub.layers.TransformerEncoder) for l in small.layers)
+    assert small.count_params() < model.count_params()
 
 
 def test_pruning_reaches_sublayers_in_place_and_the_file_reloads(tmp_path):

@@ -101,7 +101,7 @@ class LowRankHandler(Handler):
             return original
         # Only the encoders with a factorized layer stay rebuilt.
         factorized_parts = {}
-        for key, (block, built) in parts.items():
+        for key, (_, built) in parts.items():
             if any(id(built[part]) in replacements for part in FEEDFORWARD):
                 factorized_parts[key] = {name: replacements.get(id(layer), layer)
                                          for name, layer in built.items()}

@@ -10,10 +10,8 @@ ENCODER_PARTS = ("_self_attention_layer", "_self_attention_layer_norm",
                  "_self_attention_dropout", "_feedforward_layer_norm",
                  "_feedforward_intermediate_dense", "_feedforward_output_dense",
                  "_feedforward_dropout")
-PROJECTIONS = ("query_dense", "key_dense", "value_dense", "output_dense")
-
-
 FEEDFORWARD = ("_feedforward_intermediate_dense", "_feedforward_output_dense")
+PROJECTIONS = ("query_dense", "key_dense", "value_dense", "output_dense")  # of the attention
 
 
 def is_encoder(layer) -> bool:

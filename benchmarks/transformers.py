@@ -336,7 +336,9 @@ def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
             small_ms = median([t[1][0].median_ms for t in timings])
             rows.append({
                 "model": name, "shrink": shrink, "recovery": recovery,
-                "epochs": epochs if tune else 0, "train_sentences": len(texts) - HELD_OUT,
+                "epochs": epochs if tune else 0,
+                "learning_rate": learning_rate if tune else None,
+                "train_sentences": len(texts) - HELD_OUT,
                 "train_tokens": train_tokens, "frozen_tokens": freeze_tokens,
                 "held_out": HELD_OUT, "seconds": round(seconds, 1),
                 "parameters_ratio": model.count_params() / small.count_params(),
@@ -347,7 +349,8 @@ def distill_rows(shrinks, recoveries, epochs, learning_rate, train_tokens=64,
                 "summary": report.steps[0].summary or ""})
             print(rows[-1], flush=True)
             same = {"shrink": None, "recovery": None, "epochs": None, "train_tokens": 64,
-                    "frozen_tokens": False}  # the key of a row, with defaults of old rows
+                    "frozen_tokens": False,
+                    "learning_rate": 5e-4 if tune else None}  # a row's key; old rows' defaults
             replace_rows("transformers", rows[-1:], lambda r, last=rows[-1]: all(
                 r.get(k, default) == last[k] for k, default in same.items()))
     return rows

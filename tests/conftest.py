@@ -6,22 +6,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from kshrink.testing import contract_model  # noqa: E402
+
 
 def small_cnn(seed: int = 0) -> keras.Model:
     """A tiny functional model with the layer kinds techniques meet: conv, BN, residual, dense."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8), name="image")
-    x = keras.layers.Rescaling(1 / 255, name="rescale")(inputs)
-    x = keras.layers.Reshape((8, 8, 1), name="to_channels")(x)
-    x = keras.layers.Conv2D(8, 3, padding="same", name="conv1")(x)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU(name="relu1")(x)
-    y = keras.layers.Conv2D(8, 3, padding="same", name="conv2")(x)
-    x = keras.layers.Add(name="add")([x, y])
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
-    outputs = keras.layers.Dense(10, name="fc2")(x)
-    return keras.Model(inputs, outputs, name="small_cnn")
+    return contract_model(seed)
 
 
 def small_mlp(seed: int = 0) -> keras.Model:

@@ -12,7 +12,7 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "kshrink"
 TECHNIQUES = {"prune", "quantize", "cluster", "lowrank", "fold"}
-ABOVE_TECHNIQUES = {"api", "analysis", "cli"}
+ABOVE_TECHNIQUES = {"api", "analysis", "cli", "testing"}
 
 
 def _unit(module: str) -> str:

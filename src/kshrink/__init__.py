@@ -79,7 +79,7 @@ _EXPORTS = {
     "Override": "kshrink.quantize",
 }
 _SUBMODULES = ("analysis", "cluster", "datasets", "deploy", "fold", "io", "lowrank", "measure",
-               "prune", "quantize", "report", "zoo")
+               "prune", "quantize", "report", "testing", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["layers"]
 

@@ -44,7 +44,6 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import keras
@@ -52,20 +51,20 @@ import numpy as np
 
 from kshrink.api import compress
 from kshrink.artifact import save as save_compact
-from kshrink.cluster import Cluster, ClusterOverride
+from kshrink.cluster import Cluster
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs
 from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import Message, Progress, counting, within
 from kshrink.core.recipe import Recipe
-from kshrink.core.select import Select
-from kshrink.core.technique import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, StepContext,
-                                    Technique, check_choice, check_int,
-                                    check_range, technique_class)
+from kshrink.core.select import Select, shared_level
+from kshrink.core.technique import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, Technique,
+                                    check_choice, check_int, check_range, handler_for,
+                                    registered_techniques, technique_class)
 from kshrink.core.training import FineTune, task_loss
 from kshrink.deploy import RUNTIME_NAMES, check_runtime, in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.fold import Fold
-from kshrink.layers import keras_quantizes, quantization
+from kshrink.layers import quantization
 from kshrink.layers.specs import kernel_weights
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.measure.latency import latency, latency_in_turns
@@ -73,8 +72,7 @@ from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
 from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
 from kshrink.prune.channels import channel_groups
-from kshrink.quantize import Override, Quantize
-from kshrink.quantize.technique import skip_reason as quantize_skip_reason
+from kshrink.quantize import Quantize
 from kshrink.render import Table
 
 OBJECTIVES = ("size", "memory", "latency", "macs")
@@ -84,8 +82,8 @@ BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
 CLUSTER_COUNTS = (256, 64, 16, 8, 4)  # centroids per layer (or channel) for `size`
-TECHNIQUES = {  # what each objective can search, and (first) what it searches by default
-    "size": ("prune", "cluster", "quantize"), "memory": ("quantize",),
+TECHNIQUES = {  # what each objective can search besides ones that offer size levels (below)
+    "size": ("prune",), "memory": ("quantize",),
     "latency": ("depth_prune", "structured_prune"), "macs": ("depth_prune", "structured_prune"),
 }
 DEFAULT_TECHNIQUES = {"size": ("prune", "cluster"), "memory": ("quantize",),
@@ -438,7 +436,7 @@ class _SizeSpace(_Space):
     int4 (`quantize`). What the compact file stores is about the non-zero weights at the
     bits their encoding takes."""
 
-    BITS = {"float": 32.0, "int8": 8.0, "int4": 4.25}  # int4: and a scale per 128 inputs
+    FLOAT_BITS = 32.0
     POSITION_BITS = 2.0  # about what the compressed bitmap of a sparse layer costs a non-zero
 
     def __init__(self, model, templates, trains: bool = False):
@@ -459,43 +457,51 @@ class _SizeSpace(_Space):
             for path in _selected(model, templates["prune"], kernels):
                 self.choices[path] = SPARSITIES
                 self.layer_of[path] = path
-        clustered = set(_selected(model, templates["cluster"], kernels)
-                        if "cluster" in templates else ())
-        quantized = set(_quantizable(model, templates["quantize"])
-                        if "quantize" in templates else ())
-        for path in self.weights:
-            levels = ("float",) + (("int8",) if path in quantized else ()) + tuple(
-                count for count in CLUSTER_COUNTS if path in clustered)
-            if path in quantized:
-                levels += ("int4",)
-            if len(levels) > 1:
-                key = self.encoding_of(path)
-                self.choices[key] = tuple(sorted(levels, key=self.bits, reverse=True))
-                self.layer_of[key] = path
+        # Encodings: the levels of every other technique, each level owned by one of them.
+        self.owner = {}  # level -> technique name
+        offered = {}  # layer path -> its levels
+        for name in sorted(self.encoders(), key=lambda name: templates[name].stage):
+            for path, levels in handler_for(templates[name]).size_levels(
+                    model, templates[name]).items():
+                for level in levels:
+                    if self.owner.setdefault(level, name) != name:
+                        raise KshrinkError(f"search: {self.owner[level]} and {name} both offer "
+                                           f"level {level!r}; levels must tell them apart")
+                if path in self.weights:
+                    offered.setdefault(path, []).extend(levels)
+        for path, levels in offered.items():
+            key = self.encoding_of(path)
+            self.choices[key] = tuple(sorted(
+                ["float", *levels], key=lambda level, p=path: self.layer_bytes(p, 0.0, level),
+                reverse=True))
+            self.layer_of[key] = path
+
+    def encoders(self) -> list[str]:
+        """The techniques that give a layer's weights an encoding (every one but prune)."""
+        return [name for name in self.templates if name != "prune"]
 
     @staticmethod
     def encoding_of(path) -> str:
         """The dimension that holds a layer's encoding."""
         return f"{path}:weights"
 
-    def bits(self, encoding) -> float:
-        return self.BITS[encoding] if isinstance(encoding, str) else math.log2(encoding)
-
     def probe(self, dimension, level):
         path = self.layer_of[dimension]
         if dimension == path:
             return [_prune_step(self.probing["prune"], {path: level}, False)] if level else None
-        return _encoding_steps(self.probing, {path: level}, False) or None
+        return _encoding_steps(self.probing, self.owner, {path: level}, False) or None
 
     def layer_bytes(self, path, sparsity, encoding) -> float:
         """Estimated bytes of a layer's kernels at a sparsity and an encoding."""
-        bits = self.bits(encoding) + (self.POSITION_BITS if sparsity else 0.0)
-        stored = self.weights[path] * (1 - sparsity) * bits / 8
-        if isinstance(encoding, int):  # the codebook: per layer or per output channel
-            books = self.channels[path] if self.templates["cluster"].granularity == "channel" \
-                else 1
-            stored += 4 * encoding * books
-        return stored
+        if encoding == "float":
+            bits, table = self.FLOAT_BITS, 0.0
+        else:
+            template = self.templates[self.owner[encoding]]
+            handler = handler_for(template)
+            bits = handler.size_bits(template, encoding)
+            table = handler.size_table_bytes(template, encoding, self.channels[path])
+        bits += self.POSITION_BITS if sparsity else 0.0
+        return self.weights[path] * (1 - sparsity) * bits / 8 + table
 
     def layer_levels(self, levels, path) -> tuple:
         return levels.get(path, 0.0), levels.get(self.encoding_of(path), "float")
@@ -519,16 +525,15 @@ class _SizeSpace(_Space):
 
     def recipe(self, levels, trains: bool) -> list:
         pruned = {p: s for p, s in levels.items() if self.layer_of[p] == p and s > 0}
-        encodings = {self.layer_of[d]: v for d, v in levels.items()
-                     if self.layer_of[d] != d and v != "float"}
+        encodings = {self.layer_of[d]: v for d, v in levels.items() if self.layer_of[d] != d}
         steps = [_prune_step(self.templates["prune"], pruned, trains)] if pruned else []
-        return steps + _encoding_steps(self.templates, encodings, trains)
+        return steps + _encoding_steps(self.templates, self.owner, encodings, trains)
 
 
 def _prune_step(template: Prune, sparsities: dict, trains: bool) -> Prune:
     """The template pruning each layer of `sparsities` (path -> sparsity) to its own: the
     sparsity most layers share is the step's, the others are overrides."""
-    main, overrides = _shared_level(sparsities)
+    main, overrides = shared_level(sparsities)
     overrides = tuple(SparsityOverride(layers=layers, sparsity=s) for s, layers in overrides)
     gradual = trains and template.method == "magnitude"
     return dataclasses.replace(
@@ -538,50 +543,25 @@ def _prune_step(template: Prune, sparsities: dict, trains: bool) -> Prune:
         layers=Select(names=tuple(sorted(sparsities))), exclude=None)
 
 
-def _encoding_steps(templates: dict, encodings: dict, trains: bool) -> list:
-    """The steps giving each layer of `encodings` (path -> a cluster count, "int8" or
-    "int4") its encoding: a `cluster` step, then a `quantize` step (post-training when the
-    cluster step trains, so that the shared values stay)."""
-    clustered = {p: v for p, v in encodings.items() if isinstance(v, int)}
-    steps = [_cluster_step(templates["cluster"], clustered)] if clustered else []
-    quantized = tuple(sorted(p for p, v in encodings.items() if v in ("int8", "int4")))
-    if quantized:
-        steps.append(_quantize_step(templates["quantize"], encodings, trains and not steps))
+def _encoding_steps(templates: dict, owner: dict, encodings: dict, trains: bool) -> list:
+    """The steps giving each layer of `encodings` (path -> a level of the technique `owner`
+    names for it) its encoding, in recipe order; only the first is fine-tuned (`trains`), so
+    the later ones keep what it made (int8 over shared values stays shared)."""
+    encodings = {path: level for path, level in encodings.items() if level != "float"}
+    steps = []
+    for name in sorted({owner[level] for level in encodings.values()},
+                       key=lambda name: templates[name].stage):
+        levels = {path: level for path, level in encodings.items() if owner[level] == name}
+        template = templates[name]
+        steps.append(handler_for(template).size_step(template, levels, trains and not steps))
     return steps
-
-
-def _cluster_step(template: Cluster, counts: dict) -> Cluster:
-    """The template clustering each layer of `counts` (path -> clusters) to its count: the
-    count most layers share is the step's, the others are overrides."""
-    main, overrides = _shared_level(counts)
-    return dataclasses.replace(
-        template, clusters=main, layers=Select(names=tuple(sorted(counts))), exclude=None,
-        overrides=tuple(ClusterOverride(layers=layers, clusters=c) for c, layers in overrides))
-
-
-def _shared_level(levels: dict) -> tuple:
-    """`(main, [(level, Select), ...])`: the level most paths of `levels` share (the
-    deepest on a tie), and a selection of the paths at each other level, deepest first.
-    Levels are sparsities (deeper: more) or cluster counts (deeper: fewer)."""
-    counts = Counter(levels.values())
-
-    def depth(level):
-        return -level if isinstance(level, int) else level
-
-    main = max(counts, key=lambda v: (counts[v], depth(v)))
-    return main, [(v, Select(names=tuple(sorted(p for p, w in levels.items() if w == v))))
-                  for v in sorted(counts, key=depth, reverse=True) if v != main]
 
 
 def _quantize_step(template: Quantize, modes: dict, trains: bool) -> Quantize:
     """The template quantizing each layer of `modes` (path -> "int8" or "int4"; others are
     left alone) to its mode."""
-    quantized = tuple(sorted(p for p, m in modes.items() if m in ("int8", "int4")))
-    int4 = tuple(sorted(p for p, m in modes.items() if m == "int4"))
-    overrides = (Override(layers=Select(names=int4), mode="int4",
-                          group_size=template.group_size),) if int4 else ()
-    return dataclasses.replace(template, mode="int8", qat=trains, overrides=overrides,
-                               layers=Select(names=quantized), exclude=None)
+    return handler_for(template).size_step(
+        template, {path: mode for path, mode in modes.items() if mode != "float"}, trains)
 
 
 def _selected(model, template, layers) -> list[str]:
@@ -599,13 +579,6 @@ def _chosen_and_excluded(model, template) -> tuple[set, set]:
     return set(map(path_of, chosen)), set(map(path_of, excluded))
 
 
-def _quantizable(model, template: Quantize) -> list[str]:
-    """The paths of the layers `template` can quantize."""
-    layers = StepContext(original=model).choose_layers(
-        model, template.layers, template.exclude, quantize_skip_reason, in_place=keras_quantizes)
-    return [path_of(layer) for layer in layers]
-
-
 class _MemorySpace(_Space):
     """float, int8 or int4 weights per layer: the bytes held in memory."""
 
@@ -613,7 +586,7 @@ class _MemorySpace(_Space):
 
     def __init__(self, model, templates):
         self.template = templates["quantize"]
-        quantizable = set(_quantizable(model, self.template))
+        quantizable = set(handler_for(self.template).size_levels(model, self.template))
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
                         for layer in leaf_layers(model) if path_of(layer) in quantizable}
         self.choices = {path: BIT_WIDTHS for path in self.weights}
@@ -760,7 +733,9 @@ class _MacsSpace(_LatencySpace):
 def _templates(objective: str, techniques) -> dict:
     """`techniques` (names, `{name: options}` or configured techniques; None: the
     objective's defaults) as name -> the technique config the search varies the level of."""
-    allowed = TECHNIQUES[objective]
+    allowed = TECHNIQUES[objective] + (tuple(
+        cls.name for cls in registered_techniques()
+        if handler_for(cls).offers_size_levels()) if objective == "size" else ())
     if techniques is None:
         techniques = DEFAULT_TECHNIQUES[objective]
     elif isinstance(techniques, (str, Technique, dict)):
@@ -785,7 +760,7 @@ def _templates(objective: str, techniques) -> dict:
             raise KshrinkError(f"search: {name} is named twice. Received: "
                                f"techniques={_names(techniques)}")
         if not isinstance(entry, Technique):
-            base = DEFAULT_TEMPLATES[name]
+            base = DEFAULT_TEMPLATES.get(name) or technique_class(name)()
             template = type(base).from_config({**base.get_config(), **(options or {})})
         templates[name] = template
     if not templates:

@@ -10,6 +10,7 @@ quantization). Zeros left by pruning stay zero and take no cluster (`preserve_sp
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -17,11 +18,11 @@ import numpy as np
 from kshrink.cluster.kmeans import INITS, kmeans_1d
 from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
-from kshrink.core.graph import copy_model, leaf_layers, owner_of, replace_layers
+from kshrink.core.graph import copy_model, leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.progress import within
 from kshrink.layers.quantized import quantization
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
-from kshrink.core.select import Select
+from kshrink.core.select import Select, shared_level
 from kshrink.core.technique import (
     Handler,
     Options,
@@ -84,26 +85,48 @@ def cluster_kernel(values: np.ndarray, axes: tuple, config: Cluster,
     return centroids, from_matrix(assignment, shape, axes), from_matrix(keep, shape, axes)
 
 
+def _skip_reason(layer) -> str | None:
+    if quantization(layer):
+        return "quantized layers keep their weights"
+    if not kernel_specs(layer):
+        return f"{type(layer).__name__}: no kernel to share" + (
+            "; register a LayerSpec naming its kernels (kshrink.layers.register_spec)"
+            if is_user_class(type(layer)) else "")
+    return None
+
+
+SIZE_LEVELS = (256, 64, 16, 8, 4)  # the cluster counts the size search offers each layer
+
+
 class ClusterHandler(Handler):
     """Runs `Cluster`: wraps the chosen layers, shares their weights, strips the wrappers."""
 
     trains = True
     settles = True
 
-    def prepare(self, model, config: Cluster, ctx: StepContext):
-        def skip_reason(layer):
-            if quantization(layer):
-                return "quantized layers keep their weights"
-            if not kernel_specs(layer):
-                return f"{type(layer).__name__}: no kernel to share" + (
-                    "; register a LayerSpec naming its kernels (kshrink.layers.register_spec)"
-                    if is_user_class(type(layer)) else "")
-            return None
+    def size_levels(self, model, config: Cluster) -> dict:
+        chosen = StepContext(original=model).choose_layers(
+            model, config.layers, config.exclude, _skip_reason, in_place=lambda layer: True)
+        return {path_of(layer): SIZE_LEVELS for layer in chosen}
 
+    def size_bits(self, config: Cluster, level: int) -> float:
+        return math.log2(level)  # an index per value
+
+    def size_table_bytes(self, config: Cluster, level: int, channels: int) -> float:
+        return 4.0 * level * (channels if config.granularity == "channel" else 1)
+
+    def size_step(self, config: Cluster, levels: dict, trains: bool) -> Cluster:
+        main, others = shared_level(levels, depth=lambda count: -count)
+        return dataclasses.replace(
+            config, clusters=main, layers=Select(names=tuple(sorted(levels))), exclude=None,
+            overrides=tuple(ClusterOverride(layers=layers, clusters=count)
+                            for count, layers in others))
+
+    def prepare(self, model, config: Cluster, ctx: StepContext):
         # Without training, the layers a container builds take their centroids in place;
         # training the centroids needs a wrapper, which those layers cannot have.
         in_place = (lambda layer: True) if ctx.train_steps is None else None
-        chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place,
+        chosen = ctx.choose_layers(model, config.layers, config.exclude, _skip_reason, in_place,
                                    "a cluster step without fine-tuning shares it where it "
                                    "stands")
         if not chosen:

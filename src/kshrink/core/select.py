@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 
 import keras
 
@@ -136,6 +137,17 @@ class Select:
             "a selection is a pattern string, a list of layer names, or a mapping with "
             f"names/pattern/types. Received: {short(config)}"
         )
+
+
+def shared_level(levels: Mapping, depth: Callable = lambda level: level) -> tuple:
+    """`(main, [(level, Select), ...])`: the level most paths of `levels` (path -> level)
+    share, the deepest on a tie, and a selection of the paths at each other level, deepest
+    first; `depth` orders levels (deeper: more compressed), e.g. sparsities as they are,
+    cluster counts negated."""
+    counts = Counter(levels.values())
+    main = max(counts, key=lambda v: (counts[v], depth(v)))
+    return main, [(v, Select(names=tuple(sorted(p for p, w in levels.items() if w == v))))
+                  for v in sorted(counts, key=depth, reverse=True) if v != main]
 
 
 def _prefixes(path: str) -> list[str]:

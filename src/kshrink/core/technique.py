@@ -10,8 +10,9 @@ file can only ever name registered techniques.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.metadata
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -296,17 +297,57 @@ class Handler:
     def report(self, model: keras.Model, config: Technique, ctx: StepContext) -> StepReport:
         return StepReport(config.name, config.get_config(), tuple(ctx.results), ctx.summary)
 
+    # The size search (`kshrink.search(objective="size")`) gives each layer's weights an
+    # encoding: float, or a level of a technique that implements the methods below (cluster
+    # counts, int8/int4, ...). A technique that does joins the search by name.
+
+    def size_levels(self, model: keras.Model, config: Technique) -> dict[str, tuple]:
+        """Layer path -> the levels `config` (the search's template) can give its weights,
+        for the layers it would take. Levels are hashable, and distinct from every other
+        technique's (the search tells them apart by value)."""
+        return {}
+
+    def size_bits(self, config: Technique, level) -> float:
+        """About the bits a compact file spends on each non-zero kernel value at `level`."""
+        raise NotImplementedError
+
+    def size_table_bytes(self, config: Technique, level, channels: int) -> float:
+        """Bytes a layer with `channels` output channels adds at `level` besides its values
+        (e.g. a codebook)."""
+        return 0.0
+
+    def size_step(self, config: Technique, levels: dict, trains: bool) -> Technique:
+        """`config` giving each layer of `levels` (path -> level) its level; `trains`: the
+        step is fine-tuned (e.g. quantization-aware) rather than applied after training."""
+        raise NotImplementedError
+
+    def offers_size_levels(self) -> bool:
+        return type(self).size_levels is not Handler.size_levels
+
 
 _BY_NAME: dict[str, type[Technique]] = {}
 _HANDLERS: dict[type[Technique], Handler] = {}
-# kshrink's own techniques register when their modules are imported; lookups import them first.
-_BUILTIN_MODULES = ("kshrink.cluster", "kshrink.fold", "kshrink.lowrank", "kshrink.prune",
-                    "kshrink.quantize")
+# Techniques register when their modules are imported. A package (kshrink itself included)
+# names those modules in this entry-point group of its metadata, e.g. in pyproject.toml:
+#   [project.entry-points."kshrink.techniques"]
+#   round_float16 = "my_package.round_float16"
+# and lookups import them first, so recipes and the command line find them by name.
+ENTRY_POINTS = "kshrink.techniques"
+_loaded = False
 
 
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        try:
+            entry.load()
+        except Exception as e:  # one broken plugin leaves the other techniques usable
+            warnings.warn(f"the technique module {entry.value} ({entry.name}, registered in "
+                          f"{ENTRY_POINTS}) failed to import: {type(e).__name__}: {e}",
+                          stacklevel=3)
 
 
 def register_technique(name: str, handler: Handler, stage: int):
@@ -327,29 +368,29 @@ def register_technique(name: str, handler: Handler, stage: int):
 def technique_class(name: str) -> type[Technique]:
     """The registered config class named `name` (e.g. "prune"); a `RecipeError` listing the
     registered names otherwise."""
-    _load_builtins()
+    _load_plugins()
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise RecipeError(
-            f"unknown technique {short(name)}. Registered: {', '.join(sorted(_BY_NAME))}"
-        ) from None
+        known = ", ".join(sorted(_BY_NAME)) or (
+            f"none (techniques register through the {ENTRY_POINTS} entry points of installed "
+            "packages: is kshrink installed?)")
+        raise RecipeError(f"unknown technique {short(name)}. Registered: {known}") from None
 
 
-def handler_for(config: Technique) -> Handler:
-    """The handler registered for `config`'s class."""
-    _load_builtins()
+def handler_for(config: Technique | type[Technique]) -> Handler:
+    """The handler registered for `config`'s class (or for `config`, a class)."""
+    _load_plugins()
+    cls = config if isinstance(config, type) else type(config)
     try:
-        return _HANDLERS[type(config)]
+        return _HANDLERS[cls]
     except KeyError:
-        raise RecipeError(
-            f"{type(config).__name__} is not a registered technique config"
-        ) from None
+        raise RecipeError(f"{cls.__name__} is not a registered technique config") from None
 
 
 def registered_techniques() -> list[type[Technique]]:
     """Every registered technique config class, sorted by name."""
-    _load_builtins()
+    _load_plugins()
     return [_BY_NAME[name] for name in sorted(_BY_NAME)]
 
 

@@ -93,6 +93,23 @@ class QuantizeHandler(Handler):
     def trains_with(self, config: Quantize) -> bool:
         return config.qat
 
+    # The size search: int8, or int4 (with a float scale per group of inputs), per layer.
+    def size_levels(self, model, config: Quantize) -> dict:
+        chosen = StepContext(original=model).choose_layers(
+            model, config.layers, config.exclude, skip_reason, in_place=keras_quantizes)
+        return {path_of(layer): ("int8", "int4") for layer in chosen}
+
+    def size_bits(self, config: Quantize, level: str) -> float:
+        return 8.0 if level == "int8" else 4.0 + (
+            32.0 / config.group_size if config.group_size else 0.0)
+
+    def size_step(self, config: Quantize, levels: dict, trains: bool) -> Quantize:
+        int4 = tuple(sorted(path for path, mode in levels.items() if mode == "int4"))
+        overrides = (Override(layers=Select(names=int4), mode="int4",
+                              group_size=config.group_size),) if int4 else ()
+        return dataclasses.replace(config, mode="int8", qat=trains, overrides=overrides,
+                                   layers=Select(names=tuple(sorted(levels))), exclude=None)
+
     def prepare(self, model, config: Quantize, ctx: StepContext):
         if config.qat and ctx.train_steps is None:
             raise KshrinkError("quantize: qat=true trains the model: pass data=(x, y) and "

@@ -121,7 +121,7 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(data="a stream"), "must be arrays"),
     (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
     (dict(latency_runtime="onnx"), "objective 'size' is not timed"),
-    (dict(techniques=["structured_prune"]), "searches prune, cluster, quantize; not "
+    (dict(techniques=["structured_prune"]), "searches prune, cluster, quantize.*; not "
                                             "structured_prune"),
     (dict(techniques=["prune", {"prune": {"method": "wanda"}}]), "prune is named twice"),
     (dict(techniques=[]), "techniques is empty"),

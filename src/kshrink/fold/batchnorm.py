@@ -22,7 +22,7 @@ import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional, is_plain, rewrite
 from kshrink.layers.quantized import quantization
-from kshrink.layers.specs import scale_output_channels, spec_for
+from kshrink.layers.specs import rewritable_spec, scale_output_channels, spec_for
 
 
 @dataclasses.dataclass
@@ -106,10 +106,11 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
     """Why `bn` cannot fold into `producer`, whose output `tensor` has `readers` readers."""
     if producer is None:
         return "no single layer with weights directly before it"
-    if type(producer).__module__.split(".")[0] != "keras":
-        return f"follows the custom layer {producer.name!r}"
-    spec = spec_for(producer)
-    if spec is None or spec.fold_into is None or quantization(producer):
+    spec = rewritable_spec(producer)
+    if spec is None:
+        return (f"follows the custom layer {producer.name!r} (register a LayerSpec for its "
+                "class, with fold_into, to fold into it)")
+    if spec.fold_into is None or quantization(producer):
         kind = type(producer).__name__
         return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if producer.get_config().get("activation") not in ("linear", None):
@@ -122,6 +123,9 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
         return "channels_first layouts are not folded"
     if readers != 1:
         return f"{producer.name!r}'s output is also read elsewhere"
+    if "use_bias" not in producer.get_config() and not any(
+            v.name == spec.bias for v in producer.weights):
+        return f"{producer.name!r} has no {spec.bias!r} weight to take the shift"
     return None
 
 
@@ -138,8 +142,10 @@ def folded_weights(producer, bn) -> dict[str, np.ndarray]:
     kernel = weights[name].astype("float64")
     weights[name] = scale_output_channels(kernel, scale, spec_for(producer).weight(name)
                                           .output_axes).astype("float32")
-    bias = weights.get("bias", np.zeros(scale.shape)).astype("float64")
-    weights["bias"] = np.broadcast_to((bias - mean) * scale + beta, scale.shape).astype("float32")
+    bias_name = spec_for(producer).bias
+    bias = weights.get(bias_name, np.zeros(scale.shape)).astype("float64")
+    weights[bias_name] = np.broadcast_to((bias - mean) * scale + beta,
+                                         scale.shape).astype("float32")
     return weights
 
 
@@ -155,7 +161,9 @@ def fold(model: keras.Model, plan: FoldPlan) -> keras.Model:
         if layer.name not in bn_by_producer:
             return layer
         weights = folded_weights(layer, layers[bn_by_producer[layer.name]])
-        new = type(layer).from_config({**layer.get_config(), "use_bias": True})
+        config = layer.get_config()
+        new = type(layer).from_config({**config, "use_bias": True} if "use_bias" in config
+                                      else config)
         new.build_from_config(layer.get_build_config())
         for variable in new.weights:
             variable.assign(weights[variable.name])

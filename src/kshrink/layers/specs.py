@@ -7,7 +7,9 @@ A custom layer opts in by registering its own spec:
 
 ```python
 kshrink.layers.register_spec(MyDense, kshrink.layers.LayerSpec(
-    weights=(kshrink.layers.WeightSpec("kernel", input_axis=0, output_axes=(1,)),)))
+    weights=(kshrink.layers.WeightSpec("kernel", input_axis=0, output_axes=(1,), kernel=True),
+             kshrink.layers.WeightSpec("bias", output_axes=(0,))),
+    channels=kshrink.layers.specs.PRODUCER, width="units", fold_into="kernel"))
 ```
 """
 
@@ -65,6 +67,8 @@ class LayerSpec:
         kernel_size: `(config, input_shape) -> elements of its kernels`, from the config alone
             (before anything is built), so a file can be checked against what it declares.
         quantizable: kshrink has a quantized form (`kshrink.layers.quantized`).
+        bias: the weight a folded BatchNorm's shift is added into (a layer whose config has
+            `use_bias` gets one when folded into).
     """
 
     weights: tuple[WeightSpec, ...] = ()
@@ -74,6 +78,7 @@ class LayerSpec:
     macs: Callable | None = None
     kernel_size: Callable | None = None
     quantizable: bool = False
+    bias: str = "bias"
 
     @property
     def kernels(self) -> tuple[WeightSpec, ...]:
@@ -114,6 +119,16 @@ def spec_for(layer) -> LayerSpec | None:
 def spec_for_type(cls: type) -> LayerSpec | None:
     """The spec of the class `cls` or its nearest registered base class, or None."""
     return next((_REGISTRY[c] for c in cls.__mro__ if c in _REGISTRY), None)
+
+
+def rewritable_spec(layer) -> LayerSpec | None:
+    """The spec a graph rewrite (channel removal, BatchNorm folding) may rely on for `layer`:
+    a Keras class's, or the one registered for the layer's own class. A user's subclass that
+    only inherits a spec gets None: its `call` may compute something else."""
+    cls = type(layer)
+    if cls.__module__.split(".")[0] == "keras":
+        return spec_for_type(cls)
+    return spec_for_class(cls)
 
 
 def kernel_specs(layer) -> list[tuple]:

@@ -70,6 +70,30 @@ def test_no_technique_imports_what_sits_above_it(unit):
     assert not wrong, f"{unit} imports {sorted(wrong)}"
 
 
+@pytest.mark.parametrize("unit", sorted(TECHNIQUES))
+def test_no_technique_imports_another(unit):
+    """Techniques are independent: what two of them share lives in core or layers."""
+    wrong = _unit_imports(unit) & TECHNIQUES
+    assert not wrong, f"{unit} imports {sorted(wrong)}"
+
+
+def test_below_the_techniques_no_string_names_a_technique_module():
+    """Imports by string (importlib) hide from the checks above: below the techniques, no
+    string names a technique's module; techniques register through entry points."""
+    below = {"core", "layers", "artifact", "measure", "deploy", "io", "reconstruct"}
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        parts = path.relative_to(SOURCE).parts
+        unit = parts[0] if len(parts) > 1 else path.stem
+        if unit not in below:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and node.value.split(".")[:2] in ([["kshrink", t] for t in TECHNIQUES])):
+                found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {node.value}")
+    assert not found, found
+
+
 def test_no_import_cycle_between_parts():
     graph = {unit: _unit_imports(unit) - {"kshrink", "errors", "render"}
              for unit in {_unit(m) for m in IMPORTS}}

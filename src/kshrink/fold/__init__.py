@@ -1,6 +1,6 @@
 """BatchNorm folding and no-op removal."""
 
-from kshrink.fold.batchnorm import fold, plan_folds
+from kshrink.core.batchnorm import fold, plan_folds
 from kshrink.fold.technique import Fold
 
 __all__ = ["Fold", "fold", "plan_folds"]

@@ -13,7 +13,7 @@ from kshrink.core.technique import (
     option,
     register_technique,
 )
-from kshrink.fold.batchnorm import fold, plan_folds
+from kshrink.core.batchnorm import fold, plan_folds
 
 
 class FoldHandler(Handler):

@@ -26,7 +26,7 @@ from kshrink.core.technique import (
     register_technique,
 )
 from kshrink.errors import KshrinkError, RecipeError
-from kshrink.fold.batchnorm import fold, plan_folds
+from kshrink.core.batchnorm import fold, plan_folds
 from kshrink.layers import (
     FLOAT_MODES,
     INTEGER_MODES,

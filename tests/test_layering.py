@@ -94,6 +94,27 @@ def test_below_the_techniques_no_string_names_a_technique_module():
     assert not found, found
 
 
+def test_outside_layers_nothing_writes_a_private_attribute_of_another_object():
+    """Private Keras attributes are written in `kshrink.layers` alone (each with a canary in
+    tests/layers/test_keras_internals.py): elsewhere `x._name = ...` only on `self`."""
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        if path.relative_to(SOURCE).parts[0] == "layers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for target in targets:
+                for item in target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]:
+                    if (isinstance(item, ast.Attribute) and item.attr.startswith("_")
+                            and not item.attr.startswith("__")
+                            and not (isinstance(item.value, ast.Name)
+                                     and item.value.id in ("self", "cls"))):
+                        found.append(f"{path.relative_to(SOURCE)}:{node.lineno} "
+                                     f"{ast.unparse(item)}")
+    assert not found, found
+
+
 def test_no_import_cycle_between_parts():
     graph = {unit: _unit_imports(unit) - {"kshrink", "errors", "render"}
              for unit in {_unit(m) for m in IMPORTS}}

@@ -1,10 +1,11 @@
-"""Canaries: the private Keras attributes `kshrink.layers` reads, by the Keras class they
+"""Canaries: the private Keras attributes `kshrink.layers` reads and writes, by the Keras class they
 belong to. If Keras renames one, this fails before an export silently loses a layer's codes."""
 
 import keras
 import numpy as np
 
 from kshrink.layers import integer_kernels
+from kshrink.layers.internals import own_dtype_policy, set_variable_layout
 
 
 def test_keras_int8_einsum_dense_still_has_the_scale_layout_kshrink_reads():
@@ -60,3 +61,19 @@ def test_keras_quantized_embeddings_read_back_to_their_rows():
         tokens = np.array([[0, 5, 11]])
         np.testing.assert_allclose(model.predict(tokens, verbose=0)[0], found.values[[0, 5, 11]],
                                    atol=1e-5)
+
+
+def test_keras_variables_still_keep_their_layout_where_kshrink_sets_it():
+    variable = keras.Variable(np.ones(3, "float32"))
+    assert hasattr(variable, "_layout")
+    set_variable_layout(variable, None)
+    variable.assign(np.zeros(3, "float32"))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), 0)
+
+
+def test_a_layer_still_answers_its_dtype_policy_from_where_kshrink_sets_it():
+    policy_map = keras.dtype_policies.DTypePolicyMap()
+    layer = keras.layers.Dense(2, dtype=policy_map, name="fc")
+    own = keras.dtype_policies.DTypePolicy("float16")
+    own_dtype_policy(layer, own)
+    assert layer.dtype_policy is own and layer.compute_dtype == "float16"

@@ -27,6 +27,7 @@ import contextlib
 import keras
 
 from kshrink.core.graph import copy_model
+from kshrink.layers.internals import set_variable_layout
 from kshrink.errors import KshrinkError
 
 DISTRIBUTIONS = ("data_parallel",)
@@ -95,14 +96,14 @@ class DataParallel:
         variables = list({id(v): v for v in [*trainer.variables,
                                              *trainer.metrics_variables]}.values())
         for variable in variables:
-            variable._layout = self._distribution.get_variable_layout(variable)
+            set_variable_layout(variable, self._distribution.get_variable_layout(variable))
             variable.assign(variable.value)
         try:
             with self._distribution.scope():
                 yield
         finally:
             for variable in variables:  # back on one device, as the rest of compress expects
-                variable._layout = None
+                set_variable_layout(variable, None)
                 variable.assign(keras.ops.convert_to_numpy(variable.value))
 
     def even(self, arrays):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import keras
 
 from kshrink.errors import UnsupportedModelError
+from kshrink.layers.internals import own_dtype_policy
 from kshrink.layers.transformer import ENCODER_PARTS, encoder_call, is_encoder
 
 
@@ -127,7 +128,8 @@ def keep_layer_policies(model: keras.Model) -> None:
         if isinstance(layer, keras.Model) or not layer.path:
             continue
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and not _children(layer):
-            policy = layer._dtype_policy = policy[layer.path]
+            policy = policy[layer.path]
+            own_dtype_policy(layer, policy)
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
             continue
         if policy.quantization_mode is not None:

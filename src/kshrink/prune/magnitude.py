@@ -268,7 +268,7 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
         layers, config = _choose_layers(model, config, StepContext(original=model))
     ids = {id(l) for l in layers if not owner_of(l)}
     wrapped = replace_layers(model, lambda l: PruneWrapper(l) if id(l) in ids else l)
-    wrapped._kshrink_pruning = config  # what PruningCallback and strip use by default
+    _OPTIONS[wrapped] = config  # what PruningCallback and strip use by default
     _IN_PLACE[wrapped] = [InPlaceMasks(l) for l in layers if owner_of(l)]
     if config.schedule == "one_shot" or config.pattern_spec.is_n_of_m:
         update_masks(_wrappers(wrapped), config.target_sparsity, config)
@@ -346,6 +346,7 @@ class InPlaceMasks:
 
 # The in-place masks of each model `wrap` made, beside its wrappers.
 _IN_PLACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # wrapped model -> Prune
 
 
 def _wrappers(model) -> list:
@@ -369,7 +370,7 @@ class PruningCallback(keras.callbacks.Callback):
         if not self._wrappers:
             raise KshrinkError("PruningCallback: the model has no pruned layers; "
                                "wrap it with kshrink.prune.wrap first")
-        self._config = config or getattr(model, "_kshrink_pruning", None)
+        self._config = config or _OPTIONS.get(model)
         if self._config is None:
             raise KshrinkError("PruningCallback: pass config=kshrink.Prune(...); the model was "
                                "not made by kshrink.prune.wrap")

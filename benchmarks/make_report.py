@@ -246,6 +246,8 @@ def transformers_section(data):
             distilled.append((r["shrink"], r["recovery"],
                               f"{r['epochs']} x {r.get('train_tokens', 64)} tokens"
                               + (", token table frozen" if r.get("frozen_tokens") else "")
+                              + (f", Adam at {r['learning_rate']:g}"
+                                 if r.get("learning_rate", 5e-4) != 5e-4 else "")
                               if r["epochs"] else "-",
                               f"{r['seconds'] / 60:.1f}", f"{r['parameters_ratio']:.2f}x",
                               f"{r['speedup_batch32']:.2f}x", f"{r['sentence_cosine']:.4f}",
@@ -317,7 +319,8 @@ def transformers_section(data):
         "or of its transformer layers' outputs too (`distill='features'`), from sentences "
         "alone (`kshrink.datasets.from_texts`: the 5,589 standard-library sentences not held "
         "out, cut or padded to the tokens *training* names (the median sentence has 18, one "
-        "in 20 more than 48), batches of 32, Adam at 5e-4, cosine decay). *minutes* is the whole "
+        "in 20 more than 48), batches of 32, Adam at 5e-4 unless *training* says otherwise, "
+        "cosine decay). *minutes* is the whole "
         "`compress` call on 2 CPU cores; *cosine* of sentence embeddings and *retrieval* (is "
         "each sentence's embedding nearest to the original's embedding of the same sentence, "
         "among all of them) on the 256 held-out sentences at 128 tokens; *speed-up* at batch "

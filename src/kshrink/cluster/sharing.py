@@ -25,7 +25,7 @@ from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select, shared_level
 from kshrink.core.technique import (
     Handler,
-    Options,
+    LayerOverride,
     StepContext,
     Technique,
     check_bool,
@@ -34,7 +34,7 @@ from kshrink.core.technique import (
     option,
     register_technique,
 )
-from kshrink.errors import KshrinkError, RecipeError
+from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
 from kshrink.reconstruct import calibration_inputs, input_energy, reconstruct, unsupported
 from kshrink.reconstruct.rows import matrix_axes
@@ -253,7 +253,7 @@ def _share_by_reconstruction(model, layers: list, config: Cluster, ctx: StepCont
 
 
 @dataclasses.dataclass(frozen=True)
-class ClusterOverride(Options):
+class ClusterOverride(LayerOverride):
     """A different cluster count for some layers of a `Cluster` step (the first match wins).
 
     Args:
@@ -263,13 +263,10 @@ class ClusterOverride(Options):
 
     name = "cluster override"
 
-    layers: Select | None = option(None, "the layers this override applies to")
     clusters: int = option(16, "centroids per layer or channel (2-4096)")
 
     def __post_init__(self):
-        if not isinstance(self.layers, Select):
-            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
-                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
+        super().__post_init__()
         check_int(self.name, "clusters", self.clusters, low=2, high=4096)
 
 
@@ -336,15 +333,10 @@ class Cluster(Technique):
             check_bool(self.name, "weighted", self.weighted)
         check_choice(self.name, "method", self.method, METHODS, allow_none=True)
         check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
-        if not isinstance(self.overrides, (list, tuple)):
-            raise RecipeError(f"{self.name}: overrides must be a list. "
-                              f"Received: overrides={self.overrides!r}")
-        object.__setattr__(self, "overrides", tuple(
-            o if isinstance(o, ClusterOverride) else ClusterOverride.from_config(o)
-            for o in self.overrides))
+        self._read_overrides(ClusterOverride)
 
     def for_layer(self, layer) -> Cluster:
         """This step as it clusters `layer`: with its override's cluster count, if any."""
-        override = next((o for o in self.overrides if o.layers.matches(layer)), None)
+        override = self.override_for(layer)
         return self if override is None else dataclasses.replace(
             self, clusters=override.clusters, overrides=())

@@ -104,6 +104,19 @@ class Technique(Options):
             "fine-tune or fine-tunes too few steps for the statistics' momentum to follow, "
             "kept only if the outputs get closer to the original")})
 
+    def override_for(self, layer) -> LayerOverride | None:
+        """The first of the step's `overrides` that selects `layer`, or None."""
+        return next((o for o in getattr(self, "overrides", ()) if o.layers.matches(layer)),
+                    None)
+
+    def _read_overrides(self, kind: type[LayerOverride]) -> None:
+        """In `__post_init__`: `overrides` must be a list; plain data becomes `kind`."""
+        if not isinstance(self.overrides, (list, tuple)):
+            raise RecipeError(f"{self.name}: overrides must be a list. "
+                              f"Received: overrides={short(self.overrides)}")
+        object.__setattr__(self, "overrides", tuple(
+            o if isinstance(o, kind) else kind.from_config(o) for o in self.overrides))
+
     def reestimates_batchnorm(self, has_data: bool, trains: bool, stale: bool = False) -> bool:
         """Whether BatchNorm statistics are recomputed on calibration data after this step;
         `stale`: its fine-tune ran too few steps for the moving statistics to follow."""
@@ -113,6 +126,28 @@ class Technique(Options):
         if self.reestimate_batchnorm is None:
             return has_data and (not trains or stale)
         return self.reestimate_batchnorm
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride(Options):
+    """Other options for some layers of a step (the first override that matches a layer
+    wins). A technique's override class derives from this and adds the options it changes;
+    the technique declares `overrides: tuple[ItsOverride, ...]` and reads them with
+    `Technique.override_for`.
+
+    Args:
+        layers: the layers this override applies to.
+    """
+
+    name = "override"
+
+    layers: Select | None = dataclasses.field(
+        default=None, metadata={"help": "the layers this override applies to"})
+
+    def __post_init__(self):
+        if not isinstance(self.layers, Select):
+            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
+                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
 
 
 def option(default, help: str):

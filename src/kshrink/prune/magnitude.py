@@ -36,7 +36,7 @@ from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
-    Options,
+    LayerOverride,
     StepContext,
     Technique,
     check_bool,
@@ -387,7 +387,7 @@ class PruningCallback(keras.callbacks.Callback):
 
 
 @dataclasses.dataclass(frozen=True)
-class SparsityOverride(Options):
+class SparsityOverride(LayerOverride):
     """A different sparsity for some layers of a `Prune` step (the first match wins).
 
     Args:
@@ -397,13 +397,10 @@ class SparsityOverride(Options):
 
     name = "prune override"
 
-    layers: Select | None = option(None, "the layers this override applies to")
     sparsity: float = option(0.5, "fraction of zeros these layers reach")
 
     def __post_init__(self):
-        if not isinstance(self.layers, Select):
-            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
-                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
+        super().__post_init__()
         check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0, high_open=True)
 
 
@@ -528,12 +525,7 @@ class Prune(Technique):
             raise RecipeError(f"{n}: refit fits the weights kept by masks chosen at once: use "
                               f"schedule one_shot (or an N:M pattern). Received: "
                               f"schedule={self.schedule!r}")
-        if not isinstance(self.overrides, (list, tuple)):
-            raise RecipeError(f"{n}: overrides must be a list. "
-                              f"Received: overrides={self.overrides!r}")
-        object.__setattr__(self, "overrides", tuple(
-            o if isinstance(o, SparsityOverride) else SparsityOverride.from_config(o)
-            for o in self.overrides))
+        self._read_overrides(SparsityOverride)
         if self.scope == "sensitivity" and pattern.is_n_of_m:
             raise RecipeError(f"{n}: pattern {pattern} fixes every layer's sparsity; scope "
                               f"sensitivity chooses it per layer. Use one or the other")
@@ -549,9 +541,6 @@ class Prune(Technique):
                 raise RecipeError(f"{n}: method {self.method} prunes at once from calibration "
                                   f"data: use schedule one_shot. Received: "
                                   f"schedule={self.schedule!r}")
-
-    def override_for(self, layer) -> SparsityOverride | None:
-        return next((o for o in self.overrides if o.layers.matches(layer)), None)
 
     def sparsity_for(self, layer) -> float:
         """What `layer` reaches: its override's sparsity, else the step's target."""

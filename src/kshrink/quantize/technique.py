@@ -15,7 +15,7 @@ from kshrink.core.graph import leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
-    Options,
+    LayerOverride,
     StepContext,
     Technique,
     check_bool,
@@ -56,7 +56,7 @@ ROUNDING = ("rtn", "gptq", "adaround")
 
 
 @dataclasses.dataclass(frozen=True)
-class Override(Options):
+class Override(LayerOverride):
     """Different quantization for some layers: the first override that matches a layer wins.
 
     Args:
@@ -68,14 +68,11 @@ class Override(Options):
 
     name = "quantize override"
 
-    layers: Select | None = option(None, "the layers this override applies to")
     mode: str = option("int8", "int8, int4, float16, bfloat16 or float")
     group_size: int | None = option(128, "int4 only: inputs per scale group")
 
     def __post_init__(self):
-        if not isinstance(self.layers, Select):
-            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
-                               f"{{names: [conv1]}}. Received: layers={self.layers!r}")
+        super().__post_init__()
         check_choice(self.name, "mode", self.mode, MODES + (KEEP_FLOAT,))
         check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
 
@@ -211,17 +208,17 @@ def _plans(model, chosen, config: Quantize, ctx: StepContext) -> dict[str, _Plan
     """The mode of every chosen layer: the first override that selects it, else the default
     (int8 for the sensitive layers of an int4 step, `keep_int8`)."""
     everything = list(leaf_layers(model))
-    claimed = [{id(l) for l in o.layers.resolve(everything)} for o in config.overrides]
+    for override in config.overrides:
+        override.layers.resolve(everything)  # each must name layers of the model
     sensitive = _sensitive(everything) if config.mode == "int4" and config.keep_int8 else {}
     plans, kept = {}, []
     for layer in chosen:
         mode, group_size = config.mode, config.group_size
         if id(layer) in sensitive:
             mode, group_size = "int8", None
-        for override, ids in zip(config.overrides, claimed):
-            if id(layer) in ids:
-                mode, group_size = override.mode, override.group_size
-                break
+        override = config.override_for(layer)
+        if override is not None:
+            mode, group_size = override.mode, override.group_size
         if mode == "int8" and id(layer) in sensitive:
             kept.append((layer, sensitive[id(layer)]))
         if mode == KEEP_FLOAT:
@@ -476,9 +473,4 @@ class Quantize(Technique):
         if self.qat and self.mode in FLOAT_MODES:
             raise RecipeError(f"{self.name}: qat applies to int8 and int4. "
                                f"Received: mode={self.mode!r}")
-        overrides = self.overrides
-        if not isinstance(overrides, (list, tuple)):
-            raise RecipeError(f"{self.name}: overrides must be a list. "
-                               f"Received: overrides={overrides!r}")
-        object.__setattr__(self, "overrides", tuple(
-            o if isinstance(o, Override) else Override.from_config(o) for o in overrides))
+        self._read_overrides(Override)

@@ -181,3 +181,47 @@ EXACT = {
 def test_every_technique_keeps_its_exact_promise(technique, run):
     assert technique.name in EXACT, "add the technique's exact property to EXACT"
     assert EXACT[technique.name](small_cnn(), run.small, run.report.steps[0])
+
+
+def every_kind_model(seed=0) -> keras.Model:
+    """Two inputs, and the layer kinds the contract model lacks: depthwise and separable
+    convolutions (the latter a residual branch), an embedding, an einsum dense, a
+    concatenation and a nested model."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 1), name="image")
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(image)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    y = keras.layers.SeparableConv2D(8, 3, padding="same", name="separable")(x)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    t = keras.layers.Embedding(50, 8, name="embedding")(tokens)
+    t = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 8), name="einsum")(t)
+    t = keras.layers.GlobalAveragePooling1D(name="token_pool")(t)
+    both = keras.layers.Concatenate(name="concat")([x, t])
+    block = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu",
+                                                                     name="inner")],
+                             name="block")
+    outputs = keras.layers.Dense(10, name="head")(block(both))
+    return keras.Model({"image": image, "tokens": tokens}, outputs, name="every_kind")
+
+
+def every_kind_data(count=32):
+    rng = np.random.default_rng(2)
+    return ({"image": rng.normal(size=(count, 8, 8, 1)).astype("float32"),
+             "tokens": rng.integers(0, 50, size=(count, 6)).astype("int32")},
+            rng.integers(0, 10, size=count))
+
+
+# Random weights, and every layer kind: how far each technique's case may move the outputs.
+EVERY_KIND_TOLERANCE = {"cluster": 0.25, "depth_prune": 1.0, "fold": 1e-5, "low_rank": 1.0,
+                        "quantize": 0.1, "prune": 0.5, "structured_prune": 1.5}
+
+
+def test_contract_on_a_model_of_every_layer_kind(technique):
+    run = compress_contract_model(technique, EVERY_KIND_TOLERANCE[technique.name],
+                                  every_kind_model(), every_kind_data())
+    for check in CHECKS:
+        check(run)

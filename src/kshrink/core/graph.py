@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 import weakref
@@ -278,6 +279,9 @@ def as_functional(model: keras.Model) -> keras.Model:
         if not isinstance(layer, keras.Model):
             return layer
         inner = as_functional(layer)
+        if isinstance(inner, keras.Sequential):  # its layers, called one after the other
+            return Inline(lambda x, **kwargs: functools.reduce(
+                lambda tensor, sublayer: sublayer(tensor), inner.layers, x))
         # The inner graph called anew on the outer tensors: its layers join the outer graph.
         return Inline(lambda *args, **kwargs: keras.models.clone_model(
             inner, input_tensors=args[0], clone_function=lambda l: l).output)

@@ -151,7 +151,7 @@ def _cannot_see_through(layer, ins, outs) -> str | None:
     """Why the analysis must pin everything `layer` touches, or None if it can follow it."""
     if isinstance(layer, keras.Model):
         return "a nested model"
-    if specs.rewritable_spec(layer) is None:
+    if type(layer).__module__.split(".")[0] != "keras" and specs.rewritable_spec(layer) is None:
         return "a custom layer (a LayerSpec registered for its class lets the analysis in)"
     role = _role(layer)
     if role not in _KNOWN:

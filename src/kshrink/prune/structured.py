@@ -11,7 +11,8 @@ import keras
 import numpy as np
 
 from kshrink.core.data import example_count, model_inputs
-from kshrink.core.graph import copy_model, is_plain, leaf_layers, path_of, replace_layers
+from kshrink.core.graph import (as_functional, copy_model, is_plain, leaf_layers, path_of,
+                                replace_layers)
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
@@ -44,6 +45,7 @@ class StructuredPruneHandler(Handler):
     trains = True
 
     def prepare(self, model, config: StructuredPrune, ctx: StepContext):
+        model = _inline_nested(model, ctx)
         layers = {layer.name: layer for layer in model.layers}
         groups = channel_groups(model)
         chosen = {l.name for l in _chosen(model, config)}
@@ -69,6 +71,22 @@ class StructuredPruneHandler(Handler):
                 _refit(model, pruned, remove, config, ctx)
             model = pruned
         return _cut_blocks(model, config, ctx)
+
+
+def _inline_nested(model, ctx: StepContext):
+    """`model` with the functional or Sequential models nested in it (a pretrained base under
+    a new head) inlined, so that channels flow through them; as it is when none is, or when
+    one is a subclass (its graph is not plain)."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not nested or not is_plain(model) or not all(is_plain(m) for m in nested):
+        return model
+    try:
+        flat = as_functional(model)
+    except ValueError:  # e.g. a name used inside and outside: left nested, its channels pinned
+        return model
+    ctx.note(f"nested model{'s' if len(nested) > 1 else ''} "
+             f"{', '.join(m.name for m in nested)} inlined")
+    return flat
 
 
 def _cut_blocks(model, config, ctx: StepContext):

@@ -7,9 +7,9 @@ import pytest
 
 import kshrink
 from kshrink.analysis import search
-from kshrink.analysis.search import (BIT_WIDTHS, CHANNEL_RATIOS, CLUSTER_COUNTS, SPARSITIES,
-                                     _greedy_path, _Plan)
+from kshrink.analysis.search import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES, _greedy_path, _Plan
 from kshrink.analysis.search import _Space as SearchSpace
+from kshrink.cluster.sharing import SIZE_LEVELS as CLUSTER_COUNTS
 from kshrink.errors import KshrinkError
 from kshrink.measure import predict, weight_stats
 from kshrink.measure.accuracy import top1_accuracy

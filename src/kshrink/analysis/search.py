@@ -81,7 +81,6 @@ SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
-CLUSTER_COUNTS = (256, 64, 16, 8, 4)  # centroids per layer (or channel) for `size`
 TECHNIQUES = {  # what each objective can search besides ones that offer size levels (below)
     "size": ("prune",), "memory": ("quantize",),
     "latency": ("depth_prune", "structured_prune"), "macs": ("depth_prune", "structured_prune"),
@@ -460,7 +459,8 @@ class _SizeSpace(_Space):
         # Encodings: the levels of every other technique, each level owned by one of them.
         self.owner = {}  # level -> technique name
         offered = {}  # layer path -> its levels
-        for name in sorted(self.encoders(), key=lambda name: templates[name].stage):
+        encoders = [name for name in templates if name != "prune"]
+        for name in sorted(encoders, key=lambda name: templates[name].stage):
             for path, levels in handler_for(templates[name]).size_levels(
                     model, templates[name]).items():
                 for level in levels:
@@ -475,10 +475,6 @@ class _SizeSpace(_Space):
                 ["float", *levels], key=lambda level, p=path: self.layer_bytes(p, 0.0, level),
                 reverse=True))
             self.layer_of[key] = path
-
-    def encoders(self) -> list[str]:
-        """The techniques that give a layer's weights an encoding (every one but prune)."""
-        return [name for name in self.templates if name != "prune"]
 
     @staticmethod
     def encoding_of(path) -> str:

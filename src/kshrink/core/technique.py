@@ -128,6 +128,11 @@ class Technique(Options):
         return self.reestimate_batchnorm
 
 
+def option(default, help: str):
+    """A dataclass field with a help text, shown by `kshrink techniques`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerOverride(Options):
     """Other options for some layers of a step (the first override that matches a layer
@@ -141,18 +146,12 @@ class LayerOverride(Options):
 
     name = "override"
 
-    layers: Select | None = dataclasses.field(
-        default=None, metadata={"help": "the layers this override applies to"})
+    layers: Select | None = option(None, "the layers this override applies to")
 
     def __post_init__(self):
         if not isinstance(self.layers, Select):
             raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
                               f"{{names: [fc1]}}. Received: layers={self.layers!r}")
-
-
-def option(default, help: str):
-    """A dataclass field with a help text, shown by `kshrink techniques`."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def check_choice(technique: str, key: str, value, allowed, allow_none: bool = False) -> None:
@@ -357,6 +356,7 @@ class Handler:
         raise NotImplementedError
 
     def offers_size_levels(self) -> bool:
+        """Whether this technique's handler implements the size-search levels."""
         return type(self).size_levels is not Handler.size_levels
 
 

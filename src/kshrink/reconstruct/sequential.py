@@ -527,7 +527,8 @@ def _bind(batch, index: int, names: list, dtype=None):
         value = batch[index]
     else:
         value = batch
-    value = np.asarray(value)
+    # A tensor a layer computed (inputs of a nested model) may be torch's, holding gradients.
+    value = value if isinstance(value, np.ndarray) else keras.ops.convert_to_numpy(value)
     if dtype is None or value.dtype == dtype or value.dtype.kind not in "biuf":
         return value
     return keras.ops.convert_to_numpy(keras.ops.cast(value, dtype))

@@ -77,7 +77,7 @@ class Compressed:
     small: keras.Model
     report: CompressionReport
     weights_before: list  # the model's weights before compression
-    inputs: np.ndarray
+    inputs: np.ndarray | dict  # the calibration inputs the outputs are compared on
     reference: np.ndarray  # the model's outputs before compression
 
 

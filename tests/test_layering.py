@@ -115,6 +115,27 @@ def test_outside_layers_nothing_writes_a_private_attribute_of_another_object():
     assert not found, found
 
 
+def test_outside_layers_no_list_of_keras_layer_classes_or_kernel_names():
+    """What a Keras layer is (its kernels, whether a rewrite may drop it, how its rows are
+    formed) is told in `kshrink.layers` alone: elsewhere no tuple, list or set of two or more
+    `keras.layers` classes, nor of kernel variable names."""
+    kernel_names = {"kernel", "depthwise_kernel", "pointwise_kernel", "embeddings"}
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        if path.relative_to(SOURCE).parts[0] == "layers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                continue
+            classes = {ast.unparse(e) for e in node.elts if isinstance(e, ast.Attribute)
+                       and ast.unparse(e.value) in ("keras.layers", "L", "_L")}
+            names = [e for e in node.elts if isinstance(e, ast.Constant)
+                     and e.value in kernel_names]
+            if len(classes) >= 2 or len(names) >= 2:
+                found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, found
+
+
 def test_no_import_cycle_between_parts():
     graph = {unit: _unit_imports(unit) - {"kshrink", "errors", "render"}
              for unit in {_unit(m) for m in IMPORTS}}

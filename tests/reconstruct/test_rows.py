@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kshrink.layers import as_matrix, kernel_specs
-from kshrink.reconstruct.rows import groups, kernel_rows, unsupported
+from kshrink.layers.rows import groups, kernel_rows, unsupported
 from kshrink.reconstruct.solvers import grouped
 
 L = keras.layers

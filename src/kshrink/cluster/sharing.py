@@ -37,7 +37,7 @@ from kshrink.core.technique import (
 from kshrink.errors import KshrinkError
 from kshrink.layers.wrappers import ClusterWrapper
 from kshrink.reconstruct import calibration_inputs, input_energy, reconstruct, unsupported
-from kshrink.reconstruct.rows import matrix_axes
+from kshrink.layers.rows import matrix_axes
 from kshrink.reconstruct.solvers import (
     energy_matrix,
     gptq_codebook,

@@ -22,7 +22,7 @@ import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional, is_plain, rewrite
 from kshrink.layers.quantized import quantization
-from kshrink.layers.specs import rewritable_spec, scale_output_channels, spec_for
+from kshrink.layers.specs import is_identity, rewritable_spec, scale_output_channels, spec_for
 
 
 @dataclasses.dataclass
@@ -32,17 +32,6 @@ class FoldPlan:
     folds: dict[str, str] = dataclasses.field(default_factory=dict)
     removed: list[str] = dataclasses.field(default_factory=list)
     refused: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def is_noop(layer) -> bool:
-    """True for layers that return their input unchanged at inference."""
-    if isinstance(layer, (keras.layers.Dropout, keras.layers.SpatialDropout1D,
-                          keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
-                          keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-                          keras.layers.AlphaDropout, keras.layers.Identity)):
-        return True
-    return isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in (
-        "linear", None)
 
 
 def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -> FoldPlan:
@@ -67,13 +56,14 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
     for layer, ins, _ in calls:
         if isinstance(layer, keras.Model):
             for inner in layer.layers:
-                if isinstance(inner, keras.layers.BatchNormalization) or (noops and is_noop(inner)):
+                if isinstance(inner, keras.layers.BatchNormalization) or (
+                        noops and is_identity(inner)):
                     plan.refused[inner.name] = f"inside nested model {layer.name!r}"
             continue
         before = producer.get(id(ins[0])) if len(ins) == 1 else None
         repeated_relu = (_is_relu(layer) and _outputs_relu(before)
                          and times_called[id(layer)] == 1)
-        if noops and (is_noop(layer) or repeated_relu):
+        if noops and (is_identity(layer) or repeated_relu):
             plan.removed.append(layer.name)
         elif batchnorm and isinstance(layer, keras.layers.BatchNormalization):
             reason = _refusal(layer, before, ins[0], readers[id(ins[0])])

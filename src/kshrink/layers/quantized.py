@@ -28,6 +28,7 @@ from keras import ops
 from kshrink.layers.specs import (
     as_matrix,
     from_matrix,
+    kernel_weights,
     matrix_shape,
     moved_axes,
     quantizable_classes,
@@ -241,6 +242,36 @@ def keras_quantizes(layer) -> bool:
     cls = type(layer)
     return issubclass(cls, KERAS_INTEGER_LAYERS) and (
         cls in KERAS_INTEGER_LAYERS or cls.__module__.startswith(("keras.", "keras_hub.")))
+
+
+# The variables Keras' own quantized layers store their kernels in (int4: two values a byte).
+_KERAS_STORED_KERNELS = ("kernel", "embeddings")
+
+
+def stored_kernels(layer) -> list:
+    """The variables holding `layer`'s kernels as stored (float, float16, int8 or packed int4):
+    a float layer's by its spec, kshrink's quantized layers' and Keras' own."""
+    if isinstance(layer, QuantizedKernels):
+        return [layer.stored_kernel(name) for name in layer.KERNELS]
+    if quantization(layer):
+        return [v for v in layer.weights if v.name in _KERAS_STORED_KERNELS]
+    return kernel_weights(layer)
+
+
+def is_packed_int4(layer, variable) -> bool:
+    """Whether `variable` of `layer` holds two int4 values in each byte."""
+    if isinstance(layer, QuantizedKernels):
+        return any(variable is v for v in layer.packed_int4_variables())
+    return (quantization(layer) == "int4" and variable.name in _KERAS_STORED_KERNELS
+            and variable.dtype == "int8")
+
+
+def computed_kernels(layer) -> list:
+    """The float kernels `layer` computes with, in its spec's order (kshrink's quantized
+    layers dequantized); [] for a layer without a spec and Keras' own quantized layers."""
+    if isinstance(layer, QuantizedKernels):
+        return [layer.dequantized(name) for name in layer.KERNELS]
+    return [variable.value for variable in kernel_weights(layer)]
 
 
 class IntegerKernel(NamedTuple):

@@ -69,6 +69,11 @@ class LayerSpec:
         quantizable: kshrink has a quantized form (`kshrink.layers.quantized`).
         bias: the weight a folded BatchNorm's shift is added into (a layer whose config has
             `use_bias` gets one when folded into).
+        identity: `(config) -> bool`: whether the layer returns its input unchanged at
+            inference (Dropout, a linear Activation), so a rewrite may drop it.
+        channel_check: `(layer, rank) -> str | None`: why channels cannot be followed through
+            this layer as `channels` says (a grouped convolution, a softmax across channels),
+            for tensors of `rank`; None if they can.
     """
 
     weights: tuple[WeightSpec, ...] = ()
@@ -79,6 +84,8 @@ class LayerSpec:
     kernel_size: Callable | None = None
     quantizable: bool = False
     bias: str = "bias"
+    identity: Callable | None = None
+    channel_check: Callable | None = None
 
     @property
     def kernels(self) -> tuple[WeightSpec, ...]:
@@ -129,6 +136,12 @@ def rewritable_spec(layer) -> LayerSpec | None:
     if cls.__module__.split(".")[0] == "keras":
         return spec_for_type(cls)
     return spec_for_class(cls)
+
+
+def is_identity(layer) -> bool:
+    """Whether `layer` returns its input unchanged at inference (its spec says so)."""
+    spec = rewritable_spec(layer)
+    return bool(spec and spec.identity and spec.identity(layer.get_config()))
 
 
 def kernel_specs(layer) -> list[tuple]:
@@ -375,6 +388,37 @@ def implied_kernel_elements(config) -> int:
 _BIAS = WeightSpec("bias", output_axes=(-1,))
 
 
+def _last_axis(axis, rank: int) -> bool:
+    return axis in (-1, [-1], rank - 1, [rank - 1])
+
+
+def _grouped(layer, rank):
+    return "a grouped convolution" if layer.groups != 1 else None
+
+
+def _multiplied(layer, rank):
+    return "depth_multiplier above 1" if layer.depth_multiplier != 1 else None
+
+
+def _normalizes_another_axis(layer, rank):
+    return None if _last_axis(layer.axis, rank) else "normalizes another axis"
+
+
+def _softmax_across_channels(layer, rank):
+    return "normalizes across channels" if _last_axis(layer.axis, rank) else None
+
+
+def _activation_across_channels(layer, rank):
+    softmax = layer.get_config()["activation"] == "softmax"
+    return "normalizes across channels" if softmax else None
+
+
+def _per_position(layer, rank):
+    shape = layer.alpha.shape
+    return "per-position parameters" if len(shape) != 1 and any(d != 1 for d in shape[:-1]) \
+        else None
+
+
 def _kernel(attribute: str, input_axis: int = -2, output_axes: tuple = (-1,), name="kernel"):
     return WeightSpec(name, input_axis, output_axes, kernel=True, attribute=attribute)
 
@@ -382,7 +426,7 @@ def _kernel(attribute: str, input_axis: int = -2, output_axes: tuple = (-1,), na
 _L = keras.layers
 _CONV = LayerSpec(weights=(_kernel("_kernel"), _BIAS), channels=PRODUCER, width="filters",
                   fold_into="kernel", macs=_conv_macs, kernel_size=_conv_kernel,
-                  quantizable=True)
+                  quantizable=True, channel_check=_grouped)
 # Transposed kernels are (..., outputs, inputs).
 _TRANSPOSED = LayerSpec(weights=(_kernel("kernel", -1, (-2,)), _BIAS), channels=PRODUCER,
                         width="filters", fold_into="kernel", macs=_transposed_macs,
@@ -390,12 +434,12 @@ _TRANSPOSED = LayerSpec(weights=(_kernel("kernel", -1, (-2,)), _BIAS), channels=
 # Depthwise kernels are (..., input channels, multiplier); output channel = in * mult + m.
 _DEPTHWISE = LayerSpec(weights=(_kernel("kernel", -2, (-2, -1)), _BIAS), channels=PER_CHANNEL,
                        fold_into="kernel", macs=_depthwise_macs, kernel_size=_depthwise_kernel,
-                       quantizable=True)
+                       quantizable=True, channel_check=_multiplied)
 _SEPARABLE = LayerSpec(
     weights=(_kernel("depthwise_kernel", -2, (-2, -1), name="depthwise_kernel"),
              _kernel("pointwise_kernel", -2, (-1,), name="pointwise_kernel"), _BIAS),
     channels=PRODUCER, width="filters", fold_into="pointwise_kernel", macs=_separable_macs,
-    kernel_size=_separable_kernel, quantizable=True)
+    kernel_size=_separable_kernel, quantizable=True, channel_check=_multiplied)
 
 for _cls in (_L.Conv1D, _L.Conv2D, _L.Conv3D):
     register_spec(_cls, _CONV)
@@ -419,12 +463,18 @@ register_spec(_L.Embedding, LayerSpec(
 register_spec(_L.BatchNormalization, LayerSpec(
     weights=tuple(WeightSpec(n, -1, (-1,)) for n in ("gamma", "beta", "moving_mean",
                                                      "moving_variance")),
-    channels=PER_CHANNEL))
+    channels=PER_CHANNEL, channel_check=_normalizes_another_axis))
 
-register_spec(_L.PReLU, LayerSpec(weights=(WeightSpec("alpha", -1, (-1,)),), channels=PER_CHANNEL))
-for _cls in (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.Softmax, _L.Dropout,
-             _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianNoise,
-             _L.GaussianDropout, _L.AlphaDropout, _L.Identity, _L.MaxPooling1D,
+register_spec(_L.PReLU, LayerSpec(weights=(WeightSpec("alpha", -1, (-1,)),), channels=PER_CHANNEL,
+                                  channel_check=_per_position))
+for _cls in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+             _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.Identity):
+    register_spec(_cls, LayerSpec(channels=PASS_THROUGH, identity=lambda config: True))
+register_spec(_L.Activation, LayerSpec(
+    channels=PASS_THROUGH, identity=lambda config: config["activation"] in ("linear", None),
+    channel_check=_activation_across_channels))
+register_spec(_L.Softmax, LayerSpec(channels=PASS_THROUGH, channel_check=_softmax_across_channels))
+for _cls in (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.MaxPooling1D,
              _L.MaxPooling2D, _L.MaxPooling3D, _L.AveragePooling1D, _L.AveragePooling2D,
              _L.AveragePooling3D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D,
              _L.GlobalMaxPooling3D, _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D,

@@ -16,13 +16,11 @@ import numpy as np
 from kshrink.core.atomic import atomic_output
 from kshrink.core.graph import leaf_layers, path_of
 from kshrink.core.report import CompressionReport
-from kshrink.layers import kernel_specs
+from kshrink.layers.quantized import is_packed_int4, stored_kernels
 from kshrink.layers.specs import layer_macs
-from kshrink.measure.weights import _is_packed_int4, _nonzero_nibbles
+from kshrink.measure.weights import _nonzero_nibbles
 from kshrink.render import Table
 
-# The stored kernel of layers without a spec: Keras' and kshrink's quantized layers.
-KERNEL_NAMES = {"kernel", "depthwise_kernel", "pointwise_kernel", "embeddings"}
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
        color: #1d232a; padding: 0 1em; }
@@ -109,13 +107,10 @@ def _layer_rows(compressed, original) -> list[dict]:
 
 def _facts(layer) -> dict:
     """A layer's kernels as stored (float, int8, packed int4): shape, sparsity, bits."""
-    names = {spec.name for _, spec in kernel_specs(layer)} | KERNEL_NAMES
     shapes, count, zeros, nbytes, dtypes, values = [], 0, 0, 0, set(), []
-    for variable in layer.weights:
-        if variable.name not in names:
-            continue
+    for variable in stored_kernels(layer):
         stored = keras.ops.convert_to_numpy(variable.value)
-        packed = _is_packed_int4(layer, variable)
+        packed = is_packed_int4(layer, variable)
         shapes.append("x".join(map(str, stored.shape)) + (" (int4 pairs)" if packed else ""))
         size = 2 * stored.size if packed else stored.size
         count += size

@@ -9,12 +9,8 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import leaf_layers, path_of
+from kshrink.layers.quantized import computed_kernels, is_packed_int4
 from kshrink.render import Table
-
-# Keras' int4 layers keep two 4-bit values in each int8 of these variables (kshrink's own
-# quantized layers list theirs).
-_KERAS_PACKED_INT4 = {"kernel", "embeddings"}
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerWeights:
@@ -98,7 +94,7 @@ def weight_stats(model: keras.Model) -> WeightStats:
         by_dtype = Counter()
         for variable in layer.weights:
             values = keras.ops.convert_to_numpy(variable.value)
-            if _is_packed_int4(layer, variable):
+            if is_packed_int4(layer, variable):
                 count, nz, kind = 2 * values.size, _nonzero_nibbles(values), "int4"
             else:
                 count, nz, kind = values.size, int(np.count_nonzero(values)), str(values.dtype)
@@ -108,14 +104,6 @@ def weight_stats(model: keras.Model) -> WeightStats:
         layers.append(LayerWeights(path_of(layer), type(layer).__name__, parameters, nonzeros,
                                    dict(sorted(by_dtype.items()))))
     return WeightStats(tuple(layers))
-
-
-def _is_packed_int4(layer, variable) -> bool:
-    if hasattr(layer, "packed_int4_variables"):  # kshrink's quantized layers
-        return any(variable is v for v in layer.packed_int4_variables())
-    mode = getattr(layer, "quantization_mode", None) or ""
-    return (mode.startswith("int4") and variable.name in _KERAS_PACKED_INT4
-            and variable.dtype == "int8")
 
 
 def _nonzero_nibbles(packed: np.ndarray) -> int:
@@ -166,16 +154,7 @@ def _rescaled(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def _float_weights(layer) -> list[np.ndarray]:
-    """The weights `layer` computes with, as float64, in a fixed order."""
-    kernels = []
-    for name in ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings"):
-        try:
-            value = getattr(layer, name, None)
-        except (AttributeError, ValueError):  # Keras int4 layers may refuse some views
-            value = None
-        if value is not None:
-            kernels.append(np.asarray(keras.ops.convert_to_numpy(value), dtype="float64"))
-    if kernels:
-        return kernels
-    return [np.asarray(keras.ops.convert_to_numpy(w.value), dtype="float64")
-            for w in layer.weights]
+    """The weights `layer` computes with, as float64, in a fixed order: its kernels if it has
+    any, else all its weights."""
+    values = computed_kernels(layer) or [w.value for w in layer.weights]
+    return [np.asarray(keras.ops.convert_to_numpy(v), dtype="float64") for v in values]

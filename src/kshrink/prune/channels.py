@@ -24,7 +24,6 @@ import numpy as np
 from kshrink.core.graph import graph_calls, is_functional
 from kshrink.layers import specs
 
-L = keras.layers
 _KNOWN = (specs.PRODUCER, specs.PER_CHANNEL, specs.PASS_THROUGH, specs.MERGE,
           specs.CONCATENATE, specs.FLATTEN)
 
@@ -163,26 +162,12 @@ def _cannot_see_through(layer, ins, outs) -> str | None:
     single = role in (specs.PRODUCER, specs.PER_CHANNEL, specs.PASS_THROUGH, specs.FLATTEN)
     if single and (len(ins) != 1 or len(outs) != 1):
         return "called with several inputs"
-    if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and layer.groups != 1:
-        return "a grouped convolution"
-    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D,
-                          L.SeparableConv2D)) and layer.depth_multiplier != 1:
-        return "depth_multiplier above 1"
-    if isinstance(layer, L.BatchNormalization) and layer.axis not in (-1, len(ins[0].shape) - 1,
-                                                                      [-1]):
-        return "normalizes another axis"
     if role == specs.MERGE and len({t.shape[-1] for t in ins + outs}) != 1:
         return "broadcasts over channels"
     if role == specs.CONCATENATE and layer.axis not in (-1, len(outs[0].shape) - 1):
         return "concatenates another axis"
-    last = (-1, [-1], len(outs[0].shape) - 1, [len(outs[0].shape) - 1])
-    if isinstance(layer, L.Softmax) and layer.axis in last or (
-            isinstance(layer, L.Activation) and layer.get_config()["activation"] == "softmax"):
-        return "normalizes across channels"
-    if isinstance(layer, L.PReLU) and len(layer.alpha.shape) != 1 and any(
-            d != 1 for d in layer.alpha.shape[:-1]):
-        return "per-position parameters"
-    return None
+    check = specs.rewritable_spec(layer).channel_check
+    return check(layer, len(outs[0].shape)) if check else None
 
 
 def dropped(remove: list[Group]) -> tuple[dict, dict, dict]:

@@ -25,7 +25,7 @@ from kshrink.reconstruct import (
     unsupported,
 )
 from kshrink.reconstruct.blocks import Free, Rounding, describe, reconstruct_blocks
-from kshrink.reconstruct.rows import matrix_axes
+from kshrink.layers.rows import matrix_axes
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 def _solvable(model, plans: dict, ctx) -> list:

@@ -49,7 +49,7 @@ from kshrink.quantize.keras_native import (
     reloads_quantized,
 )
 from kshrink.quantize.reconstruct import adaround_scales, gptq_scales, stored_by_keras
-from kshrink.reconstruct.rows import matrix_axes
+from kshrink.layers.rows import matrix_axes
 
 KEEP_FLOAT = "float"
 ROUNDING = ("rtn", "gptq", "adaround")

@@ -4,7 +4,7 @@ quantization and SparseGPT/Wanda pruning solved layer by layer, and BatchNorm re
 Backend-agnostic: the layers run through Keras, the solvers in NumPy.
 """
 
-from kshrink.reconstruct.rows import unsupported
+from kshrink.layers.rows import unsupported
 from kshrink.reconstruct.sequential import (
     calibration_inputs,
     correct_batchnorm,

@@ -13,26 +13,15 @@ import keras
 import numpy as np
 
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
-from kshrink.reconstruct import rows as rowlib
+from kshrink.layers import rows as rowlib
 from kshrink.reconstruct.sequential import _leaves, _slices, run_layer_by_layer
 
 DAMPING = 1e-3  # ridge, relative to the mean input energy: keeps the solve well posed
 
 
-def refittable(layer) -> str | None:
-    """Why `layer` cannot be re-fitted, or None: Dense and ungrouped convolutions can."""
-    kind = type(layer)
-    if kind not in (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
-                    keras.layers.Conv3D):
-        return f"{kind.__name__} is not re-fitted (Dense and convolutions are)"
-    if getattr(layer, "groups", 1) != 1:
-        return "a grouped convolution is not re-fitted"
-    return None
-
-
 def refit(original: keras.Model, pruned: keras.Model, x, kept_outputs: dict, *,
           batch_size: int = 32) -> list[str]:
-    """Re-fits, in place, each layer of `pruned` named in `kept_outputs` that `refittable`
+    """Re-fits, in place, each layer of `pruned` named in `kept_outputs` that `rowlib.refittable`
     takes, against its namesake in `original`.
 
     Args:
@@ -45,7 +34,7 @@ def refit(original: keras.Model, pruned: keras.Model, x, kept_outputs: dict, *,
         The names of the layers re-fitted.
     """
     wanted = {name for name, layer in _named(pruned).items()
-              if name in kept_outputs and refittable(layer) is None}
+              if name in kept_outputs and rowlib.refittable(layer) is None}
     if not wanted:
         return []
     batches = list(_slices(x, batch_size))

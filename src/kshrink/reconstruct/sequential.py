@@ -19,7 +19,7 @@ from kshrink.core.graph import graph_program
 from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
-from kshrink.reconstruct import rows as rowlib
+from kshrink.layers import rows as rowlib
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 MIN_SAMPLES = 8  # calibration examples a layer-wise method needs at least

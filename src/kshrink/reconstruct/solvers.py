@@ -8,7 +8,7 @@ multiply it, choose compressed weights that keep `X W` close to what it was.
 - `wanda` (Sun et al., ICLR 2024): prune by `|w| * ||x_i||`, no update.
 
 All work on grouped matrices: `(G, rows, columns)` with one `(rows, rows)` Hessian per group
-(`kshrink.reconstruct.rows`), in float64 NumPy.
+(`kshrink.layers.rows`), in float64 NumPy.
 """
 
 from __future__ import annotations

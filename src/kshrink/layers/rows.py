@@ -15,7 +15,7 @@ import math
 import keras
 import numpy as np
 
-from kshrink.layers import kernel_specs
+from kshrink.layers.specs import kernel_specs
 
 L = keras.layers
 _CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
@@ -43,6 +43,17 @@ def unsupported(layer, einsum: bool = False) -> str | None:
             return f"{kind.__name__} with data_format={layer.data_format!r}"
         return None
     return f"{kind.__name__}: layer-wise reconstruction takes Dense and convolutions"
+
+
+def refittable(layer) -> str | None:
+    """Why `layer`'s kernel cannot be solved for whole by least squares on its rows (after
+    channel removal), or None: Dense and ungrouped convolutions can."""
+    kind = type(layer)
+    if kind is not L.Dense and kind not in _CONV:
+        return f"{kind.__name__} is not re-fitted (Dense and convolutions are)"
+    if getattr(layer, "groups", 1) != 1:
+        return "a grouped convolution is not re-fitted"
+    return unsupported(layer)
 
 
 def groups(layer, name: str) -> int:

@@ -8,7 +8,7 @@ import warnings
 
 import keras
 
-from kshrink.core.data import check_data, example_count, model_inputs
+from kshrink.core.data import check_data, example_count, model_inputs, split_labels
 from kshrink.core.distribute import DataParallel
 from kshrink.core.graph import (
     copy_model,
@@ -45,7 +45,8 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         recipe: a `Recipe`, a technique config (e.g. `kshrink.Quantize()`), a list of them, the
             recipe's data form (`[{"quantize": {"mode": "int8"}}]`) or a JSON/YAML file path.
         data: for techniques that train or calibrate: arrays (`(x, y)`, or `x` alone for
-            calibration; `x` may be a dict of arrays by input name), or a stream: a
+            calibration; `x` may be a dict of arrays by input name, or a list of one array
+            per input: `[x1, x2]` alone is a two-input model's inputs), or a stream: a
             `tf.data.Dataset` (batched or not), `keras.utils.PyDataset`, torch `DataLoader`
             or generator of `(x, y)` batches. Fine-tuning streams it; calibration and checks
             read its first examples only (at most 2,048, and at most 256 MB of them).
@@ -87,6 +88,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
                             fidelity_tolerance=fidelity_tolerance, progress=console)
     recipe = Recipe.coerce(recipe)
     model, _ = runnable_names(model)
+    data, validation_data = split_labels(data, model), split_labels(validation_data, model)
     fine_tune = fine_tune or recipe.fine_tune
     if fine_tune is not None and not verbose:
         fine_tune = dataclasses.replace(fine_tune, verbose=False)
@@ -94,8 +96,9 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
     stream = as_stream(data, model, steps_per_epoch)
     validation_stream = as_stream(validation_data, model)
     # Calibration and checks read a stream's first examples, held as arrays.
-    train = stream.head() if stream else data
-    held_out = validation_stream.head() if validation_stream else validation_data
+    train = split_labels(stream.head(), model) if stream else data
+    held_out = split_labels(validation_stream.head(), model) if validation_stream else \
+        validation_data
     check_data(train, model, "data")
     check_data(held_out, model, "validation_data")
     if fine_tune is not None and data is None:

@@ -52,7 +52,7 @@ import numpy as np
 from kshrink.api import compress
 from kshrink.artifact import save as save_compact
 from kshrink.cluster import Cluster
-from kshrink.core.data import check_data, example_count, labels_of, model_inputs
+from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
 from kshrink.core.graph import copy_model, leaf_layers, path_of
 from kshrink.core.progress import Message, Progress, counting, within
 from kshrink.core.recipe import Recipe
@@ -778,6 +778,7 @@ def _names(techniques) -> str:
 def _split(model, data, validation_data):
     """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
     last tenth of `data`."""
+    data, validation_data = split_labels(data, model), split_labels(validation_data, model)
     for name, part in (("data", data), ("validation_data", validation_data)):
         if part is not None and not isinstance(part, (tuple, list, dict, np.ndarray)):
             raise KshrinkError(f"search: {name} must be arrays (x, y): every candidate is "

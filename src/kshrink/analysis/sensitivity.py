@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from kshrink.api import compress
-from kshrink.core.data import check_data, example_count, labels_of, model_inputs
+from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
 from kshrink.core.graph import path_of
 from kshrink.core.progress import Progress, counting
 from kshrink.core.select import Select
@@ -90,6 +90,7 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
     Returns:
         A `SensitivityReport`, most sensitive layer first.
     """
+    data = split_labels(data, model)
     x, y = model_inputs(data), labels_of(data)
     check_int("sensitivity", "samples", samples, low=1, allow_none=True)
     check_data(data, model)

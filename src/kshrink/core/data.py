@@ -8,6 +8,22 @@ import numpy as np
 from kshrink.errors import KshrinkError
 
 
+def split_labels(data, model):
+    """`data` with its labels explicit where only the model can tell them: the inputs of a
+    model with several inputs, given as a list or tuple of one plain array per input, become
+    `(inputs, None)`. Anything else is returned as it is: `(x, y)`, `x`, a dict, a stream.
+
+    A pair of plain arrays cannot be `(x, y)` for a two-input model (its `x` would be a list
+    or a dict of two arrays), so the reading is never a guess. Every public entry that takes
+    data calls this first; below it, a 2-tuple or 2-list is `(x, y)`.
+    """
+    count = len(getattr(model, "inputs", None) or ())
+    if (count >= 2 and isinstance(data, (tuple, list)) and len(data) == count
+            and not any(isinstance(part, (tuple, list, dict)) or part is None for part in data)):
+        return list(data), None
+    return data
+
+
 def check_data(data, model=None, name: str = "data") -> None:
     """Raises `KshrinkError` unless `data` (`(x, y)` or `x`; `x` an array or a dict of arrays)
     is usable: arrays of at least one dimension, at least one example, the same number of
@@ -20,9 +36,14 @@ def check_data(data, model=None, name: str = "data") -> None:
     """
     if data is None:
         return
+    data = split_labels(data, model)
     x, y = data if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
-    parts = {f"{name} x[{k!r}]": v for k, v in x.items()} if isinstance(x, dict) else {
-        f"{name} x": x}
+    if isinstance(x, dict):
+        parts = {f"{name} x[{k!r}]": v for k, v in x.items()}
+    elif isinstance(x, (tuple, list)):
+        parts = {f"{name} x[{i}]": v for i, v in enumerate(x)}
+    else:
+        parts = {f"{name} x": x}
     if y is not None:
         parts[f"{name} y"] = y
     length = None
@@ -88,12 +109,16 @@ def model_inputs(data, limit: int | None = None):
     x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
     if limit is None:
         return x
-    return {k: v[:limit] for k, v in x.items()} if isinstance(x, dict) else x[:limit]
+    if isinstance(x, dict):
+        return {k: v[:limit] for k, v in x.items()}
+    return [v[:limit] for v in x] if isinstance(x, (tuple, list)) else x[:limit]
 
 
 def example_count(x) -> int:
     """How many examples the inputs `x` (an array or a dict of arrays) hold."""
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x[0]) if isinstance(x, (tuple, list)) else len(x)
 
 
 def labels_of(data):

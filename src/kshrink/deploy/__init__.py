@@ -56,7 +56,13 @@ import numpy as np
 
 from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
-from kshrink.core.data import check_data, example_count, example_inputs, model_inputs
+from kshrink.core.data import (
+    check_data,
+    example_count,
+    example_inputs,
+    model_inputs,
+    split_labels,
+)
 from kshrink.core.graph import graph_calls, is_plain, layer_inputs, leaf_layers, rewrite
 from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
@@ -162,6 +168,7 @@ def export(model: keras.Model, path, *, quantization: str = "auto", data=None,
             1 <= samples <= MAX_SAMPLES):
         raise KshrinkError(f"export: samples must be an integer in [1, {MAX_SAMPLES:,}]. "
                            f"Received: samples={str(samples)[:20]}")
+    data = split_labels(data, model)
     check_data(data, model)
     if quantization not in QUANTIZATIONS:
         raise KshrinkError(f"export: quantization must be one of {', '.join(QUANTIZATIONS)}. "

@@ -14,7 +14,13 @@ import keras
 import numpy as np
 
 from kshrink.core.classes import is_user_class, model_classes, probe_imports
-from kshrink.core.data import check_data, example_inputs, labels_of, model_inputs
+from kshrink.core.data import (
+    check_data,
+    example_inputs,
+    labels_of,
+    model_inputs,
+    split_labels,
+)
 from kshrink.core.stream import as_stream
 from kshrink.errors import MeasurementError
 from kshrink.measure.accuracy import (
@@ -262,6 +268,7 @@ class _Data:
     stream's first examples), and `evaluate`, accuracy over all of it."""
 
     def __init__(self, data, model):
+        data = split_labels(data, model)
         self.stream = as_stream(data, model)
         if self.stream is not None and self.stream.once:
             raise MeasurementError("measurement reads its data more than once; a generator "

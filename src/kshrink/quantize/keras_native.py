@@ -14,6 +14,7 @@ import numpy as np
 
 from kshrink.core.graph import is_container, is_plain
 from kshrink.layers import INTEGER_MODES, from_matrix
+from kshrink.layers.internals import one_garbage_collection
 
 
 def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None,
@@ -30,7 +31,7 @@ def keras_quantize(model: keras.Model, layers, mode: str, group_size: int | None
         return
     weights = None if grid is None else _OnGrid(grid, INTEGER_MODES[mode])
     ids = {id(layer) for layer in layers}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_garbage_collection():
         # Keras warns for every layer without a `quantize` method; the filter skips those.
         warnings.simplefilter("ignore", UserWarning)
         model.quantize(config=_config(mode, group_size, activation_bits, weights),

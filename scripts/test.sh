@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: everything on the TensorFlow backend, then the contract, pruning, clustering,
-# quantization, folding, low-rank, export and layer-spec tests on JAX and torch.
+# The test suite: everything on the TensorFlow backend, then on JAX and torch the tests marked
+# `every_backend`: the technique contract on every layer kind, custom-layer specs, quantized
+# layers, export, Keras internals and one training or reload test per technique. (Tests of
+# NumPy-side logic run once; tests/test_report_across_backends.py and
+# tests/prune/test_masks_across_backends.py compare all three backends from the first run.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -15,8 +18,6 @@ fi
 export TF_CPP_MIN_LOG_LEVEL=2
 KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 --durations=15 "$@" tests
 for backend in jax torch; do
-  echo "== contract, pruning, clustering, quantization, folding, low-rank, export, layer-spec, reconstruction tests on $backend"
-  KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 --durations=15 "$@" tests/contract tests/prune \
-    tests/cluster tests/quantize tests/fold tests/lowrank tests/deploy tests/layers \
-    tests/reconstruct tests/core/test_distill.py
+  echo "== the tests marked every_backend, on $backend"
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 --durations=15 -m every_backend "$@" tests
 done

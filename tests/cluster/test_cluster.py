@@ -41,6 +41,7 @@ def test_kmeans_with_few_distinct_values_is_exact():
     np.testing.assert_array_equal(centroids[labels], values.astype(np.float32))
 
 
+@pytest.mark.every_backend
 def test_kernels_hold_only_centroids_and_accuracy_holds(trained, digits):
     base = evaluate(trained, *digits.test)["accuracy"]
     small, report = kshrink.compress(trained, Cluster(clusters=8), data=digits.train,

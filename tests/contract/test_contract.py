@@ -18,6 +18,8 @@ from kshrink.testing import (CHECKS, check_config_round_trip, compress_contract_
 
 from conftest import small_cnn
 
+pytestmark = pytest.mark.every_backend  # run on JAX and torch too
+
 # (config, largest output change allowed relative to the largest output magnitude)
 CASES = {
     "cluster": (kshrink.Cluster(clusters=16), 0.25),

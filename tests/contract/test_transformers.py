@@ -78,6 +78,7 @@ def test_selections_match_paths_and_bare_names():
         kshrink.Select(names=["block/nothing"]).resolve(layers)
 
 
+@pytest.mark.every_backend
 @pytest.mark.parametrize("mode, min_ratio", [("int8", 2.5), ("int4", 3.5)])
 def test_quantize_reaches_every_projection_and_the_file_reloads(tmp_path, mode, min_ratio):
     model = _encoder_classifier()
@@ -98,6 +99,7 @@ def test_quantize_reaches_every_projection_and_the_file_reloads(tmp_path, mode, 
     np.testing.assert_allclose(kshrink.load(path).predict(x, verbose=0), expected, atol=1e-6)
 
 
+@pytest.mark.every_backend
 def test_a_backbone_keeps_its_class_and_reloads(tmp_path):
     model = _bert()
     small, report = kshrink.compress(model, kshrink.Quantize(mode="int8"))

@@ -176,6 +176,7 @@ def test_an_encoder_distills_from_sentences_tokenized_as_training_reads_them():
         kshrink.datasets.from_texts("one sentence", _word_ids)
 
 
+@pytest.mark.every_backend
 def test_a_depth_pruned_classifier_recovers_with_labels_and_features(digits):
     """With labels, the outputs are distilled as logits next to the label loss, and each
     residual merge the student keeps learns the teacher's (the one before the removed block

@@ -12,6 +12,8 @@ from kshrink.deploy import Runtime, export, in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.measure import latency
 
+pytestmark = pytest.mark.every_backend  # run on JAX and torch too
+
 on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                    reason="the LiteRT converter runs on TensorFlow")
 

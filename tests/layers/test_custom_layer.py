@@ -12,6 +12,8 @@ from kshrink.analysis import search
 from kshrink.layers import LayerSpec, WeightSpec, register_spec
 from kshrink.layers.specs import PRODUCER
 
+pytestmark = pytest.mark.every_backend  # run on JAX and torch too
+
 
 @keras.saving.register_keras_serializable("kshrink_tests")
 class Projection(keras.layers.Layer):

@@ -5,9 +5,12 @@ import gc
 
 import keras
 import numpy as np
+import pytest
 
 from kshrink.layers import integer_kernels
 from kshrink.layers.internals import one_garbage_collection, own_dtype_policy, set_variable_layout
+
+pytestmark = pytest.mark.every_backend  # run on JAX and torch too
 
 
 def test_keras_int8_einsum_dense_still_has_the_scale_layout_kshrink_reads():

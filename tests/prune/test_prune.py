@@ -29,6 +29,7 @@ def overall_sparsity(model, names=None):
     return float(np.mean(values == 0))
 
 
+@pytest.mark.every_backend
 def test_gradual_pruning_with_fine_tuning_keeps_accuracy(trained, digits, tmp_path):
     base = evaluate(trained, *digits.test)["accuracy"]
     small, report = kshrink.compress(trained, Prune(sparsity=0.8), data=digits.train,
@@ -46,6 +47,7 @@ def test_gradual_pruning_with_fine_tuning_keeps_accuracy(trained, digits, tmp_pa
     assert not any(isinstance(l, PruneWrapper) for l in small.layers)
 
 
+@pytest.mark.every_backend
 def test_pruned_file_loads_without_kshrink_and_deflates(tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, name="a"),

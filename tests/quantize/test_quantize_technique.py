@@ -75,6 +75,7 @@ def test_static_activations_use_calibrated_input_ranges(trained, digits):
     assert accuracy(small) >= accuracy(trained) - 0.02
 
 
+@pytest.mark.every_backend
 def test_qat_folds_batchnorm_trains_ranges_and_ends_in_quantized_layers(trained, digits):
     x, y = digits.train
     config = Quantize(mode="int4", group_size=None, activation_bits=8, qat=True)

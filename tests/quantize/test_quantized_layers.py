@@ -7,6 +7,8 @@ import pytest
 import kshrink
 from kshrink.layers import QUANTIZED_CLASSES, quantize_layer, quantize_matrix
 
+pytestmark = pytest.mark.every_backend  # run on JAX and torch too
+
 LAYERS = {
     "Conv1D": (lambda: keras.layers.Conv1D(6, 3, padding="causal"), (2, 9, 4)),
     "Conv2D": (lambda: keras.layers.Conv2D(8, 3, padding="same"), (2, 9, 9, 4)),

@@ -64,6 +64,7 @@ def _rounding_fits(layers_scales):
     return fits
 
 
+@pytest.mark.every_backend
 def test_learned_rounding_beats_rounding_to_nearest_and_stays_on_the_grid():
     model = _residual_net()
     original = copy_model(model)

@@ -34,6 +34,7 @@ def test_gptq_int4_is_closer_to_float_than_rounding(trained, digits, group_size)
     assert sum("GPTQ" in d for d in details) == 4  # conv1, conv2, fc1, fc2; bn1 folded
 
 
+@pytest.mark.every_backend
 def test_gptq_model_reloads_with_identical_outputs(trained, digits, tmp_path):
     small, _ = kshrink.compress(trained, kshrink.Quantize(mode="int4", method="gptq"),
                                 data=digits.train[0][:CALIBRATION])

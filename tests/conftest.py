@@ -56,9 +56,10 @@ def digits():
     return datasets.load("digits")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(digits):
-    """small_cnn trained briefly on the digits: weights worth pruning or clustering."""
+    """small_cnn trained briefly on the digits: weights worth pruning or clustering. Shared
+    by every test of a worker: tests read it and compress copies of it, never change it."""
     model = small_cnn()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)

@@ -7,8 +7,9 @@ import pytest
 
 import kshrink
 from kshrink.analysis import search
-from kshrink.analysis.search import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES, _greedy_path, _Plan
-from kshrink.analysis.search import _Space as SearchSpace
+from kshrink.analysis.search.planner import Plan, greedy_path
+from kshrink.analysis.search.spaces import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES
+from kshrink.analysis.search.spaces import Space as SearchSpace
 from kshrink.cluster.sharing import SIZE_LEVELS as CLUSTER_COUNTS
 from kshrink.errors import KshrinkError
 from kshrink.measure import predict, weight_stats
@@ -105,7 +106,7 @@ class _Space(SearchSpace):
 
 def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
-    path = _greedy_path(_Space(), rises)
+    path = greedy_path(_Space(), rises)
     assert path[0] == {"big": 0.9, "small": 0.0}  # straight to the free deepest level
     assert path[-1] == {"big": 0.9, "small": 0.9}
     sizes = [_Space().estimate(levels) for levels in path]
@@ -197,7 +198,7 @@ def test_a_latency_search_times_every_model_in_the_runtime_it_names(cnn, digits,
 
     from kshrink.deploy import Runtime
 
-    module = importlib.import_module("kshrink.analysis.search")  # the package names the function
+    module = importlib.import_module("kshrink.analysis.search.spaces")
 
     timed, exported = [], module.in_runtime
 
@@ -236,21 +237,21 @@ def test_structural_probes_are_fine_tuned_before_their_loss_counts(cnn, digits):
 
 def test_a_capped_dimension_stops_short_of_its_cap_on_a_new_path():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
-    path = _greedy_path(_Space(), rises, caps={"big": 1})
+    path = greedy_path(_Space(), rises, caps={"big": 1})
     assert path[0] == {"big": 0.5, "small": 0.0}
     assert all(levels["big"] <= 0.5 for levels in path)
-    assert _greedy_path(_Space(), rises, caps={"big": 0, "small": 0}) == []
+    assert greedy_path(_Space(), rises, caps={"big": 0, "small": 0}) == []
 
 
 def test_a_path_planned_from_a_point_moves_on_from_it():
     rises = {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}
-    path = _greedy_path(_Space(), rises, caps={"big": 1}, start={"big": 0.5, "small": 0.0})
+    path = greedy_path(_Space(), rises, caps={"big": 1}, start={"big": 0.5, "small": 0.0})
     assert path == [{"big": 0.5, "small": 0.5}, {"big": 0.5, "small": 0.9}]
 
 
 def tried(within_budget, rounds=6):
     """The levels a plan over `_Space` tries, each judged by `within_budget(levels)`."""
-    plan, seen = _Plan(_Space(), {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}), []
+    plan, seen = Plan(_Space(), {"big": [0.0, 0.0, 0.0], "small": [0.0, 0.5, 1.0]}), []
     for _ in range(rounds):
         levels = plan.next()
         if levels is None:

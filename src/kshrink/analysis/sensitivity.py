@@ -23,7 +23,7 @@ from kshrink.core.progress import Progress, counting
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_int
 from kshrink.layers import keras_quantizes
-from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
+from kshrink.measure.accuracy import is_classifier, predict, relative_error, top1_accuracy
 from kshrink.quantize.technique import Quantize, skip_reason
 from kshrink.render import Table
 
@@ -111,16 +111,8 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
                           layers=Select(names=(path_of(layer),)))
         quantized, _ = compress(model, config, verbose=False)
         outputs = predict(quantized, x)
-        error = float(np.linalg.norm(_flat(outputs) - _flat(reference))
-                      / max(np.linalg.norm(_flat(reference)), 1e-12))
+        error = relative_error(reference, outputs)
         drop = None if accuracy is None else 100 * (accuracy - top1_accuracy(outputs, y))
         entries.append(LayerSensitivity(path_of(layer), type(layer).__name__, drop, error))
     entries.sort(key=lambda e: (-(e.accuracy_drop or 0.0), -e.output_error))
     return SensitivityReport(mode, accuracy, tuple(entries))
-
-
-def _flat(outputs) -> np.ndarray:
-    """Every output value of every example, one array (`predict` gives a list for a model
-    with several outputs)."""
-    parts = outputs if isinstance(outputs, list) else [outputs]
-    return np.concatenate([np.ravel(p) for p in parts])

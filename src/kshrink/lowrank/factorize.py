@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kshrink.layers.specs import as_matrix
+from kshrink.measure.accuracy import relative_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +98,7 @@ def factorized(layer, svd: Factorization, rank: int) -> list:
 
 def output_error(layer, pair: list, x) -> float:
     """Relative L2 error of the factorized pair's output against the layer's on `x`."""
-    reference = keras.ops.convert_to_numpy(layer(x))
-    approximate = keras.ops.convert_to_numpy(pair[1](pair[0](x)))
-    return float(np.linalg.norm(approximate - reference) / max(np.linalg.norm(reference), 1e-12))
+    return relative_error(layer(x), pair[1](pair[0](x)))
 
 
 def rank_for_tolerance(layer, svd: Factorization, x, tolerance: float) -> int:

@@ -98,7 +98,16 @@ def fidelity(reference, outputs) -> Fidelity:
     )
 
 
+def relative_error(reference, outputs) -> float:
+    """`||outputs - reference|| / ||reference||` over every value of every output (arrays,
+    or lists of arrays as `predict` gives them): kshrink's one measure of how far a changed
+    layer or model computes from the original."""
+    reference, outputs = _rows(reference), _rows(outputs)
+    return float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
+
+
 def _rows(outputs) -> np.ndarray:
     """One row per example of every output value, float64."""
-    parts = outputs if isinstance(outputs, list) else [outputs]
-    return np.concatenate([p.reshape(len(p), -1).astype(np.float64) for p in parts], axis=1)
+    parts = keras.tree.flatten(outputs)
+    return np.concatenate([np.asarray(keras.ops.convert_to_numpy(p), dtype=np.float64)
+                           .reshape(len(p), -1) for p in parts], axis=1)

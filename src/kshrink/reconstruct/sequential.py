@@ -20,6 +20,7 @@ from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.layers import rows as rowlib
+from kshrink.measure.accuracy import predict, relative_error
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 MIN_SAMPLES = 8  # calibration examples a layer-wise method needs at least
@@ -265,10 +266,10 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
         return None
     saved = [(v, keras.ops.convert_to_numpy(v.value)) for l in layers
              for v in (l.moving_mean, l.moving_variance)]
-    reference = _outputs(original, x)
-    before = _relative_error(reference, _outputs(model, x))
+    reference = predict(original, x)
+    before = relative_error(reference, predict(model, x))
     reestimate_batchnorm(model, x, reference=None if trained else original)
-    after = _relative_error(reference, _outputs(model, x))
+    after = relative_error(reference, predict(model, x))
     count = f"{example_count(x)} examples, {len(layers)} layer{'s' if len(layers) > 1 else ''}"
     if only_if_closer and after >= before:
         for variable, value in saved:
@@ -279,15 +280,6 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
             f"{before:.3g} -> {after:.3g}")
 
 
-def _outputs(model, x) -> np.ndarray:
-    out = model.predict(x, batch_size=32, verbose=0)
-    return np.concatenate([np.asarray(o, dtype="float64").reshape(len(o), -1)
-                           for o in keras.tree.flatten(out)], axis=1)
-
-
-def _relative_error(reference: np.ndarray, outputs: np.ndarray) -> float:
-    """Squared error of `outputs` relative to the energy of `reference`."""
-    return float(np.sum((outputs - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
 def _moments(layer, inputs) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,224 @@
+"""`search`: the per-layer recipe that compresses a model most within an accuracy budget.
+
+How (sensitivity-guided greedy allocation, after NetAdapt, AMC and HAQ):
+
+1. **Hold out** `validation_data`, or else the last 10% of `data`; the search fine-tunes on
+   the rest and judges every candidate on the held-out examples.
+2. **Probe each layer alone**: every level of the search space (a sparsity, an encoding: a
+   cluster count or a bit width, a residual block removed, a channel ratio) is applied alone
+   through `compress`, calibrated on training examples, and the rise of the held-out loss
+   is measured; for `latency`, the probe's model is timed too,
+   which makes the table of what each level saves (NetAdapt). Sparsities and bit widths are
+   probed at once, without training. Blocks and channels removed are fine-tuned for
+   `probe_steps` first (NetAdapt's short-term fine-tune): one-shot, the loss a structural
+   change causes says little of what fine-tuning recovers (the residual CNN's first block
+   removed rose the loss most at once, and lost least after fine-tuning).
+3. **Allocate greedily**: from every layer at its first level, take again and again the move
+   (one layer to a deeper level) that saves the most of the objective per unit of loss it
+   costs. The moves in that order make a path from the least to the most compressed model.
+4. **Bisect the path**: a candidate is a point on the path, compressed with its recipe and
+   fine-tuned for `epochs` from the original (distilling from it), then measured: objective
+   and held-out accuracy. The smallest candidate within `max_accuracy_drop` wins; each round
+   looks halfway (in the estimated objective, on a log scale) between the deepest point
+   within the budget and the first one found outside it. When the two are next to each
+   other, the move between them is ruled out, the path planned again from the deepest point
+   within the budget without it, and the new path's first move tried next.
+
+The winner's recipe is plain data: `compress(model, report.recipe, data=...)` (or `kshrink
+compress --recipe`) on the same training examples (the first `report.training_examples` of
+`data`) gives the same weights, since the recipe's fine-tune seeds the random generators.
+
+Example:
+
+```python
+small, report = kshrink.search(model, (x, y), objective="size", max_accuracy_drop=0.3,
+                               epochs=2)
+print(report.to_text())
+print(report.recipe.to_yaml())
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import keras
+import numpy as np
+
+from kshrink.analysis.search.planner import Plan
+from kshrink.analysis.search.probes import loss_rises, split_held_out, subset
+from kshrink.analysis.search.report import Candidate, SearchReport, describe
+from kshrink.analysis.search.spaces import (LatencySpace, MacsSpace, MemorySpace, SizeSpace,
+                                            templates_for)
+from kshrink.api import compress
+from kshrink.core.data import example_count, model_inputs
+from kshrink.core.graph import copy_model
+from kshrink.core.progress import Message, Progress, within
+from kshrink.core.recipe import Recipe
+from kshrink.core.technique import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_choice,
+                                    check_int, check_range)
+from kshrink.core.training import FineTune
+from kshrink.deploy import check_runtime
+from kshrink.errors import KshrinkError
+from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
+from kshrink.measure.weights import weight_stats
+
+OBJECTIVES = ("size", "memory", "latency", "macs")
+UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
+CHANNEL_SCOPES = ("uniform", "per_layer")
+
+
+def search(model: keras.Model, data, *, objective: str = "size",
+           max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
+           batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
+           probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
+           latency_batch_size: int = 1, latency_runtime: str = "keras",
+           techniques=None, channels: str = "uniform", progress: Progress | None = None):
+    """Searches per-layer compression levels for the smallest (or fastest) model within an
+    accuracy budget.
+
+    Args:
+        model: the float model (not modified).
+        data: `(x, y)` arrays (`x` may be a dict by input name), with class labels.
+        objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
+            sparsity (`prune`, 0 to 98%) and per-layer weight encoding: float, or 256 to 4
+            shared values (`cluster`), or int8/int4 (`quantize`); `"memory"`: bytes of the
+            weights held in memory, searched over float/int8/int4 per layer (int4 in groups
+            of 128 inputs; quantization-aware training when `epochs` > 0); `"latency"`: the
+            median time of a forward pass at `latency_batch_size` on this machine, searched
+            over removing each residual block (`depth_prune`) and a share of the channels
+            (`structured_prune`, 0 to 75%), BatchNorm folded; `"macs"`: the same space,
+            counted in multiply-accumulates per example.
+        max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
+            result may lose.
+        validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
+            candidates fine-tune on the rest. Best: examples the model was never trained on;
+            ones it was trained on flatter the original, so the budget turns down candidates
+            that would keep its test accuracy.
+        epochs: fine-tuning epochs of every candidate (per step, distilling from the
+            original); 0: post-training only.
+        batch_size: fine-tuning batch size.
+        learning_rate: fine-tuning initial learning rate (cosine decay).
+        rounds: candidates compressed and measured at most.
+        probe_samples: held-out examples the one-layer probes measure the loss on.
+        probe_steps: optimizer steps (at most an epoch) each probe that removes a block or
+            channels is fine-tuned for before its loss is measured, distilling from the
+            original at `learning_rate`; 0, or `epochs` 0: measured at once. Sparsity and
+            bit-width probes are always measured at once.
+        seed: seeds every fine-tune; the same seed and data give the same result.
+        latency_batch_size: the batch size `latency` is timed at.
+        latency_runtime: where `latency` is timed: `"keras"` (`predict_on_batch`), or the
+            runtime the model will be deployed to, `"litert"` or `"onnx"`: every probe and
+            candidate is then exported (float) and timed there (`kshrink.deploy`). Keras
+            adds a fixed cost per call (about 0.5 ms on 2 cores) that a deployment runtime
+            does not, and runtimes time channel counts differently.
+        techniques: what the search may use, each a name, `{name: options}` or a
+            technique config, e.g. `["prune", "cluster", "quantize"]` or
+            `[kshrink.Prune(method="sparsegpt", schedule="one_shot"), "cluster"]`. The
+            search sets each one's level (prune's sparsity, cluster's clusters, quantize's
+            mode, structured_prune's ratio, depth_prune's blocks), its layers and its
+            schedule; every other option is the one given (the layers it `exclude`s, or
+            leaves out of its `layers`, are not searched). Default: `prune` and `cluster`
+            for size, `quantize` for memory, `depth_prune` and `structured_prune` (keeping
+            multiples of 4 channels) for latency and macs.
+        channels: `structured_prune`'s ratio: `"uniform"`, one for every layer, or
+            `"per_layer"`, one per set of layers whose channels are tied (e.g. by residual
+            Adds): more probes, a finer choice.
+        progress: told of each probe and each round, e.g. `print` or
+            `kshrink.core.progress.Console()`.
+
+    Returns:
+        `(model, SearchReport)`: the chosen candidate's model (the original, copied, when
+        none kept the budget: `report.chosen` is then None) and the report.
+    """
+    check_choice("search", "objective", objective, OBJECTIVES)
+    check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
+    check_int("search", "epochs", epochs, low=0, high=MAX_EPOCHS)
+    check_int("search", "batch_size", batch_size, low=1, high=MAX_BATCH)
+    check_range("search", "learning_rate", learning_rate, 1e-9, 10.0)
+    check_int("search", "rounds", rounds, low=1, high=MAX_EPOCHS)
+    check_int("search", "probe_samples", probe_samples, low=1, high=MAX_BATCH)
+    check_int("search", "probe_steps", probe_steps, low=0, high=MAX_STEPS)
+    check_int("search", "seed", seed, low=0, high=MAX_SEED)
+    check_int("search", "latency_batch_size", latency_batch_size, low=1, high=MAX_BATCH)
+    if latency_runtime != "keras" and objective != "latency":
+        raise KshrinkError(f"search: latency_runtime times the latency objective; objective "
+                           f"{objective!r} is not timed. Received: "
+                           f"latency_runtime={latency_runtime!r}")
+    check_runtime("search", latency_runtime)
+    check_choice("search", "channels", channels, CHANNEL_SCOPES)
+    templates = templates_for(objective, techniques)
+    if channels != "uniform" and "structured_prune" not in templates:
+        raise KshrinkError(f"search: channels={channels!r} sets how structured_prune's ratio "
+                           f"is searched, and objective {objective!r} with techniques "
+                           f"{', '.join(templates)} removes no channels")
+    train, held = split_held_out(model, data, validation_data)
+    x_held, y_held = held
+    reference = predict(model, x_held)
+    if not is_classifier(reference):
+        raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
+                           f"class scores. Received: outputs of shape {np.shape(reference)}")
+    if objective == "size":
+        space = SizeSpace(model, templates, trains=bool(epochs))
+    elif objective == "memory":
+        space = MemorySpace(model, templates)
+    elif objective == "macs":
+        space = MacsSpace(model, templates, channels)
+    else:
+        space = LatencySpace(model, templates, x_held, latency_batch_size, latency_runtime,
+                              channels)
+    if not space.choices:
+        raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
+                           f"{objective}")
+    accuracy = top1_accuracy(reference, y_held)
+    fine_tune = FineTune(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         distill=True, seed=seed) if epochs else None
+    probe = subset(held, probe_samples)
+    recover = None
+    if fine_tune is not None and probe_steps and space.probes_recover:
+        per_epoch = math.ceil(example_count(model_inputs(train)) / batch_size)
+        recover = dataclasses.replace(fine_tune, epochs=1, verbose=False,
+                                      steps_per_epoch=min(probe_steps, per_epoch))
+    rise = loss_rises(model, space, probe, progress, train, recover)
+    plan = Plan(space, rise)
+    candidates, chosen, kept = [], None, None  # kept: the chosen candidate's model
+    for round_ in range(1, rounds + 1):
+        levels = plan.next()
+        if levels is None:
+            break
+        recipe = Recipe(space.recipe(levels, trains=fine_tune is not None), fine_tune)
+        say = within(progress, f"search: round {round_}/{rounds}")
+        if say:
+            say(Message(f"{describe(levels)} ({space.estimate_text(levels)})", result=True))
+        started = time.perf_counter()
+        small, _ = compress(model, recipe, data=train, fidelity_samples=0, progress=say,
+                            fine_tune=fine_tune and dataclasses.replace(fine_tune,
+                                                                         verbose=False),
+                            verbose=False)
+        measured = top1_accuracy(predict(small, x_held), y_held)
+        candidate = Candidate(levels, recipe, space.measure(small), measured,
+                              100 * (accuracy - measured) <= max_accuracy_drop + 1e-9,
+                              time.perf_counter() - started)
+        candidates.append(candidate)
+        if say:
+            say(Message(f"{candidate.objective:,} {UNITS[objective]}, accuracy "
+                        f"{100 * measured:.2f}% "
+                        f"({100 * (measured - accuracy):+.2f} pp): "
+                        + ("within" if candidate.within_budget else "outside") + " the budget",
+                        result=True))
+        plan.tell(candidate.within_budget)
+        if candidate.within_budget and (
+                chosen is None or candidate.objective < candidates[chosen].objective):
+            chosen, kept = len(candidates) - 1, small
+    report = SearchReport(
+        objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
+        original_objective=space.measure(model), float_bytes=weight_stats(model).bytes,
+        training_examples=example_count(model_inputs(train)),
+        held_out_examples=example_count(x_held),
+        loss_rise={p: tuple(zip(space.choices[p], r)) for p, r in rise.items()},
+        candidates=tuple(candidates),
+        chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0,
+        latency_runtime=latency_runtime)
+    return (copy_model(model) if kept is None else kept), report

@@ -1,0 +1,88 @@
+"""The held-out split and the one-layer probes: the loss rise of each level alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kshrink.analysis.search.report import level_text
+from kshrink.api import compress
+from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
+from kshrink.core.progress import counting
+from kshrink.core.training import task_loss
+from kshrink.errors import KshrinkError
+from kshrink.measure.accuracy import predict
+
+HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
+
+
+def split_held_out(model, data, validation_data):
+    """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
+    last tenth of `data`."""
+    data, validation_data = split_labels(data, model), split_labels(validation_data, model)
+    for name, part in (("data", data), ("validation_data", validation_data)):
+        if part is not None and not isinstance(part, (tuple, list, dict, np.ndarray)):
+            raise KshrinkError(f"search: {name} must be arrays (x, y): every candidate is "
+                               "fine-tuned and judged on the same examples. Received: "
+                               f"{type(part).__name__}")
+        if part is not None and labels_of(part) is None:
+            raise KshrinkError(f"search: {name} must be (x, y) with class labels, to judge "
+                               "accuracy; received inputs only")
+        check_data(part, model, name)
+    if data is None:
+        raise KshrinkError("search needs data=(x, y): candidates are fine-tuned and judged on it")
+    if validation_data is not None:
+        return tuple(data), tuple(validation_data)
+    x, y = data
+    count = example_count(x)
+    held = max(1, int(round(count * HELD_OUT)))
+    if count - held < 1:
+        raise KshrinkError(f"search: data holds {count} example(s); it needs at least 2, to "
+                           "hold some out, or pass validation_data")
+    cut = count - held
+
+    def part(values, sl):
+        return {k: v[sl] for k, v in values.items()} if isinstance(values, dict) else values[sl]
+
+    return ((part(x, slice(None, cut)), np.asarray(y)[:cut]),
+            (part(x, slice(cut, None)), np.asarray(y)[cut:]))
+
+
+def subset(data, limit: int):
+    """The first `limit` examples of `(x, y)`."""
+    return model_inputs(data, limit), np.asarray(labels_of(data))[:limit]
+
+
+def loss_rises(model, space, probe, progress, train, recover=None) -> dict:
+    """Per dimension, the held-out loss rise at each level with that one alone compressed
+    (calibrated on as many examples of `train` as `probe` holds; or fine-tuned on `train`
+    with `recover`, a `FineTune`, if given), made non-decreasing along the levels (a deeper
+    level never counts as cheaper)."""
+    x, y = probe
+    loss = task_loss(model, y)
+    base = _loss(loss, y, predict(model, x))
+    work = [(path, level) for path, levels in space.choices.items() for level in levels]
+    measured = {}
+    title = "search: probing layers one at a time" + (
+        f", each fine-tuned {recover.steps_per_epoch} steps" if recover else "")
+    for path, level in counting(progress, title, work,
+                                lambda item: f"{item[0]} at {level_text(item[1])}"):
+        steps = space.probe(path, level)
+        if not steps:
+            measured[path, level] = 0.0
+            continue
+        if recover:  # BatchNorm's moving averages lag a short fine-tune: estimated anew
+            steps = [dataclasses.replace(steps[0], reestimate_batchnorm=True), *steps[1:]]
+        data = train if recover else subset(train, example_count(x))
+        alone, _ = compress(model, steps, data=data, fine_tune=recover, fidelity_samples=0,
+                            verbose=False)
+        space.observe(path, level, alone)
+        measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
+    return {path: list(np.maximum.accumulate([measured[path, lv] for lv in levels]))
+            for path, levels in space.choices.items()}
+
+
+def _loss(loss, y, outputs) -> float:
+    return float(keras.ops.convert_to_numpy(loss(y, outputs)))

@@ -23,6 +23,7 @@ from kshrink.core.data import example_count
 from kshrink.core.graph import path_of
 from kshrink.core.progress import Progress, counting
 from kshrink.layers import as_matrix, from_matrix, kernel_weights, output_axes
+from kshrink.measure.accuracy import predict, relative_error
 from kshrink.prune import masks as masklib
 
 SPREAD = 0.2  # no layer further than this from the target (OWL's bound on the deviation)
@@ -45,8 +46,7 @@ def allocate(model: keras.Model, layers: list, target: float, x, *, cap: float,
     """`{path: Allocation}` for `layers` of `model` (restored as found) so that `target` of
     their kernel weights are pruned, no layer beyond `cap`, measured on the inputs `x`;
     `prune(layer, sparsity)` prunes one layer in place as the step will."""
-    reference = _outputs(model, x)
-    energy = max(float(np.sum(reference ** 2)), 1e-30)
+    reference = predict(model, x)
     levels = sorted({min(max(target + SPREAD * k, 0.0), cap) for k in STEPS})
     curves = []
     for layer in counting(progress, f"measuring {len(levels)} sparsity levels on "
@@ -56,7 +56,7 @@ def allocate(model: keras.Model, layers: list, target: float, x, *, cap: float,
         errors = []
         for sparsity in levels:
             prune(layer, sparsity)
-            errors.append(float(np.sum((_outputs(model, x) - reference) ** 2)) / energy)
+            errors.append(relative_error(reference, predict(model, x)) ** 2)
             for w, values in zip(kernels, dense):
                 w.assign(values)
         curves.append(np.maximum.accumulate(errors))  # pruning more never helps
@@ -109,8 +109,3 @@ def by_magnitude(pattern: masklib.Pattern) -> Callable[[keras.layers.Layer, floa
             w.assign(values * from_matrix(mask, values.shape, axes))
 
     return prune
-
-
-def _outputs(model, x) -> np.ndarray:
-    outputs = keras.tree.flatten(model.predict(x, batch_size=32, verbose=0))
-    return np.concatenate([np.ravel(np.asarray(o, dtype=np.float64)) for o in outputs])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 
 import keras
-import numpy as np
 
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import (
@@ -42,6 +41,7 @@ from kshrink.core.technique import (
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import layer_macs
 from kshrink.layers.transformer import is_encoder
+from kshrink.measure.accuracy import predict, relative_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +111,9 @@ def without(model: keras.Model, blocks) -> keras.Model:
     return rewrite(model, lambda layer: kept.get(layer.name, layer))
 
 
-def output_change(model: keras.Model, x, reference: list) -> float:
-    """Relative L2 change of `model`'s outputs on `x` from `reference` (a list of arrays)."""
-    outputs = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
-    error = sum(float(np.sum((a - b) ** 2)) for a, b in zip(outputs, reference))
-    scale = sum(float(np.sum(b ** 2)) for b in reference)
-    return float(np.sqrt(error / max(scale, 1e-30)))
+def output_change(model: keras.Model, x, reference) -> float:
+    """Relative L2 change of `model`'s outputs on `x` from `reference` (`predict`'s)."""
+    return relative_error(reference, predict(model, x))
 
 
 class DepthPruneHandler(Handler):
@@ -138,7 +135,7 @@ class DepthPruneHandler(Handler):
             raise KshrinkError("depth_prune ranks blocks by how much removing them changes "
                                "the outputs on data: pass data=(x, y) to compress")
         x = model_inputs(ctx.data, config.calibration_samples)
-        reference = keras.tree.flatten(model.predict(x, batch_size=256, verbose=0))
+        reference = predict(model, x)
         removed, scores = [], {}
         for round in range(config.blocks):  # greedy: rescore the rest after each removal
             stage = f"depth_prune: scoring blocks for removal {round + 1}/{config.blocks}"

@@ -102,3 +102,15 @@ def test_measurement_reads_datasets_and_refuses_generators(trained, digits):
     assert streamed.fidelity.top1_agreement == pytest.approx(arrays.fidelity.top1_agreement)
     with pytest.raises(kshrink.errors.MeasurementError, match="generator"):
         kshrink.measure.measure(small, iter([(x, y)]), load_runs=1, latency_runs=2)
+
+
+def test_sensitivity_reads_the_first_examples_of_a_stream(trained, digits):
+    from kshrink.analysis import sensitivity
+
+    x, y = digits.test
+    arrays = sensitivity(trained, (x[:96], y[:96]), samples=None)
+    dataset = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32)
+    streamed = sensitivity(trained, dataset, samples=96)
+    assert streamed.accuracy == pytest.approx(arrays.accuracy)
+    assert [(e.layer, round(e.output_error, 5)) for e in streamed.layers] == [
+        (e.layer, round(e.output_error, 5)) for e in arrays.layers]

@@ -20,6 +20,7 @@ from kshrink.api import compress
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
 from kshrink.core.graph import path_of
 from kshrink.core.progress import Progress, counting
+from kshrink.core.stream import as_stream
 from kshrink.core.select import Select
 from kshrink.core.technique import StepContext, check_int
 from kshrink.layers import keras_quantizes
@@ -79,7 +80,10 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
 
     Args:
         model: the float model (not modified).
-        data: `(x, y)` or `x` alone (then only the output error is measured).
+        data: `(x, y)` or `x` alone (then only the output error is measured), as arrays or
+            a stream (`tf.data.Dataset`, `PyDataset`, torch `DataLoader`): its first
+            examples are read, at most `samples` (without `samples`, as many as
+            `compress` calibrates on: 2,048, or 256 MB).
         mode: the precision to test, as in `Quantize`.
         group_size: int4 only, as in `Quantize`.
         samples: examples drawn from `data` with `seed` (None: all of them).
@@ -90,9 +94,12 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
     Returns:
         A `SensitivityReport`, most sensitive layer first.
     """
+    check_int("sensitivity", "samples", samples, low=1, allow_none=True)
+    stream = as_stream(data, model)
+    if stream is not None:
+        data = stream.head(samples) if samples is not None else stream.head()
     data = split_labels(data, model)
     x, y = model_inputs(data), labels_of(data)
-    check_int("sensitivity", "samples", samples, low=1, allow_none=True)
     check_data(data, model)
     count = example_count(x)
     if samples is not None and samples < count:

@@ -119,7 +119,7 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(epochs=-1), "epochs"),
     (dict(learning_rate=0.0), "learning_rate"),
     (dict(data="inputs only"), "class labels"),
-    (dict(data="a stream"), "must be arrays"),
+    (dict(data="a stream of inputs only"), "class labels"),
     (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
     (dict(latency_runtime="onnx"), "objective 'size' is not timed"),
     (dict(techniques=["structured_prune"]), "searches prune, cluster, quantize.*; not "
@@ -133,13 +133,23 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(objective="macs", channels="per_stage"), "channels must be one of"),
 ])
 def test_bad_input_is_one_line(classifier, digits, call, message):
-    from conftest import Batches
-
     options = dict(call)
     data = {None: digits.train, "inputs only": digits.train[0],
-            "a stream": Batches(*digits.train, 32)}[options.pop("data", None)]
+            "a stream of inputs only": (x for x in np.array_split(digits.train[0], 4))}[
+        options.pop("data", None)]
     with pytest.raises(KshrinkError, match=message):
         search(classifier, data, **options)
+
+
+def test_a_stream_is_searched_on_its_first_examples(classifier, digits):
+    from conftest import Batches
+
+    x, y = digits.train
+    options = dict(objective="size", epochs=0, rounds=1, max_accuracy_drop=2.0)
+    _, from_arrays = search(classifier, (x, y), **options)
+    _, from_stream = search(classifier, Batches(x, y, 100), **options)
+    assert from_stream.training_examples == from_arrays.training_examples
+    assert from_stream.best.levels == from_arrays.best.levels
 
 
 def test_a_model_without_class_scores_is_refused(digits):

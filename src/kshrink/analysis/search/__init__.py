@@ -81,7 +81,11 @@ def search(model: keras.Model, data, *, objective: str = "size",
 
     Args:
         model: the float model (not modified).
-        data: `(x, y)` arrays (`x` may be a dict by input name), with class labels.
+        data: `(x, y)` with class labels: arrays (`x` may be a dict by input name, or a list
+            of one array per input), or a stream (`tf.data.Dataset`, `PyDataset`, torch
+            `DataLoader`), of which the first 2,048 examples (at most 256 MB) are read and
+            searched on as arrays: every candidate is fine-tuned and judged on the same
+            examples.
         objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
             sparsity (`prune`, 0 to 98%) and per-layer weight encoding: float, or 256 to 4
             shared values (`cluster`), or int8/int4 (`quantize`); `"memory"`: bytes of the

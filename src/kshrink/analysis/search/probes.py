@@ -11,6 +11,7 @@ from kshrink.analysis.search.report import level_text
 from kshrink.api import compress
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
 from kshrink.core.progress import counting
+from kshrink.core.stream import as_stream
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.measure.accuracy import predict
@@ -19,14 +20,11 @@ HELD_OUT = 0.1  # share of `data` held out when no validation_data is given
 
 
 def split_held_out(model, data, validation_data):
-    """`(train, held_out)`, each `(x, y)`: the held-out part is `validation_data`, or else the
-    last tenth of `data`."""
-    data, validation_data = split_labels(data, model), split_labels(validation_data, model)
+    """`(train, held_out)`, each `(x, y)` arrays: the held-out part is `validation_data`, or
+    else the last tenth of `data`. A stream gives its first examples (`Stream.head`): every
+    candidate is fine-tuned and judged on the same ones."""
+    data, validation_data = (_arrays(data, model), _arrays(validation_data, model))
     for name, part in (("data", data), ("validation_data", validation_data)):
-        if part is not None and not isinstance(part, (tuple, list, dict, np.ndarray)):
-            raise KshrinkError(f"search: {name} must be arrays (x, y): every candidate is "
-                               "fine-tuned and judged on the same examples. Received: "
-                               f"{type(part).__name__}")
         if part is not None and labels_of(part) is None:
             raise KshrinkError(f"search: {name} must be (x, y) with class labels, to judge "
                                "accuracy; received inputs only")
@@ -43,11 +41,15 @@ def split_held_out(model, data, validation_data):
                            "hold some out, or pass validation_data")
     cut = count - held
 
-    def part(values, sl):
-        return {k: v[sl] for k, v in values.items()} if isinstance(values, dict) else values[sl]
+    def part(sl):
+        return keras.tree.map_structure(lambda v: v[sl], x), np.asarray(y)[sl]
 
-    return ((part(x, slice(None, cut)), np.asarray(y)[:cut]),
-            (part(x, slice(cut, None)), np.asarray(y)[cut:]))
+    return part(slice(None, cut)), part(slice(cut, None))
+
+
+def _arrays(data, model):
+    stream = as_stream(data, model)
+    return split_labels(stream.head() if stream is not None else data, model)
 
 
 def subset(data, limit: int):

@@ -74,7 +74,7 @@ class RoundFloat16Handler(kshrink.Handler):
                                    exclude=None)
 
 
-@kshrink.register_technique("round_float16", handler=RoundFloat16Handler(), stage=85)
+@kshrink.register_technique("round_float16", handler=RoundFloat16Handler(), stage=kshrink.Stage.QUANTIZE - 5)
 @dataclasses.dataclass(frozen=True)
 class RoundFloat16(kshrink.Technique):
     """Rounds kernel values to float16 steps: a compact file stores them in half the bytes.

@@ -60,6 +60,7 @@ _EXPORTS = {
     "Select": "kshrink.core.select",
     "as_functional": "kshrink.core.graph",
     "Handler": "kshrink.core.technique",
+    "Stage": "kshrink.core.technique",
     "StepContext": "kshrink.core.technique",
     "Technique": "kshrink.core.technique",
     "register_technique": "kshrink.core.technique",

@@ -305,7 +305,7 @@ def _techniques(args) -> int:
     print()
     for cls in registered_techniques() + [FineTune]:
         summary = (cls.__doc__ or "").strip().splitlines()[0]
-        where = "recipe key" if cls is FineTune else f"step, stage {cls.stage}"
+        where = "recipe key" if cls is FineTune else f"step, stage {int(cls.stage)}"
         print(f"{cls.name}  ({where})  {summary}")
         for name, kind, default, help_text in cls.options():
             print(f"  {name}: {kind} = {default!r}  {help_text}")

@@ -26,6 +26,7 @@ from kshrink.core.select import Select, shared_level
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
+    Stage,
     StepContext,
     Technique,
     check_bool,
@@ -270,7 +271,7 @@ class ClusterOverride(LayerOverride):
         check_int(self.name, "clusters", self.clusters, low=2, high=4096)
 
 
-@register_technique("cluster", handler=ClusterHandler(), stage=40)
+@register_technique("cluster", handler=ClusterHandler(), stage=Stage.SHARING)
 @dataclasses.dataclass(frozen=True)
 class Cluster(Technique):
     """Weight sharing: replace each kernel's values by the nearest of a few k-means centroids.

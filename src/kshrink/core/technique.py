@@ -10,6 +10,7 @@ file can only ever name registered techniques.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.metadata
 import typing
 import warnings
@@ -25,6 +26,17 @@ from kshrink.errors import KshrinkError, RecipeError, short
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage(enum.IntEnum):
+    """Where a technique's steps go in a recipe: a step may not follow one of a later stage.
+    A plugin may register any integer between them (e.g. `Stage.QUANTIZE - 5`: after
+    sharing, before quantization)."""
+
+    REWRITE = 20  # the graph changes: layers folded, factorized, narrowed or removed
+    SPARSITY = 30  # weights set to zero
+    SHARING = 40  # weights share values
+    QUANTIZE = 90  # weights stored in fewer bits: last
+
+
 class Options:
     """A frozen dataclass of options that round-trips through plain JSON/YAML data.
 
@@ -94,7 +106,7 @@ class Technique(Options):
     comes last, clustering before it, and so on).
     """
 
-    stage: ClassVar[int] = 0
+    stage: ClassVar[int] = 0  # a `Stage`, or a plugin's integer between two
 
     # Keyword-only, so it follows every technique's own options: `Prune(0.9)` still works.
     reestimate_batchnorm: bool | None = dataclasses.field(
@@ -386,7 +398,8 @@ def _load_plugins() -> None:
 
 
 def register_technique(name: str, handler: Handler, stage: int):
-    """Class decorator: registers a `Technique` subclass under `name` with its handler."""
+    """Class decorator: registers a `Technique` subclass under `name` with its handler, at
+    `stage` (a `Stage`, or an integer between two) in a recipe's order."""
 
     def decorate(cls: type[Technique]) -> type[Technique]:
         if name in _BY_NAME and _BY_NAME[name] is not cls:

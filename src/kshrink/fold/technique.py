@@ -7,6 +7,7 @@ import dataclasses
 from kshrink.core.graph import leaf_layers
 from kshrink.core.technique import (
     Handler,
+    Stage,
     StepContext,
     Technique,
     check_bool,
@@ -36,7 +37,7 @@ class FoldHandler(Handler):
         return fold(model, plan) if plan.folds or plan.removed else model
 
 
-@register_technique("fold", handler=FoldHandler(), stage=20)
+@register_technique("fold", handler=FoldHandler(), stage=Stage.REWRITE)
 @dataclasses.dataclass(frozen=True)
 class Fold(Technique):
     """The inference form of a model: fewer layers, same outputs (up to float rounding).

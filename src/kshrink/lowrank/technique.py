@@ -21,6 +21,7 @@ from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
+    Stage,
     StepContext,
     Technique,
     check_int,
@@ -133,7 +134,7 @@ def _rebuilt(model, keys: set) -> tuple:
     return rebuilt, parts
 
 
-@register_technique("low_rank", handler=LowRankHandler(), stage=20)
+@register_technique("low_rank", handler=LowRankHandler(), stage=Stage.REWRITE)
 @dataclasses.dataclass(frozen=True)
 class LowRank(Technique):
     """Low-rank factorization of Dense and Conv2D layers (truncated SVD).

@@ -32,6 +32,7 @@ from kshrink.core.progress import counting
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
+    Stage,
     StepContext,
     Technique,
     check_int,
@@ -194,7 +195,7 @@ def _selected(model, blocks, config) -> list[Block]:
     return chosen
 
 
-@register_technique("depth_prune", handler=DepthPruneHandler(), stage=20)
+@register_technique("depth_prune", handler=DepthPruneHandler(), stage=Stage.REWRITE)
 @dataclasses.dataclass(frozen=True)
 class DepthPrune(Technique):
     """Removes whole residual blocks or transformer layers: fewer layers, which is what batch-1

@@ -37,6 +37,7 @@ from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
+    Stage,
     StepContext,
     Technique,
     check_bool,
@@ -404,7 +405,7 @@ class SparsityOverride(LayerOverride):
         check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0, high_open=True)
 
 
-@register_technique("prune", handler=PruneHandler(), stage=30)
+@register_technique("prune", handler=PruneHandler(), stage=Stage.SPARSITY)
 @dataclasses.dataclass(frozen=True)
 class Prune(Technique):
     """Pruning: zero the least important weights, gradually while fine-tuning or at once.

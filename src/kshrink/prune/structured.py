@@ -16,6 +16,7 @@ from kshrink.core.graph import (as_functional, copy_model, is_plain, leaf_layers
 from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
+    Stage,
     StepContext,
     Technique,
     check_choice,
@@ -328,7 +329,7 @@ def _report(model, groups, remove, ctx: StepContext) -> None:
             ctx.skipped(layer, "no channel removed")
 
 
-@register_technique("structured_prune", handler=StructuredPruneHandler(), stage=20)
+@register_technique("structured_prune", handler=StructuredPruneHandler(), stage=Stage.REWRITE)
 @dataclasses.dataclass(frozen=True)
 class StructuredPrune(Technique):
     """Removes whole channels (Conv filters, Dense units) so the model really shrinks.

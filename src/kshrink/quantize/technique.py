@@ -16,6 +16,7 @@ from kshrink.core.select import Select
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
+    Stage,
     StepContext,
     Technique,
     check_bool,
@@ -372,7 +373,7 @@ def _describe(plan: _Plan, activation_bits, input_range, by: str) -> str:
     return text
 
 
-@register_technique("quantize", handler=QuantizeHandler(), stage=90)
+@register_technique("quantize", handler=QuantizeHandler(), stage=Stage.QUANTIZE)
 @dataclasses.dataclass(frozen=True)
 class Quantize(Technique):
     """Quantizes the weights of every layer with kernels, optionally the activations too.

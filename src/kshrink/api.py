@@ -121,7 +121,7 @@ def compress(model: keras.Model, recipe, *, data=None, validation_data=None,
         if progress:
             progress(technique.name)
         ctx = StepContext(original=model, data=train, validation_data=held_out,
-                          progress=progress,
+                          progress=progress, state=handler.State(),
                           train_steps=fine_tune.total_steps(stream or train) if trains else None)
         distributed = trains and parallel is not None
         with parallel.training(work) if distributed else contextlib.nullcontext(work) as work:

@@ -99,11 +99,20 @@ def _skip_reason(layer) -> str | None:
 SIZE_LEVELS = (256, 64, 16, 8, 4)  # the cluster counts the size search offers each layer
 
 
+@dataclasses.dataclass
+class ClusterState:
+    """What a cluster step carries from `prepare` to `finalize`, by layer path."""
+
+    solved: set[str] = dataclasses.field(default_factory=set)  # codebooks from a GPTQ sweep
+    weighted: set[str] = dataclasses.field(default_factory=set)  # by input energy
+
+
 class ClusterHandler(Handler):
     """Runs `Cluster`: wraps the chosen layers, shares their weights, strips the wrappers."""
 
     trains = True
     settles = True
+    State = ClusterState
 
     def size_levels(self, model, config: Cluster) -> dict:
         chosen = StepContext(original=model).choose_layers(
@@ -141,11 +150,12 @@ class ClusterHandler(Handler):
         wrapped = [layer for layer in chosen if not owner_of(layer)]
         method = config.method or (
             "gptq" if ctx.data is not None and ctx.train_steps is None else "kmeans")
-        ctx.state["solved"] = _share_by_reconstruction(model, wrapped, config, ctx) \
+        solved = _share_by_reconstruction(model, wrapped, config, ctx) \
             if method == "gptq" else set()
         importance = (input_energy(model, model_inputs(ctx.data, config.calibration_samples),
                                    wrapped) if weighted and method == "kmeans" else {})
-        ctx.state["weighted"] = set(importance)
+        ctx.state.solved = {path_of(l) for l in wrapped if l.name in solved}
+        ctx.state.weighted = {path_of(l) for l in wrapped if l.name in importance}
         for layer in chosen:
             if owner_of(layer):
                 self._share_in_place(layer, config.for_layer(layer), ctx)
@@ -193,8 +203,8 @@ class ClusterHandler(Handler):
                 kernel.trainable = True
                 distinct.append(len(np.unique(values)))
             how = ("codebooks chosen layer by layer on data (GPTQ sweep)"
-                   if wrapper.layer.name in ctx.state["solved"] else
-                   "weighted by input energy" if wrapper.layer.name in ctx.state["weighted"]
+                   if path_of(wrapper.layer) in ctx.state.solved else
+                   "weighted by input energy" if path_of(wrapper.layer) in ctx.state.weighted
                    else None)
             ctx.applied(wrapper.layer, _describe(config.for_layer(wrapper.layer), distinct, how))
         unwrapped = replace_layers(model, lambda l: l.layer if isinstance(l, ClusterWrapper) else l)

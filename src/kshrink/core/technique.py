@@ -233,7 +233,8 @@ class StepContext:
         train_steps: optimizer steps the fine-tune phase of this step will run (None: no
             fine-tuning), for techniques whose schedules span the training.
         results: per-layer outcomes the handler records with `applied`/`skipped`.
-        state: anything the handler carries from `prepare` to `finalize`.
+        state: what the handler carries from `prepare` to `finalize`: a fresh instance of
+            its `State` (a dataclass of its own, keyed by layer path), or a dict.
         summary: one line on the whole step, e.g. the sparsity reached against the target.
         progress: called with a short message as long work advances (a layer solved), or
             None.
@@ -244,7 +245,7 @@ class StepContext:
     validation_data: tuple | None = None
     train_steps: int | None = None
     results: list[LayerResult] = dataclasses.field(default_factory=list)
-    state: dict = dataclasses.field(default_factory=dict)
+    state: Any = dataclasses.field(default_factory=dict)
     summary: str | None = None
     progress: Callable[[str], None] | None = None
 
@@ -322,6 +323,8 @@ class Handler:
     """
 
     trains: bool = False
+    # What `prepare` hands `finalize` through `ctx.state`: made anew for every step.
+    State: ClassVar[type] = dict
     # Whether the layers this step compresses hold a pattern (zeros, shared values) that
     # training would undo: `compress` then keeps them frozen while later steps fine-tune,
     # unless a later step takes them itself.

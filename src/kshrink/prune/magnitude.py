@@ -59,11 +59,24 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_SPARSITY = 0.5
 
 
+@dataclasses.dataclass
+class PruneState:
+    """What a prune step carries from `prepare` to `finalize`, by layer path."""
+
+    config: Prune | None = None  # the options in effect (targets rescaled for dense layers)
+    schedule: object = None  # the sparsity schedule over the fine-tune's steps
+    counted: set[str] = dataclasses.field(default_factory=set)  # in the summary's total
+    pruned: set[str] = dataclasses.field(default_factory=set)
+    allocation: dict = dataclasses.field(default_factory=dict)  # scope "sensitivity"
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)  # where not `method`
+
+
 class PruneHandler(Handler):
     """Runs `Prune`: wraps the chosen layers, sets masks (at once or along the schedule while
     fine-tuning), bakes the zeros into stock layers at the end."""
 
     trains = True
+    State = PruneState
     settles = True
 
     def prepare(self, model, config: Prune, ctx: StepContext):
@@ -74,7 +87,8 @@ class PruneHandler(Handler):
         dense = {id(v): keras.ops.convert_to_numpy(v.value) for layer in chosen
                  for v in kernel_weights(layer)} if solved or config.refit else {}
         wrapped = wrap(model, effective, layers=chosen, copy=False)
-        ctx.state.update(config=effective, schedule=effective.schedule_for(ctx.train_steps))
+        ctx.state.config = effective
+        ctx.state.schedule = effective.schedule_for(ctx.train_steps)
         if dense:
             # The magnitude masks set each layer's sparsity; the solver picks the weights, and
             # refit fits them toward the unpruned model.
@@ -86,7 +100,7 @@ class PruneHandler(Handler):
                 prune_from_calibration(wrapped, effective, ctx, unpruned)
             for handle in _IN_PLACE.get(wrapped, ()):  # the solver sees the graph's layers
                 if solved:
-                    ctx.state["methods"][path_of(handle.layer)] = (
+                    ctx.state.methods[path_of(handle.layer)] = (
                         f"magnitude: {config.method} does not reach layers inside custom "
                         "layers yet")
                 for w, mask in zip(handle.pruned, handle.masks):
@@ -102,32 +116,33 @@ class PruneHandler(Handler):
     def callbacks(self, model, config: Prune, ctx: StepContext):
         if config.method != "magnitude":
             return []  # the masks are the solver's; fine-tuning trains the weights it kept
-        return [PruningCallback(model, ctx.state["config"], schedule=ctx.state["schedule"])]
+        return [PruningCallback(model, ctx.state.config, schedule=ctx.state.schedule)]
 
     def finalize(self, model, config: Prune, ctx: StepContext):
         fixed = config.method != "magnitude"
-        stripped = strip(model, None if fixed else ctx.state["config"])
+        state: PruneState = ctx.state
+        stripped = strip(model, None if fixed else state.config)
         zeros_total = size_total = 0
         for layer in leaf_layers(stripped):
-            if path_of(layer) in ctx.state["counted"]:
+            if path_of(layer) in state.counted:
                 weights = [np.asarray(keras.ops.convert_to_numpy(w.value))
                            for w in kernel_weights(layer)]
                 size = sum(w.size for w in weights)
                 zeros = sum(int(np.sum(w == 0)) for w in weights)
                 zeros_total, size_total = zeros_total + zeros, size_total + size
-                if path_of(layer) in ctx.state["pruned"]:
+                if path_of(layer) in state.pruned:
                     target = ("global threshold" if config.scope == "global" else
-                              f"target {ctx.state['config'].sparsity_for(layer):.3f}")
-                    if allocated := ctx.state.get("allocation", {}).get(path_of(layer)):
+                              f"target {state.config.sparsity_for(layer):.3f}")
+                    if allocated := state.allocation.get(path_of(layer)):
                         target += (f" from sensitivity: output error {allocated.error:.2g} "
                                    "with it alone pruned")
-                    how = ctx.state.get("methods", {}).get(path_of(layer), config.method)
+                    how = state.methods.get(path_of(layer), config.method)
                     ctx.applied(layer, f"sparsity {zeros / size:.3f} ({target}, "
                                        f"{config.pattern}, {how})")
         ctx.sort_results(stripped)
         overridden = (f", {len(config.overrides)} override(s)" if config.overrides else "")
         reached = (f"sparsity {zeros_total / size_total:.3f} over the {size_total:,} "
-                   f"weights of {len(ctx.state['counted'])} layers "
+                   f"weights of {len(state.counted)} layers "
                    f"(target {config.target_sparsity:.3f}, {config.scope} scope{overridden})")
         ctx.summary = f"{reached}; {ctx.summary}" if ctx.summary else reached
         return stripped
@@ -155,7 +170,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
     in_place = (lambda layer: True) if fixed or ctx.train_steps is None else None
     chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place,
                                "schedule: one_shot prunes it where it stands")
-    ctx.state["counted"] = {path_of(l) for l in chosen}
+    ctx.state.counted = {path_of(l) for l in chosen}
     for override in config.overrides:
         override.layers.resolve(chosen)  # each must match a layer the step prunes
     # Layers an override names prune to its sparsity; the target holds over the others.
@@ -182,7 +197,7 @@ def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]
         for w in kernel_weights(layer):
             masklib.check_fits(config.pattern_spec, tuple(w.shape), output_axes(layer, w.name),
                                f"layer {path_of(layer)!r} ({w.name} {tuple(w.shape)})")
-    ctx.state["pruned"] = {path_of(l) for l in chosen}
+    ctx.state.pruned = {path_of(l) for l in chosen}
     return chosen, effective
 
 
@@ -195,7 +210,7 @@ def _measured_targets(model, chosen: list, config: Prune, ctx: StepContext) -> P
                           cap=config.max_layer_sparsity,
                           prune=pruned_alone(model, chosen, config, x),
                           progress=within(ctx.progress, "prune, sensitivity"))
-    ctx.state["allocation"] = allocation
+    ctx.state.allocation = allocation
     spread = sorted(allocation.values(), key=lambda a: a.sparsity)
     ctx.note(f"sensitivity: {len(allocation)} layers pruned alone ({config.method}) and "
              f"measured on {example_count(probe)} examples; sparsity from "
@@ -266,7 +281,8 @@ def wrap(model: keras.Model, config: Prune, *, layers=None, copy: bool = True) -
     if copy:
         model = copy_model(model)
     if layers is None:
-        layers, config = _choose_layers(model, config, StepContext(original=model))
+        ctx = StepContext(original=model, state=PruneState())
+        layers, config = _choose_layers(model, config, ctx)
     ids = {id(l) for l in layers if not owner_of(l)}
     wrapped = replace_layers(model, lambda l: PruneWrapper(l) if id(l) in ids else l)
     _OPTIONS[wrapped] = config  # what PruningCallback and strip use by default

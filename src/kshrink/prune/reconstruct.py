@@ -26,7 +26,7 @@ from kshrink.reconstruct.solvers import ungrouped
 def prune_from_calibration(model, config, ctx, unpruned) -> None:
     """Re-chooses, in place, the masks and kept weights of every `PruneWrapper` of `model`
     that the method takes; the others keep their magnitude masks, recorded in
-    `ctx.state["methods"]`.
+    `ctx.state.methods`.
 
     Each layer is solved toward the output of `unpruned` (`unmasked(model)` before any
     weight was zeroed).
@@ -41,7 +41,7 @@ def prune_from_calibration(model, config, ctx, unpruned) -> None:
             methods[path_of(wrapper.layer)] = f"magnitude: {config.method} does not take {reason}"
         else:
             targets.append((wrapper, wrapper.layer))
-    ctx.state["methods"] = methods
+    ctx.state.methods = methods
     pattern = config.pattern_spec
     n_of_m = (pattern.n, pattern.m) if pattern.is_n_of_m else None
 

@@ -30,7 +30,7 @@ from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 def _solvable(model, plans: dict, ctx) -> list:
     """The planned integer layers a calibration method takes, in order; those it does not are
-    recorded in `ctx.state["rounded"]` with the reason (they are rounded to nearest)."""
+    recorded in `ctx.state.rounded` with the reason (they are rounded to nearest)."""
     chosen, rounded = [], {}
     for layer in leaf_layers(model):
         plan = plans.get(path_of(layer))
@@ -42,7 +42,7 @@ def _solvable(model, plans: dict, ctx) -> list:
             rounded[path_of(layer)] = reason
         else:
             chosen.append(layer)
-    ctx.state["rounded"] = rounded
+    ctx.state.rounded = rounded
     return chosen
 
 
@@ -54,7 +54,7 @@ def _grid(plan) -> tuple[int, int | None]:
 def gptq_scales(model, plans: dict, config, ctx) -> dict:
     """Runs GPTQ on every planned integer layer it takes, in place, and returns the grid of
     each: `{layer name: {kernel name: scales (groups, output channels)}}`. Layers it does not
-    take are recorded in `ctx.state["rounded"]` with the reason."""
+    take are recorded in `ctx.state.rounded` with the reason."""
     x = calibration_inputs(ctx.data, config.calibration_samples, "quantize: method gptq")
     targets = [(layer, layer) for layer in _solvable(model, plans, ctx)]
     found = {}

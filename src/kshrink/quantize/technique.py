@@ -84,9 +84,22 @@ class _Plan:
     group_size: int | None
 
 
+@dataclasses.dataclass
+class QuantizeState:
+    """What a quantize step carries from `prepare` to `finalize`, by layer path."""
+
+    solver: str | None = None  # the calibration method's name, for the report
+    plans: dict = dataclasses.field(default_factory=dict)  # mode and grid per layer
+    ranges: dict = dataclasses.field(default_factory=dict)  # calibrated input ranges
+    held: tuple = ()  # zeros held while QAT trains (preserve_sparsity)
+    rounded: dict[str, str] = dataclasses.field(default_factory=dict)  # why not solved
+
+
 class QuantizeHandler(Handler):
     """Runs `Quantize`: folds BatchNormalization, then rounds each chosen layer's kernels to
     integers (by its method) in kshrink's or Keras' quantized layers."""
+
+    State = QuantizeState
 
     def trains_with(self, config: Quantize) -> bool:
         return config.qat
@@ -120,9 +133,9 @@ class QuantizeHandler(Handler):
         plans = _plans(model, chosen, config, ctx)
         ranges = _calibrate(model, plans, config, ctx)
         solver = {"gptq": gptq_scales, "adaround": adaround_scales}.get(config.method)
-        ctx.state["solver"] = {"gptq": "GPTQ", "adaround": "AdaRound"}.get(config.method)
+        ctx.state.solver = {"gptq": "GPTQ", "adaround": "AdaRound"}.get(config.method)
         scales = solver(model, plans, config, ctx) if solver else {}
-        ctx.state.update(plans=plans, ranges=ranges)
+        ctx.state.plans, ctx.state.ranges = plans, ranges
         if not config.qat:
             return _quantize(model, plans, ranges, config, ctx, scales)
         integer = {name for name, plan in plans.items() if plan.mode in INTEGER_MODES}
@@ -138,26 +151,26 @@ class QuantizeHandler(Handler):
 
         model = replace_layers(model, wrap)
         if config.preserve_sparsity:
-            ctx.state["held"] = hold_zeros([w for layer in leaf_layers(model)
-                                            if isinstance(layer, QuantizeAwareWrapper)
-                                            for w in kernel_weights(layer.layer)])
+            ctx.state.held = hold_zeros([w for layer in leaf_layers(model)
+                                          if isinstance(layer, QuantizeAwareWrapper)
+                                          for w in kernel_weights(layer.layer)])
         return model
 
     def finalize(self, model, config: Quantize, ctx: StepContext):
         if not config.qat:
             return model
-        held = ctx.state.get("held", ())
+        held = ctx.state.held
         release_zeros(held)
         if held:
             ctx.summary = (f"the zeros of {len(held)} pruned kernel(s) kept while training "
                            "(preserve_sparsity)")
-        ranges = dict(ctx.state["ranges"])
+        ranges = dict(ctx.state.ranges)
         for layer in leaf_layers(model):
             if isinstance(layer, QuantizeAwareWrapper) and layer.learned_range():
-                ranges[layer.layer.name] = layer.learned_range()
+                ranges[path_of(layer.layer)] = layer.learned_range()
         model = replace_layers(
             model, lambda l: l.layer if isinstance(l, QuantizeAwareWrapper) else l)
-        return _quantize(model, ctx.state["plans"], ranges, config, ctx)
+        return _quantize(model, ctx.state.plans, ranges, config, ctx)
 
 
 def _fold_batchnorm(model, ctx: StepContext):
@@ -348,10 +361,10 @@ def _quantize(model, plans, ranges, config: Quantize, ctx: StepContext, scales=N
 
 def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
     key = path_of(layer)
-    method = ctx.state.get("solver", "GPTQ")
+    method = ctx.state.solver or "GPTQ"
     if key in scales:
         return f"{by}, {method}"
-    rounded = ctx.state.get("rounded", {})
+    rounded = ctx.state.rounded
     if key in rounded:
         return f"{by}; rounded to nearest, as {method} does not take {rounded[key]}"
     if scales and isinstance(layer, keras.layers.Embedding):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kshrink
-from kshrink.core.graph import layer_inputs
+from kshrink.reconstruct.sequential import visit_inputs
 from kshrink.errors import KshrinkError, RecipeError
 
 from conftest import small_cnn
@@ -76,7 +76,7 @@ def test_batchnorm_statistics_move_by_the_shift_compression_caused(trained, digi
     assert "BatchNorm statistics re-estimated (256 examples, 1 layer)" in report.steps[0].summary
 
     def bn_input(model):
-        (_, values), = layer_inputs(model, x, {id(model.get_layer("bn1"))})
+        values = _inputs_of(model.get_layer("bn1"), model, x)
         return np.asarray(values, dtype="float64").reshape(-1, 8)
 
     before, after = bn_input(trained), bn_input(small)
@@ -105,7 +105,7 @@ def test_after_a_fine_tune_statistics_are_estimated_anew(trained, digits):
         trained, kshrink.Prune(sparsity=0.5, reestimate_batchnorm=True), data=(x, y),
         fine_tune=kshrink.FineTune(epochs=1, steps_per_epoch=3, learning_rate=1e-2,
                                    verbose=False, seed=0))
-    (_, values), = layer_inputs(small, x, {id(small.get_layer("bn1"))})
+    values = _inputs_of(small.get_layer("bn1"), small, x)
     values = np.asarray(values, dtype="float64").reshape(-1, 8)
     bn = small.get_layer("bn1")
     numpy = keras.ops.convert_to_numpy
@@ -271,3 +271,11 @@ def test_integer_pixels_reach_the_first_layer_as_the_model_input_type(digits):
              for x in (pixels, pixels.astype("float32"))]
     x = digits.test[0][:32].astype("float32")
     np.testing.assert_array_equal(small[0].predict(x, verbose=0), small[1].predict(x, verbose=0))
+
+
+def _inputs_of(layer, model, x):
+    """`layer`'s input when `model` runs on `x`."""
+    found = []
+    visit_inputs(model, x, {id(layer)},
+                 lambda _, batches: found.extend(np.asarray(b) for b in batches))
+    return np.concatenate(found)

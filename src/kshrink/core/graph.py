@@ -460,20 +460,3 @@ def graph_calls(model: keras.Model) -> tuple[list, list, list]:
     calls, inputs, outputs = graph_program(model)
     return [(c.layer, c.inputs, c.outputs) for c in calls], inputs, outputs
 
-
-def layer_inputs(model: keras.Model, x, wanted: set, batch_size: int = 128) -> list:
-    """(layer, its input on `x`) for each top-level layer of `model` whose id is in `wanted`
-    or that is a nested model holding such a layer."""
-    def needed(layer):
-        return id(layer) in wanted or (isinstance(layer, keras.Model)
-                                       and any(id(l) in wanted for l in _all_layers(layer)))
-
-    calls, inputs, _ = graph_calls(model)
-    captured = [(layer, ins[0]) for layer, ins, _ in calls if needed(layer)]
-    if not captured:
-        return []
-    probe = keras.Model(inputs, [tensor for _, tensor in captured])
-    outputs = probe.predict(x, batch_size=batch_size, verbose=0)
-    if len(captured) == 1:
-        outputs = [outputs]
-    return [(layer, values) for (layer, _), values in zip(captured, outputs)]

@@ -58,16 +58,16 @@ from kshrink._stderr import quiet_stderr
 from kshrink.core.atomic import atomic_output
 from kshrink.core.data import (
     check_data,
-    example_count,
     example_inputs,
     model_inputs,
     split_labels,
 )
-from kshrink.core.graph import graph_calls, is_plain, layer_inputs, leaf_layers, rewrite
+from kshrink.core.graph import graph_calls, is_plain, leaf_layers, rewrite
 from kshrink.deploy import weights
 from kshrink.errors import KshrinkError
 from kshrink.layers import QuantizedKernels, integer_kernels, kernel_specs, kernel_weights
 from kshrink.layers import quantization as layer_quantization
+from kshrink.reconstruct.sequential import visit_inputs
 
 FORMATS = {".tflite": "litert", ".onnx": "onnx"}
 # Where Keras can write each format with what is installed (JAX's ONNX path needs jax2onnx).
@@ -75,7 +75,7 @@ BACKENDS = {"litert": ("tensorflow",), "onnx": ("tensorflow", "torch")}
 QUANTIZATIONS = ("auto", "none", "weights", "dynamic", "int8")
 SPARSE = 0.5  # a kernel this share zeros goes to LiteRT in its sparse encoding
 MAX_SAMPLES = 65_536  # calibration and check inputs: a few hundred is plenty
-RANGE_BATCH = 32  # examples whose layer inputs are held at once while ranges are measured
+RANGE_BATCH = 32  # examples a batch while layer input ranges are measured
 RUNTIMES = ("keras", *BACKENDS)  # where a model can be timed: Keras itself, or an export
 RUNTIME_NAMES = {"keras": "Keras", "litert": "LiteRT", "onnx": "ONNX Runtime"}
 # ONNX Runtime's wheels (1.30 on) send telemetry on Linux and macOS and leave its session file
@@ -332,15 +332,14 @@ def float_twin(model: keras.Model, calibration=None) -> tuple[keras.Model, list[
     if calibration is not None:
         wanted = {id(layer) for layer, inputs, _ in calls if id(layer) not in ranges
                   and len(inputs) == 1 and kernel_specs(layer)}
-        # A few examples at a time: every layer's inputs at once for all of them took GBs.
-        count = example_count(calibration)
-        for start in range(0, count, RANGE_BATCH):
-            chunk = keras.tree.map_structure(lambda v: v[start:start + RANGE_BATCH],
-                                             calibration)
-            for layer, values in layer_inputs(model, chunk, wanted):
+
+        def widen(layer, batches):
+            for values in batches:
                 low, high = ranges.get(id(layer), (0.0, 0.0))
                 ranges[id(layer)] = (min(float(np.min(values)), low),
                                      max(float(np.max(values)), high))
+
+        visit_inputs(model, calibration, wanted, widen, RANGE_BATCH)
     after, before = {}, {}
     for layer, inputs, _ in calls:
         if id(layer) not in ranges:

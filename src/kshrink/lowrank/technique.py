@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import (
@@ -12,7 +13,6 @@ from kshrink.core.graph import (
     inline_encoders,
     is_functional,
     is_plain,
-    layer_inputs,
     owner_of,
     path_of,
     rewrite,
@@ -38,6 +38,7 @@ from kshrink.lowrank.factorize import (
     parameters,
     rank_for_tolerance,
 )
+from kshrink.reconstruct.sequential import visit_inputs
 
 
 class LowRankHandler(Handler):
@@ -77,8 +78,12 @@ class LowRankHandler(Handler):
                 raise KshrinkError("low_rank: tolerance measures output error on data: pass "
                                    "data=(x, y) to compress")
             x = model_inputs(ctx.data, config.calibration_samples)
-            inputs = {layer.name: values for layer, values in
-                      layer_inputs(model, x, {id(layer) for layer in chosen})}
+
+            def record(layer, batches):
+                inputs[layer.name] = np.concatenate([keras.ops.convert_to_numpy(b)
+                                                     for b in batches])
+
+            visit_inputs(model, x, {id(layer) for layer in chosen}, record)
         replacements = {}
         for layer in counting(ctx.progress, "low_rank: factorizing", chosen, path_of):
             svd = Factorization.of(layer)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kshrink.core.graph import layer_inputs
 from kshrink.errors import KshrinkError
+from kshrink.reconstruct.sequential import visit_inputs
 
 METHODS = ("minmax", "percentile", "mse")
 _MSE_VALUES = 1 << 20  # values sampled for the MSE search
@@ -51,11 +51,13 @@ def input_ranges(model: keras.Model, x, layers, *, method: str = "percentile",
 
 
 def _collect(model, x, wanted: set, ranges: dict, batch_size: int, reduce) -> None:
-    for layer, values in layer_inputs(model, x, wanted, batch_size):
-        if isinstance(layer, keras.Model):
-            _collect(layer, values, wanted, ranges, batch_size, reduce)
-        else:
-            ranges[layer.name] = reduce(np.asarray(values, dtype="float32"))
+    def visit(layer, batches):
+        low, high = reduce(np.concatenate([np.asarray(b, dtype="float32") for b in batches]))
+        if layer.name in ranges:  # a shared layer: the range of all its calls
+            low, high = min(low, ranges[layer.name][0]), max(high, ranges[layer.name][1])
+        ranges[layer.name] = low, high
+
+    visit_inputs(model, x, wanted, visit, batch_size)
 
 
 def clip_range(values: np.ndarray, method: str = "minmax", percentile: float = 99.99,

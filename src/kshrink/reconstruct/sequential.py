@@ -296,8 +296,18 @@ def _moments(layer, inputs) -> tuple[np.ndarray, np.ndarray]:
     return mean, variance
 
 
+def visit_inputs(model: keras.Model, x, wanted: set, visit, batch_size: int = 128) -> None:
+    """`visit(layer, its input per batch as NumPy arrays)` for each layer of `model` (at any
+    depth, inside custom layers too) whose id is in `wanted`, as `model` runs on `x` (an
+    array, or a dict or list of arrays) in batches of `batch_size`. Only the tensors still
+    needed are kept, in memory up to `STREAM_MEMORY` bytes and on disk past it (see
+    `run_layer_by_layer`); the inputs are valid during the visit only. A layer called more
+    than once (shared) is visited at each call."""
+    run_layer_by_layer(model, list(_slices(x, batch_size)), wanted, visit, shared=True)
+
+
 def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
-                       reference: keras.Model | None = None) -> None:
+                       reference: keras.Model | None = None, shared: bool = False) -> None:
     """Runs `model` on each batch one layer call at a time, in graph order, every call once,
     until the last layer in `wanted` (ids, at any depth) has run. Before each call of a wanted
     layer, `visit(layer, its input per batch as NumPy arrays)` may change the layer's
@@ -314,7 +324,8 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
     graph is visited as `visit(layer, inputs, the reference layer's inputs)`.
 
     The values of the tensors still needed are held in memory up to `STREAM_MEMORY` bytes,
-    and past it on disk."""
+    and past it on disk. A wanted layer called more than once is refused (its weights would
+    change between its calls), unless `shared`: then each call is visited."""
     calls, inputs, _ = graph_program(model)
 
     def holds(layer):
@@ -336,14 +347,14 @@ def run_layer_by_layer(model: keras.Model, batches: list, wanted: set, visit,
         for i, call in enumerate(calls[:marked[-1] + 1]):
             layer = call.layer
             if id(layer) in wanted:
-                if len(call.inputs) != 1 or id(layer) in visited:
+                if len(call.inputs) != 1 or (id(layer) in visited and not shared):
                     raise KshrinkError(f"reconstruction: layer {layer.name!r} must be called "
                                        "once, on one input")
                 visited.add(id(layer))
                 visit(layer, *[stream.inputs(i) for stream in streams])
             if isinstance(layer, keras.Model) and holds(layer):
                 run_layer_by_layer(layer, [args[0] for args, _ in streams[0].arguments(i)],
-                                   wanted, visit)
+                                   wanted, visit, shared=shared)
             elif not isinstance(layer, keras.Model) and id(layer) not in wanted:
                 inner = _inside(layer, wanted)
                 if inner:
@@ -535,10 +546,6 @@ def _leaves(model):
 
 
 def _slices(x, size: int):
-    if isinstance(x, dict):
-        n = len(next(iter(x.values())))
-        for start in range(0, n, size):
-            yield {k: v[start:start + size] for k, v in x.items()}
-        return
-    for start in range(0, len(x), size):
-        yield x[start:start + size]
+    """`x` (an array, or a dict or list of arrays) in batches of `size` examples."""
+    for start in range(0, example_count(x), size):
+        yield keras.tree.map_structure(lambda v: v[start:start + size], x)

@@ -25,9 +25,9 @@ def split_labels(data, model):
 
 
 def check_data(data, model=None, name: str = "data") -> None:
-    """Raises `KshrinkError` unless `data` (`(x, y)` or `x`; `x` an array or a dict of arrays)
-    is usable: arrays of at least one dimension, at least one example, the same number of
-    examples in every part, finite values, and class labels the model can produce.
+    """Raises `KshrinkError` unless `data` (`(x, y)` or `x`; `x` an array, or a dict or list
+    of arrays) is usable: arrays of at least one dimension, at least one example, the same
+    number of examples in every part, finite values, and class labels the model can produce.
 
     Args:
         data: what the user passed.
@@ -104,8 +104,8 @@ def _check_labels(y: np.ndarray, model, label: str) -> None:
 
 
 def model_inputs(data, limit: int | None = None):
-    """The model inputs of `data` (`(x, y)` or `x`; `x` an array or a dict of arrays), their
-    first `limit` examples if given."""
+    """The model inputs of `data` (`(x, y)` or `x`; `x` an array, or a dict or list of
+    arrays), their first `limit` examples if given."""
     x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
     if limit is None:
         return x
@@ -115,7 +115,7 @@ def model_inputs(data, limit: int | None = None):
 
 
 def example_count(x) -> int:
-    """How many examples the inputs `x` (an array or a dict of arrays) hold."""
+    """How many examples the inputs `x` (an array, or a dict or list of arrays) hold."""
     if isinstance(x, dict):
         return len(next(iter(x.values())))
     return len(x[0]) if isinstance(x, (tuple, list)) else len(x)

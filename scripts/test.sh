@@ -17,7 +17,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
 # worksteal: an idle worker takes queued tests from the busy one, so the few minute-long tests
-# do not leave one core idle at the end (TF run 11:54 -> 11:26).
+# need not leave one core idle at the end (TF run 11:26 and 11:53 against 11:54: within noise).
 KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 "$@" tests
 for backend in jax torch; do
   echo "== the tests marked every_backend, on $backend"

@@ -23,7 +23,7 @@ import numpy as np
 
 import kshrink
 from kshrink.core.graph import path_of
-from kshrink.core.technique import option
+from kshrink.core.options import selection
 from kshrink.layers import kernel_weights, quantization
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -90,5 +90,5 @@ class RoundFloat16(kshrink.Technique):
     ```
     """
 
-    layers: kshrink.Select | None = option(None, "the layers to round (default: all)")
-    exclude: kshrink.Select | None = option(None, "layers to leave alone")
+    layers: kshrink.Select | None = selection("the layers to round (default: all)")
+    exclude: kshrink.Select | None = selection("layers to leave alone")

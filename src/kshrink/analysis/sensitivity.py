@@ -22,7 +22,8 @@ from kshrink.core.graph import path_of
 from kshrink.core.progress import Progress, counting
 from kshrink.core.stream import as_stream
 from kshrink.core.select import Select
-from kshrink.core.technique import StepContext, check_int
+from kshrink.core.options import check_int
+from kshrink.core.technique import StepContext
 from kshrink.layers import keras_quantizes
 from kshrink.measure.accuracy import is_classifier, predict, relative_error, top1_accuracy
 from kshrink.quantize.technique import Quantize, skip_reason

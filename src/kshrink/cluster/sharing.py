@@ -23,16 +23,21 @@ from kshrink.core.progress import within
 from kshrink.layers.quantized import quantization
 from kshrink.layers.specs import as_matrix, from_matrix, kernel_specs
 from kshrink.core.select import Select, shared_level
+from kshrink.core.options import (
+    Flag,
+    Int,
+    OneOf,
+    Overrides,
+    calibration_option,
+    option,
+    selection,
+)
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
     Stage,
     StepContext,
     Technique,
-    check_bool,
-    check_choice,
-    check_int,
-    option,
     register_technique,
 )
 from kshrink.errors import KshrinkError
@@ -274,11 +279,7 @@ class ClusterOverride(LayerOverride):
 
     name = "cluster override"
 
-    clusters: int = option(16, "centroids per layer or channel (2-4096)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_int(self.name, "clusters", self.clusters, low=2, high=4096)
+    clusters: int = option(16, "centroids per layer or channel (2-4096)", Int(low=2, high=4096))
 
 
 @register_technique("cluster", handler=ClusterHandler(), stage=Stage.SHARING)
@@ -321,30 +322,22 @@ class Cluster(Technique):
     ```
     """
 
-    clusters: int = option(16, "centroids per layer or channel (2-4096)")
-    init: str = option("linear", "linear, density or kmeans++")
-    granularity: str = option("layer", "layer or channel")
-    preserve_sparsity: bool = option(True, "zeros stay zero and take no cluster")
+    clusters: int = option(16, "centroids per layer or channel (2-4096)", Int(low=2, high=4096))
+    init: str = option("linear", "linear, density or kmeans++", OneOf(INITS))
+    granularity: str = option("layer", "layer or channel", OneOf(GRANULARITIES))
+    preserve_sparsity: bool = option(True, "zeros stay zero and take no cluster", Flag())
     weighted: bool | None = option(
-        None, "weigh by input energy on data (default: with data, channel granularity)")
+        None, "weigh by input energy on data (default: with data, channel granularity)",
+        Flag(allow_none=True))
     method: str | None = option(None, "kmeans, or gptq: codebooks chosen layer by layer on "
-                                      "data (default: gptq with data and no fine-tuning)")
-    calibration_samples: int = option(256, "weighted and gptq: examples of data used")
-    overrides: tuple[ClusterOverride, ...] = option((), "per-layer cluster counts; first "
-                                                        "match wins")
-    layers: Select | None = option(None, "layers to consider (default: all with kernels)")
-    exclude: Select | None = option(None, "layers to leave unclustered")
-
-    def __post_init__(self):
-        check_int(self.name, "clusters", self.clusters, low=2, high=4096)
-        check_choice(self.name, "init", self.init, INITS)
-        check_choice(self.name, "granularity", self.granularity, GRANULARITIES)
-        check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
-        if self.weighted is not None:
-            check_bool(self.name, "weighted", self.weighted)
-        check_choice(self.name, "method", self.method, METHODS, allow_none=True)
-        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
-        self._read_overrides(ClusterOverride)
+                                      "data (default: gptq with data and no fine-tuning)",
+                                OneOf(METHODS, allow_none=True))
+    calibration_samples: int = calibration_option(256, "weighted and gptq: examples of data "
+                                                       "used")
+    overrides: tuple[ClusterOverride, ...] = option(
+        (), "per-layer cluster counts; first match wins", Overrides(ClusterOverride))
+    layers: Select | None = selection("layers to consider (default: all with kernels)")
+    exclude: Select | None = selection("layers to leave unclustered")
 
     def for_layer(self, layer) -> Cluster:
         """This step as it clusters `layer`: with its override's cluster count, if any."""

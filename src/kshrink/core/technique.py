@@ -1,7 +1,7 @@
 """Techniques: a frozen config (what to do) plus a registered handler (how to do it).
 
 A technique's config is a frozen dataclass deriving from `Technique`; its options are the
-dataclass fields, validated in `__post_init__`. Its handler derives from `Handler` and is
+dataclass fields, each declaring its help and its check (`kshrink.core.options`). Its handler derives from `Handler` and is
 registered for the config type with `register_technique`. `kshrink.compress` looks the
 handler up by config type; recipes look the config class up by registered name, so a recipe
 file can only ever name registered techniques.
@@ -12,20 +12,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.metadata
-import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import keras
 
 from kshrink.core.graph import leaf_layers, owner_of, path_of
 from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
+from kshrink.core.options import Flag, Options, Selection, option
 from kshrink.core.select import Select
 from kshrink.errors import KshrinkError, RecipeError, short
 
 
-@dataclasses.dataclass(frozen=True)
 class Stage(enum.IntEnum):
     """Where a technique's steps go in a recipe: a step may not follow one of a later stage.
     A plugin may register any integer between them (e.g. `Stage.QUANTIZE - 5`: after
@@ -35,66 +34,6 @@ class Stage(enum.IntEnum):
     SPARSITY = 30  # weights set to zero
     SHARING = 40  # weights share values
     QUANTIZE = 90  # weights stored in fewer bits: last
-
-
-class Options:
-    """A frozen dataclass of options that round-trips through plain JSON/YAML data.
-
-    `name` prefixes every error message, so a user knows which part of a recipe is wrong.
-    """
-
-    name: ClassVar[str] = ""
-
-    @classmethod
-    def _fields(cls) -> list:
-        # The options a class declares first, shared keyword-only ones (of every technique)
-        # last, as `__init__` orders them.
-        fields = dataclasses.fields(cls)
-        return [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
-
-    def get_config(self) -> dict:
-        """The options as plain JSON/YAML-friendly values."""
-        config = {}
-        for field in self._fields():
-            value = getattr(self, field.name)
-            if isinstance(value, Select):
-                value = value.get_config()
-            elif isinstance(value, tuple):
-                value = [v.get_config() if isinstance(v, Options) else v for v in value]
-            config[field.name] = value
-        return config
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None):
-        """Builds the config from options; unknown options raise `RecipeError`."""
-        config = dict(config or {})
-        allowed = [field.name for field in cls._fields()]
-        for key in config:
-            if key not in allowed:
-                raise RecipeError(
-                    f"{cls.name}: unknown option {short(key)}. Allowed: {', '.join(allowed)}"
-                )
-        hints = typing.get_type_hints(cls)
-        for key, value in config.items():
-            if value is not None and Select in typing.get_args(hints[key]) + (hints[key],):
-                config[key] = Select.from_config(value)
-        try:
-            return cls(**config)
-        except TypeError as e:
-            raise RecipeError(f"{cls.name}: {e}") from None
-
-    @classmethod
-    def options(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) for each option, for `kshrink techniques`."""
-        hints = typing.get_type_hints(cls)
-        rows = []
-        for field in cls._fields():
-            default = field.default if field.default is not dataclasses.MISSING else None
-            if isinstance(default, Select):
-                default = default.get_config()
-            rows.append((field.name, _type_name(hints[field.name]), default,
-                         field.metadata.get("help", "")))
-        return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,48 +48,32 @@ class Technique(Options):
     stage: ClassVar[int] = 0  # a `Stage`, or a plugin's integer between two
 
     # Keyword-only, so it follows every technique's own options: `Prune(0.9)` still works.
-    reestimate_batchnorm: bool | None = dataclasses.field(
-        default=None, kw_only=True, metadata={"help": (
-            "move BatchNorm statistics by the shift this step caused on data (estimate them "
-            "anew after fine-tuning); default: with data, after a step that does not "
-            "fine-tune or fine-tunes too few steps for the statistics' momentum to follow, "
-            "kept only if the outputs get closer to the original")})
+    reestimate_batchnorm: bool | None = option(
+        None, "move BatchNorm statistics by the shift this step caused on data (estimate them "
+              "anew after fine-tuning); default: with data, after a step that does not "
+              "fine-tune or fine-tunes too few steps for the statistics' momentum to follow, "
+              "kept only if the outputs get closer to the original",
+        Flag(allow_none=True), kw_only=True)
 
     def override_for(self, layer) -> LayerOverride | None:
         """The first of the step's `overrides` that selects `layer`, or None."""
         return next((o for o in getattr(self, "overrides", ()) if o.layers.matches(layer)),
                     None)
 
-    def _read_overrides(self, kind: type[LayerOverride]) -> None:
-        """In `__post_init__`: `overrides` must be a list; plain data becomes `kind`."""
-        if not isinstance(self.overrides, (list, tuple)):
-            raise RecipeError(f"{self.name}: overrides must be a list. "
-                              f"Received: overrides={short(self.overrides)}")
-        object.__setattr__(self, "overrides", tuple(
-            o if isinstance(o, kind) else kind.from_config(o) for o in self.overrides))
-
     def reestimates_batchnorm(self, has_data: bool, trains: bool, stale: bool = False) -> bool:
         """Whether BatchNorm statistics are recomputed on calibration data after this step;
         `stale`: its fine-tune ran too few steps for the moving statistics to follow."""
-        if self.reestimate_batchnorm not in (None, True, False):
-            raise RecipeError(f"{self.name}: reestimate_batchnorm must be true, false or null. "
-                              f"Received: reestimate_batchnorm={short(self.reestimate_batchnorm)}")
         if self.reestimate_batchnorm is None:
             return has_data and (not trains or stale)
         return self.reestimate_batchnorm
-
-
-def option(default, help: str):
-    """A dataclass field with a help text, shown by `kshrink techniques`."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerOverride(Options):
     """Other options for some layers of a step (the first override that matches a layer
     wins). A technique's override class derives from this and adds the options it changes;
-    the technique declares `overrides: tuple[ItsOverride, ...]` and reads them with
-    `Technique.override_for`.
+    the technique declares `overrides: tuple[ItsOverride, ...] = option((), help,
+    Overrides(ItsOverride))` and reads them with `Technique.override_for`.
 
     Args:
         layers: the layers this override applies to.
@@ -158,68 +81,8 @@ class LayerOverride(Options):
 
     name = "override"
 
-    layers: Select | None = option(None, "the layers this override applies to")
-
-    def __post_init__(self):
-        if not isinstance(self.layers, Select):
-            raise RecipeError(f"{self.name}: layers must be a selection, e.g. "
-                              f"{{names: [fc1]}}. Received: layers={self.layers!r}")
-
-
-def check_choice(technique: str, key: str, value, allowed, allow_none: bool = False) -> None:
-    """`value` is one of `allowed` (or None if `allow_none`); the message lists them."""
-    if value not in allowed and not (value is None and allow_none):
-        raise RecipeError(
-            f"{technique}: {key} must be one of {', '.join(map(str, allowed))}"
-            f"{' or null' if allow_none else ''}. "
-            f"Received: {key}={short(value)}"
-        )
-
-
-def check_range(technique: str, key: str, value, low: float, high: float,
-                high_open: bool = False, allow_none: bool = False) -> None:
-    """`low <= value <= high` (or `< high` if `high_open`); the message names the range."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
-        value < high if high_open else value <= high)
-    if not ok:
-        interval = f"[{low}, {high}{')' if high_open else ']'}"
-        raise RecipeError(
-            f"{technique}: {key} must be a number in {interval}. Received: {key}={short(value)}"
-        )
-
-
-def check_bool(technique: str, key: str, value) -> None:
-    """`value` is True or False (not 0, 1 or a string)."""
-    if not isinstance(value, bool):
-        raise RecipeError(f"{technique}: {key} must be true or false. "
-                          f"Received: {key}={short(value)}")
-
-
-# Upper bounds of the integer options that count work or memory: past them a typo (1e20
-# epochs) would run for ever or ask for terabytes, and is refused in one line instead.
-MAX_EPOCHS = 100_000
-MAX_BATCH = 1 << 20
-MAX_STEPS = 1_000_000_000
-MAX_SEED = 2**32 - 1
-
-
-def check_int(technique: str, key: str, value, low: int | None = None,
-              high: int | None = None, allow_none: bool = False) -> None:
-    """`value` is an integer (not a bool) in `[low, high]`; the message names the range."""
-    if value is None and allow_none:
-        return
-    if (not isinstance(value, int) or isinstance(value, bool)
-            or (low is not None and value < low) or (high is not None and value > high)):
-        if high is not None:
-            bound = f"an integer in [{low}, {high}]"
-        else:
-            bound = f"an integer >= {low}" if low is not None else "an integer"
-        raise RecipeError(
-            f"{technique}: {key} must be {bound}{' or null' if allow_none else ''}. "
-            f"Received: {key}={short(value)}"
-        )
+    layers: Select | None = option(None, "the layers this override applies to",
+                                   Selection(required=True))
 
 
 @dataclasses.dataclass
@@ -443,11 +306,3 @@ def registered_techniques() -> list[type[Technique]]:
     """Every registered technique config class, sorted by name."""
     _load_plugins()
     return [_BY_NAME[name] for name in sorted(_BY_NAME)]
-
-
-def _type_name(hint) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " | ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
-                          for a in args)
-    return getattr(hint, "__name__", str(hint))

@@ -19,17 +19,18 @@ from kshrink.core.distribute import DISTRIBUTIONS, DataParallel
 from kshrink.core.graph import copy_model, leaf_layers
 from kshrink.core.select import Select
 from kshrink.core.stream import Stream
-from kshrink.core.technique import (
+from kshrink.core.options import (
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_SEED,
     MAX_STEPS,
+    Flag,
+    Int,
+    Number,
+    OneOf,
     Options,
-    check_bool,
-    check_choice,
-    check_int,
-    check_range,
     option,
+    selection,
 )
 from kshrink.errors import KshrinkError, RecipeError, short
 
@@ -37,6 +38,30 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")
 DISTILL = (False, True, "outputs", "features")
+
+
+def _check_loss(owner: str, key: str, loss):
+    """`auto` or a loss Keras knows by name; anything else is a one-line error now, not a
+    traceback from inside `fit` later."""
+    if loss == "auto":
+        return loss
+    try:
+        known = isinstance(loss, str) and keras.losses.get(loss) is not None
+    except (ValueError, TypeError):
+        known = False
+    if not known:
+        raise RecipeError(f"{owner}: {key} must be auto or a Keras loss name (e.g. "
+                          f"sparse_categorical_crossentropy, mse). Received: "
+                          f"{key}={short(loss)}")
+    return loss
+
+
+def _check_distill(owner: str, key: str, distill):
+    # A bool or a string: 1 == True would otherwise pass as a member of DISTILL.
+    if not isinstance(distill, (bool, str)) or distill not in DISTILL:
+        raise RecipeError(f"{owner}: {key} must be one of false, true, outputs or features. "
+                          f"Received: {key}={short(distill)}")
+    return distill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,56 +119,36 @@ class FineTune(Options):
 
     name = "fine_tune"
 
-    epochs: int = option(1, "passes over the training data per technique")
-    batch_size: int = option(128, "examples per step")
-    learning_rate: float = option(1e-3, "initial learning rate")
-    optimizer: str = option("adam", "adam, adamw or sgd")
-    lr_schedule: str = option("cosine", "cosine or constant")
-    loss: str = option("auto", "a Keras loss name, or auto")
-    distill: bool | str = option(False, "learn from the original: outputs (true) or features")
-    temperature: float = option(4.0, "distillation temperature")
-    distill_weight: float = option(0.5, "weight of the distillation loss")
-    shuffle: bool = option(True, "shuffle the training data every epoch")
-    early_stopping: int | None = option(None, "patience in epochs on validation loss")
-    verbose: bool = option(True, "show training progress")
-    steps_per_epoch: int | None = option(None, "batches per epoch (default: all the data)")
-    clipnorm: float | None = option(None, "clip each gradient to this norm")
-    clipvalue: float | None = option(None, "clip gradient values to +-this")
-    weight_decay: float | None = option(None, "decoupled weight decay")
-    distribution: str | None = option(None, "data_parallel: train on every local device")
-    mixed_precision: str | None = option(None, "mixed_bfloat16 or mixed_float16 compute")
-    freeze: Select | None = option(None, "layers whose weights stay as they are")
-    seed: int | None = option(None, "seed the random generators before each fine-tune")
-
-    def __post_init__(self):
-        check_int(self.name, "epochs", self.epochs, low=1, high=MAX_EPOCHS)
-        check_int(self.name, "batch_size", self.batch_size, low=1, high=MAX_BATCH)
-        check_range(self.name, "learning_rate", self.learning_rate, 1e-9, 10.0)
-        check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
-        check_choice(self.name, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_loss(self.name, self.loss)
-        if not isinstance(self.distill, (bool, str)) or self.distill not in DISTILL:
-            raise RecipeError(f"{self.name}: distill must be one of false, true, outputs or "
-                              f"features. Received: distill={short(self.distill)}")
-        check_range(self.name, "temperature", self.temperature, 1e-3, 1e3)
-        check_range(self.name, "distill_weight", self.distill_weight, 0, 1)
-        check_bool(self.name, "shuffle", self.shuffle)
-        check_int(self.name, "early_stopping", self.early_stopping, low=1, high=MAX_EPOCHS,
-                  allow_none=True)
-        check_bool(self.name, "verbose", self.verbose)
-        check_int(self.name, "steps_per_epoch", self.steps_per_epoch, low=1, high=MAX_STEPS,
-                  allow_none=True)
-        check_range(self.name, "clipnorm", self.clipnorm, 1e-9, 1e9, allow_none=True)
-        check_range(self.name, "clipvalue", self.clipvalue, 1e-9, 1e9, allow_none=True)
-        check_range(self.name, "weight_decay", self.weight_decay, 0.0, 1.0, allow_none=True)
-        check_choice(self.name, "distribution", self.distribution, DISTRIBUTIONS,
-                     allow_none=True)
-        check_choice(self.name, "mixed_precision", self.mixed_precision, MIXED_PRECISION,
-                     allow_none=True)
-        if self.freeze is not None and not isinstance(self.freeze, Select):
-            raise RecipeError(f"{self.name}: freeze must be a kshrink.Select (names, pattern or "
-                              f"types) or null. Received: freeze={short(self.freeze)}")
-        check_int(self.name, "seed", self.seed, low=0, high=MAX_SEED, allow_none=True)
+    epochs: int = option(1, "passes over the training data per technique",
+                         Int(low=1, high=MAX_EPOCHS))
+    batch_size: int = option(128, "examples per step", Int(low=1, high=MAX_BATCH))
+    learning_rate: float = option(1e-3, "initial learning rate", Number(1e-9, 10.0))
+    optimizer: str = option("adam", "adam, adamw or sgd", OneOf(OPTIMIZERS))
+    lr_schedule: str = option("cosine", "cosine or constant", OneOf(LR_SCHEDULES))
+    loss: str = option("auto", "a Keras loss name, or auto", _check_loss)
+    distill: bool | str = option(False, "learn from the original: outputs (true) or features",
+                                 _check_distill)
+    temperature: float = option(4.0, "distillation temperature", Number(1e-3, 1e3))
+    distill_weight: float = option(0.5, "weight of the distillation loss", Number(0, 1))
+    shuffle: bool = option(True, "shuffle the training data every epoch", Flag())
+    early_stopping: int | None = option(None, "patience in epochs on validation loss",
+                                        Int(low=1, high=MAX_EPOCHS, allow_none=True))
+    verbose: bool = option(True, "show training progress", Flag())
+    steps_per_epoch: int | None = option(None, "batches per epoch (default: all the data)",
+                                         Int(low=1, high=MAX_STEPS, allow_none=True))
+    clipnorm: float | None = option(None, "clip each gradient to this norm",
+                                    Number(1e-9, 1e9, allow_none=True))
+    clipvalue: float | None = option(None, "clip gradient values to +-this",
+                                     Number(1e-9, 1e9, allow_none=True))
+    weight_decay: float | None = option(None, "decoupled weight decay",
+                                        Number(0.0, 1.0, allow_none=True))
+    distribution: str | None = option(None, "data_parallel: train on every local device",
+                                      OneOf(DISTRIBUTIONS, allow_none=True))
+    mixed_precision: str | None = option(None, "mixed_bfloat16 or mixed_float16 compute",
+                                         OneOf(MIXED_PRECISION, allow_none=True))
+    freeze: Select | None = selection("layers whose weights stay as they are")
+    seed: int | None = option(None, "seed the random generators before each fine-tune",
+                              Int(low=0, high=MAX_SEED, allow_none=True))
 
     @property
     def distillation(self) -> str | None:
@@ -156,21 +161,6 @@ class FineTune(Options):
             return self.epochs * data.steps_per_epoch(self.batch_size)
         per_epoch = math.ceil(example_count(model_inputs(data)) / self.batch_size)
         return self.epochs * min(per_epoch, self.steps_per_epoch or per_epoch)
-
-
-def _check_loss(name: str, loss) -> None:
-    """`auto` or a loss Keras knows by name; anything else is a one-line error now, not a
-    traceback from inside `fit` later."""
-    if loss == "auto":
-        return
-    try:
-        known = isinstance(loss, str) and keras.losses.get(loss) is not None
-    except (ValueError, TypeError):
-        known = False
-    if not known:
-        raise RecipeError(f"{name}: loss must be auto or a Keras loss name (e.g. "
-                          f"sparse_categorical_crossentropy, mse). Received: "
-                          f"loss={short(loss)}")
 
 
 def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, *,

@@ -5,15 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from kshrink.core.graph import leaf_layers
-from kshrink.core.technique import (
-    Handler,
-    Stage,
-    StepContext,
-    Technique,
-    check_bool,
-    option,
-    register_technique,
-)
+from kshrink.core.options import Flag, option
+from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.core.batchnorm import fold, plan_folds
 
 
@@ -60,9 +53,5 @@ class Fold(Technique):
     ```
     """
 
-    batchnorm: bool = option(True, "fold BatchNormalization into the layer before it")
-    noops: bool = option(True, "remove Dropout, Identity and linear Activation layers")
-
-    def __post_init__(self):
-        check_bool(self.name, "batchnorm", self.batchnorm)
-        check_bool(self.name, "noops", self.noops)
+    batchnorm: bool = option(True, "fold BatchNormalization into the layer before it", Flag())
+    noops: bool = option(True, "remove Dropout, Identity and linear Activation layers", Flag())

@@ -19,16 +19,8 @@ from kshrink.core.graph import (
 )
 from kshrink.core.progress import counting
 from kshrink.core.select import Select
-from kshrink.core.technique import (
-    Handler,
-    Stage,
-    StepContext,
-    Technique,
-    check_int,
-    check_range,
-    option,
-    register_technique,
-)
+from kshrink.core.options import Int, Number, calibration_option, option, selection
+from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.errors import KshrinkError, RecipeError
 from kshrink.layers.transformer import FEEDFORWARD, copy_parts, is_encoder, stock_parts
 from kshrink.lowrank.factorize import (
@@ -169,19 +161,18 @@ class LowRank(Technique):
     ```
     """
 
-    energy: float = option(0.9, "share of singular-value energy kept")
-    tolerance: float | None = option(None, "largest relative output error per layer")
-    rank: int | None = option(None, "one fixed rank for every chosen layer")
-    min_saving: float = option(0.25, "factorize only layers whose kernel shrinks by this share")
-    calibration_samples: int = option(512, "examples used to measure output error")
-    layers: Select | None = option(None, "layers to consider (default: all)")
-    exclude: Select | None = option(None, "layers to leave alone")
+    energy: float = option(0.9, "share of singular-value energy kept", Number(0.0, 1.0))
+    tolerance: float | None = option(None, "largest relative output error per layer",
+                                     Number(0.0, 1.0, allow_none=True))
+    rank: int | None = option(None, "one fixed rank for every chosen layer",
+                              Int(low=1, allow_none=True))
+    min_saving: float = option(0.25, "factorize only layers whose kernel shrinks by this share",
+                               Number(0.0, 1.0, high_open=True))
+    calibration_samples: int = calibration_option(512, "examples used to measure output error")
+    layers: Select | None = selection("layers to consider (default: all)")
+    exclude: Select | None = selection("layers to leave alone")
 
     def __post_init__(self):
-        check_range(self.name, "energy", self.energy, 0.0, 1.0, high_open=False)
+        super().__post_init__()
         if self.energy == 0:
             raise RecipeError(f"{self.name}: energy must be above 0. Received: energy=0")
-        check_range(self.name, "tolerance", self.tolerance, 0.0, 1.0, allow_none=True)
-        check_int(self.name, "rank", self.rank, low=1, allow_none=True)
-        check_range(self.name, "min_saving", self.min_saving, 0.0, 1.0, high_open=True)
-        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)

@@ -30,15 +30,8 @@ from kshrink.core.graph import (
 )
 from kshrink.core.progress import counting
 from kshrink.core.select import Select
-from kshrink.core.technique import (
-    Handler,
-    Stage,
-    StepContext,
-    Technique,
-    check_int,
-    option,
-    register_technique,
-)
+from kshrink.core.options import Int, calibration_option, option, selection
+from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import layer_macs
 from kshrink.layers.transformer import is_encoder
@@ -228,11 +221,8 @@ class DepthPrune(Technique):
     ```
     """
 
-    blocks: int = option(1, "how many residual blocks to remove")
-    calibration_samples: int = option(2048, "examples the output change is measured on")
-    layers: Select | None = option(None, "blocks to consider, by any of their layers")
-    exclude: Select | None = option(None, "blocks to keep, by any of their layers")
-
-    def __post_init__(self):
-        check_int(self.name, "blocks", self.blocks, low=1)
-        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
+    blocks: int = option(1, "how many residual blocks to remove", Int(low=1))
+    calibration_samples: int = calibration_option(2048, "examples the output change is "
+                                                        "measured on")
+    layers: Select | None = selection("blocks to consider, by any of their layers")
+    exclude: Select | None = selection("blocks to keep, by any of their layers")

@@ -34,17 +34,22 @@ from kshrink.layers import (
 from kshrink.layers.specs import matrix_shape
 from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.core.select import Select
+from kshrink.core.options import (
+    Flag,
+    Int,
+    Number,
+    OneOf,
+    Overrides,
+    calibration_option,
+    option,
+    selection,
+)
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
     Stage,
     StepContext,
     Technique,
-    check_bool,
-    check_choice,
-    check_int,
-    check_range,
-    option,
     register_technique,
 )
 from kshrink.errors import KshrinkError, RecipeError
@@ -414,11 +419,8 @@ class SparsityOverride(LayerOverride):
 
     name = "prune override"
 
-    sparsity: float = option(0.5, "fraction of zeros these layers reach")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+    sparsity: float = option(0.5, "fraction of zeros these layers reach",
+                             Number(0.0, 1.0, high_open=True))
 
 
 @register_technique("prune", handler=PruneHandler(), stage=Stage.SPARSITY)
@@ -489,29 +491,40 @@ class Prune(Technique):
     ```
     """
 
-    sparsity: float | None = option(None, "fraction of zeros in [0, 1); default 0.5")
+    sparsity: float | None = option(None, "fraction of zeros in [0, 1); default 0.5",
+                                    Number(0.0, 1.0, high_open=True, allow_none=True))
     pattern: str = option("unstructured", "unstructured, block RxC (e.g. 1x4) or N:M (e.g. 2:4)")
     scope: str | None = option(None, "layer, global or sensitivity (measured, needs data); "
-                                     "default: global for wanda/sparsegpt")
-    schedule: str = option("polynomial", "polynomial, constant or one_shot")
-    initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step")
-    begin_step: int = option(0, "first step that prunes")
-    end_step: int | None = option(None, "step the target is reached (default: 2/3 of training)")
-    frequency: int | None = option(None, "steps between mask updates (default: ramp/10, <= 100)")
-    max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this")
-    skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap")
-    min_fan_in: int = option(32, "layers with fewer weights per output stay dense where cheap")
-    method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)")
-    calibration_samples: int = option(256, "wanda/sparsegpt/refit: examples of data used")
-    refit: bool = option(False, "fit the kept weights block by block on data (one-shot)")
-    iterations: int = option(500, "refit: optimizer steps per block")
-    overrides: tuple[SparsityOverride, ...] = option((), "per-layer sparsity; first match wins")
-    layers: Select | None = option(None, "layers to consider (default: all prunable)")
-    exclude: Select | None = option(None, "layers to leave dense")
+                                     "default: global for wanda/sparsegpt",
+                               OneOf(SCOPES, allow_none=True))
+    schedule: str = option("polynomial", "polynomial, constant or one_shot", OneOf(SCHEDULES))
+    initial_sparsity: float = option(0.0, "polynomial: sparsity at begin_step",
+                                     Number(0.0, 1.0, high_open=True))
+    begin_step: int = option(0, "first step that prunes", Int(low=0))
+    end_step: int | None = option(None, "step the target is reached (default: 2/3 of training)",
+                                  Int(low=0, allow_none=True))
+    frequency: int | None = option(None, "steps between mask updates (default: ramp/10, <= 100)",
+                                   Int(low=1, allow_none=True))
+    max_layer_sparsity: float = option(0.99, "global scope: no layer sparser than this",
+                                       Number(0.0, 1.0, high_open=True))
+    skip_first_last: bool = option(True, "keep the first/last prunable layers dense where cheap",
+                                   Flag())
+    min_fan_in: int = option(32, "layers with fewer weights per output stay dense where cheap",
+                             Int(low=0))
+    method: str = option("magnitude", "magnitude, wanda or sparsegpt (one-shot, needs data)",
+                         OneOf(METHODS))
+    calibration_samples: int = calibration_option(256, "wanda/sparsegpt/refit: examples of "
+                                                       "data used")
+    refit: bool = option(False, "fit the kept weights block by block on data (one-shot)", Flag())
+    iterations: int = option(500, "refit: optimizer steps per block", Int(low=1, high=1_000_000))
+    overrides: tuple[SparsityOverride, ...] = option(
+        (), "per-layer sparsity; first match wins", Overrides(SparsityOverride))
+    layers: Select | None = selection("layers to consider (default: all prunable)")
+    exclude: Select | None = selection("layers to leave dense")
 
     def __post_init__(self):
+        super().__post_init__()
         n = self.name
-        check_range(n, "sparsity", self.sparsity, 0.0, 1.0, high_open=True, allow_none=True)
         pattern = masklib.Pattern.parse(self.pattern)
         if pattern.is_n_of_m and self.sparsity is not None and not np.isclose(
                 self.sparsity, 1 - pattern.n / pattern.m):
@@ -521,28 +534,14 @@ class Prune(Technique):
         if self.scope is None:
             layer_wise = self.method == "magnitude" or self.overrides or pattern.is_n_of_m
             object.__setattr__(self, "scope", "layer" if layer_wise else "global")
-        check_choice(n, "scope", self.scope, SCOPES)
-        check_choice(n, "schedule", self.schedule, SCHEDULES)
-        check_range(n, "initial_sparsity", self.initial_sparsity, 0.0, 1.0, high_open=True)
-        check_int(n, "begin_step", self.begin_step, low=0)
-        check_int(n, "end_step", self.end_step, low=0, allow_none=True)
         if self.end_step is not None and self.end_step < self.begin_step:
             raise RecipeError(
                 f"{n}: end_step must not come before begin_step ({self.begin_step}). "
                 f"Received: end_step={self.end_step}")
-        check_int(n, "frequency", self.frequency, low=1, allow_none=True)
-        check_range(n, "max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0, high_open=True)
-        check_bool(n, "skip_first_last", self.skip_first_last)
-        check_int(n, "min_fan_in", self.min_fan_in, low=0)
-        check_choice(n, "method", self.method, METHODS)
-        check_int(n, "calibration_samples", self.calibration_samples, low=1)
-        check_bool(n, "refit", self.refit)
-        check_int(n, "iterations", self.iterations, low=1, high=1_000_000)
         if self.refit and self.schedule != "one_shot" and not pattern.is_n_of_m:
             raise RecipeError(f"{n}: refit fits the weights kept by masks chosen at once: use "
                               f"schedule one_shot (or an N:M pattern). Received: "
                               f"schedule={self.schedule!r}")
-        self._read_overrides(SparsityOverride)
         if self.scope == "sensitivity" and pattern.is_n_of_m:
             raise RecipeError(f"{n}: pattern {pattern} fixes every layer's sparsity; scope "
                               f"sensitivity chooses it per layer. Use one or the other")

@@ -14,17 +14,8 @@ from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import (as_functional, copy_model, is_plain, leaf_layers, path_of,
                                 replace_layers)
 from kshrink.core.select import Select
-from kshrink.core.technique import (
-    Handler,
-    Stage,
-    StepContext,
-    Technique,
-    check_choice,
-    check_int,
-    check_range,
-    option,
-    register_technique,
-)
+from kshrink.core.options import Int, Number, OneOf, calibration_option, option, selection
+from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.specs import as_matrix, spec_for
@@ -380,23 +371,14 @@ class StructuredPrune(Technique):
     ```
     """
 
-    ratio: float = option(0.5, "share of channels to remove")
-    importance: str = option("l1", "l1, l2, bn_gamma or taylor")
+    ratio: float = option(0.5, "share of channels to remove", Number(0.0, 1.0, high_open=True))
+    importance: str = option("l1", "l1, l2, bn_gamma or taylor", OneOf(IMPORTANCES))
     method: str | None = option(None, "remove, or reconstruct: re-fit the layers reading "
                                       "removed channels on data (default: reconstruct with "
-                                      "data)")
-    scope: str = option("layer", "layer or global")
-    round_to: int = option(1, "keep a multiple of this many channels per layer")
-    min_channels: int = option(1, "fewest channels a layer keeps")
-    calibration_samples: int = option(2048, "examples used by taylor importance")
-    layers: Select | None = option(None, "layers whose channels may be removed (default: all)")
-    exclude: Select | None = option(None, "layers whose channels stay")
-
-    def __post_init__(self):
-        check_range(self.name, "ratio", self.ratio, 0.0, 1.0, high_open=True)
-        check_choice(self.name, "importance", self.importance, IMPORTANCES)
-        check_choice(self.name, "method", self.method, METHODS, allow_none=True)
-        check_choice(self.name, "scope", self.scope, SCOPES)
-        check_int(self.name, "round_to", self.round_to, low=1)
-        check_int(self.name, "min_channels", self.min_channels, low=1)
-        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
+                                      "data)", OneOf(METHODS, allow_none=True))
+    scope: str = option("layer", "layer or global", OneOf(SCOPES))
+    round_to: int = option(1, "keep a multiple of this many channels per layer", Int(low=1))
+    min_channels: int = option(1, "fewest channels a layer keeps", Int(low=1))
+    calibration_samples: int = calibration_option(2048, "examples used by taylor importance")
+    layers: Select | None = selection("layers whose channels may be removed (default: all)")
+    exclude: Select | None = selection("layers whose channels stay")

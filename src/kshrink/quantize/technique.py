@@ -13,17 +13,22 @@ from kshrink.core.classes import is_user_class
 from kshrink.core.data import model_inputs
 from kshrink.core.graph import leaf_layers, owner_of, path_of, replace_layers
 from kshrink.core.select import Select
+from kshrink.core.options import (
+    Flag,
+    Int,
+    Number,
+    OneOf,
+    Overrides,
+    calibration_option,
+    option,
+    selection,
+)
 from kshrink.core.technique import (
     Handler,
     LayerOverride,
     Stage,
     StepContext,
     Technique,
-    check_bool,
-    check_choice,
-    check_int,
-    check_range,
-    option,
     register_technique,
 )
 from kshrink.errors import KshrinkError, RecipeError
@@ -69,13 +74,10 @@ class Override(LayerOverride):
 
     name = "quantize override"
 
-    mode: str = option("int8", "int8, int4, float16, bfloat16 or float")
-    group_size: int | None = option(128, "int4 only: inputs per scale group")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(self.name, "mode", self.mode, MODES + (KEEP_FLOAT,))
-        check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
+    mode: str = option("int8", "int8, int4, float16, bfloat16 or float",
+                       OneOf(MODES + (KEEP_FLOAT,)))
+    group_size: int | None = option(128, "int4 only: inputs per scale group",
+                                    Int(low=1, allow_none=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,43 +450,37 @@ class Quantize(Technique):
     ```
     """
 
-    mode: str = option("int8", "int8, int4, float16 or bfloat16 weights")
+    mode: str = option("int8", "int8, int4, float16 or bfloat16 weights", OneOf(MODES))
     method: str = option("rtn", "rtn (round to nearest), gptq (layer-wise, needs data) or "
-                                "adaround (block-wise learned rounding, needs data)")
+                                "adaround (block-wise learned rounding, needs data)",
+                         OneOf(ROUNDING))
     group_size: int | None = option(
-        128, "int4 only: inputs per scale group; null for per-channel scales")
-    activation_bits: int | None = option(None, "quantize layer inputs to this many bits (8)")
-    calibration: str = option("percentile", "minmax, percentile or mse")
-    percentile: float = option(99.99, "percentile kept by percentile calibration")
-    calibration_samples: int = option(512, "examples used to calibrate")
-    iterations: int = option(500, "adaround: optimizer steps per block")
-    qat: bool = option(False, "quantization-aware training (needs fine_tune)")
-    preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero")
-    fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first")
+        128, "int4 only: inputs per scale group; null for per-channel scales",
+        Int(low=1, allow_none=True))
+    activation_bits: int | None = option(None, "quantize layer inputs to this many bits (8)",
+                                         OneOf((None, 8)))
+    calibration: str = option("percentile", "minmax, percentile or mse", OneOf(METHODS))
+    percentile: float = option(99.99, "percentile kept by percentile calibration",
+                               Number(50, 100))
+    calibration_samples: int = calibration_option(512, "examples used to calibrate")
+    iterations: int = option(500, "adaround: optimizer steps per block",
+                             Int(low=1, high=1_000_000))
+    qat: bool = option(False, "quantization-aware training (needs fine_tune)", Flag())
+    preserve_sparsity: bool = option(True, "qat: zero weights (from pruning) stay zero", Flag())
+    fold_batchnorm: bool = option(True, "fold BatchNorm into the layer before it first", Flag())
     keep_int8: bool = option(True, "int4 CNNs: the first and last layers and depthwise "
-                                   "convolutions stay int8")
-    overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins")
-    layers: Select | None = option(None, "layers to consider (default: all)")
-    exclude: Select | None = option(None, "layers to leave in float")
+                                   "convolutions stay int8", Flag())
+    overrides: tuple[Override, ...] = option((), "per-layer modes; first match wins",
+                                             Overrides(Override))
+    layers: Select | None = selection("layers to consider (default: all)")
+    exclude: Select | None = selection("layers to leave in float")
 
     def __post_init__(self):
-        check_choice(self.name, "mode", self.mode, MODES)
-        check_choice(self.name, "method", self.method, ROUNDING)
+        super().__post_init__()
         if self.method != "rtn" and (self.qat or self.mode in FLOAT_MODES):
             raise RecipeError(f"{self.name}: method {self.method} chooses int8/int4 weights "
                               "after training; it takes neither qat nor float modes. "
                               f"Received: mode={self.mode!r}, qat={self.qat}")
-        check_int(self.name, "iterations", self.iterations, low=1, high=1_000_000)
-        check_int(self.name, "group_size", self.group_size, low=1, allow_none=True)
-        check_choice(self.name, "activation_bits", self.activation_bits, (None, 8))
-        check_choice(self.name, "calibration", self.calibration, METHODS)
-        check_range(self.name, "percentile", self.percentile, 50, 100)
-        check_int(self.name, "calibration_samples", self.calibration_samples, low=1)
-        check_bool(self.name, "qat", self.qat)
-        check_bool(self.name, "preserve_sparsity", self.preserve_sparsity)
-        check_bool(self.name, "fold_batchnorm", self.fold_batchnorm)
-        check_bool(self.name, "keep_int8", self.keep_int8)
         if self.qat and self.mode in FLOAT_MODES:
             raise RecipeError(f"{self.name}: qat applies to int8 and int4. "
                                f"Received: mode={self.mode!r}")
-        self._read_overrides(Override)

@@ -56,9 +56,9 @@ from kshrink.api import compress
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model
 from kshrink.core.progress import Message, Progress, within
+from kshrink.core.options import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_choice,
+                                  check_int, check_range)
 from kshrink.core.recipe import Recipe
-from kshrink.core.technique import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_choice,
-                                    check_int, check_range)
 from kshrink.core.training import FineTune
 from kshrink.deploy import check_runtime
 from kshrink.errors import KshrinkError

@@ -115,19 +115,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=128, help="fine-tuning batch size")
     p.add_argument("--learning-rate", type=float, default=1e-3,
                    help="fine-tuning initial learning rate (cosine decay)")
-    p.add_argument("--latency-batch-size", type=_positive, default=1,
-                   help="latency: the batch size it is timed at")
-    p.add_argument("--latency-runtime", choices=("keras", "litert", "onnx"), default="keras",
-                   help="latency: timed in Keras (predict_on_batch) or exported (float) and "
-                        "timed in the deployment runtime, LiteRT or ONNX Runtime")
+    p.add_argument("--latency-batch-size", type=_positive,
+                   help="latency: the batch size it is timed at (default 1)")
+    p.add_argument("--latency-runtime", choices=("keras", "litert", "onnx"),
+                   help="latency: timed in Keras (predict_on_batch, the default) or exported "
+                        "(float) and timed in the deployment runtime, LiteRT or ONNX Runtime")
     p.add_argument("--techniques", metavar="LIST",
                    help="what the search may use, comma-separated (size: prune, cluster, "
                         "quantize; default prune,cluster; latency, macs: depth_prune, "
                         "structured_prune), or YAML with options, e.g. "
                         "'[{prune: {method: sparsegpt}}, cluster]'")
-    p.add_argument("--channels", choices=("uniform", "per_layer"), default="uniform",
-                   help="latency, macs: one channel ratio for every layer, or one per set of "
-                        "tied layers")
+    p.add_argument("--channels", choices=("uniform", "per_layer"),
+                   help="latency, macs: one channel ratio for every layer (uniform, the "
+                        "default), or one per set of tied layers")
     p.add_argument("--rounds", type=_positive, default=6, help="candidates tried at most")
     p.add_argument("--probe-steps", type=_whole, default=100,
                    help="latency, macs: steps each block or channel probe is fine-tuned for "

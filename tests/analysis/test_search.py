@@ -131,6 +131,10 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(techniques=[{"cluster": {"clusters": 1}}]), "clusters must be an integer"),
     (dict(channels="per_layer"), "removes no channels"),
     (dict(objective="macs", channels="per_stage"), "channels must be one of"),
+    (dict(objective=kshrink.Latency(), latency_runtime="onnx"), "set runtime on it"),
+    (dict(objective="memory", latency_batch_size=8), "memory' is not timed"),
+    (dict(objective=kshrink.Size(), techniques=["depth_prune"]), "not depth_prune"),
+    (dict(objective=lambda: kshrink.Latency(batch_size=0)), "latency: batch_size must be"),
 ])
 def test_bad_input_is_one_line(classifier, digits, call, message):
     options = dict(call)
@@ -138,7 +142,19 @@ def test_bad_input_is_one_line(classifier, digits, call, message):
             "a stream of inputs only": (x for x in np.array_split(digits.train[0], 4))}[
         options.pop("data", None)]
     with pytest.raises(KshrinkError, match=message):
+        if callable(options.get("objective")):
+            options["objective"] = options["objective"]()
         search(classifier, data, **options)
+
+
+def test_an_objective_by_name_and_keywords_is_its_config():
+    from kshrink.analysis.search.objectives import objective_from
+
+    assert objective_from("latency", 4, "keras", "per_layer") == kshrink.Latency(
+        batch_size=4, channels="per_layer")
+    assert objective_from("macs") == kshrink.Macs()
+    assert objective_from(kshrink.Size()) == kshrink.Size()
+    assert kshrink.Latency.from_config(kshrink.Latency(batch_size=8).get_config()).batch_size == 8
 
 
 def test_a_stream_is_searched_on_its_first_examples(classifier, digits):

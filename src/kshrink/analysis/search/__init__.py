@@ -35,6 +35,8 @@ small, report = kshrink.search(model, (x, y), objective="size", max_accuracy_dro
                                epochs=2)
 print(report.to_text())
 print(report.recipe.to_yaml())
+fast, report = kshrink.search(model, (x, y), objective=kshrink.Latency(runtime="onnx"),
+                              max_accuracy_drop=1.0)
 ```
 """
 
@@ -47,35 +49,35 @@ import time
 import keras
 import numpy as np
 
+from kshrink.analysis.search.objectives import (OBJECTIVES, Latency, Macs, Memory, Objective,
+                                                Size, objective_from)
 from kshrink.analysis.search.planner import Plan
 from kshrink.analysis.search.probes import loss_rises, split_held_out, subset
 from kshrink.analysis.search.report import Candidate, SearchReport, describe
-from kshrink.analysis.search.spaces import (LatencySpace, MacsSpace, MemorySpace, SizeSpace,
-                                            templates_for)
+from kshrink.analysis.search.spaces import templates_for
 from kshrink.api import compress
 from kshrink.core.data import example_count, model_inputs
 from kshrink.core.graph import copy_model
 from kshrink.core.progress import Message, Progress, within
-from kshrink.core.options import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_choice,
-                                  check_int, check_range)
+from kshrink.core.options import (MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_int,
+                                  check_range)
 from kshrink.core.recipe import Recipe
 from kshrink.core.training import FineTune
-from kshrink.deploy import check_runtime
 from kshrink.errors import KshrinkError
 from kshrink.measure.accuracy import is_classifier, predict, top1_accuracy
 from kshrink.measure.weights import weight_stats
 
-OBJECTIVES = ("size", "memory", "latency", "macs")
-UNITS = {"size": "bytes", "memory": "bytes", "latency": "us", "macs": "MACs"}
-CHANNEL_SCOPES = ("uniform", "per_layer")
+__all__ = ["search", "Objective", "Size", "Memory", "Latency", "Macs", "OBJECTIVES",
+           "SearchReport", "Candidate"]
 
 
-def search(model: keras.Model, data, *, objective: str = "size",
+def search(model: keras.Model, data, *, objective: str | Objective = "size",
            max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
            batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
            probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
-           latency_batch_size: int = 1, latency_runtime: str = "keras",
-           techniques=None, channels: str = "uniform", progress: Progress | None = None):
+           techniques=None, progress: Progress | None = None,
+           latency_batch_size: int | None = None, latency_runtime: str | None = None,
+           channels: str | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
     accuracy budget.
 
@@ -86,15 +88,18 @@ def search(model: keras.Model, data, *, objective: str = "size",
             `DataLoader`), of which the first 2,048 examples (at most 256 MB) are read and
             searched on as arrays: every candidate is fine-tuned and judged on the same
             examples.
-        objective: `"size"`: bytes of the compact `.kshrink` file, searched over per-layer
-            sparsity (`prune`, 0 to 98%) and per-layer weight encoding: float, or 256 to 4
-            shared values (`cluster`), or int8/int4 (`quantize`); `"memory"`: bytes of the
-            weights held in memory, searched over float/int8/int4 per layer (int4 in groups
-            of 128 inputs; quantization-aware training when `epochs` > 0); `"latency"`: the
-            median time of a forward pass at `latency_batch_size` on this machine, searched
-            over removing each residual block (`depth_prune`) and a share of the channels
-            (`structured_prune`, 0 to 75%), BatchNorm folded; `"macs"`: the same space,
-            counted in multiply-accumulates per example.
+        objective: what to make smaller, an objective config or its name (the config with
+            its defaults): `Size()` (`"size"`): bytes of the compact `.kshrink` file,
+            searched over per-layer sparsity (`prune`, 0 to 98%) and per-layer weight
+            encoding: float, or 256 to 4 shared values (`cluster`), or int8/int4
+            (`quantize`); `Memory()`: bytes of the weights held in memory, searched over
+            float/int8/int4 per layer (int4 in groups of 128 inputs; quantization-aware
+            training when `epochs` > 0); `Latency(batch_size=1, runtime="keras",
+            channels="uniform")`: the median time of a forward pass on this machine, in
+            Keras or in the runtime named, searched over removing each residual block
+            (`depth_prune`) and a share of the channels (`structured_prune`, 0 to 75%),
+            BatchNorm folded; `Macs(channels="uniform")`: the same space, counted in
+            multiply-accumulates per example. See each class for its options.
         max_accuracy_drop: the budget: percentage points of held-out top-1 accuracy the
             result may lose.
         validation_data: the held-out `(x, y)`; default: the last 10% of `data`, and the
@@ -112,12 +117,6 @@ def search(model: keras.Model, data, *, objective: str = "size",
             original at `learning_rate`; 0, or `epochs` 0: measured at once. Sparsity and
             bit-width probes are always measured at once.
         seed: seeds every fine-tune; the same seed and data give the same result.
-        latency_batch_size: the batch size `latency` is timed at.
-        latency_runtime: where `latency` is timed: `"keras"` (`predict_on_batch`), or the
-            runtime the model will be deployed to, `"litert"` or `"onnx"`: every probe and
-            candidate is then exported (float) and timed there (`kshrink.deploy`). Keras
-            adds a fixed cost per call (about 0.5 ms on 2 cores) that a deployment runtime
-            does not, and runtimes time channel counts differently.
         techniques: what the search may use, each a name, `{name: options}` or a
             technique config, e.g. `["prune", "cluster", "quantize"]` or
             `[kshrink.Prune(method="sparsegpt", schedule="one_shot"), "cluster"]`. The
@@ -127,17 +126,17 @@ def search(model: keras.Model, data, *, objective: str = "size",
             leaves out of its `layers`, are not searched). Default: `prune` and `cluster`
             for size, `quantize` for memory, `depth_prune` and `structured_prune` (keeping
             multiples of 4 channels) for latency and macs.
-        channels: `structured_prune`'s ratio: `"uniform"`, one for every layer, or
-            `"per_layer"`, one per set of layers whose channels are tied (e.g. by residual
-            Adds): more probes, a finer choice.
         progress: told of each probe and each round, e.g. `print` or
             `kshrink.core.progress.Console()`.
+        latency_batch_size, latency_runtime, channels: shorthands with an objective's name:
+            `objective="latency", latency_runtime="onnx"` is
+            `objective=Latency(runtime="onnx")`.
 
     Returns:
         `(model, SearchReport)`: the chosen candidate's model (the original, copied, when
         none kept the budget: `report.chosen` is then None) and the report.
     """
-    check_choice("search", "objective", objective, OBJECTIVES)
+    objective = objective_from(objective, latency_batch_size, latency_runtime, channels)
     check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
     check_int("search", "epochs", epochs, low=0, high=MAX_EPOCHS)
     check_int("search", "batch_size", batch_size, low=1, high=MAX_BATCH)
@@ -146,36 +145,17 @@ def search(model: keras.Model, data, *, objective: str = "size",
     check_int("search", "probe_samples", probe_samples, low=1, high=MAX_BATCH)
     check_int("search", "probe_steps", probe_steps, low=0, high=MAX_STEPS)
     check_int("search", "seed", seed, low=0, high=MAX_SEED)
-    check_int("search", "latency_batch_size", latency_batch_size, low=1, high=MAX_BATCH)
-    if latency_runtime != "keras" and objective != "latency":
-        raise KshrinkError(f"search: latency_runtime times the latency objective; objective "
-                           f"{objective!r} is not timed. Received: "
-                           f"latency_runtime={latency_runtime!r}")
-    check_runtime("search", latency_runtime)
-    check_choice("search", "channels", channels, CHANNEL_SCOPES)
     templates = templates_for(objective, techniques)
-    if channels != "uniform" and "structured_prune" not in templates:
-        raise KshrinkError(f"search: channels={channels!r} sets how structured_prune's ratio "
-                           f"is searched, and objective {objective!r} with techniques "
-                           f"{', '.join(templates)} removes no channels")
     train, held = split_held_out(model, data, validation_data)
     x_held, y_held = held
     reference = predict(model, x_held)
     if not is_classifier(reference):
         raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
                            f"class scores. Received: outputs of shape {np.shape(reference)}")
-    if objective == "size":
-        space = SizeSpace(model, templates, trains=bool(epochs))
-    elif objective == "memory":
-        space = MemorySpace(model, templates)
-    elif objective == "macs":
-        space = MacsSpace(model, templates, channels)
-    else:
-        space = LatencySpace(model, templates, x_held, latency_batch_size, latency_runtime,
-                              channels)
+    space = objective.space(model, templates, x_held, trains=bool(epochs))
     if not space.choices:
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
-                           f"{objective}")
+                           f"{objective.name}")
     accuracy = top1_accuracy(reference, y_held)
     fine_tune = FineTune(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                          distill=True, seed=seed) if epochs else None
@@ -207,7 +187,7 @@ def search(model: keras.Model, data, *, objective: str = "size",
                               time.perf_counter() - started)
         candidates.append(candidate)
         if say:
-            say(Message(f"{candidate.objective:,} {UNITS[objective]}, accuracy "
+            say(Message(f"{candidate.objective:,} {objective.unit}, accuracy "
                         f"{100 * measured:.2f}% "
                         f"({100 * (measured - accuracy):+.2f} pp): "
                         + ("within" if candidate.within_budget else "outside") + " the budget",
@@ -217,12 +197,12 @@ def search(model: keras.Model, data, *, objective: str = "size",
                 chosen is None or candidate.objective < candidates[chosen].objective):
             chosen, kept = len(candidates) - 1, small
     report = SearchReport(
-        objective=objective, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
+        objective=objective.name, max_accuracy_drop=max_accuracy_drop, accuracy=accuracy,
         original_objective=space.measure(model), float_bytes=weight_stats(model).bytes,
         training_examples=example_count(model_inputs(train)),
         held_out_examples=example_count(x_held),
         loss_rise={p: tuple(zip(space.choices[p], r)) for p, r in rise.items()},
         candidates=tuple(candidates),
         chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0,
-        latency_runtime=latency_runtime)
+        latency_runtime=objective.runtime)
     return (copy_model(model) if kept is None else kept), report

@@ -15,7 +15,7 @@ from kshrink.artifact import save as save_compact
 from kshrink.cluster import Cluster
 from kshrink.core.graph import leaf_layers, path_of
 from kshrink.core.select import Select, shared_level
-from kshrink.core.technique import Technique, handler_for, registered_techniques, technique_class
+from kshrink.core.technique import Technique, handler_for, technique_class
 from kshrink.deploy import in_runtime
 from kshrink.errors import KshrinkError
 from kshrink.fold import Fold
@@ -32,13 +32,6 @@ SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
 CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
-TECHNIQUES = {  # what each objective can search besides ones that offer size levels (below)
-    "size": ("prune",), "memory": ("quantize",),
-    "latency": ("depth_prune", "structured_prune"), "macs": ("depth_prune", "structured_prune"),
-}
-DEFAULT_TECHNIQUES = {"size": ("prune", "cluster"), "memory": ("quantize",),
-                      "latency": ("depth_prune", "structured_prune"),
-                      "macs": ("depth_prune", "structured_prune")}
 # What a technique named without options starts from (the search sets its level and layers)
 DEFAULT_TEMPLATES = {"prune": Prune(schedule="one_shot"), "cluster": Cluster(),
                      "quantize": Quantize(), "depth_prune": DepthPrune(),
@@ -364,14 +357,13 @@ class MacsSpace(LatencySpace):
         return self.base - self.measure(model)
 
 
-def templates_for(objective: str, techniques) -> dict:
+def templates_for(objective, techniques) -> dict:
     """`techniques` (names, `{name: options}` or configured techniques; None: the
-    objective's defaults) as name -> the technique config the search varies the level of."""
-    allowed = TECHNIQUES[objective] + (tuple(
-        cls.name for cls in registered_techniques()
-        if handler_for(cls).offers_size_levels()) if objective == "size" else ())
+    objective's defaults) as name -> the technique config the search varies the level of;
+    `objective`: an `Objective`."""
+    allowed = objective.allowed()
     if techniques is None:
-        techniques = DEFAULT_TECHNIQUES[objective]
+        techniques = objective.default_techniques
     elif isinstance(techniques, (str, Technique, dict)):
         techniques = [techniques]
     templates = {}
@@ -387,7 +379,7 @@ def templates_for(objective: str, techniques) -> dict:
                                    f"technique config. Received: {entry!r}")
             technique_class(name)  # an unknown name is one line naming the known ones
         if name not in allowed:
-            raise KshrinkError(f"search: objective {objective!r} searches "
+            raise KshrinkError(f"search: objective {objective.name!r} searches "
                                f"{', '.join(allowed)}; not {name}. Received: "
                                f"techniques={_names(techniques)}")
         if name in templates:
@@ -398,12 +390,9 @@ def templates_for(objective: str, techniques) -> dict:
             template = type(base).from_config({**base.get_config(), **(options or {})})
         templates[name] = template
     if not templates:
-        raise KshrinkError(f"search: techniques is empty; objective {objective!r} searches "
-                           f"{', '.join(allowed)}")
-    prune = templates.get("prune")
-    if prune is not None and prune.pattern_spec.is_n_of_m:
-        raise KshrinkError(f"search: pattern {prune.pattern} fixes each layer's sparsity, and "
-                           "the search chooses it: give prune an unstructured or block pattern")
+        raise KshrinkError(f"search: techniques is empty; objective {objective.name!r} "
+                           f"searches {', '.join(allowed)}")
+    objective.check_templates(templates)
     return templates
 
 

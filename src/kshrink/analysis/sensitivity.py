@@ -16,10 +16,10 @@ import dataclasses
 import keras
 import numpy as np
 
-from kshrink.api import compress
+from kshrink.analysis.search.probes import probe_each
 from kshrink.core.data import check_data, example_count, labels_of, model_inputs, split_labels
 from kshrink.core.graph import path_of
-from kshrink.core.progress import Progress, counting
+from kshrink.core.progress import Progress
 from kshrink.core.stream import as_stream
 from kshrink.core.select import Select
 from kshrink.core.options import check_int
@@ -113,14 +113,16 @@ def sensitivity(model: keras.Model, data, *, mode: str = "int8",
     # Layers inside custom layers too: Keras quantizes those in place.
     candidates = StepContext(original=model).choose_layers(model, None, None, skip_reason,
                                                            in_place=keras_quantizes)
-    entries = []
-    for layer in counting(progress, f"sensitivity at {mode}", candidates, path_of):
-        config = Quantize(mode=mode, group_size=group_size, keep_int8=False,
-                          layers=Select(names=(path_of(layer),)))
-        quantized, _ = compress(model, config, verbose=False)
-        outputs = predict(quantized, x)
-        error = relative_error(reference, outputs)
+    def measure(outputs):
         drop = None if accuracy is None else 100 * (accuracy - top1_accuracy(outputs, y))
-        entries.append(LayerSensitivity(path_of(layer), type(layer).__name__, drop, error))
+        return drop, relative_error(reference, outputs)
+
+    work = [(path_of(layer), [Quantize(mode=mode, group_size=group_size, keep_int8=False,
+                                       layers=Select(names=(path_of(layer),)))])
+            for layer in candidates]
+    measured = probe_each(model, work, x, measure, progress=progress,
+                          title=f"sensitivity at {mode}")
+    entries = [LayerSensitivity(path_of(layer), type(layer).__name__,
+                                *measured[path_of(layer)]) for layer in candidates]
     entries.sort(key=lambda e: (-(e.accuracy_drop or 0.0), -e.output_error))
     return SensitivityReport(mode, accuracy, tuple(entries))

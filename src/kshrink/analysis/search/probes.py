@@ -57,6 +57,31 @@ def subset(data, limit: int):
     return model_inputs(data, limit), np.asarray(labels_of(data))[:limit]
 
 
+def probe_each(model, work, x, measure, *, data=None, fine_tune=None, progress=None,
+               title: str = "probing", label=str, seen=None) -> dict:
+    """The probe engine of `search` and `sensitivity`: for each `(key, steps)` of `work`,
+    `model` compressed by `steps` alone (a recipe; none: left out) on `data`, fine-tuned with
+    `fine_tune` if given, and `measure(outputs)` of it on `x`.
+
+    Args:
+        label: `key -> str` for the progress line of each probe.
+        seen: `(key, model) -> None`, shown each probe's model (e.g. to time it).
+
+    Returns:
+        key -> what `measure` returned, for every key with steps.
+    """
+    measured = {}
+    for key, steps in counting(progress, title, work, lambda item: label(item[0])):
+        if not steps:
+            continue
+        alone, _ = compress(model, steps, data=data, fine_tune=fine_tune, fidelity_samples=0,
+                            verbose=False)
+        if seen is not None:
+            seen(key, alone)
+        measured[key] = measure(predict(alone, x))
+    return measured
+
+
 def loss_rises(model, space, probe, progress, train, recover=None) -> dict:
     """Per dimension, the held-out loss rise at each level with that one alone compressed
     (calibrated on as many examples of `train` as `probe` holds; or fine-tuned on `train`
@@ -65,24 +90,21 @@ def loss_rises(model, space, probe, progress, train, recover=None) -> dict:
     x, y = probe
     loss = task_loss(model, y)
     base = _loss(loss, y, predict(model, x))
-    work = [(path, level) for path, levels in space.choices.items() for level in levels]
-    measured = {}
+    work = []
+    for path, levels in space.choices.items():
+        for level in levels:
+            steps = space.probe(path, level)
+            if steps and recover:  # BatchNorm's moving averages lag a short fine-tune
+                steps = [dataclasses.replace(steps[0], reestimate_batchnorm=True), *steps[1:]]
+            work.append(((path, level), steps))
     title = "search: probing layers one at a time" + (
         f", each fine-tuned {recover.steps_per_epoch} steps" if recover else "")
-    for path, level in counting(progress, title, work,
-                                lambda item: f"{item[0]} at {level_text(item[1])}"):
-        steps = space.probe(path, level)
-        if not steps:
-            measured[path, level] = 0.0
-            continue
-        if recover:  # BatchNorm's moving averages lag a short fine-tune: estimated anew
-            steps = [dataclasses.replace(steps[0], reestimate_batchnorm=True), *steps[1:]]
-        data = train if recover else subset(train, example_count(x))
-        alone, _ = compress(model, steps, data=data, fine_tune=recover, fidelity_samples=0,
-                            verbose=False)
-        space.observe(path, level, alone)
-        measured[path, level] = max(_loss(loss, y, predict(alone, x)) - base, 0.0)
-    return {path: list(np.maximum.accumulate([measured[path, lv] for lv in levels]))
+    measured = probe_each(
+        model, work, x, lambda outputs: max(_loss(loss, y, outputs) - base, 0.0),
+        data=train if recover else subset(train, example_count(x)), fine_tune=recover,
+        progress=progress, title=title, label=lambda key: f"{key[0]} at {level_text(key[1])}",
+        seen=lambda key, alone: space.observe(*key, alone))
+    return {path: list(np.maximum.accumulate([measured.get((path, lv), 0.0) for lv in levels]))
             for path, levels in space.choices.items()}
 
 

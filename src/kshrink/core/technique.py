@@ -1,10 +1,10 @@
 """Techniques: a frozen config (what to do) plus a registered handler (how to do it).
 
 A technique's config is a frozen dataclass deriving from `Technique`; its options are the
-dataclass fields, each declaring its help and its check (`kshrink.core.options`). Its handler derives from `Handler` and is
-registered for the config type with `register_technique`. `kshrink.compress` looks the
-handler up by config type; recipes look the config class up by registered name, so a recipe
-file can only ever name registered techniques.
+dataclass fields, each declaring its help and its check (`kshrink.core.options`). Its handler
+derives from `Handler` and is registered for the config type with `register_technique`.
+`kshrink.compress` looks the handler up by config type; recipes look the config class up by
+registered name, so a recipe file can only ever name registered techniques.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import keras
 
 from kshrink.core.graph import leaf_layers, owner_of, path_of
-from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.options import Flag, Options, Selection, option
+from kshrink.core.report import APPLIED, SKIPPED, LayerResult, StepReport
 from kshrink.core.select import Select
 from kshrink.errors import KshrinkError, RecipeError, short
 

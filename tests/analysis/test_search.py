@@ -8,7 +8,8 @@ import pytest
 import kshrink
 from kshrink.analysis import search
 from kshrink.analysis.search.planner import Plan, greedy_path
-from kshrink.analysis.search.spaces import BIT_WIDTHS, CHANNEL_RATIOS, SPARSITIES
+from kshrink.analysis.search.spaces import BIT_WIDTHS, SPARSITIES
+from kshrink.prune.structured import SEARCH_RATIOS
 from kshrink.analysis.search.spaces import Space as SearchSpace
 from kshrink.cluster.sharing import SIZE_LEVELS as CLUSTER_COUNTS
 from kshrink.errors import KshrinkError
@@ -238,7 +239,7 @@ def test_a_latency_search_times_every_model_in_the_runtime_it_names(cnn, digits,
                        latency_runtime="onnx")
     assert report.latency_runtime == "onnx" and "ONNX Runtime" in report.objective_label
     # The folded original, one model per probe, the candidate and the original: all exported.
-    probes = sum(len(levels) - 1 for levels in (("keep", "remove"), CHANNEL_RATIOS))
+    probes = sum(len(levels) - 1 for levels in (("keep", "remove"), SEARCH_RATIOS))
     assert len(timed) == 1 + probes + 1 + 1
     assert all(isinstance(runner, Runtime) and runner.format == "onnx" for runner in timed)
     assert report.original_objective > 0 and report.candidates[0].objective > 0

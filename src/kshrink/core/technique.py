@@ -237,6 +237,29 @@ class Handler:
         """Whether this technique's handler implements the size-search levels."""
         return type(self).size_levels is not Handler.size_levels
 
+    # The structure searches (`kshrink.Latency`, `kshrink.Macs`) remove parts of the model
+    # (residual blocks, channels) by a level of a technique that implements the methods
+    # below; what a level saves is measured on the model its probe makes, never estimated.
+
+    def structure_levels(self, model: keras.Model, config: Technique,
+                         per_layer: bool) -> dict[str, tuple[tuple, tuple[str, ...]]]:
+        """Dimension -> `(levels, layers)`: the levels a part of the model can take, the
+        untouched one first (a residual block kept or removed, a share of channels), and the
+        names of the layers it covers (none: the whole model). `per_layer`: one dimension
+        per set of layers where the technique could also take one for the whole model."""
+        return {}
+
+    def structure_steps(self, config: Technique, levels: dict, layers: dict,
+                        gone: set) -> tuple[list, set]:
+        """The steps giving each dimension of `levels` (dimension -> level; untouched ones
+        left out) its level, and the names of the layers they remove. `layers`: dimension ->
+        the layers it covers; `gone`: the layers the steps before these removed."""
+        raise NotImplementedError
+
+    def offers_structure_levels(self) -> bool:
+        """Whether this technique's handler implements the structure-search levels."""
+        return type(self).structure_levels is not Handler.structure_levels
+
 
 _BY_NAME: dict[str, type[Technique]] = {}
 _HANDLERS: dict[type[Technique], Handler] = {}

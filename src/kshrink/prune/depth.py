@@ -115,6 +115,19 @@ class DepthPruneHandler(Handler):
 
     trains = True
 
+    def structure_levels(self, model, config: DepthPrune, per_layer: bool) -> dict:
+        # A block is named by its merge (its Add, or the transformer layer)
+        return {block.merge: (("keep", "remove"), tuple(sorted({block.merge, *block.branch})))
+                for block in _selected(model, residual_blocks(model), config)}
+
+    def structure_steps(self, config: DepthPrune, levels: dict, layers: dict, gone: set):
+        removed = tuple(sorted(d for d, level in levels.items() if level == "remove"))
+        if not removed:
+            return [], set()
+        step = dataclasses.replace(config, blocks=len(removed), layers=Select(names=removed),
+                                   exclude=None)
+        return [step], set().union(*(layers[d] for d in removed))
+
     def prepare(self, model, config: DepthPrune, ctx: StepContext):
         candidates = _selected(model, residual_blocks(model), config)
         if config.blocks > len(candidates):

@@ -29,12 +29,39 @@ METHODS = ("remove", "reconstruct")
 REFIT_SAMPLES = 512  # at most this many examples of data are held while re-fitting
 _GATE_STEP = 1e-3  # SGD step on the channel gates; small enough to leave the model as it is
 SCOPES = ("layer", "global")
+# The structure searches' levels: the share of channels removed
+SEARCH_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)
+SEARCH_DIMENSION = "channels"
 
 
 class StructuredPruneHandler(Handler):
     """Runs `StructuredPrune`: removes whole channels and rebuilds narrower layers."""
 
     trains = True
+
+    def structure_levels(self, model, config: StructuredPrune, per_layer: bool) -> dict:
+        # One ratio for the model, or one per set of layers whose channels are tied (by
+        # residual Adds and the like): `channels conv1+conv2`
+        if not per_layer:
+            return {SEARCH_DIMENSION: (SEARCH_RATIOS, ())}
+        chosen = {layer.name for layer in _chosen(model, config)}
+        spaces = {group.space for group in channel_groups(model) if group.pinned_by is None}
+        return {f"{SEARCH_DIMENSION} {'+'.join(space)}": (SEARCH_RATIOS, space)
+                for space in sorted(spaces) if set(space) <= chosen}
+
+    def structure_steps(self, config: StructuredPrune, levels: dict, layers: dict,
+                        gone: set):
+        steps = []
+        for ratio in sorted({level for level in levels.values() if level}, reverse=True):
+            dimensions = [d for d, level in levels.items() if level == ratio]
+            if any(not layers[d] for d in dimensions):  # the model's one ratio
+                steps.append(dataclasses.replace(config, ratio=ratio))
+                continue
+            names = tuple(sorted({name for d in dimensions for name in layers[d]} - gone))
+            if names:
+                steps.append(dataclasses.replace(config, ratio=ratio,
+                                                 layers=Select(names=names), exclude=None))
+        return steps, set()
 
     def prepare(self, model, config: StructuredPrune, ctx: StepContext):
         model = _inline_nested(model, ctx)

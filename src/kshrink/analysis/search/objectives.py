@@ -26,7 +26,8 @@ class Objective(Options):
     """Base of the search objectives."""
 
     unit: ClassVar[str] = ""
-    # The techniques searched when none are named, and those that may be named
+    # The techniques searched when none are named, and (besides those registered with
+    # levels for it) those that may be named
     default_techniques: ClassVar[tuple[str, ...]] = ()
     searchable: ClassVar[tuple[str, ...]] = ()
     timed: ClassVar[bool] = False  # whether candidates are timed (where: `runtime`)
@@ -88,10 +89,14 @@ class _Structural(Objective):
     """Removing residual blocks (`depth_prune`) and a share of the channels
     (`structured_prune`, 0 to 75%), BatchNorm folded."""
 
-    default_techniques = searchable = ("depth_prune", "structured_prune")
+    default_techniques = ("depth_prune", "structured_prune")
 
     channels: str = option("uniform", "structured_prune's ratio: uniform or per_layer",
                            OneOf(CHANNEL_SCOPES))
+
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(cls.name for cls in registered_techniques()
+                     if handler_for(cls).offers_structure_levels())
 
     def check_templates(self, templates):
         if self.channels != "uniform" and "structured_prune" not in templates:
@@ -116,7 +121,7 @@ class Macs(_Structural):
     unit = "MACs"
 
     def space(self, model, templates, x_held, trains):
-        return MacsSpace(model, templates, self.channels)
+        return MacsSpace(model, templates, per_layer=self.channels == "per_layer")
 
 
 def _runtime(owner: str, key: str, runtime):
@@ -151,7 +156,7 @@ class Latency(_Structural):
 
     def space(self, model, templates, x_held, trains):
         return LatencySpace(model, templates, x_held, self.batch_size, self.runtime,
-                            self.channels)
+                            per_layer=self.channels == "per_layer")
 
 
 OBJECTIVES = {cls.name: cls for cls in (Size, Memory, Latency, Macs)}

@@ -1,6 +1,7 @@
 """Search spaces: for one objective, the levels each layer (or block, or set of tied
 channels) can take, what a level is estimated to save, and the recipe that reaches a set
-of levels. Size levels come from the techniques themselves (`Handler.size_levels`)."""
+of levels. The levels come from the techniques themselves (`Handler.size_levels`,
+`Handler.structure_levels`); sparsity and float/int8/int4 memory are still spelled here."""
 
 from __future__ import annotations
 
@@ -24,13 +25,11 @@ from kshrink.layers.specs import kernel_weights
 from kshrink.measure.latency import latency, latency_in_turns
 from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
-from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune, residual_blocks
-from kshrink.prune.channels import channel_groups
+from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune
 from kshrink.quantize import Quantize
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
 BIT_WIDTHS = ("float", "int8", "int4")
-CHANNEL_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)  # share of each layer's channels removed
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
 # What a technique named without options starts from (the search sets its level and layers)
 DEFAULT_TEMPLATES = {"prune": Prune(schedule="one_shot"), "cluster": Cluster(),
@@ -193,17 +192,11 @@ def _quantize_step(template: Quantize, modes: dict, trains: bool) -> Quantize:
 
 def _selected(model, template, layers) -> list[str]:
     """The paths of `layers` that the template's own `layers` and `exclude` leave to it."""
-    chosen, excluded = _chosen_and_excluded(model, template)
-    return [path for path in map(path_of, layers) if path in chosen and path not in excluded]
-
-
-def _chosen_and_excluded(model, template) -> tuple[set, set]:
-    """The paths of the layers the template's `layers` name (all: None) and of those its
-    `exclude` names."""
     every = list(leaf_layers(model))
     chosen = template.layers.resolve(every) if template.layers is not None else every
     excluded = template.exclude.resolve(every) if template.exclude is not None else []
-    return set(map(path_of, chosen)), set(map(path_of, excluded))
+    chosen, excluded = set(map(path_of, chosen)), set(map(path_of, excluded))
+    return [path for path in map(path_of, layers) if path in chosen and path not in excluded]
 
 
 class MemorySpace(Space):
@@ -235,59 +228,39 @@ class MemorySpace(Space):
 
 
 class LatencySpace(Space):
-    """Residual blocks kept or removed (`depth_prune`), and a share of the channels removed
-    (`structured_prune`): one ratio for every layer, or one per layer (`per_layer`: per set
-    of layers whose channels are tied, e.g. by residual Adds), then BatchNorm folded: what a
-    forward pass at the given batch size takes on this machine, in Keras or, exported, in the
-    runtime named.
+    """The parts of the model the structure techniques can remove, at their levels (e.g.
+    `depth_prune`: each residual block kept or removed; `structured_prune`: a share of the
+    channels, one for every layer or, `per_layer`, one per set of layers whose channels are
+    tied), then BatchNorm folded: what a forward pass at the given batch size takes on this
+    machine, in Keras or, exported, in the runtime named.
 
     What each level saves is timed once, on the model a probe made (NetAdapt's measured
     table); a candidate's estimate adds those savings, and each candidate is timed whole.
     """
 
     probes_recover = True
-    CHANNELS = "channels"
 
     def __init__(self, model, templates, x, batch_size: int, runtime: str = "keras",
-                 channels: str = "uniform"):
+                 per_layer: bool = False):
         self.templates, self.x, self.batch_size, self.runtime = templates, x, batch_size, runtime
-        self.choices, self.units, self.blocks = {}, {}, {}
-        if "depth_prune" in templates:
-            chosen, excluded = _chosen_and_excluded(model, templates["depth_prune"])
-            for block in residual_blocks(model):
-                names = {block.merge, *block.branch}
-                if names & chosen and not names & excluded:
-                    self.choices[block.merge] = ("keep", "remove")
-                    self.blocks[block.merge] = names
-        if "structured_prune" in templates and channels == "uniform":
-            self.choices[self.CHANNELS] = CHANNEL_RATIOS
-        elif "structured_prune" in templates:
-            chosen, excluded = _chosen_and_excluded(model, templates["structured_prune"])
-            spaces = {g.space for g in channel_groups(model) if g.pinned_by is None}
-            for space in sorted(spaces):
-                if set(space) <= chosen and not set(space) & excluded:
-                    key = f"{self.CHANNELS} {'+'.join(space)}"
-                    self.choices[key], self.units[key] = CHANNEL_RATIOS, space
+        self.choices, self.layers, self.owner = {}, {}, {}
+        for name, template in _in_stage_order(templates):
+            for dimension, (levels, layers) in handler_for(template).structure_levels(
+                    model, template, per_layer).items():
+                if dimension in self.choices:
+                    raise KshrinkError(f"search: {self.owner[dimension]} and {name} both "
+                                       f"offer a dimension named {dimension!r}")
+                self.choices[dimension], self.layers[dimension] = tuple(levels), layers
+                self.owner[dimension] = name
         folded, _ = compress(model, Fold(), verbose=False)
         self.folded = self.runner(folded)
         self.base = self.timed(self.folded)
         self.saved = {}
 
-    def probe(self, path, level):
-        if level in ("keep", 0.0):
+    def probe(self, dimension, level):
+        if level == self.choices[dimension][0]:
             return None
-        if path in self.blocks:
-            first = dataclasses.replace(self.templates["depth_prune"], blocks=1,
-                                        layers=Select(names=(path,)), exclude=None)
-        else:
-            first = self.channel_step(level, self.units.get(path))
-        return [first, Fold()]
-
-    def channel_step(self, ratio, names=None) -> StructuredPrune:
-        """The template removing `ratio` of the channels of the layers `names` (all: None)."""
-        return dataclasses.replace(self.templates["structured_prune"], ratio=ratio,
-                                   **({"layers": Select(names=tuple(names)), "exclude": None}
-                                      if names else {}))
+        return self.recipe({dimension: level}, trains=False)
 
     def observe(self, path, level, model) -> None:
         self.saved[path, level] = max(self.saving(model), 0)
@@ -324,28 +297,31 @@ class LatencySpace(Space):
         return self.timed(self.runner(model))
 
     def recipe(self, levels, trains: bool) -> list:
-        removed = tuple(sorted(p for p, v in levels.items() if v == "remove"))
-        steps = [dataclasses.replace(self.templates["depth_prune"], blocks=len(removed),
-                                     layers=Select(names=removed), exclude=None)
-                 ] if removed else []
-        if levels.get(self.CHANNELS):
-            steps.append(self.channel_step(levels[self.CHANNELS]))
-        gone = set().union(*(self.blocks[p] for p in removed))
-        ratios = {key: levels[key] for key in self.units if levels[key]}
-        for ratio in sorted(set(ratios.values()), reverse=True):
-            names = sorted({name for key, r in ratios.items() if r == ratio
-                            for name in self.units[key] if name not in gone})
-            if names:
-                steps.append(self.channel_step(ratio, names))
+        """Each technique's steps for its dimensions (in stage order, each told the layers
+        the ones before removed), then BatchNorm folded."""
+        steps, gone = [], set()
+        for name, template in _in_stage_order(self.templates):
+            mine = {d: level for d, level in levels.items()
+                    if self.owner[d] == name and level != self.choices[d][0]}
+            if mine:
+                made, removed = handler_for(template).structure_steps(
+                    template, mine, self.layers, gone)
+                steps += made
+                gone |= removed
         return steps + [Fold()]
+
+
+def _in_stage_order(templates: dict) -> list:
+    """`(name, template)` of `templates` by stage, as given within a stage."""
+    return sorted(templates.items(), key=lambda item: item[1].stage)
 
 
 class MacsSpace(LatencySpace):
     """The latency space's dimensions, counted in multiply-accumulates per example
     (`kshrink.measure.macs`) instead of timed: exact and the same on every machine."""
 
-    def __init__(self, model, templates, channels: str = "uniform"):
-        super().__init__(model, templates, None, 1, channels=channels)
+    def __init__(self, model, templates, per_layer: bool = False):
+        super().__init__(model, templates, None, 1, per_layer=per_layer)
 
     def estimate_text(self, levels) -> str:
         return f"about {self.estimate(levels):,.0f} MACs"

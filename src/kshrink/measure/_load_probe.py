@@ -6,9 +6,14 @@ argument (the user's custom layers) are imported first, and the classes they def
 the loader as custom objects. Memory is the increase over the
 process after `import keras` (which alone costs hundreds of MB): peak from VmHWM after
 resetting it, resident from VmRSS.
+
+With `KSHRINK_PROBE_BARRIER` set, the probe waits, once Keras is up, for the file
+`<barrier>.go` (having made `<barrier>.ready`): probes then import Keras side by side and
+load one at a time, each timed alone.
 """
 
 import json
+import os
 import sys
 import time
 import zipfile
@@ -46,6 +51,18 @@ def _custom_objects(modules):
     return found
 
 
+def _wait_for_turn(barrier):
+    """Says this probe is ready and waits for its turn (gives up if the parent is gone)."""
+    if not barrier:
+        return
+    parent = os.getppid()
+    open(barrier + ".ready", "w").close()
+    while not os.path.exists(barrier + ".go"):
+        if os.getppid() != parent:
+            sys.exit(3)
+        time.sleep(0.005)
+
+
 def main(path, loader, modules=()):
     """Loads `path` with `loader` ("keras" or "kshrink", the user's `modules` imported first),
     once, in this fresh process, and prints its seconds, peak and resident bytes as JSON."""
@@ -61,6 +78,7 @@ def main(path, loader, modules=()):
         if _needs_kshrink_layers(path):
             import kshrink  # noqa: F401  registers kshrink's layer classes
         load = keras.saving.load_model
+    _wait_for_turn(os.environ.get("KSHRINK_PROBE_BARRIER"))
     rss_before = _status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()

@@ -30,8 +30,7 @@ class Objective(Options):
     # levels for it) those that may be named
     default_techniques: ClassVar[tuple[str, ...]] = ()
     searchable: ClassVar[tuple[str, ...]] = ()
-    timed: ClassVar[bool] = False  # whether candidates are timed (where: `runtime`)
-    runtime: ClassVar[str] = "keras"
+    runtime: ClassVar[str] = "keras"  # where candidates are timed (`Latency`)
 
     def allowed(self) -> tuple[str, ...]:
         """The names of the techniques this objective can search."""
@@ -148,7 +147,6 @@ class Latency(_Structural):
 
     name = "latency"
     unit = "us"
-    timed = True
 
     batch_size: int = option(1, "the batch size a forward pass is timed at",
                              Int(low=1, high=MAX_BATCH))

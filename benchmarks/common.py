@@ -51,8 +51,11 @@ def replace_rows(name: str, rows: list[dict], replaced) -> Path:
     """Rewrites `results/NAME.json` with the old rows for which `replaced(row)` is false plus
     `rows`: for rerunning part of a benchmark. The environment is this run's."""
     path = RESULTS / f"{name}.json"
-    kept = [r for r in json.loads(path.read_text())["rows"] if not replaced(r)]
-    return write_rows(name, kept + rows)
+    old = json.loads(path.read_text())["rows"]
+    # the new rows go where the first replaced row stood, so tables keep their order
+    at = next((i for i, r in enumerate(old) if replaced(r)), len(old))
+    kept = [r for r in old[:at] if not replaced(r)], [r for r in old[at:] if not replaced(r)]
+    return write_rows(name, kept[0] + rows + kept[1])
 
 
 def median(values) -> float:

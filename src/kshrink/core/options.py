@@ -243,6 +243,8 @@ def check_int(owner: str, key: str, value, low: int | None = None,
 
 def _type_name(hint) -> str:
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a list in a recipe
+        return f"list of {_type_name(args[0])}"
     if args:
         return " | ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
                           for a in args)

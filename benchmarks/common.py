@@ -47,15 +47,26 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     return path
 
 
-def replace_rows(name: str, rows: list[dict], replaced) -> Path:
+def replace_rows(name: str, rows: list[dict], replaced, key=None) -> Path:
     """Rewrites `results/NAME.json` with the old rows for which `replaced(row)` is false plus
-    `rows`: for rerunning part of a benchmark. The environment is this run's."""
+    `rows`: for rerunning part of a benchmark. A new row takes the place of the replaced row
+    with the same `key(row)`, if any; the others go where the first replaced row stood, so
+    tables keep their order. The environment is this run's."""
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text())["rows"]
-    # the new rows go where the first replaced row stood, so tables keep their order
-    at = next((i for i, r in enumerate(old) if replaced(r)), len(old))
-    kept = [r for r in old[:at] if not replaced(r)], [r for r in old[at:] if not replaced(r)]
-    return write_rows(name, kept[0] + rows + kept[1])
+    matching = {key(r): r for r in rows} if key else {}
+    gone = {key(r) for r in old if replaced(r)} if key else set()
+    unmatched = [r for r in rows if not key or key(r) not in gone]
+    merged = []
+    for row in old:
+        if not replaced(row):
+            merged.append(row)
+            continue
+        merged += unmatched  # at the first replaced row
+        unmatched = []
+        if key and key(row) in matching:
+            merged.append(matching.pop(key(row)))
+    return write_rows(name, merged + unmatched)
 
 
 def median(values) -> float:

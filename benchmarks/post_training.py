@@ -243,7 +243,8 @@ def main():
             print(rows[-1], flush=True)
     if args.replace:
         replace_rows("post_training", rows, lambda r: r["model"] in args.models
-                     and r["variant"] in args.variants + ["float"])
+                     and r["variant"] in args.variants + ["float"],
+                     key=lambda r: (r["model"], r["variant"]))
     else:  # everything but the --at-scale rows, which stay
         replace_rows("post_training", rows, lambda r: "peak_memory_mb" not in r)
 

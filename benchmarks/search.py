@@ -224,7 +224,8 @@ def main():
         return
     rows = [r for name in args.models for r in run(name)]
     if (RESULTS / "search.json").exists():
-        replace_rows("search", rows, lambda r: r["model"] in args.models)
+        replace_rows("search", rows, lambda r: r["model"] in args.models,
+                     key=lambda r: (r["model"], r["method"]))
     else:
         write_rows("search", rows)
 

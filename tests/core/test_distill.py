@@ -223,5 +223,6 @@ def test_frozen_layers_keep_their_weights_while_the_rest_learns():
     recipe = kshrink.Recipe.from_yaml(
         "steps: [fold]\nfine_tune: {distill: features, freeze: {types: [Embedding]}}\n")
     assert recipe.fine_tune.freeze == kshrink.Select(types=("Embedding",))
-    with pytest.raises(RecipeError, match="freeze must be a kshrink.Select"):
-        kshrink.FineTune(freeze="embeddings")
+    assert kshrink.FineTune(freeze="embeddings").freeze == kshrink.Select(pattern="embeddings")
+    with pytest.raises(RecipeError, match="fine_tune: freeze must be a selection"):
+        kshrink.FineTune(freeze=5)

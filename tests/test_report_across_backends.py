@@ -69,7 +69,7 @@ print("RESULT " + json.dumps({"outputs": keras.ops.convert_to_numpy(small(x)).to
 
 @pytest.mark.parametrize("recipe", [
     "- quantize: {mode: int4, group_size: null, keep_int8: false, method: adaround, "
-    "iterations: 60}\n",
+    "iterations: 30}\n",
     "- prune: {sparsity: 0.5, schedule: one_shot, method: sparsegpt, refit: true, "
     "iterations: 60}\n"])
 def test_block_reconstruction_gives_the_same_model_on_every_backend(tmp_path, recipe):

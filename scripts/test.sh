@@ -19,8 +19,10 @@ export TF_CPP_MIN_LOG_LEVEL=2
 # worksteal: an idle worker takes queued tests from the busy one, so the few minute-long tests
 # need not leave one core idle at the end (TF run 11:26 and 11:53 against 11:54: within noise).
 KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 "$@" tests
+# Only the modules that mark tests every_backend are collected (importing the others is time).
+marked=$(grep -rl --include='test_*.py' every_backend tests | sort)
 for backend in jax torch; do
   echo "== the tests marked every_backend, on $backend"
   KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 \
-    -m every_backend "$@" tests
+    -m every_backend "$@" $marked
 done

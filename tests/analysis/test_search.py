@@ -8,7 +8,7 @@ import pytest
 import kshrink
 from kshrink.analysis import search
 from kshrink.analysis.search.planner import Plan, greedy_path
-from kshrink.analysis.search.spaces import BIT_WIDTHS, SPARSITIES
+from kshrink.prune.magnitude import SEARCH_SPARSITIES
 from kshrink.prune.structured import SEARCH_RATIOS
 from kshrink.analysis.search.spaces import Space as SearchSpace
 from kshrink.cluster.sharing import SIZE_LEVELS as CLUSTER_COUNTS
@@ -88,7 +88,7 @@ def test_memory_search_chooses_bit_widths_post_training(classifier, digits):
                            max_accuracy_drop=1.0, validation_data=validation, rounds=4)
     assert report.chosen is not None
     assert report.training_examples == len(digits.train[0])
-    assert set(report.best.levels.values()) <= set(BIT_WIDTHS)
+    assert set(report.best.levels.values()) <= {"float", "int8", "int4"}
     assert weight_stats(small).bytes == report.best.objective
     assert report.best.objective <= report.float_bytes / 3.5  # int8 at least, per layer
     accuracy = top1_accuracy(predict(small, validation[0]), validation[1])
@@ -123,7 +123,7 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(data="a stream of inputs only"), "class labels"),
     (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
     (dict(latency_runtime="onnx"), "objective 'size' is not timed"),
-    (dict(techniques=["structured_prune"]), "searches prune, cluster, quantize.*; not "
+    (dict(techniques=["structured_prune"]), "searches cluster, prune, quantize.*; not "
                                             "structured_prune"),
     (dict(techniques=["prune", {"prune": {"method": "wanda"}}]), "prune is named twice"),
     (dict(techniques=[]), "techniques is empty"),
@@ -177,7 +177,7 @@ def test_a_model_without_class_scores_is_refused(digits):
 
 
 def test_levels_are_the_documented_ones():
-    assert SPARSITIES[0] == 0.0 and max(SPARSITIES) < 1
+    assert SEARCH_SPARSITIES[0] == 0.0 and max(SEARCH_SPARSITIES) < 1
 
 
 @pytest.fixture(scope="module")

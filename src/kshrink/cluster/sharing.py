@@ -130,6 +130,12 @@ class ClusterHandler(Handler):
     def size_table_bytes(self, config: Cluster, level: int, channels: int) -> float:
         return 4.0 * level * (channels if config.granularity == "channel" else 1)
 
+    def size_probe(self, config: Cluster, trains: bool) -> Cluster:
+        # Fine-tuned candidates cluster by k-means (the method follows from whether
+        # fine-tuning comes after), and so must the probe that stands in for them.
+        return dataclasses.replace(config, method="kmeans") \
+            if trains and config.method is None else config
+
     def size_step(self, config: Cluster, levels: dict, trains: bool) -> Cluster:
         main, others = shared_level(levels, depth=lambda count: -count)
         return dataclasses.replace(

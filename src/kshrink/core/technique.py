@@ -209,9 +209,19 @@ class Handler:
     def report(self, model: keras.Model, config: Technique, ctx: StepContext) -> StepReport:
         return StepReport(config.name, config.get_config(), tuple(ctx.results), ctx.summary)
 
-    # The size search (`kshrink.search(objective="size")`) gives each layer's weights an
-    # encoding: float, or a level of a technique that implements the methods below (cluster
-    # counts, int8/int4, ...). A technique that does joins the search by name.
+    # Options a search starts this technique from when it is named without options (the
+    # search then sets its levels and layers), e.g. `{"schedule": "one_shot"}`.
+    search_options: ClassVar[dict] = {}
+
+    # The size search (`kshrink.Size`) gives each layer's weights an encoding: float, or a
+    # level of a technique that implements the methods below (cluster counts, int8/int4, a
+    # plugin's); a technique that `thins` (prune) removes a share of them instead, and its
+    # levels combine with the encoding. A technique that implements them joins the search by
+    # name. The memory search (`kshrink.Memory`) offers the levels that `memory_bits` prices.
+
+    # Whether the size levels remove a share of a layer's weights (untouched level first)
+    # rather than encode the weights (the search adds "float", the untouched encoding).
+    thins: ClassVar[bool] = False
 
     def size_levels(self, model: keras.Model, config: Technique) -> dict[str, tuple]:
         """Layer path -> the levels `config` (the search's template) can give its weights,
@@ -220,7 +230,12 @@ class Handler:
         return {}
 
     def size_bits(self, config: Technique, level) -> float:
-        """About the bits a compact file spends on each non-zero kernel value at `level`."""
+        """About the bits a compact file spends on each kernel value kept at `level`: the
+        value's own bits, or for a technique that `thins`, what marking it kept costs."""
+        raise NotImplementedError
+
+    def size_kept(self, config: Technique, level) -> float:
+        """For a technique that `thins`: the share of a layer's kernel values `level` keeps."""
         raise NotImplementedError
 
     def size_table_bytes(self, config: Technique, level, channels: int) -> float:
@@ -229,13 +244,28 @@ class Handler:
         return 0.0
 
     def size_step(self, config: Technique, levels: dict, trains: bool) -> Technique:
-        """`config` giving each layer of `levels` (path -> level) its level; `trains`: the
-        step is fine-tuned (e.g. quantization-aware) rather than applied after training."""
+        """`config` giving each layer of `levels` (path -> level; untouched layers left out)
+        its level; `trains`: the step is fine-tuned (e.g. quantization-aware) rather than
+        applied after training."""
         raise NotImplementedError
+
+    def size_probe(self, config: Technique, trains: bool) -> Technique:
+        """The config a size probe (never fine-tuned) applies, as the candidates will: they
+        are fine-tuned when `trains`. Default: `config` itself."""
+        return config
+
+    def memory_bits(self, config: Technique, level) -> float | None:
+        """The bits each weight of a layer takes in memory at a size `level`; None: the
+        level leaves it a float in memory (shared values), so the memory search skips it."""
+        return None
 
     def offers_size_levels(self) -> bool:
         """Whether this technique's handler implements the size-search levels."""
         return type(self).size_levels is not Handler.size_levels
+
+    def offers_memory_levels(self) -> bool:
+        """Whether this technique's handler prices its size levels in memory."""
+        return type(self).memory_bits is not Handler.memory_bits
 
     # The structure searches (`kshrink.Latency`, `kshrink.Macs`) remove parts of the model
     # (residual blocks, channels) by a level of a technique that implements the methods

@@ -33,7 +33,7 @@ from kshrink.layers import (
 )
 from kshrink.layers.specs import matrix_shape
 from kshrink.layers.wrappers import hold_zeros, release_zeros
-from kshrink.core.select import Select
+from kshrink.core.select import Select, shared_level
 from kshrink.core.options import (
     Flag,
     Int,
@@ -62,6 +62,10 @@ from kshrink.prune.schedule import SCHEDULES, Schedule
 SCOPES = ("layer", "global", "sensitivity")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_SPARSITY = 0.5
+# What the size search offers each layer; about what a compact file's compressed bitmap costs
+# each value a sparse layer keeps
+SEARCH_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
+POSITION_BITS = 2.0
 
 
 @dataclasses.dataclass
@@ -83,6 +87,35 @@ class PruneHandler(Handler):
     trains = True
     State = PruneState
     settles = True
+    search_options = {"schedule": "one_shot"}
+    thins = True
+
+    def size_levels(self, model, config: Prune) -> dict:
+        if config.pattern_spec.is_n_of_m:
+            raise KshrinkError(f"search: pattern {config.pattern} fixes each layer's sparsity, "
+                               "and the search chooses it: give prune an unstructured or block "
+                               "pattern")
+        chosen = StepContext(original=model).choose_layers(
+            model, config.layers, config.exclude, _skip_reason, in_place=lambda layer: True)
+        return {path_of(layer): SEARCH_SPARSITIES for layer in chosen}
+
+    def size_kept(self, config: Prune, level: float) -> float:
+        return 1 - level
+
+    def size_bits(self, config: Prune, level: float) -> float:
+        return POSITION_BITS if level else 0.0
+
+    def size_step(self, config: Prune, levels: dict, trains: bool) -> Prune:
+        # The sparsity most layers share is the step's, the others are overrides; fine-tuned,
+        # magnitude pruning follows a gradual schedule.
+        main, others = shared_level(levels)
+        gradual = trains and config.method == "magnitude"
+        return dataclasses.replace(
+            config, sparsity=main, scope="layer", skip_first_last=False,
+            overrides=tuple(SparsityOverride(layers=layers, sparsity=s) for s, layers in others),
+            schedule=(config.schedule if config.schedule != "one_shot" else "polynomial")
+            if gradual else "one_shot",
+            layers=Select(names=tuple(sorted(levels))), exclude=None)
 
     def prepare(self, model, config: Prune, ctx: StepContext):
         chosen, effective = _choose_layers(model, config, ctx)
@@ -153,27 +186,26 @@ class PruneHandler(Handler):
         return stripped
 
 
+def _skip_reason(layer) -> str | None:
+    if quantization(layer):
+        return "quantized layers are not pruned; prune before quantize"
+    if not kernel_weights(layer):
+        return f"{type(layer).__name__}: no prunable weights" + (
+            "; give the class get_prunable_weights() returning its kernels, or register a "
+            "LayerSpec (kshrink.layers.register_spec)" if is_user_class(type(layer)) else "")
+    return None
+
+
 def _choose_layers(model, config: Prune, ctx: StepContext) -> tuple[list, Prune]:
     """The layers to prune, and the options that make the target hold over every weight the
     step may touch: when the first/last layers stay dense, the others prune further."""
     everything = [l for l in leaf_layers(model) if kernel_weights(l)]
-
-    def skip_reason(layer):
-        if quantization(layer):
-            return "quantized layers are not pruned; prune before quantize"
-        if not kernel_weights(layer):
-            return f"{type(layer).__name__}: no prunable weights" + (
-                "; give the class get_prunable_weights() returning its kernels, or register "
-                "a LayerSpec (kshrink.layers.register_spec)" if is_user_class(type(layer))
-                else "")
-        return None
-
     # A layer built by its container is pruned where it stands, with no wrapper, so its mask
     # cannot follow a schedule while training: there it takes fixed masks only.
     fixed = (config.schedule == "one_shot" or config.pattern_spec.is_n_of_m
              or config.method != "magnitude")
     in_place = (lambda layer: True) if fixed or ctx.train_steps is None else None
-    chosen = ctx.choose_layers(model, config.layers, config.exclude, skip_reason, in_place,
+    chosen = ctx.choose_layers(model, config.layers, config.exclude, _skip_reason, in_place,
                                "schedule: one_shot prunes it where it stands")
     ctx.state.counted = {path_of(l) for l in chosen}
     for override in config.overrides:

@@ -38,6 +38,7 @@ class StructuredPruneHandler(Handler):
     """Runs `StructuredPrune`: removes whole channels and rebuilds narrower layers."""
 
     trains = True
+    search_options = {"round_to": 4}  # channel counts that vectorize
 
     def structure_levels(self, model, config: StructuredPrune, per_layer: bool) -> dict:
         # One ratio for the model, or one per set of layers whose channels are tied (by

@@ -116,6 +116,9 @@ class QuantizeHandler(Handler):
         return 8.0 if level == "int8" else 4.0 + (
             32.0 / config.group_size if config.group_size else 0.0)
 
+    def memory_bits(self, config: Quantize, level: str) -> float:
+        return 8.0 if level == "int8" else 4.0
+
     def size_step(self, config: Quantize, levels: dict, trains: bool) -> Quantize:
         int4 = tuple(sorted(path for path, mode in levels.items() if mode == "int4"))
         overrides = (Override(layers=Select(names=int4), mode="int4",

@@ -26,15 +26,17 @@ class Objective(Options):
     """Base of the search objectives."""
 
     unit: ClassVar[str] = ""
-    # The techniques searched when none are named, and (besides those registered with
-    # levels for it) those that may be named
-    default_techniques: ClassVar[tuple[str, ...]] = ()
-    searchable: ClassVar[tuple[str, ...]] = ()
+    default_techniques: ClassVar[tuple[str, ...]] = ()  # searched when none are named
     runtime: ClassVar[str] = "keras"  # where candidates are timed (`Latency`)
 
     def allowed(self) -> tuple[str, ...]:
-        """The names of the techniques this objective can search."""
-        return self.searchable
+        """The names of the techniques this objective can search: the registered ones whose
+        handlers offer its levels."""
+        return tuple(cls.name for cls in registered_techniques() if self.offers(handler_for(cls)))
+
+    def offers(self, handler) -> bool:
+        """Whether a technique's handler offers this objective's levels."""
+        raise NotImplementedError
 
     def space(self, model, templates: dict, x_held, trains: bool) -> Space:
         """The search space of `model` with `templates` (technique name -> config)."""
@@ -47,37 +49,33 @@ class Objective(Options):
 @dataclasses.dataclass(frozen=True)
 class Size(Objective):
     """Bytes of the compact `.kshrink` file, searched over per-layer sparsity (`prune`, 0 to
-    98%) and per-layer weight encoding: float, or a level of every technique that offers
-    size levels (`cluster`: 256 to 4 shared values; `quantize`: int8, int4; a plugin's)."""
+    98%: a technique that thins) and per-layer weight encoding: float, or a level of every
+    technique that offers size levels (`cluster`: 256 to 4 shared values; `quantize`: int8,
+    int4; a plugin's)."""
 
     name = "size"
     unit = "bytes"
     default_techniques = ("prune", "cluster")
-    searchable = ("prune",)
 
-    def allowed(self) -> tuple[str, ...]:
-        return self.searchable + tuple(cls.name for cls in registered_techniques()
-                                       if handler_for(cls).offers_size_levels())
+    def offers(self, handler) -> bool:
+        return handler.offers_size_levels()
 
     def space(self, model, templates, x_held, trains):
         return SizeSpace(model, templates, trains=trains)
-
-    def check_templates(self, templates):
-        prune = templates.get("prune")
-        if prune is not None and prune.pattern_spec.is_n_of_m:
-            raise KshrinkError(f"search: pattern {prune.pattern} fixes each layer's sparsity, "
-                               "and the search chooses it: give prune an unstructured or block "
-                               "pattern")
 
 
 @dataclasses.dataclass(frozen=True)
 class Memory(Objective):
     """Bytes of the weights held in memory, searched over float/int8/int4 per layer (int4 in
-    groups of 128 inputs; quantization-aware training when the search fine-tunes)."""
+    groups of 128 inputs; quantization-aware training when the search fine-tunes), or the
+    levels of any technique that prices them in memory (`Handler.memory_bits`)."""
 
     name = "memory"
     unit = "bytes"
-    default_techniques = searchable = ("quantize",)
+    default_techniques = ("quantize",)
+
+    def offers(self, handler) -> bool:
+        return handler.offers_memory_levels()
 
     def space(self, model, templates, x_held, trains):
         return MemorySpace(model, templates)
@@ -93,9 +91,8 @@ class _Structural(Objective):
     channels: str = option("uniform", "structured_prune's ratio: uniform or per_layer",
                            OneOf(CHANNEL_SCOPES))
 
-    def allowed(self) -> tuple[str, ...]:
-        return tuple(cls.name for cls in registered_techniques()
-                     if handler_for(cls).offers_structure_levels())
+    def offers(self, handler) -> bool:
+        return handler.offers_structure_levels()
 
     def check_templates(self, templates):
         if self.channels != "uniform" and "structured_prune" not in templates:

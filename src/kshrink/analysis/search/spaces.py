@@ -1,11 +1,11 @@
 """Search spaces: for one objective, the levels each layer (or block, or set of tied
 channels) can take, what a level is estimated to save, and the recipe that reaches a set
-of levels. The levels come from the techniques themselves (`Handler.size_levels`,
-`Handler.structure_levels`); sparsity and float/int8/int4 memory are still spelled here."""
+of levels. The levels, what they cost and the steps that reach them come from the
+techniques (`Handler.size_levels`, `Handler.structure_levels` and their kin): no
+technique is named here."""
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -13,9 +13,7 @@ import numpy as np
 
 from kshrink.api import compress
 from kshrink.artifact import save as save_compact
-from kshrink.cluster import Cluster
 from kshrink.core.graph import leaf_layers, path_of
-from kshrink.core.select import Select, shared_level
 from kshrink.core.technique import Technique, handler_for, technique_class
 from kshrink.deploy import in_runtime
 from kshrink.errors import KshrinkError
@@ -25,16 +23,10 @@ from kshrink.layers.specs import kernel_weights
 from kshrink.measure.latency import latency, latency_in_turns
 from kshrink.measure.macs import macs
 from kshrink.measure.weights import weight_stats
-from kshrink.prune import DepthPrune, Prune, SparsityOverride, StructuredPrune
-from kshrink.quantize import Quantize
 
-SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
-BIT_WIDTHS = ("float", "int8", "int4")
 LATENCY_RUNS = 30  # timed calls per latency measurement (the median counts)
-# What a technique named without options starts from (the search sets its level and layers)
-DEFAULT_TEMPLATES = {"prune": Prune(schedule="one_shot"), "cluster": Cluster(),
-                     "quantize": Quantize(), "depth_prune": DepthPrune(),
-                     "structured_prune": StructuredPrune(round_to=4)}
+FLOAT = "float"  # the untouched encoding of a layer's weights
+FLOAT_BITS = 32.0
 
 
 class Space:
@@ -59,51 +51,84 @@ class Space:
         """Sees the model a probe made (the latency space times it)."""
 
 
-class SizeSpace(Space):
-    """Per layer, a sparsity (`prune`) and an encoding of the weights left: float, or a
-    cluster count (`cluster`: shared values, an index of log2(count) bits each), or int8 /
-    int4 (`quantize`). What the compact file stores is about the non-zero weights at the
-    bits their encoding takes."""
+class Encodings:
+    """The encodings the templates offer each layer: float, or a level of one of them; each
+    level is owned by one technique, which makes the steps that reach it."""
 
-    FLOAT_BITS = 32.0
-    POSITION_BITS = 2.0  # about what the compressed bitmap of a sparse layer costs a non-zero
+    def __init__(self, model, templates: dict, layers, keep=lambda handler, template, level:
+                 True):
+        """`layers`: the paths that may take an encoding; `keep`: which levels count."""
+        self.templates, self.owner, self.offered = templates, {}, {}
+        for name, template in _in_stage_order(templates):
+            handler = handler_for(template)
+            if handler.thins:
+                continue
+            for path, levels in handler.size_levels(model, template).items():
+                for level in levels:
+                    if self.owner.setdefault(level, name) != name:
+                        raise KshrinkError(f"search: {self.owner[level]} and {name} both offer "
+                                           f"level {level!r}; levels must tell them apart")
+                if path in layers:
+                    self.offered.setdefault(path, []).extend(
+                        level for level in levels if keep(handler, template, level))
+
+    def choices(self, path, cost) -> tuple:
+        """Float and the levels offered `path`, dearest (by `cost(level)`) first."""
+        return tuple(sorted([FLOAT, *self.offered[path]], key=cost, reverse=True))
+
+    def handler(self, level):
+        """The template owning `level` and its handler."""
+        template = self.templates[self.owner[level]]
+        return template, handler_for(template)
+
+    def steps(self, encodings: dict, trains: bool) -> list:
+        """The steps giving each layer of `encodings` (path -> level) its level, in recipe
+        order; only the first is fine-tuned (`trains`), so the later ones keep what it made
+        (int8 over shared values stays shared)."""
+        encodings = {path: level for path, level in encodings.items() if level != FLOAT}
+        steps = []
+        for name in sorted({self.owner[level] for level in encodings.values()},
+                           key=lambda name: self.templates[name].stage):
+            levels = {path: level for path, level in encodings.items()
+                      if self.owner[level] == name}
+            template = self.templates[name]
+            steps.append(handler_for(template).size_step(template, levels,
+                                                         trains and not steps))
+        return steps
+
+
+class SizeSpace(Space):
+    """Per layer, an encoding of its weights (float, or a level of a technique: a cluster
+    count, int8, int4) and, from a technique that thins them (prune), a share of them
+    removed. What the compact file stores is about the values kept at the bits their
+    encoding takes."""
 
     def __init__(self, model, templates, trains: bool = False):
-        self.templates = self.probing = templates
-        cluster = templates.get("cluster")
-        if trains and cluster is not None and cluster.method is None:
-            # Probes are not fine-tuned, but cluster as the fine-tuned candidates do (their
-            # method follows from whether fine-tuning comes after): k-means, not gptq.
-            self.probing = {**templates, "cluster": dataclasses.replace(cluster, method="kmeans")}
+        self.templates = templates
+        probing = {name: handler_for(template).size_probe(template, trains)
+                   for name, template in templates.items()}
         kernels = [layer for layer in leaf_layers(model)
                    if kernel_weights(layer) and not quantization(layer)]
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in kernel_weights(layer))
                         for layer in kernels}
         self.channels = {path_of(layer): int(kernel_weights(layer)[0].shape[-1])
                          for layer in kernels}
-        self.choices, self.layer_of = {}, {}
-        if "prune" in templates:
-            for path in _selected(model, templates["prune"], kernels):
-                self.choices[path] = SPARSITIES
-                self.layer_of[path] = path
-        # Encodings: the levels of every other technique, each level owned by one of them.
-        self.owner = {}  # level -> technique name
-        offered = {}  # layer path -> its levels
-        encoders = [name for name in templates if name != "prune"]
-        for name in sorted(encoders, key=lambda name: templates[name].stage):
-            for path, levels in handler_for(templates[name]).size_levels(
-                    model, templates[name]).items():
-                for level in levels:
-                    if self.owner.setdefault(level, name) != name:
-                        raise KshrinkError(f"search: {self.owner[level]} and {name} both offer "
-                                           f"level {level!r}; levels must tell them apart")
-                if path in self.weights:
-                    offered.setdefault(path, []).extend(levels)
-        for path, levels in offered.items():
+        self.choices, self.layer_of, self.thinner = {}, {}, {}
+        for name, template in _in_stage_order(templates):
+            if handler_for(template).thins:
+                for path, levels in handler_for(template).size_levels(model, template).items():
+                    if path in self.thinner:
+                        raise KshrinkError(f"search: {self.thinner[path]} and {name} both "
+                                           f"remove weights of {path}; search one of them")
+                    if path in self.weights:
+                        self.choices[path], self.layer_of[path] = tuple(levels), path
+                        self.thinner[path] = name
+        self.encodings = Encodings(model, templates, self.weights)
+        self.probing = Encodings(model, probing, self.weights)
+        for path in self.encodings.offered:
             key = self.encoding_of(path)
-            self.choices[key] = tuple(sorted(
-                ["float", *levels], key=lambda level, p=path: self.layer_bytes(p, 0.0, level),
-                reverse=True))
+            self.choices[key] = self.encodings.choices(
+                path, lambda level, p=path: self.layer_bytes(p, None, level))
             self.layer_of[key] = path
 
     @staticmethod
@@ -111,26 +136,41 @@ class SizeSpace(Space):
         """The dimension that holds a layer's encoding."""
         return f"{path}:weights"
 
+    def _thinning(self, templates, levels: dict, trains: bool) -> list:
+        """The steps removing the share of each layer's weights `levels` gives it."""
+        steps = []
+        for name in dict.fromkeys(self.thinner.values()):
+            mine = {path: level for path, level in levels.items()
+                    if self.thinner.get(path) == name and level != self.choices[path][0]}
+            if mine:
+                steps.append(handler_for(templates[name]).size_step(templates[name], mine,
+                                                                    trains))
+        return steps
+
     def probe(self, dimension, level):
         path = self.layer_of[dimension]
         if dimension == path:
-            return [_prune_step(self.probing["prune"], {path: level}, False)] if level else None
-        return _encoding_steps(self.probing, self.owner, {path: level}, False) or None
+            return self._thinning(self.probing.templates, {path: level}, False) or None
+        return self.probing.steps({path: level}, False) or None
 
-    def layer_bytes(self, path, sparsity, encoding) -> float:
-        """Estimated bytes of a layer's kernels at a sparsity and an encoding."""
-        if encoding == "float":
-            bits, table = self.FLOAT_BITS, 0.0
+    def layer_bytes(self, path, thinning, encoding) -> float:
+        """Estimated bytes of a layer's kernels at a thinning level (None: none) and an
+        encoding."""
+        if encoding == FLOAT:
+            bits, table = FLOAT_BITS, 0.0
         else:
-            template = self.templates[self.owner[encoding]]
-            handler = handler_for(template)
+            template, handler = self.encodings.handler(encoding)
             bits = handler.size_bits(template, encoding)
             table = handler.size_table_bytes(template, encoding, self.channels[path])
-        bits += self.POSITION_BITS if sparsity else 0.0
-        return self.weights[path] * (1 - sparsity) * bits / 8 + table
+        kept = 1.0
+        if thinning is not None:
+            template = self.templates[self.thinner[path]]
+            kept = handler_for(template).size_kept(template, thinning)
+            bits += handler_for(template).size_bits(template, thinning)
+        return self.weights[path] * kept * bits / 8 + table
 
     def layer_levels(self, levels, path) -> tuple:
-        return levels.get(path, 0.0), levels.get(self.encoding_of(path), "float")
+        return levels.get(path), levels.get(self.encoding_of(path), FLOAT)
 
     def estimate(self, levels) -> float:
         return sum(self.layer_bytes(path, *self.layer_levels(levels, path))
@@ -150,72 +190,36 @@ class SizeSpace(Space):
             return save_compact(model, Path(folder) / "candidate.kshrink").stat().st_size
 
     def recipe(self, levels, trains: bool) -> list:
-        pruned = {p: s for p, s in levels.items() if self.layer_of[p] == p and s > 0}
         encodings = {self.layer_of[d]: v for d, v in levels.items() if self.layer_of[d] != d}
-        steps = [_prune_step(self.templates["prune"], pruned, trains)] if pruned else []
-        return steps + _encoding_steps(self.templates, self.owner, encodings, trains)
-
-
-def _prune_step(template: Prune, sparsities: dict, trains: bool) -> Prune:
-    """The template pruning each layer of `sparsities` (path -> sparsity) to its own: the
-    sparsity most layers share is the step's, the others are overrides."""
-    main, overrides = shared_level(sparsities)
-    overrides = tuple(SparsityOverride(layers=layers, sparsity=s) for s, layers in overrides)
-    gradual = trains and template.method == "magnitude"
-    return dataclasses.replace(
-        template, sparsity=main, scope="layer", skip_first_last=False, overrides=overrides,
-        schedule=(template.schedule if template.schedule != "one_shot" else "polynomial")
-        if gradual else "one_shot",
-        layers=Select(names=tuple(sorted(sparsities))), exclude=None)
-
-
-def _encoding_steps(templates: dict, owner: dict, encodings: dict, trains: bool) -> list:
-    """The steps giving each layer of `encodings` (path -> a level of the technique `owner`
-    names for it) its encoding, in recipe order; only the first is fine-tuned (`trains`), so
-    the later ones keep what it made (int8 over shared values stays shared)."""
-    encodings = {path: level for path, level in encodings.items() if level != "float"}
-    steps = []
-    for name in sorted({owner[level] for level in encodings.values()},
-                       key=lambda name: templates[name].stage):
-        levels = {path: level for path, level in encodings.items() if owner[level] == name}
-        template = templates[name]
-        steps.append(handler_for(template).size_step(template, levels, trains and not steps))
-    return steps
-
-
-def _quantize_step(template: Quantize, modes: dict, trains: bool) -> Quantize:
-    """The template quantizing each layer of `modes` (path -> "int8" or "int4"; others are
-    left alone) to its mode."""
-    return handler_for(template).size_step(
-        template, {path: mode for path, mode in modes.items() if mode != "float"}, trains)
-
-
-def _selected(model, template, layers) -> list[str]:
-    """The paths of `layers` that the template's own `layers` and `exclude` leave to it."""
-    every = list(leaf_layers(model))
-    chosen = template.layers.resolve(every) if template.layers is not None else every
-    excluded = template.exclude.resolve(every) if template.exclude is not None else []
-    chosen, excluded = set(map(path_of, chosen)), set(map(path_of, excluded))
-    return [path for path in map(path_of, layers) if path in chosen and path not in excluded]
+        return (self._thinning(self.templates, levels, trains)
+                + self.encodings.steps(encodings, trains))
 
 
 class MemorySpace(Space):
-    """float, int8 or int4 weights per layer: the bytes held in memory."""
-
-    BYTES = {"float": 4.0, "int8": 1.0, "int4": 0.5}
+    """Per layer, float weights or a level that holds them in fewer bits in memory (int8,
+    int4): the bytes of the weights held in memory."""
 
     def __init__(self, model, templates):
-        self.template = templates["quantize"]
-        quantizable = set(handler_for(self.template).size_levels(model, self.template))
+        self.encodings = Encodings(
+            model, templates, {path_of(layer) for layer in leaf_layers(model)},
+            keep=lambda handler, template, level: handler.memory_bits(template, level)
+            is not None)
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
-                        for layer in leaf_layers(model) if path_of(layer) in quantizable}
-        self.choices = {path: BIT_WIDTHS for path in self.weights}
+                        for layer in leaf_layers(model) if path_of(layer) in
+                        self.encodings.offered}
+        self.choices = {path: self.encodings.choices(path, self.bits) for path in self.weights}
 
-    def probe(self, path, mode):
-        return None if mode == "float" else [_quantize_step(self.template, {path: mode}, False)]
+    def bits(self, level) -> float:
+        if level == FLOAT:
+            return FLOAT_BITS
+        template, handler = self.encodings.handler(level)
+        return handler.memory_bits(template, level)
 
-    def cost(self, path, mode) -> float:
-        return self.weights[path] * self.BYTES[mode]
+    def probe(self, path, level):
+        return self.encodings.steps({path: level}, False) or None
+
+    def cost(self, path, level) -> float:
+        return self.weights[path] * self.bits(level) / 8
 
     def estimate_text(self, levels) -> str:
         return f"kernels about {self.estimate(levels):,.0f} bytes"
@@ -224,7 +228,7 @@ class MemorySpace(Space):
         return weight_stats(model).bytes
 
     def recipe(self, levels, trains: bool) -> list:
-        return [_quantize_step(self.template, levels, trains)]
+        return self.encodings.steps(levels, trains)
 
 
 class LatencySpace(Space):
@@ -362,8 +366,9 @@ def templates_for(objective, techniques) -> dict:
             raise KshrinkError(f"search: {name} is named twice. Received: "
                                f"techniques={_names(techniques)}")
         if not isinstance(entry, Technique):
-            base = DEFAULT_TEMPLATES.get(name) or technique_class(name)()
-            template = type(base).from_config({**base.get_config(), **(options or {})})
+            cls = technique_class(name)
+            template = cls.from_config({**cls().get_config(),
+                                        **handler_for(cls).search_options, **(options or {})})
         templates[name] = template
     if not templates:
         raise KshrinkError(f"search: techniques is empty; objective {objective.name!r} "

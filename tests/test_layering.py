@@ -136,6 +136,37 @@ def test_outside_layers_no_list_of_keras_layer_classes_or_kernel_names():
     assert not found, found
 
 
+def test_outside_layers_no_check_names_a_keras_layer_class():
+    """Which kind a layer is (a BatchNorm, an embedding, a ReLU, a residual Add) is asked of
+    `kshrink.layers` alone: elsewhere `isinstance` and `type(x) is` name only Keras' generic
+    bases. The model builders (zoo, datasets, testing) and export's stand-in for Normalization
+    (a tf2onnx workaround that swaps the class itself) are left out."""
+    generic = {"keras.layers.Layer", "keras.layers.Wrapper", "keras.layers.InputLayer"}
+    allowed = {("deploy", "keras.layers.Normalization")}
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        unit = path.relative_to(SOURCE).parts[0].removesuffix(".py")
+        if unit in ("layers", "zoo", "datasets", "testing"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("isinstance",
+                                                                        "issubclass"):
+                named = node.args[1:]
+            elif isinstance(node, ast.Compare) and any(
+                    isinstance(op, (ast.Is, ast.IsNot, ast.Eq, ast.NotEq, ast.In))
+                    for op in node.ops):
+                named = node.comparators + [node.left]
+            else:
+                continue
+            for part in named:
+                for element in part.elts if isinstance(part, ast.Tuple) else [part]:
+                    name = ast.unparse(element)
+                    if (name.startswith("keras.layers.") and name not in generic
+                            and (unit, name) not in allowed):
+                        found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {name}")
+    assert not found, found
+
+
 def test_no_import_cycle_between_parts():
     graph = {unit: _unit_imports(unit) - {"kshrink", "errors", "render"}
              for unit in {_unit(m) for m in IMPORTS}}

@@ -25,6 +25,7 @@ from kshrink.core.technique import StepContext, handler_for
 from kshrink.core.training import FineTune, check_finite_weights
 from kshrink.core.training import fine_tune as run_fine_tune
 from kshrink.errors import KshrinkError
+from kshrink.layers.batchnorm import is_batchnorm
 from kshrink.measure.accuracy import fidelity, predict
 from kshrink.measure.weights import weight_drift, weight_stats
 from kshrink.reconstruct import correct_batchnorm, stale_batchnorm
@@ -184,8 +185,7 @@ def _compile_like(model, original) -> None:
 
 def _remedy(model, technique, trained: bool, reestimated: bool, distilled: bool) -> str:
     """What to try after a step that lost agreement, as the option to pass."""
-    has_batchnorm = any(isinstance(l, keras.layers.BatchNormalization)
-                        for l in leaf_layers(model))
+    has_batchnorm = any(map(is_batchnorm, leaf_layers(model)))
     more = ("more epochs or a milder setting (FineTune(epochs=...))" if distilled else
             "distillation or more epochs (FineTune(distill=True, epochs=...))")
     if trained:

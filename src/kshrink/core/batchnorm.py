@@ -21,8 +21,16 @@ import keras
 import numpy as np
 
 from kshrink.core.graph import graph_calls, is_functional, is_plain, rewrite
+from kshrink.layers.batchnorm import channel_axis, inference, is_batchnorm
 from kshrink.layers.quantized import quantization
-from kshrink.layers.specs import is_identity, rewritable_spec, scale_output_channels, spec_for
+from kshrink.layers.specs import (
+    is_identity,
+    is_relu,
+    outputs_relu,
+    rewritable_spec,
+    scale_output_channels,
+    spec_for,
+)
 
 
 @dataclasses.dataclass
@@ -44,7 +52,7 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
         # A model subclass (a keras-hub Backbone) builds its graph in its constructor: a
         # rewritten graph would lose the class. Its BatchNorms stay.
         for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
+            if is_batchnorm(layer):
                 plan.refused[layer.name] = (f"part of {type(model).__name__}, whose "
                                             "constructor builds its layers")
         return plan
@@ -56,16 +64,16 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
     for layer, ins, _ in calls:
         if isinstance(layer, keras.Model):
             for inner in layer.layers:
-                if isinstance(inner, keras.layers.BatchNormalization) or (
+                if is_batchnorm(inner) or (
                         noops and is_identity(inner)):
                     plan.refused[inner.name] = f"inside nested model {layer.name!r}"
             continue
         before = producer.get(id(ins[0])) if len(ins) == 1 else None
-        repeated_relu = (_is_relu(layer) and _outputs_relu(before)
+        repeated_relu = (is_relu(layer) and outputs_relu(before)
                          and times_called[id(layer)] == 1)
         if noops and (is_identity(layer) or repeated_relu):
             plan.removed.append(layer.name)
-        elif batchnorm and isinstance(layer, keras.layers.BatchNormalization):
+        elif batchnorm and is_batchnorm(layer):
             reason = _refusal(layer, before, ins[0], readers[id(ins[0])])
             if times_called[id(layer)] > 1 or (before and times_called[id(before)] > 1):
                 reason = "a layer called more than once (shared) is not folded"
@@ -74,22 +82,6 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
             else:
                 plan.folds[layer.name] = before.name
     return plan
-
-
-def _is_relu(layer) -> bool:
-    """A plain ReLU (no cap, slope or threshold): applying it twice equals applying it once."""
-    if isinstance(layer, keras.layers.ReLU):
-        config = layer.get_config()
-        return (config["max_value"] is None and not config["negative_slope"]
-                and not config["threshold"])
-    return isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu"
-
-
-def _outputs_relu(layer) -> bool:
-    """Whether `layer`'s output has been through a plain ReLU already."""
-    if layer is None or type(layer).__module__.split(".")[0] != "keras":
-        return False
-    return _is_relu(layer) or layer.get_config().get("activation") == "relu"
 
 
 def _refusal(bn, producer, tensor, readers: int) -> str | None:
@@ -105,7 +97,7 @@ def _refusal(bn, producer, tensor, readers: int) -> str | None:
         return f"follows {kind} {producer.name!r}, which kshrink cannot fold into"
     if producer.get_config().get("activation") not in ("linear", None):
         return f"{producer.name!r} applies an activation before it"
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    axis = channel_axis(bn)
     rank = len(tensor.shape)
     if axis is None or axis % rank != rank - 1:
         return "normalizes over an axis other than the last (channels_last) one"
@@ -123,10 +115,8 @@ def folded_weights(producer, bn) -> dict[str, np.ndarray]:
     """The producer's weights by name, with `bn`'s inference transform written into the
     kernel its spec names (`fold_into`) and into the bias."""
     numpy = keras.ops.convert_to_numpy
-    gamma = numpy(bn.gamma.value) if bn.scale else 1.0
-    beta = numpy(bn.beta.value) if bn.center else 0.0
-    mean, variance = numpy(bn.moving_mean.value), numpy(bn.moving_variance.value)
-    scale = (gamma / np.sqrt(variance + bn.epsilon)).astype("float64")
+    affine = inference(bn)
+    scale = affine.scale
     weights = {v.name: numpy(v.value) for v in producer.weights}
     name = spec_for(producer).fold_into
     kernel = weights[name].astype("float64")
@@ -134,7 +124,7 @@ def folded_weights(producer, bn) -> dict[str, np.ndarray]:
                                           .output_axes).astype("float32")
     bias_name = spec_for(producer).bias
     bias = weights.get(bias_name, np.zeros(scale.shape)).astype("float64")
-    weights[bias_name] = np.broadcast_to((bias - mean) * scale + beta,
+    weights[bias_name] = np.broadcast_to((bias - affine.mean) * scale + affine.beta,
                                          scale.shape).astype("float32")
     return weights
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import keras
 
+from kshrink.layers.specs import is_add
 from kshrink.layers.transformer import is_encoder
 
 MASK_INPUT = "padding_mask"
@@ -36,7 +37,7 @@ def block_names(model: keras.Model) -> list[str]:
     if isinstance(model, keras.Sequential) or not hasattr(model, "_operations"):
         return []
     return [layer.name for layer in model.layers
-            if is_encoder(layer) or type(layer) is keras.layers.Add]
+            if is_encoder(layer) or is_add(layer)]
 
 
 def matched_blocks(teacher: keras.Model, student: keras.Model) -> list[tuple[str, str]]:

@@ -33,6 +33,7 @@ from kshrink.core.options import (
     selection,
 )
 from kshrink.errors import KshrinkError, RecipeError, short
+from kshrink.layers.specs import outputs_softmax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -315,9 +316,7 @@ def _ends_in_softmax(model: keras.Model) -> bool:
     while isinstance(last, keras.Model):
         last = last.layers[-1]
     last = getattr(last, "layer", last)  # look through wrappers
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    return getattr(last, "activation", None) is keras.activations.softmax
+    return outputs_softmax(last)
 
 
 def task_loss(model: keras.Model, y, name: str = "auto"):

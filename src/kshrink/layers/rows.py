@@ -98,11 +98,17 @@ def kernel_rows(layer, name: str, x: np.ndarray, per_example: int | None = None,
         yield _subsample(chunk, examples, per_example, rng)
 
 
+def by_equation(layer) -> bool:
+    """Whether reconstruction views `layer`'s kernel through its einsum equation
+    (`matrix_axes`) rather than its layer spec: an EinsumDense."""
+    return type(layer) is L.EinsumDense
+
+
 def matrix_axes(layer, spec) -> tuple:
     """The output axes of the matrix view reconstruction uses for kernel `spec` of `layer`:
     the layer spec's, except for EinsumDense, whose outputs are the kernel axes its equation
     keeps (its spec takes the last axis alone)."""
-    if type(layer) is L.EinsumDense and _einsum_rows(layer):
+    if by_equation(layer) and _einsum_rows(layer):
         operands, output = layer.equation.split("->")
         return tuple(i for i, c in enumerate(operands.split(",")[1]) if c in output)
     return spec.output_axes

@@ -74,6 +74,9 @@ class LayerSpec:
         channel_check: `(layer, rank) -> str | None`: why channels cannot be followed through
             this layer as `channels` says (a grouped convolution, a softmax across channels),
             for tensors of `rank`; None if they can.
+        lookup: the layer reads rows of its kernel by index (an embedding): its inputs are
+            indices, never quantized, and solvers fitting a kernel to its inputs (GPTQ) do
+            not take it.
     """
 
     weights: tuple[WeightSpec, ...] = ()
@@ -86,6 +89,7 @@ class LayerSpec:
     bias: str = "bias"
     identity: Callable | None = None
     channel_check: Callable | None = None
+    lookup: bool = False
 
     @property
     def kernels(self) -> tuple[WeightSpec, ...]:
@@ -142,6 +146,41 @@ def is_identity(layer) -> bool:
     """Whether `layer` returns its input unchanged at inference (its spec says so)."""
     spec = rewritable_spec(layer)
     return bool(spec and spec.identity and spec.identity(layer.get_config()))
+
+
+def is_add(layer) -> bool:
+    """Whether `layer` is Keras' element-wise Add (what closes a residual block)."""
+    return type(layer) is keras.layers.Add
+
+
+def outputs_softmax(layer) -> bool:
+    """Whether `layer` ends in a softmax (a Softmax layer, or a softmax activation)."""
+    return isinstance(layer, keras.layers.Softmax) or \
+        getattr(layer, "activation", None) is keras.activations.softmax
+
+
+def is_lookup(layer) -> bool:
+    """Whether `layer` reads rows of its kernel by index (its spec's `lookup`)."""
+    spec = spec_for(layer)
+    return bool(spec and spec.lookup)
+
+
+def is_relu(layer) -> bool:
+    """Whether `layer` is a plain ReLU (no cap, slope or threshold): applying it twice equals
+    applying it once."""
+    if isinstance(layer, keras.layers.ReLU):
+        config = layer.get_config()
+        return (config["max_value"] is None and not config["negative_slope"]
+                and not config["threshold"])
+    return isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "relu"
+
+
+def outputs_relu(layer) -> bool:
+    """Whether `layer`'s output has been through a plain ReLU already (a Keras layer only: a
+    custom one's config may mean anything)."""
+    if layer is None or type(layer).__module__.split(".")[0] != "keras":
+        return False
+    return is_relu(layer) or layer.get_config().get("activation") == "relu"
 
 
 def kernel_specs(layer) -> list[tuple]:
@@ -459,7 +498,7 @@ register_spec(_L.EinsumDense, LayerSpec(weights=(_kernel("_kernel", None, (-1,))
                                         quantizable=True))
 register_spec(_L.Embedding, LayerSpec(
     weights=(WeightSpec("embeddings", None, (-1,), kernel=True, attribute="_embeddings"),),
-    kernel_size=_embedding_kernel, quantizable=True))
+    kernel_size=_embedding_kernel, quantizable=True, lookup=True))
 register_spec(_L.BatchNormalization, LayerSpec(
     weights=tuple(WeightSpec(n, -1, (-1,)) for n in ("gamma", "beta", "moving_mean",
                                                      "moving_variance")),

@@ -1,4 +1,5 @@
-"""Low-rank factorization: a Dense or Conv2D layer becomes two thinner ones.
+"""Low-rank factorization: a Dense or Conv2D layer becomes two thinner ones
+(`kshrink.layers.factor` builds them).
 
 A Dense kernel W (inputs x units) is replaced by its truncated SVD, split evenly:
 Dense(rank, no bias) with U·sqrt(S), then Dense(units) with sqrt(S)·Vᵀ and the original bias and
@@ -19,6 +20,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from kshrink.layers import factor
 from kshrink.layers.specs import as_matrix
 from kshrink.measure.accuracy import relative_error
 
@@ -42,21 +44,6 @@ class Factorization:
         return int(np.searchsorted(kept, energy - 1e-12) + 1)
 
 
-def is_factorizable(layer) -> str | None:
-    """None if `layer` can be factorized, else the reason it cannot."""
-    kind = type(layer)
-    if kind is keras.layers.Dense:
-        return None
-    if kind is keras.layers.Conv2D:
-        config = layer.get_config()
-        if config["groups"] != 1:
-            return "grouped convolutions are not factorized"
-        if config["data_format"] != "channels_last":
-            return "channels_first convolutions are not factorized"
-        return None
-    return f"{kind.__name__}: only Dense and Conv2D are factorized"
-
-
 def parameters(layer, rank: int) -> tuple[int, int]:
     """(kernel parameters now, kernel parameters at `rank`)."""
     *inputs, columns = layer.kernel.shape
@@ -66,34 +53,9 @@ def parameters(layer, rank: int) -> tuple[int, int]:
 
 def factorized(layer, svd: Factorization, rank: int) -> list:
     """The two built layers that replace `layer` at `rank`."""
-    config = layer.get_config()
     root = np.sqrt(svd.s[:rank])
-    first_kernel = (svd.u[:, :rank] * root).astype("float32")
-    second_kernel = (root[:, None] * svd.vt[:rank]).astype("float32")
-    input_shape = layer.get_build_config()["input_shape"]
-    if isinstance(layer, keras.layers.Dense):
-        first = keras.layers.Dense(rank, use_bias=False, name=f"{layer.name}_lowrank",
-                                   dtype=config["dtype"])
-        second = keras.layers.Dense.from_config(config)
-        second_kernel = second_kernel.reshape(rank, -1)
-    else:
-        kh, kw, inputs, filters = layer.kernel.shape
-        first = keras.layers.Conv2D(
-            rank, config["kernel_size"], strides=config["strides"], padding=config["padding"],
-            dilation_rate=config["dilation_rate"], use_bias=False,
-            name=f"{layer.name}_lowrank", dtype=config["dtype"])
-        first_kernel = first_kernel.reshape(kh, kw, inputs, rank)
-        second = keras.layers.Conv2D.from_config(
-            {**config, "kernel_size": (1, 1), "strides": (1, 1), "padding": "valid",
-             "dilation_rate": (1, 1)})
-        second_kernel = second_kernel.reshape(1, 1, rank, filters)
-    first.build(input_shape)
-    first.kernel.assign(first_kernel)
-    second.build(first.compute_output_shape(input_shape))
-    second.kernel.assign(second_kernel)
-    if layer.use_bias:
-        second.bias.assign(keras.ops.convert_to_numpy(layer.bias))
-    return [first, second]
+    return factor.pair(layer, (svd.u[:, :rank] * root).astype("float32"),
+                       (root[:, None] * svd.vt[:rank]).astype("float32"))
 
 
 def output_error(layer, pair: list, x) -> float:

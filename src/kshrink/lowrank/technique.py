@@ -22,11 +22,11 @@ from kshrink.core.select import Select
 from kshrink.core.options import Int, Number, calibration_option, option, selection
 from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.errors import KshrinkError, RecipeError
+from kshrink.layers import factor
 from kshrink.layers.transformer import FEEDFORWARD, copy_parts, is_encoder, stock_parts
 from kshrink.lowrank.factorize import (
     Factorization,
     factorized,
-    is_factorizable,
     parameters,
     rank_for_tolerance,
 )
@@ -46,8 +46,8 @@ class LowRankHandler(Handler):
         blocks = _encoder_parts(model)
 
         def reason(layer):
-            if is_factorizable(layer):
-                return is_factorizable(layer)
+            if factor.refusal(layer):
+                return factor.refusal(layer)
             if id(layer) in blocks:
                 return None
             if owner_of(layer):

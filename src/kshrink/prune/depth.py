@@ -33,7 +33,7 @@ from kshrink.core.select import Select
 from kshrink.core.options import Int, calibration_option, option, selection
 from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.errors import KshrinkError
-from kshrink.layers.specs import layer_macs
+from kshrink.layers.specs import is_add, layer_macs
 from kshrink.layers.transformer import is_encoder
 from kshrink.measure.accuracy import predict, relative_error
 
@@ -81,7 +81,7 @@ def residual_blocks(model: keras.Model) -> list[Block]:
             cost = sum(layer_macs(part) or 0 for part in layer._flatten_layers())
             blocks.append(Block(layer.name, 0, (layer.name,), cost))
             continue
-        if (type(layer) is not keras.layers.Add or len(ins) != 2
+        if (not is_add(layer) or len(ins) != 2
                 or any(tuple(t.shape) != tuple(outs[0].shape) for t in ins)):
             continue
         found = []

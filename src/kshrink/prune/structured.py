@@ -18,6 +18,7 @@ from kshrink.core.options import Int, Number, OneOf, calibration_option, option,
 from kshrink.core.technique import Handler, Stage, StepContext, Technique, register_technique
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
+from kshrink.layers.batchnorm import inference, is_batchnorm
 from kshrink.layers.specs import as_matrix, spec_for
 from kshrink.layers.transformer import PROJECTIONS
 from kshrink.prune import attention
@@ -210,10 +211,11 @@ def _importance(group: Group, layers: dict, kind: str, taylor: dict | None = Non
     if kind == "taylor":
         return float(sum(taylor[name][c] for name, c in group.producers))
     if kind == "bn_gamma":
-        gammas = [abs(float(keras.ops.convert_to_numpy(layers[name].gamma)[c]))
-                  for name, c in group.per_channel
-                  if isinstance(layers[name], keras.layers.BatchNormalization)
-                  and layers[name].scale]
+        gammas = []
+        for name, c in group.per_channel:
+            gamma = inference(layers[name]).gamma if is_batchnorm(layers[name]) else None
+            if gamma is not None:
+                gammas.append(abs(float(gamma[c])))
         if gammas:
             return sum(gammas)
     order = 1 if kind == "l1" else 2
@@ -263,12 +265,8 @@ def _is_dead(group: Group, layers: dict) -> bool:
             return False
     for name, c in group.per_channel:
         layer = layers[name]
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma = numpy(layer.gamma)[c] if layer.scale else 1.0
-            beta = numpy(layer.beta)[c] if layer.center else 0.0
-            shift = beta - gamma * numpy(layer.moving_mean)[c] / np.sqrt(
-                numpy(layer.moving_variance)[c] + layer.epsilon)
-            if shift != 0:
+        if is_batchnorm(layer):
+            if inference(layer).shift[c] != 0:
                 return False
         elif getattr(layer, "use_bias", False) and numpy(layer.bias)[c] != 0:
             return False

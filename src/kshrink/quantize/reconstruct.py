@@ -25,7 +25,7 @@ from kshrink.reconstruct import (
     unsupported,
 )
 from kshrink.reconstruct.blocks import Free, Rounding, describe, reconstruct_blocks
-from kshrink.layers.rows import matrix_axes
+from kshrink.layers.rows import by_equation, matrix_axes
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
 def _solvable(model, plans: dict, ctx) -> list:
@@ -113,7 +113,7 @@ def stored_by_keras(layer) -> bool:
     """Whether a layer GPTQ solved is stored by Keras' own quantized layer, on GPTQ's grid:
     one a custom layer builds (only Keras can quantize it in place), or an EinsumDense (whose
     solved matrix view is its equation's, not that of kshrink's quantized EinsumDense)."""
-    return bool(owner_of(layer)) or isinstance(layer, keras.layers.EinsumDense)
+    return bool(owner_of(layer)) or by_equation(layer)
 
 
 def _grid_reason(layer, plan) -> str | None:

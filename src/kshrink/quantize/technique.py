@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 
 from kshrink.core.classes import is_user_class
@@ -45,7 +44,7 @@ from kshrink.layers import (
     quantization,
     quantize_layer,
 )
-from kshrink.layers.specs import PER_CHANNEL, spec_for
+from kshrink.layers.specs import PER_CHANNEL, is_lookup, spec_for
 from kshrink.layers.wrappers import hold_zeros, release_zeros
 from kshrink.quantize.calibrate import METHODS, input_ranges
 from kshrink.quantize.keras_native import (
@@ -279,8 +278,8 @@ def _group(plan: _Plan) -> int | None:
 
 
 def _activation_bits(layer, config: Quantize) -> int | None:
-    # Embedding inputs are indices; they are never quantized.
-    if config.activation_bits and not isinstance(layer, keras.layers.Embedding):
+    # An embedding's inputs are indices; they are never quantized.
+    if config.activation_bits and not is_lookup(layer):
         return config.activation_bits
     return None
 
@@ -289,7 +288,7 @@ def _keras_activation_bits(layer, plan: _Plan, config: Quantize) -> int | None:
     """A layer a container or model subclass builds reloads with Keras' defaults for its
     mode, as its own config is not saved: int8 quantizes its inputs on the fly, int4 does not.
     It gets those now, so the model that reloads is the one measured."""
-    if owner_of(layer) and not isinstance(layer, keras.layers.Embedding):
+    if owner_of(layer) and not is_lookup(layer):
         return 8 if plan.mode == "int8" else None
     return _activation_bits(layer, config)
 
@@ -372,7 +371,7 @@ def _how(layer, ctx: StepContext, scales: dict, by: str = "kshrink") -> str:
     rounded = ctx.state.rounded
     if key in rounded:
         return f"{by}; rounded to nearest, as {method} does not take {rounded[key]}"
-    if scales and isinstance(layer, keras.layers.Embedding):
+    if scales and is_lookup(layer):
         return f"{by}; rounded to nearest, as {method} does not take embeddings"
     return by
 

@@ -20,6 +20,14 @@ from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
 from kshrink.layers import as_matrix, from_matrix, kernel_specs
 from kshrink.layers import rows as rowlib
+from kshrink.layers.batchnorm import (
+    channel_axis,
+    inference,
+    is_batchnorm,
+    momentum,
+    set_statistics,
+    statistics,
+)
 from kshrink.measure.accuracy import predict, relative_error
 from kshrink.reconstruct.solvers import energy_matrix, grouped, ungrouped
 
@@ -193,13 +201,13 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
     Returns:
         The names of the layers re-estimated.
     """
-    layers = [l for l in _leaves(model) if isinstance(l, keras.layers.BatchNormalization)]
+    layers = [l for l in _leaves(model) if is_batchnorm(l)]
     batches = list(_slices(x, batch_size))
     before = {}
     if reference is not None:
         named = {l.name: l for l in layers}
         counterparts = [l for l in _leaves(reference)
-                        if isinstance(l, keras.layers.BatchNormalization) and l.name in named]
+                        if is_batchnorm(l) and l.name in named]
 
         def record(layer, inputs):
             before[layer.name] = _moments(layer, inputs)
@@ -211,12 +219,10 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
         mean, variance = _moments(layer, inputs)
         if layer.name in before and before[layer.name][0].shape == mean.shape:
             old_mean, old_variance = before[layer.name]
-            eps = layer.epsilon
-            mean = keras.ops.convert_to_numpy(layer.moving_mean) + (mean - old_mean)
-            variance = keras.ops.convert_to_numpy(layer.moving_variance) * (
-                (variance + eps) / (old_variance + eps))
-        layer.moving_mean.assign(mean.astype("float32"))
-        layer.moving_variance.assign(np.maximum(variance, 0.0).astype("float32"))
+            now = inference(layer)
+            mean = now.mean + (mean - old_mean)
+            variance = now.variance * ((variance + now.epsilon) / (old_variance + now.epsilon))
+        set_statistics(layer, mean, variance)
 
     if layers:
         run_layer_by_layer(model, batches, {id(l) for l in layers}, visit)
@@ -229,7 +235,7 @@ def reestimate_batchnorm(model: keras.Model, x, *, reference: keras.Model | None
 STALE_SHARE = 0.1
 
 
-def stale_batchnorm(model: keras.Model, steps: int) -> keras.layers.BatchNormalization | None:
+def stale_batchnorm(model: keras.Model, steps: int) -> keras.layers.Layer | None:
     """The first BatchNormalization whose moving statistics `steps` training steps cannot have
     moved far from where they were (`momentum ** steps > STALE_SHARE`), or None.
 
@@ -237,8 +243,7 @@ def stale_batchnorm(model: keras.Model, steps: int) -> keras.layers.BatchNormali
     fine-tune of a few dozen leaves statistics that no longer fit the weights (a MobileNetV2
     went from 90% to 12% so)."""
     for layer in _leaves(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and \
-                float(layer.momentum) ** steps > STALE_SHARE:
+        if is_batchnorm(layer) and momentum(layer) ** steps > STALE_SHARE:
             return layer
     return None
 
@@ -261,11 +266,10 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
     Returns:
         One line for the report (None if the model has no BatchNormalization).
     """
-    layers = [l for l in _leaves(model) if isinstance(l, keras.layers.BatchNormalization)]
+    layers = [l for l in _leaves(model) if is_batchnorm(l)]
     if not layers:
         return None
-    saved = [(v, keras.ops.convert_to_numpy(v.value)) for l in layers
-             for v in (l.moving_mean, l.moving_variance)]
+    saved = [(v, keras.ops.convert_to_numpy(v.value)) for l in layers for v in statistics(l)]
     reference = predict(original, x)
     before = relative_error(reference, predict(model, x))
     reestimate_batchnorm(model, x, reference=None if trained else original)
@@ -284,7 +288,10 @@ def correct_batchnorm(model: keras.Model, original: keras.Model, x, *,
 
 def _moments(layer, inputs) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and variance of a BatchNormalization's input batches."""
-    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+    axis = channel_axis(layer)
+    if axis is None:
+        raise KshrinkError(f"{layer.name}: normalizes over several axes {layer.axis}; its "
+                           "statistics cannot be re-estimated (reestimate_batchnorm=False)")
 
     def rows(v):
         return np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis])

@@ -119,6 +119,8 @@ def test_greedy_path_takes_the_cheapest_saving_first_and_ends_fully_compressed()
     (dict(max_accuracy_drop=-1), "max_accuracy_drop"),
     (dict(epochs=-1), "epochs"),
     (dict(learning_rate=0.0), "learning_rate"),
+    (dict(fine_tune=kshrink.FineTune(), epochs=3), "set epochs on it"),
+    (dict(fine_tune={"epochs": 3}), "fine_tune must be a kshrink.FineTune"),
     (dict(data="inputs only"), "class labels"),
     (dict(data="a stream of inputs only"), "class labels"),
     (dict(objective="latency", latency_runtime="tvm"), "runtime must be one of"),
@@ -247,8 +249,10 @@ def test_a_latency_search_times_every_model_in_the_runtime_it_names(cnn, digits,
 
 def test_structural_probes_are_fine_tuned_before_their_loss_counts(cnn, digits):
     def probed(steps, data=digits.train):
+        # The fine-tune as a config, as compress takes it: the probes follow it too
         _, report = search(cnn, data, objective="macs", max_accuracy_drop=5.0,
-                           epochs=1, batch_size=64, rounds=1, probe_steps=steps)
+                           fine_tune=kshrink.FineTune(epochs=1, batch_size=64, distill=True),
+                           rounds=1, probe_steps=steps)
         return report
 
     at_once, tuned = probed(0), probed(8)

@@ -72,10 +72,11 @@ __all__ = ["search", "Objective", "Size", "Memory", "Latency", "Macs", "OBJECTIV
 
 
 def search(model: keras.Model, data, *, objective: str | Objective = "size",
-           max_accuracy_drop: float = 1.0, validation_data=None, epochs: int = 2,
-           batch_size: int = 128, learning_rate: float = 1e-3, rounds: int = 6,
-           probe_samples: int = 2000, probe_steps: int = 100, seed: int = 0,
-           techniques=None, progress: Progress | None = None,
+           max_accuracy_drop: float = 1.0, validation_data=None,
+           fine_tune: FineTune | None = None, rounds: int = 6, probe_samples: int = 2000,
+           probe_steps: int = 100, techniques=None, progress: Progress | None = None,
+           epochs: int | None = None, batch_size: int | None = None,
+           learning_rate: float | None = None, seed: int | None = None,
            latency_batch_size: int | None = None, latency_runtime: str | None = None,
            channels: str | None = None):
     """Searches per-layer compression levels for the smallest (or fastest) model within an
@@ -94,7 +95,7 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
             encoding: float, or 256 to 4 shared values (`cluster`), or int8/int4
             (`quantize`); `Memory()`: bytes of the weights held in memory, searched over
             float/int8/int4 per layer (int4 in groups of 128 inputs; quantization-aware
-            training when `epochs` > 0); `Latency(batch_size=1, runtime="keras",
+            training when the search fine-tunes); `Latency(batch_size=1, runtime="keras",
             channels="uniform")`: the median time of a forward pass on this machine, in
             Keras or in the runtime named, searched over removing each residual block
             (`depth_prune`) and a share of the channels (`structured_prune`, 0 to 75%),
@@ -106,17 +107,15 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
             candidates fine-tune on the rest. Best: examples the model was never trained on;
             ones it was trained on flatter the original, so the budget turns down candidates
             that would keep its test accuracy.
-        epochs: fine-tuning epochs of every candidate (per step, distilling from the
-            original); 0: post-training only.
-        batch_size: fine-tuning batch size.
-        learning_rate: fine-tuning initial learning rate (cosine decay).
+        fine_tune: how every candidate is fine-tuned (per step), a `kshrink.FineTune`;
+            default: `FineTune(epochs=2, batch_size=128, learning_rate=1e-3, distill=True,
+            seed=0)`, distilling from the original, or the one its shorthands below give.
         rounds: candidates compressed and measured at most.
         probe_samples: held-out examples the one-layer probes measure the loss on.
         probe_steps: optimizer steps (at most an epoch) each probe that removes a block or
-            channels is fine-tuned for before its loss is measured, distilling from the
-            original at `learning_rate`; 0, or `epochs` 0: measured at once. Sparsity and
-            bit-width probes are always measured at once.
-        seed: seeds every fine-tune; the same seed and data give the same result.
+            channels is fine-tuned for before its loss is measured, as the candidates are;
+            0, or no fine-tuning: measured at once. Sparsity and bit-width probes are always
+            measured at once.
         techniques: what the search may use, each a name, `{name: options}` or a
             technique config, e.g. `["prune", "cluster", "quantize"]` or
             `[kshrink.Prune(method="sparsegpt", schedule="one_shot"), "cluster"]`. The
@@ -128,6 +127,9 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
             multiples of 4 channels) for latency and macs.
         progress: told of each probe and each round, e.g. `print` or
             `kshrink.core.progress.Console()`.
+        epochs, batch_size, learning_rate, seed: shorthands for the default fine-tune's
+            options: `epochs=0` is post-training only; the same seed and data give the
+            same result.
         latency_batch_size, latency_runtime, channels: shorthands with an objective's name:
             `objective="latency", latency_runtime="onnx"` is
             `objective=Latency(runtime="onnx")`.
@@ -138,13 +140,10 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
     """
     objective = objective_from(objective, latency_batch_size, latency_runtime, channels)
     check_range("search", "max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
-    check_int("search", "epochs", epochs, low=0, high=MAX_EPOCHS)
-    check_int("search", "batch_size", batch_size, low=1, high=MAX_BATCH)
-    check_range("search", "learning_rate", learning_rate, 1e-9, 10.0)
+    fine_tune = _fine_tune(fine_tune, epochs, batch_size, learning_rate, seed)
     check_int("search", "rounds", rounds, low=1, high=MAX_EPOCHS)
     check_int("search", "probe_samples", probe_samples, low=1, high=MAX_BATCH)
     check_int("search", "probe_steps", probe_steps, low=0, high=MAX_STEPS)
-    check_int("search", "seed", seed, low=0, high=MAX_SEED)
     templates = templates_for(objective, techniques)
     train, held = split_held_out(model, data, validation_data)
     x_held, y_held = held
@@ -152,17 +151,15 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
     if not is_classifier(reference):
         raise KshrinkError("search keeps a top-1 accuracy budget, so the model must output "
                            f"class scores. Received: outputs of shape {np.shape(reference)}")
-    space = objective.space(model, templates, x_held, trains=bool(epochs))
+    space = objective.space(model, templates, x_held, trains=fine_tune is not None)
     if not space.choices:
         raise KshrinkError(f"search: no layer of {model.name!r} can be compressed for "
                            f"{objective.name}")
     accuracy = top1_accuracy(reference, y_held)
-    fine_tune = FineTune(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                         distill=True, seed=seed) if epochs else None
     probe = subset(held, probe_samples)
     recover = None
     if fine_tune is not None and probe_steps and space.probes_recover:
-        per_epoch = math.ceil(example_count(model_inputs(train)) / batch_size)
+        per_epoch = math.ceil(example_count(model_inputs(train)) / fine_tune.batch_size)
         recover = dataclasses.replace(fine_tune, epochs=1, verbose=False,
                                       steps_per_epoch=min(probe_steps, per_epoch))
     rise = loss_rises(model, space, probe, progress, train, recover)
@@ -206,3 +203,25 @@ def search(model: keras.Model, data, *, objective: str | Objective = "size",
         chosen=chosen, probe_steps=recover.steps_per_epoch if recover else 0,
         latency_runtime=objective.runtime)
     return (copy_model(model) if kept is None else kept), report
+
+
+def _fine_tune(fine_tune, epochs, batch_size, learning_rate, seed) -> FineTune | None:
+    """How every candidate is fine-tuned: `fine_tune` as given, or the default one with the
+    options its shorthands set; None: post-training only (`epochs=0`)."""
+    given = {key: value for key, value in (("epochs", epochs), ("batch_size", batch_size),
+                                           ("learning_rate", learning_rate), ("seed", seed))
+             if value is not None}
+    if fine_tune is not None:
+        if not isinstance(fine_tune, FineTune):
+            raise KshrinkError("search: fine_tune must be a kshrink.FineTune, or None. "
+                               f"Received: {type(fine_tune).__name__}")
+        if given:
+            raise KshrinkError(f"search: fine_tune is a config; set {', '.join(given)} on it, "
+                               "not as keywords of search")
+        return fine_tune
+    options = {"epochs": 2, "batch_size": 128, "learning_rate": 1e-3, "seed": 0, **given}
+    check_int("search", "epochs", options["epochs"], low=0, high=MAX_EPOCHS)
+    check_int("search", "batch_size", options["batch_size"], low=1, high=MAX_BATCH)
+    check_range("search", "learning_rate", options["learning_rate"], 1e-9, 10.0)
+    check_int("search", "seed", options["seed"], low=0, high=MAX_SEED)
+    return FineTune(**options, distill=True) if options["epochs"] else None

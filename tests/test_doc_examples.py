@@ -1,19 +1,26 @@
 """The Python examples of README.md and of every docstring in kshrink name what exists: each
 parses, every `kshrink.` name (and every name imported from kshrink) resolves, and every
-keyword passed to a kshrink function or class is one it takes. (The quickstart runs whole in
-tests/test_readme.py; these check the rest without running models.)"""
+keyword passed to a kshrink function or class is one it takes. Then they run: each against a
+small residual CNN trained here on the digits, standing in for the `model`, `x`, `y`... an
+example assumes (the quickstart runs whole in tests/test_readme.py; the few left out say
+why)."""
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import pkgutil
 import re
 import textwrap
+import types
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 
 import kshrink
+from kshrink.core.options import Int, option, selection
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)  # a block's text, indented as it stands
@@ -124,3 +131,91 @@ def test_an_example_names_what_exists(where, code):
         problems += [f"{dotted}() takes no keyword {k.arg}" for k in node.keywords
                      if k.arg is not None and k.arg not in parameters]
     assert not problems, problems
+
+
+# Examples that do not run here, and why (what they call is run by the tests named)
+NOT_RUN = {
+    "README.md block 1": "the quickstart: tests/test_readme.py runs it whole",
+    "README.md block 6": "a keras-hub backbone elided with `...`: tests/contract/"
+                         "test_transformers.py",
+    "README.md block 7": "a text encoder and tokenizer: tests/core/test_distill.py",
+    "README.md block 11": "a size search, minutes: tests/analysis/test_search.py",
+    "kshrink.analysis.search block 1": "size and ONNX latency searches, minutes: "
+                                       "tests/analysis/test_search.py",
+    "kshrink.analysis.search.objectives block 1": "an ONNX latency search, minutes: "
+                                                  "tests/analysis/test_search.py",
+    "kshrink.datasets.from_texts block 1": "a text encoder and preprocessor: "
+                                           "tests/datasets/test_datasets.py",
+    "kshrink.measure.compare.compare block 1": "load probes in fresh processes: "
+                                               "tests/test_readme.py",
+}
+
+
+class Projection(keras.layers.Layer):
+    """A user's dense layer with its own weight names (`w`, `b`)."""
+
+    def __init__(self, units=8, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], self.units), name="w")
+        self.b = self.add_weight(shape=(self.units,), initializer="zeros", name="b")
+
+    def call(self, inputs):
+        return inputs @ self.w + self.b
+
+
+class MyDense(Projection):
+    """Another user's dense layer."""
+
+
+@pytest.fixture(scope="module")
+def namespace():
+    """What the examples assume: a trained classifier and its data (the digits, 8x8), with a
+    stem conv, a residual block closed by `s1_add`, BatchNorm, and Dense layers."""
+    digits = kshrink.datasets.load("digits")
+    x, y = digits.train[0].astype("float32"), digits.train[1]
+    x_test, y_test = digits.test[0].astype("float32"), digits.test[1]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8))
+    h = keras.layers.Rescaling(1 / 16)(keras.layers.Reshape((8, 8, 1))(inputs))
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem_conv")(h)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    r = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="s1_conv")(h)
+    r = keras.layers.ReLU()(keras.layers.BatchNormalization()(r))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Add(name="s1_add")([h, r]))
+    h = keras.layers.Dense(32, activation="relu", name="fc1")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="digits_cnn")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, epochs=8, batch_size=64, verbose=0)
+    small, _ = kshrink.compress(model, "int8", verbose=False)
+    # What the examples compress with: 640 examples, whole batches of 128 (a fit traces no
+    # smaller last batch)
+    x, y = x[:640], y[:640]
+    digits = types.SimpleNamespace(train=(x, y), test=(x_test, y_test))
+    return dict(kshrink=kshrink, keras=keras, np=np, dataclasses=dataclasses, model=model,
+                classifier=model, small=small, x=x, y=y, x_train=x, x_test=x_test,
+                y_test=y_test, x_val=x_test, y_val=y_test, data=(x, y), photos=x,
+                mnist=digits, fashion=digits, Projection=Projection, MyDense=MyDense,
+                Recipe=kshrink.Recipe, Select=kshrink.Select, Latency=kshrink.Latency,
+                Int=Int, option=option, selection=selection)
+
+
+@pytest.mark.parametrize("where, code", [
+    pytest.param(where, code, marks=[pytest.mark.skip(NOT_RUN[where])] if where in NOT_RUN
+                 else []) for where, code in EXAMPLES], ids=[w for w, _ in EXAMPLES])
+def test_an_example_runs(where, code, namespace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the files an example writes
+    files = {node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant)
+             and re.fullmatch(r"[\w.-]+\.(keras|kshrink|tflite)", str(node.value))}
+    loaded = {node.args[0].value for node in ast.walk(ast.parse(code))
+              if isinstance(node, ast.Call) and (_dotted(node.func) or "").endswith("load")
+              and node.args and isinstance(node.args[0], ast.Constant)}
+    for name in loaded & files:  # a file the example reads: the compressed model
+        kshrink.save(namespace["small"], name)
+    copied = {**namespace, "model": kshrink.core.graph.copy_model(namespace["model"])}
+    exec(compile(code, where, "exec"), copied)
+    missing = [name for name in files if not (tmp_path / name).is_file()]
+    assert not missing, f"{where} did not write {missing}"

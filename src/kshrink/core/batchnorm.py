@@ -64,8 +64,7 @@ def plan_folds(model: keras.Model, batchnorm: bool = True, noops: bool = True) -
     for layer, ins, _ in calls:
         if isinstance(layer, keras.Model):
             for inner in layer.layers:
-                if is_batchnorm(inner) or (
-                        noops and is_identity(inner)):
+                if is_batchnorm(inner) or (noops and is_identity(inner)):
                     plan.refused[inner.name] = f"inside nested model {layer.name!r}"
             continue
         before = producer.get(id(ins[0])) if len(ins) == 1 else None

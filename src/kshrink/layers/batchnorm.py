@@ -23,8 +23,8 @@ def momentum(layer) -> float:
 
 
 def channel_axis(layer) -> int | None:
-    """The one axis `layer` normalizes over (negative from the end, or as configured), or None
-    when it normalizes over several."""
+    """The axis `layer` normalizes over, as configured (e.g. -1), or None when it normalizes
+    over several."""
     axis = layer.axis
     if isinstance(axis, int):
         return axis

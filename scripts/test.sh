@@ -2,8 +2,8 @@
 # The test suite: everything on the TensorFlow backend, then on JAX and torch the tests marked
 # `every_backend`: the technique contract on every layer kind, custom-layer specs, quantized
 # layers, export, Keras internals and one training or reload test per technique. (Tests of
-# NumPy-side logic run once; tests/test_report_across_backends.py and
-# tests/prune/test_masks_across_backends.py compare all three backends from the first run.)
+# NumPy-side logic run once; tests/contract/test_across_backends.py compares all three
+# backends from the first run.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh

@@ -55,9 +55,9 @@ class Encodings:
     """The encodings the templates offer each layer: float, or a level of one of them; each
     level is owned by one technique, which makes the steps that reach it."""
 
-    def __init__(self, model, templates: dict, layers, keep=lambda handler, template, level:
-                 True):
-        """`layers`: the paths that may take an encoding; `keep`: which levels count."""
+    def __init__(self, model, templates: dict, layers, in_memory: bool = False):
+        """`layers`: the paths that may take an encoding; `in_memory`: only the levels that
+        hold weights in fewer bits in memory (`Handler.memory_bits`)."""
         self.templates, self.owner, self.offered = templates, {}, {}
         for name, template in _in_stage_order(templates):
             handler = handler_for(template)
@@ -70,7 +70,8 @@ class Encodings:
                                            f"level {level!r}; levels must tell them apart")
                 if path in layers:
                     self.offered.setdefault(path, []).extend(
-                        level for level in levels if keep(handler, template, level))
+                        level for level in levels
+                        if not in_memory or handler.memory_bits(template, level) is not None)
 
     def choices(self, path, cost) -> tuple:
         """Float and the levels offered `path`, dearest (by `cost(level)`) first."""
@@ -200,10 +201,9 @@ class MemorySpace(Space):
     int4): the bytes of the weights held in memory."""
 
     def __init__(self, model, templates):
-        self.encodings = Encodings(
-            model, templates, {path_of(layer) for layer in leaf_layers(model)},
-            keep=lambda handler, template, level: handler.memory_bits(template, level)
-            is not None)
+        self.encodings = Encodings(model, templates,
+                                   {path_of(layer) for layer in leaf_layers(model)},
+                                   in_memory=True)
         self.weights = {path_of(layer): sum(int(np.prod(w.shape)) for w in layer.weights)
                         for layer in leaf_layers(model) if path_of(layer) in
                         self.encodings.offered}

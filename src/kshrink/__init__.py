@@ -84,7 +84,7 @@ _EXPORTS = {
     "Override": "kshrink.quantize",
 }
 _SUBMODULES = ("analysis", "cluster", "datasets", "deploy", "fold", "io", "lowrank", "measure",
-               "prune", "quantize", "report", "testing", "zoo")
+               "prune", "quantize", "reconstruct", "report", "testing", "zoo")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["layers"]
 

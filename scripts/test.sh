@@ -16,6 +16,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
+# The session fixture `trained` is trained once per run and loaded by every worker and backend.
+KSHRINK_TEST_CACHE=$(mktemp -d)
+export KSHRINK_TEST_CACHE
+trap 'rm -rf "$KSHRINK_TEST_CACHE"' EXIT
 # worksteal: an idle worker takes queued tests from the busy one, so the few minute-long tests
 # need not leave one core idle at the end (TF run 11:26 and 11:53 against 11:54: within noise).
 KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 "$@" tests

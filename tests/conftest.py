@@ -1,4 +1,6 @@
+import fcntl
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,8 +61,28 @@ def digits():
 @pytest.fixture(scope="session")
 def trained(digits):
     """small_cnn trained briefly on the digits: weights worth pruning or clustering. Shared
-    by every test of a worker: tests read it and compress copies of it, never change it."""
+    by every test of a worker: tests read it and compress copies of it, never change it.
+
+    Where KSHRINK_TEST_CACHE names a folder (scripts/test.sh makes one per run), the first
+    worker to get here trains and saves the weights there and every other worker, on every
+    backend, loads them: one training per run instead of one per worker and backend."""
     model = small_cnn()
+    cache = os.environ.get("KSHRINK_TEST_CACHE")
+    if not cache:
+        return _train(model, digits)
+    saved = Path(cache) / "trained.weights.h5"
+    with open(Path(cache) / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not saved.exists():
+            partial = saved.with_name("partial." + saved.name)
+            _train(small_cnn(), digits).save_weights(partial)
+            partial.replace(saved)
+    model.load_weights(saved)  # before compiling: the file's optimizer state is not wanted
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _train(model, digits):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*digits.train, epochs=8, batch_size=32, verbose=0)
     return model

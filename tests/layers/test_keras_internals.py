@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kshrink.layers import integer_kernels
-from kshrink.layers.internals import one_garbage_collection, own_dtype_policy, set_variable_layout
+from kshrink.layers.internals import (build_for_fit, one_garbage_collection, own_dtype_policy,
+                                      set_variable_layout)
 
 pytestmark = pytest.mark.every_backend  # run on JAX and torch too
 
@@ -105,3 +106,27 @@ def test_keras_still_collects_garbage_for_each_variable_a_quantize_drops(monkeyp
         assert not calls
     assert len(calls) == 1  # one, at the end
     assert gc.collect is counting and model_b.layers[0].quantization_mode == "int8"
+
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="JAX and torch build a model's training state in fit, before tracing")
+def test_a_model_built_for_fit_traces_its_first_step_once(monkeypatch):
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    step = TensorFlowTrainer.train_step
+    monkeypatch.setattr(TensorFlowTrainer, "train_step",
+                        lambda self, data: traces.append(1) or step(self, data))
+    x = np.random.default_rng(0).random((64, 4), dtype="float32")
+    y = np.arange(64) % 3
+    for ahead, expected in ((False, 2), (True, 1)):  # a step that makes variables: traced twice
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        if ahead:
+            build_for_fit(model, (x, y))
+            assert model.optimizer.built
+        traces.clear()
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+        assert len(traces) == expected, (ahead, len(traces))

@@ -33,6 +33,7 @@ from kshrink.core.options import (
     selection,
 )
 from kshrink.errors import KshrinkError, RecipeError, short
+from kshrink.layers.internals import build_for_fit
 from kshrink.layers.specs import outputs_softmax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -236,6 +237,7 @@ def fine_tune(model: keras.Model, config: FineTune, data, validation_data=None, 
     scope = parallel.fit_scope(trainer) if parallel is not None else contextlib.nullcontext()
     with _computing_in(trainer, config.mixed_precision), _frozen(model, config.freeze), scope:
         trainer.compile(optimizer=optimizer(), **compiled)
+        build_for_fit(trainer, (x, y))
         history = trainer.fit(epochs=config.epochs, validation_data=validation_data,
                               validation_steps=validation_steps, callbacks=all_callbacks,
                               verbose=verbose, **run)

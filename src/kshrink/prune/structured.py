@@ -19,6 +19,7 @@ from kshrink.core.technique import Handler, Stage, StepContext, Technique, regis
 from kshrink.core.training import task_loss
 from kshrink.errors import KshrinkError
 from kshrink.layers.batchnorm import inference, is_batchnorm
+from kshrink.layers.internals import build_for_fit
 from kshrink.layers.specs import as_matrix, spec_for
 from kshrink.layers.transformer import PROJECTIONS
 from kshrink.prune import attention
@@ -251,6 +252,7 @@ def taylor_scores(model, producers: set[str], x, y) -> dict[str, np.ndarray]:
     for layer in leaf_layers(gated):
         layer.trainable = isinstance(layer, _ChannelGate)
     gated.compile(optimizer=keras.optimizers.SGD(_GATE_STEP), loss=task_loss(model, y))
+    build_for_fit(gated, (x, y))
     gated.fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
     return {layer.layer.name: np.abs(1 - keras.ops.convert_to_numpy(layer.gate)) / _GATE_STEP
             for layer in leaf_layers(gated) if isinstance(layer, _ChannelGate)}

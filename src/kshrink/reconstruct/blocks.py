@@ -25,6 +25,7 @@ import numpy as np
 from kshrink.core.graph import Call, graph_program
 from kshrink.core.progress import Message
 from kshrink.errors import KshrinkError
+from kshrink.layers.internals import build_for_fit
 
 # A chain of single-input layers (VGG-like, or the first block of each stage of a MobileNet)
 # has a cut after every layer: a block of it closes once it holds this many fitted layers.
@@ -413,6 +414,7 @@ def _fit(block, fits, inputs, targets, steps, seed, say) -> None:
     trainable = {key: l.trainable for key, l in layers.items()}
     for layer in layers.values():  # only the fits train (torch: no gradients for the rest)
         layer.trainable = False
+    build_for_fit(model, (tuple(inputs), tuple(targets)))
     try:
         model.fit(_Samples(inputs, targets, steps, seed), epochs=1, verbose=0,
                   callbacks=[_Report(say, max(1, steps // 10))])

@@ -21,6 +21,7 @@ from kshrink import datasets
 from kshrink.core.graph import copy_model
 from kshrink.errors import KshrinkError
 from kshrink.io import save_model_atomic
+from kshrink.layers.internals import build_for_fit
 
 _ZOO_VERSION = 2
 
@@ -161,6 +162,7 @@ def _train(entry: ZooEntry, seed: int, verbose: bool) -> keras.Model:
     schedule = keras.optimizers.schedules.CosineDecay(entry.learning_rate, steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    build_for_fit(model, (data.x_train, data.y_train))
     if verbose:
         print(f"training {model.name} on {entry.dataset} for {entry.epochs} epochs "
               f"(seed {seed}); cached for later runs", file=sys.stderr)

@@ -66,10 +66,9 @@ def trained(digits):
     Where KSHRINK_TEST_CACHE names a folder (scripts/test.sh makes one per run), the first
     worker to get here trains and saves the weights there and every other worker, on every
     backend, loads them: one training per run instead of one per worker and backend."""
-    model = small_cnn()
     cache = os.environ.get("KSHRINK_TEST_CACHE")
     if not cache:
-        return _train(model, digits)
+        return _train(small_cnn(), digits)
     saved = Path(cache) / "trained.weights.h5"
     with open(Path(cache) / "trained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -77,6 +76,7 @@ def trained(digits):
             partial = saved.with_name("partial." + saved.name)
             _train(small_cnn(), digits).save_weights(partial)
             partial.replace(saved)
+    model = small_cnn()
     model.load_weights(saved)  # before compiling: the file's optimizer state is not wanted
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model

@@ -108,7 +108,6 @@ def test_keras_still_collects_garbage_for_each_variable_a_quantize_drops(monkeyp
     assert gc.collect is counting and model_b.layers[0].quantization_mode == "int8"
 
 
-
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="JAX and torch build a model's training state in fit, before tracing")
 def test_a_model_built_for_fit_traces_its_first_step_once(monkeypatch):
